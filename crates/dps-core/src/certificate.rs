@@ -1,0 +1,144 @@
+//! X.509 certificates as enrollments carry them: PEM text, base64 DER, or base64 of PEM text.
+//!
+//! The service API stores the DER and answers with `X509CertificateInfo`, the summary DPS shows.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::model::X509CertificateInfo;
+
+/// A parsed certificate.
+#[derive(Debug, Clone)]
+pub struct ParsedCertificate {
+    /// The DER bytes.
+    pub der: Vec<u8>,
+    /// The summary shown by the service API.
+    pub info: X509CertificateInfo,
+}
+
+/// Why a certificate string was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    /// The text is neither PEM, base64 DER nor base64 PEM.
+    #[error("the certificate is not PEM, base64-encoded DER or base64-encoded PEM")]
+    Encoding,
+    /// The bytes are not an X.509 certificate.
+    #[error("the certificate could not be parsed: {0}")]
+    Parse(String),
+}
+
+/// Decodes any of the three accepted encodings into DER bytes.
+pub fn decode_to_der(text: &str) -> Result<Vec<u8>, CertificateError> {
+    let text = text.trim();
+    if text.starts_with("-----BEGIN") {
+        return pem_to_der(text);
+    }
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let bytes = B64
+        .decode(compact.as_bytes())
+        .map_err(|_| CertificateError::Encoding)?;
+    match std::str::from_utf8(&bytes) {
+        Ok(inner) if inner.trim_start().starts_with("-----BEGIN") => pem_to_der(inner),
+        _ => Ok(bytes),
+    }
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, CertificateError> {
+    let body: String = pem
+        .lines()
+        .skip_while(|line| !line.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|line| !line.starts_with("-----END"))
+        .flat_map(|line| line.trim().chars())
+        .collect();
+    if body.is_empty() {
+        return Err(CertificateError::Encoding);
+    }
+    B64.decode(body.as_bytes())
+        .map_err(|_| CertificateError::Encoding)
+}
+
+/// Parses a certificate string in any accepted encoding.
+pub fn parse(text: &str) -> Result<ParsedCertificate, CertificateError> {
+    let der = decode_to_der(text)?;
+    let info = info_of(&der)?;
+    Ok(ParsedCertificate { der, info })
+}
+
+/// The `X509CertificateInfo` summary of a DER certificate.
+pub fn info_of(der: &[u8]) -> Result<X509CertificateInfo, CertificateError> {
+    let (rest, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertificateError::Parse(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CertificateError::Parse(
+            "trailing bytes after the certificate".into(),
+        ));
+    }
+    let timestamp = |t: x509_parser::time::ASN1Time| {
+        jiff::Timestamp::from_second(t.timestamp())
+            .map(crate::time::format_utc)
+            .map_err(|e| CertificateError::Parse(e.to_string()))
+    };
+    Ok(X509CertificateInfo {
+        subject_name: cert.subject().to_string(),
+        sha1_thumbprint: hex_upper(&Sha1::digest(der)),
+        sha256_thumbprint: hex_upper(&Sha256::digest(der)),
+        issuer_name: cert.issuer().to_string(),
+        not_before_utc: timestamp(cert.validity().not_before)?,
+        not_after_utc: timestamp(cert.validity().not_after)?,
+        serial_number: hex_upper(cert.raw_serial()),
+        version: i32::try_from(cert.version().0).unwrap_or(0) + 1,
+    })
+}
+
+fn hex_upper(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_cert() -> (String, Vec<u8>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["device-1".into()]).expect("rcgen");
+        (cert.cert.pem(), cert.cert.der().to_vec())
+    }
+
+    #[test]
+    fn three_encodings_give_the_same_der() {
+        let (pem, der) = test_cert();
+        assert_eq!(decode_to_der(&pem).expect("pem"), der);
+        assert_eq!(decode_to_der(&B64.encode(&der)).expect("b64 der"), der);
+        assert_eq!(
+            decode_to_der(&B64.encode(pem.as_bytes())).expect("b64 pem"),
+            der
+        );
+    }
+
+    #[test]
+    fn info_is_filled() {
+        let (pem, der) = test_cert();
+        let parsed = parse(&pem).expect("parse");
+        assert_eq!(parsed.info.version, 3);
+        assert_eq!(parsed.info.sha256_thumbprint.len(), 64);
+        assert_eq!(parsed.info.sha1_thumbprint.len(), 40);
+        assert_eq!(
+            parsed.info.sha256_thumbprint,
+            hex_upper(&Sha256::digest(&der))
+        );
+        assert!(parsed.info.not_after_utc.ends_with('Z'));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(matches!(parse("hello"), Err(CertificateError::Encoding)));
+        assert!(matches!(
+            parse(&B64.encode(b"not a certificate")),
+            Err(CertificateError::Parse(_))
+        ));
+        assert!(parse("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----").is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! The one error enum of the core, with its DPS error codes next to it.
+//!
+//! Every variant documents what the client receives. HTTP status = error code / 1000. Internal causes
+//! are logged under the tracking id by the front end and never sent to clients.
+
+use crate::store::StoreError;
+
+/// A request that could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisioningError {
+    /// `400001`: the body is not valid JSON or does not have the expected shape.
+    #[error("The request body is not valid: {0}")]
+    InvalidBody(String),
+    /// `400004`: an argument (id, key, certificate, attestation, count) is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// `401002`: no valid shared access signature for this service.
+    #[error("Unauthorized: {0}")]
+    Unauthorized(String),
+    /// `403001`: the signature is valid but its policy lacks the right this operation needs.
+    #[error("The shared access policy '{policy}' does not grant {right}.")]
+    Forbidden {
+        /// The policy named by `skn`.
+        policy: String,
+        /// The missing right.
+        right: &'static str,
+    },
+    /// `404202`: the enrollment, group, registration or linked hub does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// `404000`: no API at this path and method.
+    #[error("There is no API at {method} {path}.")]
+    NoRoute {
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+    },
+    /// `409201`: the resource exists and the request did not say which version to replace.
+    #[error("{0}")]
+    Conflict(String),
+    /// `412002`: the `If-Match` etag does not match the current version.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// `413001`: the request body is larger than the configured limit.
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// `500001`: something failed inside the service; details are in its log under the tracking id.
+    #[error("An internal error occurred. Quote the tracking id when reporting it.")]
+    Internal(String),
+}
+
+impl ProvisioningError {
+    /// The six-digit DPS error code.
+    pub fn error_code(&self) -> u32 {
+        match self {
+            Self::InvalidBody(_) => 400_001,
+            Self::InvalidArgument(_) => 400_004,
+            Self::Unauthorized(_) => 401_002,
+            Self::Forbidden { .. } => 403_001,
+            Self::NoRoute { .. } => 404_000,
+            Self::NotFound(_) => 404_202,
+            Self::Conflict(_) => 409_201,
+            Self::PreconditionFailed(_) => 412_002,
+            Self::PayloadTooLarge { .. } => 413_001,
+            Self::Internal(_) => 500_001,
+        }
+    }
+
+    /// The HTTP status: the error code divided by 1000.
+    pub fn http_status(&self) -> u16 {
+        u16::try_from(self.error_code() / 1000).unwrap_or(500)
+    }
+
+    /// The message safe to show a client; internal causes are replaced by a generic text.
+    pub fn client_message(&self) -> String {
+        self.to_string()
+    }
+
+    /// The internal cause to log, if any.
+    pub fn internal_cause(&self) -> Option<&str> {
+        match self {
+            Self::Internal(cause) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for ProvisioningError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::AlreadyExists(what) => Self::Conflict(format!(
+                "{what} already exists; send If-Match with its etag (or *) to replace it."
+            )),
+            StoreError::EtagMismatch(what) => Self::PreconditionFailed(format!(
+                "The etag in If-Match does not match the current version of {what}."
+            )),
+            StoreError::NotFound(what) => Self::NotFound(format!("{what} does not exist.")),
+            StoreError::Backend(cause) => Self::Internal(cause),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_code_over_thousand() {
+        let all = [
+            ProvisioningError::InvalidBody(String::new()),
+            ProvisioningError::InvalidArgument(String::new()),
+            ProvisioningError::Unauthorized(String::new()),
+            ProvisioningError::Forbidden {
+                policy: "p".into(),
+                right: "EnrollmentWrite",
+            },
+            ProvisioningError::NotFound(String::new()),
+            ProvisioningError::NoRoute {
+                method: "GET".into(),
+                path: "/".into(),
+            },
+            ProvisioningError::Conflict(String::new()),
+            ProvisioningError::PreconditionFailed(String::new()),
+            ProvisioningError::PayloadTooLarge { limit: 1 },
+            ProvisioningError::Internal("disk on fire".into()),
+        ];
+        for err in all {
+            assert_eq!(u32::from(err.http_status()), err.error_code() / 1000);
+            assert!((100_000..1_000_000).contains(&err.error_code()));
+        }
+    }
+
+    #[test]
+    fn internal_cause_is_not_in_client_message() {
+        let err = ProvisioningError::Internal("database is locked at /secret/path".into());
+        assert!(!err.client_message().contains("/secret/path"));
+        assert_eq!(
+            err.internal_cause(),
+            Some("database is locked at /secret/path")
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! opendps core: the DPS domain, free of transports and databases.
+//!
+//! Front ends decode bytes into the types here, make one call into [`management::Management`], and
+//! encode the result. Storage and time come in through the seams in [`store`] and [`clock`].
+
+pub mod access;
+pub mod certificate;
+pub mod clock;
+pub mod error;
+pub mod ids;
+pub mod linked_hub;
+pub mod management;
+pub mod model;
+pub mod sas;
+pub mod secret;
+pub mod store;
+pub mod time;
+
+pub use error::ProvisioningError;

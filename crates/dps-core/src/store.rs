@@ -1,0 +1,167 @@
+//! The storage seam, split by capability. Backends keep documents (JSON text) with an etag and
+//! enforce write preconditions atomically; every rule about *when* a write is allowed lives in the
+//! core. The backend contract suite lives in the `dps-store` crate.
+
+use async_trait::async_trait;
+
+use crate::access::ServiceIdentity;
+use crate::ids::Etag;
+use crate::linked_hub::LinkedHub;
+
+/// Individual enrollments or enrollment groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EnrollmentKind {
+    /// `IndividualEnrollment`.
+    Individual,
+    /// `EnrollmentGroup`.
+    Group,
+}
+
+impl EnrollmentKind {
+    /// How messages name one.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Individual => "enrollment",
+            Self::Group => "enrollment group",
+        }
+    }
+
+    /// The `x-ms-item-type` of a query over this kind.
+    pub fn item_type(self) -> &'static str {
+        match self {
+            Self::Individual => "enrollment",
+            Self::Group => "enrollmentGroup",
+        }
+    }
+}
+
+/// A stored document and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// The version.
+    pub etag: Etag,
+    /// The JSON text.
+    pub doc: String,
+}
+
+/// A condition checked atomically with a write or delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// No condition.
+    None,
+    /// The document must not exist (create).
+    MustNotExist,
+    /// The document must exist with this etag.
+    EtagIs(Etag),
+}
+
+/// One page of a listing ordered by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// The key to continue after, if more items follow.
+    pub next: Option<String>,
+}
+
+/// A storage failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A `MustNotExist` write found the document.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// An `EtagIs` condition failed.
+    #[error("{0} has another etag")]
+    EtagMismatch(String),
+    /// The document does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// The backend failed; the text is for logs only.
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+/// Enrollments and enrollment groups, keyed by lower-cased id.
+#[async_trait]
+pub trait EnrollmentStore: Send + Sync {
+    /// Writes `doc` under `key` if `cond` holds.
+    async fn put_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError>;
+    /// Reads one.
+    async fn get_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+    ) -> Result<Option<StoredDoc>, StoreError>;
+    /// Deletes one if `cond` holds; `NotFound` if absent.
+    async fn delete_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        cond: Precondition,
+    ) -> Result<(), StoreError>;
+    /// Lists up to `limit` in key order, starting after `after`.
+    async fn list_enrollments(
+        &self,
+        kind: EnrollmentKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<StoredDoc>, StoreError>;
+}
+
+/// Device registration states, keyed by lower-cased registration id.
+#[async_trait]
+pub trait RegistrationStore: Send + Sync {
+    /// Writes a registration state, remembering the group it came through (lower-cased), if any.
+    async fn put_registration(
+        &self,
+        key: &str,
+        group_key: Option<&str>,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError>;
+    /// Reads one.
+    async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError>;
+    /// Deletes one if `cond` holds; `NotFound` if absent.
+    async fn delete_registration(&self, key: &str, cond: Precondition) -> Result<(), StoreError>;
+    /// Lists a group's registrations in key order.
+    async fn list_registrations_by_group(
+        &self,
+        group_key: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<StoredDoc>, StoreError>;
+}
+
+/// Linked IoT hubs.
+#[async_trait]
+pub trait LinkedHubStore: Send + Sync {
+    /// Adds or replaces a hub (keyed by host name).
+    async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<(), StoreError>;
+    /// All hubs, ordered by host name.
+    async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError>;
+    /// Removes a hub; `NotFound` if absent.
+    async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError>;
+}
+
+/// The service identity (ID scope, policies), created once.
+#[async_trait]
+pub trait IdentityStore: Send + Sync {
+    /// Stores `candidate` unless an identity exists; returns the stored one either way.
+    async fn init_identity(
+        &self,
+        candidate: &ServiceIdentity,
+    ) -> Result<ServiceIdentity, StoreError>;
+    /// The stored identity, if any.
+    async fn identity(&self) -> Result<Option<ServiceIdentity>, StoreError>;
+}
+
+/// Everything a backend provides.
+pub trait Store: EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore {}
+
+impl<T: EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore> Store for T {}
