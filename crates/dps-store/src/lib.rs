@@ -1,1 +1,10 @@
-//! placeholder
+//! opendps storage backends.
+//!
+//! [`sqlite::SqliteStore`] is the embedded default. Every backend implements the seam traits of
+//! `dps_core::store` and must pass the shared [`contract`] suite.
+
+#[cfg(any(test, feature = "contract-tests"))]
+pub mod contract;
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;

@@ -1,0 +1,412 @@
+//! The backend contract: one suite every `Store` implementation must pass.
+//!
+//! Each case is a public async function taking a fresh, empty store. A backend runs them all with
+//! [`contract_tests!`](crate::contract_tests), giving an expression that yields `(guard, store)`;
+//! the guard (a temp dir, a database schema) lives until the case ends.
+
+use std::sync::Arc;
+
+use dps_core::access::ServiceIdentity;
+use dps_core::ids::Etag;
+use dps_core::linked_hub::LinkedHub;
+use dps_core::secret::Secret;
+use dps_core::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc};
+
+/// A document with a fresh etag.
+pub fn doc(text: &str) -> StoredDoc {
+    StoredDoc {
+        etag: Etag::generate(),
+        doc: text.to_owned(),
+    }
+}
+
+/// A linked hub for tests.
+pub fn sample_hub(host: &str, weight: u32) -> LinkedHub {
+    LinkedHub {
+        host_name: host.to_owned(),
+        connection_string: Secret::new(format!(
+            "HostName={host};SharedAccessKeyName=iothubowner;SharedAccessKey=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        )),
+        allocation_weight: weight,
+        apply_allocation_policy: true,
+        location: None,
+    }
+}
+
+/// Create, conditional replace, conditional delete.
+pub async fn enrollment_lifecycle(store: Arc<dyn Store>) {
+    let kind = EnrollmentKind::Individual;
+    let first = doc(r#"{"v":1}"#);
+    store
+        .put_enrollment(kind, "dev-1", first.clone(), Precondition::MustNotExist)
+        .await
+        .expect("create");
+    assert_eq!(
+        store.get_enrollment(kind, "dev-1").await.expect("get"),
+        Some(first.clone())
+    );
+    assert!(matches!(
+        store
+            .put_enrollment(kind, "dev-1", doc("{}"), Precondition::MustNotExist)
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        store
+            .put_enrollment(
+                kind,
+                "dev-1",
+                doc("{}"),
+                Precondition::EtagIs(Etag::generate())
+            )
+            .await,
+        Err(StoreError::EtagMismatch(_))
+    ));
+    let second = doc(r#"{"v":2}"#);
+    store
+        .put_enrollment(
+            kind,
+            "dev-1",
+            second.clone(),
+            Precondition::EtagIs(first.etag.clone()),
+        )
+        .await
+        .expect("replace");
+    assert_eq!(
+        store.get_enrollment(kind, "dev-1").await.expect("get"),
+        Some(second.clone())
+    );
+    assert!(matches!(
+        store
+            .delete_enrollment(kind, "dev-1", Precondition::EtagIs(first.etag))
+            .await,
+        Err(StoreError::EtagMismatch(_))
+    ));
+    store
+        .delete_enrollment(kind, "dev-1", Precondition::EtagIs(second.etag))
+        .await
+        .expect("delete");
+    assert_eq!(
+        store.get_enrollment(kind, "dev-1").await.expect("get"),
+        None
+    );
+    assert!(matches!(
+        store
+            .delete_enrollment(kind, "dev-1", Precondition::None)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .put_enrollment(
+                kind,
+                "dev-1",
+                doc("{}"),
+                Precondition::EtagIs(Etag::generate())
+            )
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+/// Individual enrollments and groups with the same key are different documents.
+pub async fn kinds_are_separate(store: Arc<dyn Store>) {
+    store
+        .put_enrollment(
+            EnrollmentKind::Individual,
+            "same",
+            doc("1"),
+            Precondition::MustNotExist,
+        )
+        .await
+        .expect("individual");
+    store
+        .put_enrollment(
+            EnrollmentKind::Group,
+            "same",
+            doc("2"),
+            Precondition::MustNotExist,
+        )
+        .await
+        .expect("group");
+    let individual = store
+        .get_enrollment(EnrollmentKind::Individual, "same")
+        .await
+        .expect("get")
+        .expect("exists");
+    let group = store
+        .get_enrollment(EnrollmentKind::Group, "same")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!((individual.doc.as_str(), group.doc.as_str()), ("1", "2"));
+    store
+        .delete_enrollment(EnrollmentKind::Group, "same", Precondition::None)
+        .await
+        .expect("delete");
+    assert!(
+        store
+            .get_enrollment(EnrollmentKind::Individual, "same")
+            .await
+            .expect("get")
+            .is_some()
+    );
+}
+
+/// Listing returns pages in key order and a continuation key while more remain.
+pub async fn listing_pages_in_key_order(store: Arc<dyn Store>) {
+    for key in ["e", "a", "d", "b", "c"] {
+        store
+            .put_enrollment(
+                EnrollmentKind::Group,
+                key,
+                doc(&format!("\"{key}\"")),
+                Precondition::MustNotExist,
+            )
+            .await
+            .expect("put");
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .list_enrollments(EnrollmentKind::Group, after.as_deref(), 2)
+            .await
+            .expect("list");
+        pages += 1;
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.into_iter().map(|d| d.doc));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["\"a\"", "\"b\"", "\"c\"", "\"d\"", "\"e\""]);
+    assert_eq!(pages, 3);
+    let empty = store
+        .list_enrollments(EnrollmentKind::Individual, None, 10)
+        .await
+        .expect("list");
+    assert!(empty.items.is_empty() && empty.next.is_none());
+}
+
+/// Registration states are listed per group.
+pub async fn registrations_by_group(store: Arc<dyn Store>) {
+    for (key, group) in [
+        ("r1", Some("g1")),
+        ("r2", Some("g1")),
+        ("r3", Some("g2")),
+        ("r4", None),
+        ("r0", Some("g1")),
+    ] {
+        store
+            .put_registration(
+                key,
+                group,
+                doc(&format!("\"{key}\"")),
+                Precondition::MustNotExist,
+            )
+            .await
+            .expect("put");
+    }
+    let page = store
+        .list_registrations_by_group("g1", None, 2)
+        .await
+        .expect("list");
+    assert_eq!(
+        page.items
+            .iter()
+            .map(|d| d.doc.as_str())
+            .collect::<Vec<_>>(),
+        ["\"r0\"", "\"r1\""]
+    );
+    let rest = store
+        .list_registrations_by_group("g1", page.next.as_deref(), 2)
+        .await
+        .expect("list");
+    assert_eq!(
+        rest.items
+            .iter()
+            .map(|d| d.doc.as_str())
+            .collect::<Vec<_>>(),
+        ["\"r2\""]
+    );
+    assert!(rest.next.is_none());
+    assert!(
+        store
+            .list_registrations_by_group("nope", None, 10)
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    let r1 = store
+        .get_registration("r1")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert!(matches!(
+        store
+            .delete_registration("r1", Precondition::EtagIs(Etag::generate()))
+            .await,
+        Err(StoreError::EtagMismatch(_))
+    ));
+    store
+        .delete_registration("r1", Precondition::EtagIs(r1.etag))
+        .await
+        .expect("delete");
+    assert!(store.get_registration("r1").await.expect("get").is_none());
+    assert!(matches!(
+        store.delete_registration("r1", Precondition::None).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+/// Linked hubs are upserted by host name and listed in order.
+pub async fn linked_hubs(store: Arc<dyn Store>) {
+    store
+        .put_linked_hub(&sample_hub("b.example", 1))
+        .await
+        .expect("put");
+    store
+        .put_linked_hub(&sample_hub("a.example", 2))
+        .await
+        .expect("put");
+    store
+        .put_linked_hub(&sample_hub("b.example", 7))
+        .await
+        .expect("replace");
+    let hubs = store.list_linked_hubs().await.expect("list");
+    assert_eq!(
+        hubs,
+        vec![sample_hub("a.example", 2), sample_hub("b.example", 7)]
+    );
+    store.delete_linked_hub("a.example").await.expect("delete");
+    assert!(matches!(
+        store.delete_linked_hub("a.example").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.list_linked_hubs().await.expect("list").len(), 1);
+}
+
+/// The identity is created once; later candidates are ignored.
+pub async fn identity_is_created_once(store: Arc<dyn Store>) {
+    assert_eq!(store.identity().await.expect("read"), None);
+    let first = ServiceIdentity::generate();
+    assert_eq!(store.init_identity(&first).await.expect("init"), first);
+    assert_eq!(
+        store
+            .init_identity(&ServiceIdentity::generate())
+            .await
+            .expect("init again"),
+        first
+    );
+    assert_eq!(store.identity().await.expect("read"), Some(first));
+}
+
+/// Of many concurrent creates of one key exactly one wins, and the winner is what is stored.
+pub async fn concurrent_creates_have_one_winner(store: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let d = doc(&i.to_string());
+                let result = store
+                    .put_enrollment(
+                        EnrollmentKind::Individual,
+                        "contested",
+                        d.clone(),
+                        Precondition::MustNotExist,
+                    )
+                    .await;
+                (result, d)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.expect("join") {
+            (Ok(()), d) => winners.push(d),
+            (Err(StoreError::AlreadyExists(_)), _) => {}
+            (Err(other), _) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(
+        store
+            .get_enrollment(EnrollmentKind::Individual, "contested")
+            .await
+            .expect("get"),
+        winners.pop()
+    );
+}
+
+/// A write that fails leaves the writes around it intact.
+pub async fn failed_write_spoils_nothing_else(store: Arc<dyn Store>) {
+    store
+        .put_enrollment(
+            EnrollmentKind::Group,
+            "exists",
+            doc("0"),
+            Precondition::MustNotExist,
+        )
+        .await
+        .expect("seed");
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let key = if i % 2 == 0 {
+                    "exists".to_owned()
+                } else {
+                    format!("new-{i}")
+                };
+                store
+                    .put_enrollment(
+                        EnrollmentKind::Group,
+                        &key,
+                        doc("1"),
+                        Precondition::MustNotExist,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        if task.await.expect("join").is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 8);
+    let page = store
+        .list_enrollments(EnrollmentKind::Group, None, 100)
+        .await
+        .expect("list");
+    assert_eq!(page.items.len(), 9);
+}
+
+/// Generates one `#[tokio::test]` per contract case. `$make` is an expression evaluating to
+/// `(guard, Arc<dyn Store>)` (or a concrete store type coercible to it).
+#[macro_export]
+macro_rules! contract_tests {
+    ($make:expr) => {
+        $crate::contract_tests!(@cases $make;
+            enrollment_lifecycle, kinds_are_separate, listing_pages_in_key_order, registrations_by_group,
+            linked_hubs, identity_is_created_once, concurrent_creates_have_one_winner, failed_write_spoils_nothing_else);
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        mod contract {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (_guard, store) = $make;
+                    $crate::contract::$case(store).await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,67 @@
+//! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
+
+use dps_core::store::StoreError;
+use rusqlite::Connection;
+
+/// Each entry moves the schema from version `index` to `index + 1`. Never edit a released entry.
+const MIGRATIONS: &[&str] = &[
+    // 1: service identity, enrollments, registration states, linked hubs.
+    "CREATE TABLE service_identity (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL);
+     CREATE TABLE enrollments (
+         kind TEXT NOT NULL, id_key TEXT NOT NULL, etag TEXT NOT NULL, doc TEXT NOT NULL,
+         PRIMARY KEY (kind, id_key)
+     ) WITHOUT ROWID;
+     CREATE TABLE registrations (
+         id_key TEXT PRIMARY KEY, group_key TEXT, etag TEXT NOT NULL, doc TEXT NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX registrations_by_group ON registrations (group_key, id_key);
+     CREATE TABLE linked_hubs (host_name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;",
+];
+
+/// Brings the schema up to date in one transaction. Refuses a database newer than this binary.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let backend = |e: rusqlite::Error| StoreError::Backend(format!("migrating the schema: {e}"));
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Backend(format!(
+            "the database has schema version {version}, newer than this opendps knows ({}); upgrade opendps",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql).map_err(backend)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)
+            .map_err(backend)?;
+        tracing::info!(version = index + 1, "applied schema migration");
+    }
+    tx.commit().map_err(backend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrating_twice_is_a_no_op() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        migrate(&mut conn).expect("first");
+        migrate(&mut conn).expect("second");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn newer_database_is_refused() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.pragma_update(None, "user_version", 99).expect("set");
+        assert!(migrate(&mut conn).is_err());
+    }
+}

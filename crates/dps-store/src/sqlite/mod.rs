@@ -1,0 +1,601 @@
+//! The SQLite backend: one file in WAL mode, one writer thread that commits queued writes in groups,
+//! and a small pool of reader connections.
+//!
+//! Group commit: async callers send closures to the writer; it drains its queue, runs each closure
+//! inside its own savepoint (so one failed write never spoils the batch), commits once with a full
+//! fsync, and only then answers every caller. A reply therefore always means "durable".
+
+mod migrations;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+
+use async_trait::async_trait;
+use dps_core::access::ServiceIdentity;
+use dps_core::ids::Etag;
+use dps_core::linked_hub::LinkedHub;
+use dps_core::store::{
+    EnrollmentKind, EnrollmentStore, IdentityStore, LinkedHubStore, Page, Precondition,
+    RegistrationStore, StoreError, StoredDoc,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Reader connections kept open.
+const MAX_IDLE_READERS: usize = 4;
+
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+
+/// A SQLite-backed store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+trait SqlResultExt<T> {
+    fn backend(self) -> Result<T, StoreError>;
+}
+
+impl<T> SqlResultExt<T> for rusqlite::Result<T> {
+    fn backend(self) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .backend()?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .backend()?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )
+    .backend()?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut conn = open_connection(&path)?;
+        migrations::migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let handle = thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(handle)),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Stops the writer after it has committed everything queued. Later writes fail.
+    pub fn close(&self) {
+        let sender = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(sender);
+        if let Some(handle) = self
+            .inner
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = handle.join();
+        }
+    }
+
+    /// Runs `f` in the writer's transaction; resolves once the batch holding it is committed.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, done)
+        });
+        let sender = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        sender
+            .ok_or_else(|| StoreError::Backend("the store is closed".into()))?
+            .send(job)
+            .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Backend("the writer thread dropped a write".into()))?
+    }
+
+    /// Runs `f` on a reader connection on the blocking pool.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner
+                .readers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&inner.path)?,
+            };
+            let result = f(&conn);
+            let mut readers = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+            if readers.len() < MAX_IDLE_READERS {
+                readers.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                for job in batch {
+                    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                        completions.push((Err(StoreError::Backend(e.to_string())), None));
+                        continue;
+                    }
+                    let (ok, done) = job(&conn);
+                    let end = if ok {
+                        "RELEASE job"
+                    } else {
+                        "ROLLBACK TO job; RELEASE job"
+                    };
+                    let ended = conn.execute_batch(end).backend();
+                    completions.push((ended, Some(done)));
+                }
+                conn.execute_batch("COMMIT").backend()
+            }
+            Err(e) => {
+                let err = StoreError::Backend(e.to_string());
+                for job in batch {
+                    let (_, done) = job(&conn);
+                    completions.push((Err(err.clone()), Some(done)));
+                }
+                Err(err)
+            }
+        };
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::error!(error = ?commit, "SQLite commit failed; the batch was rolled back");
+        }
+        for (own, done) in completions {
+            if let Some(done) = done {
+                done(own.and(commit.clone()));
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn kind_tag(kind: EnrollmentKind) -> &'static str {
+    match kind {
+        EnrollmentKind::Individual => "individual",
+        EnrollmentKind::Group => "group",
+    }
+}
+
+/// Checks `cond` against the current etag (if any) of a document called `what`.
+fn check(cond: &Precondition, current: Option<String>, what: &str) -> Result<(), StoreError> {
+    match (cond, current) {
+        (Precondition::None, _) | (Precondition::MustNotExist, None) => Ok(()),
+        (Precondition::MustNotExist, Some(_)) => Err(StoreError::AlreadyExists(what.to_owned())),
+        (Precondition::EtagIs(_), None) => Err(StoreError::NotFound(what.to_owned())),
+        (Precondition::EtagIs(want), Some(have)) if want.as_str() == have => Ok(()),
+        (Precondition::EtagIs(_), Some(_)) => Err(StoreError::EtagMismatch(what.to_owned())),
+    }
+}
+
+fn page_of(rows: Vec<(String, StoredDoc)>, limit: usize) -> Page<StoredDoc> {
+    let more = rows.len() > limit;
+    let mut items: Vec<_> = rows.into_iter().take(limit).collect();
+    let next = if more {
+        items.last().map(|(k, _)| k.clone())
+    } else {
+        None
+    };
+    Page {
+        items: items.drain(..).map(|(_, d)| d).collect(),
+        next,
+    }
+}
+
+fn doc_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, StoredDoc)> {
+    Ok((
+        row.get(0)?,
+        StoredDoc {
+            etag: Etag::new(row.get::<_, String>(1)?),
+            doc: row.get(2)?,
+        },
+    ))
+}
+
+#[async_trait]
+impl EnrollmentStore for SqliteStore {
+    async fn put_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.write(move |conn| {
+            let current = conn
+                .query_row(
+                    "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
+                    params![kind_tag(kind), key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .backend()?;
+            check(&cond, current, &format!("{} '{key}'", kind.label()))?;
+            conn.execute(
+                "INSERT INTO enrollments (kind, id_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (kind, id_key) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
+                params![kind_tag(kind), key, doc.etag.as_str(), doc.doc],
+            )
+            .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+    ) -> Result<Option<StoredDoc>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id_key, etag, doc FROM enrollments WHERE kind = ?1 AND id_key = ?2",
+                params![kind_tag(kind), key],
+                doc_row,
+            )
+            .optional()
+            .backend()
+            .map(|r| r.map(|(_, d)| d))
+        })
+        .await
+    }
+
+    async fn delete_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.write(move |conn| {
+            let what = format!("{} '{key}'", kind.label());
+            let current: Option<String> = conn
+                .query_row(
+                    "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
+                    params![kind_tag(kind), key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .backend()?;
+            if current.is_none() {
+                return Err(StoreError::NotFound(what));
+            }
+            check(&cond, current, &what)?;
+            conn.execute(
+                "DELETE FROM enrollments WHERE kind = ?1 AND id_key = ?2",
+                params![kind_tag(kind), key],
+            )
+            .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_enrollments(
+        &self,
+        kind: EnrollmentKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<StoredDoc>, StoreError> {
+        let after = after.unwrap_or("").to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id_key, etag, doc FROM enrollments WHERE kind = ?1 AND id_key > ?2 ORDER BY id_key LIMIT ?3",
+                )
+                .backend()?;
+            let rows = stmt
+                .query_map(params![kind_tag(kind), after, limit as i64 + 1], doc_row)
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            Ok(page_of(rows, limit))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RegistrationStore for SqliteStore {
+    async fn put_registration(
+        &self,
+        key: &str,
+        group_key: Option<&str>,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let (key, group_key) = (key.to_owned(), group_key.map(str::to_owned));
+        self.write(move |conn| {
+            let current = conn
+                .query_row("SELECT etag FROM registrations WHERE id_key = ?1", params![key], |r| r.get(0))
+                .optional()
+                .backend()?;
+            check(&cond, current, &format!("registration '{key}'"))?;
+            conn.execute(
+                "INSERT INTO registrations (id_key, group_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id_key) DO UPDATE SET group_key = excluded.group_key, etag = excluded.etag, doc = excluded.doc",
+                params![key, group_key, doc.etag.as_str(), doc.doc],
+            )
+            .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id_key, etag, doc FROM registrations WHERE id_key = ?1",
+                params![key],
+                doc_row,
+            )
+            .optional()
+            .backend()
+            .map(|r| r.map(|(_, d)| d))
+        })
+        .await
+    }
+
+    async fn delete_registration(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.write(move |conn| {
+            let what = format!("registration '{key}'");
+            let current: Option<String> = conn
+                .query_row(
+                    "SELECT etag FROM registrations WHERE id_key = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .backend()?;
+            if current.is_none() {
+                return Err(StoreError::NotFound(what));
+            }
+            check(&cond, current, &what)?;
+            conn.execute("DELETE FROM registrations WHERE id_key = ?1", params![key])
+                .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_registrations_by_group(
+        &self,
+        group_key: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<StoredDoc>, StoreError> {
+        let (group_key, after) = (group_key.to_owned(), after.unwrap_or("").to_owned());
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id_key, etag, doc FROM registrations WHERE group_key = ?1 AND id_key > ?2 ORDER BY id_key LIMIT ?3",
+                )
+                .backend()?;
+            let rows = stmt
+                .query_map(params![group_key, after, limit as i64 + 1], doc_row)
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            Ok(page_of(rows, limit))
+        })
+        .await
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Backend(format!("a stored row does not parse: {e}")))
+}
+
+#[async_trait]
+impl LinkedHubStore for SqliteStore {
+    async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<(), StoreError> {
+        let (host, doc) = (hub.host_name.clone(), to_json(hub)?);
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO linked_hubs (host_name, doc) VALUES (?1, ?2)
+                 ON CONFLICT (host_name) DO UPDATE SET doc = excluded.doc",
+                params![host, doc],
+            )
+            .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT doc FROM linked_hubs ORDER BY host_name")
+                .backend()?;
+            let docs = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            docs.iter().map(|d| from_json(d)).collect()
+        })
+        .await
+    }
+
+    async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError> {
+        let host = host_name.to_owned();
+        self.write(move |conn| {
+            match conn
+                .execute(
+                    "DELETE FROM linked_hubs WHERE host_name = ?1",
+                    params![host],
+                )
+                .backend()?
+            {
+                0 => Err(StoreError::NotFound(format!("linked hub '{host}'"))),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl IdentityStore for SqliteStore {
+    async fn init_identity(
+        &self,
+        candidate: &ServiceIdentity,
+    ) -> Result<ServiceIdentity, StoreError> {
+        let doc = to_json(candidate)?;
+        let stored: String = self
+            .write(move |conn| {
+                conn.execute("INSERT INTO service_identity (id, doc) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING", params![doc])
+                    .backend()?;
+                conn.query_row("SELECT doc FROM service_identity WHERE id = 1", [], |r| r.get(0)).backend()
+            })
+            .await?;
+        from_json(&stored)
+    }
+
+    async fn identity(&self) -> Result<Option<ServiceIdentity>, StoreError> {
+        let doc: Option<String> = self
+            .read(|conn| {
+                conn.query_row("SELECT doc FROM service_identity WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .backend()
+            })
+            .await?;
+        doc.map(|d| from_json(&d)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path().join("opendps.db")).expect("open");
+        (dir, store)
+    }
+
+    crate::contract_tests!({
+        let (dir, store) = open_temp();
+        (dir, std::sync::Arc::new(store))
+    });
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("opendps.db");
+        let identity = ServiceIdentity::generate();
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            store.init_identity(&identity).await.expect("init");
+            store.close();
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.identity().await.expect("read"), Some(identity));
+    }
+
+    #[tokio::test]
+    async fn closed_store_refuses_writes() {
+        let (_dir, store) = open_temp();
+        store.close();
+        let err = store
+            .put_linked_hub(&crate::contract::sample_hub("h.example", 1))
+            .await;
+        assert!(matches!(err, Err(StoreError::Backend(_))));
+    }
+}
