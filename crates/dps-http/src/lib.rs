@@ -1,1 +1,61 @@
-//! placeholder
+//! opendps HTTPS front end: the service (management) API, `/healthz` and `/openapi.json`.
+//!
+//! The caller binds the listener and builds the TLS acceptor; [`serve`] accepts connections until
+//! the shutdown signal, then lets open requests finish. Handlers decode, make one core call, encode.
+
+mod error;
+mod server;
+mod service_api;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use dps_core::clock::Clock;
+use dps_core::management::Management;
+
+pub use error::ApiError;
+pub use server::serve;
+
+/// The OpenAPI document of the service API.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// Shared state of the HTTPS front end.
+pub struct AppState {
+    /// The service API use cases.
+    pub management: Arc<Management>,
+    /// Time, for error timestamps.
+    pub clock: Arc<dyn Clock>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// The router of the whole HTTPS API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .fallback(service_api::dispatch)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// `GET /healthz`: the process is up and serving.
+async fn healthz() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, error::JSON_CONTENT_TYPE)],
+        r#"{"status":"ok"}"#,
+    )
+}
+
+/// `GET /openapi.json`: the service API description.
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, error::JSON_CONTENT_TYPE)],
+        OPENAPI_JSON,
+    )
+}

@@ -1,0 +1,304 @@
+//! The service (management) API: `/enrollments`, `/enrollmentGroups`, `/registrations` and the
+//! opendps `/linkedHubs` extension. Paths are matched case-insensitively and ids percent-decoded,
+//! because the SDKs differ (`enrollmentGroups` versus `enrollmentgroups`).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dps_core::ProvisioningError;
+use dps_core::ids::IfMatch;
+use dps_core::management::{
+    EnrollmentRequest, LinkedHubOp, Paging, RegistrationRequest, ServiceRequest, ServiceResponse,
+};
+use dps_core::model::{BulkEnrollmentGroupOperation, BulkEnrollmentOperation};
+use percent_encoding::percent_decode_str;
+use serde::de::DeserializeOwned;
+
+use crate::AppState;
+use crate::error::{ApiError, JSON_CONTENT_TYPE};
+
+/// Every request that is not `/healthz` or `/openapi.json` lands here.
+pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| ProvisioningError::PayloadTooLarge {
+            limit: state.max_body_bytes,
+        });
+    let result = match body {
+        Ok(body) => {
+            handle(
+                &state,
+                &parts.method,
+                parts.uri.path(),
+                &parts.headers,
+                parts.uri.authority().map(|a| a.as_str()),
+                body,
+            )
+            .await
+        }
+        Err(err) => Err(err),
+    };
+    match result {
+        Ok(response) => render(response),
+        Err(err) => ApiError::new(err, state.clock.now()).into_response(),
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    authority: Option<&str>,
+    body: Bytes,
+) -> Result<ServiceResponse, ProvisioningError> {
+    let request = decode(method, path, headers, &body)?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(authority)
+        .unwrap_or_default();
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    state.management.handle(authorization, host, request).await
+}
+
+/// Turns method, path, headers and body into a typed request.
+fn decode(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<ServiceRequest, ProvisioningError> {
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let words: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let no_route = || ProvisioningError::NoRoute {
+        method: method.to_string(),
+        path: path.to_owned(),
+    };
+    let if_match =
+        || IfMatch::from_header(headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()));
+    let id = |i: usize| segments[i].clone();
+
+    Ok(match (words.as_slice(), method) {
+        (["enrollments"], &Method::POST) => {
+            let bulk: BulkEnrollmentOperation = json(body)?;
+            ServiceRequest::Enrollment(EnrollmentRequest::Bulk {
+                mode: bulk.mode,
+                items: bulk.enrollments,
+            })
+        }
+        (["enrollmentgroups"], &Method::POST) => {
+            let bulk: BulkEnrollmentGroupOperation = json(body)?;
+            ServiceRequest::Group(EnrollmentRequest::Bulk {
+                mode: bulk.mode,
+                items: bulk.enrollment_groups,
+            })
+        }
+        (["enrollments", "query"], &Method::POST) => {
+            ServiceRequest::Enrollment(EnrollmentRequest::Query(paging(headers)?))
+        }
+        (["enrollmentgroups", "query"], &Method::POST) => {
+            ServiceRequest::Group(EnrollmentRequest::Query(paging(headers)?))
+        }
+        (["enrollments", _], m) => {
+            ServiceRequest::Enrollment(single(m, id(1), body, if_match()).ok_or_else(no_route)??)
+        }
+        (["enrollmentgroups", _], m) => {
+            ServiceRequest::Group(single(m, id(1), body, if_match()).ok_or_else(no_route)??)
+        }
+        (["enrollments", _, "attestationmechanism"], &Method::POST) => {
+            ServiceRequest::Enrollment(EnrollmentRequest::Attestation { id: id(1) })
+        }
+        (["enrollmentgroups", _, "attestationmechanism"], &Method::POST) => {
+            ServiceRequest::Group(EnrollmentRequest::Attestation { id: id(1) })
+        }
+        (["registrations", _], &Method::GET) => {
+            ServiceRequest::Registration(RegistrationRequest::Get { id: id(1) })
+        }
+        (["registrations", _], &Method::DELETE) => {
+            ServiceRequest::Registration(RegistrationRequest::Delete {
+                id: id(1),
+                if_match: if_match(),
+            })
+        }
+        (["registrations", _, "query"], &Method::POST) => {
+            ServiceRequest::Registration(RegistrationRequest::QueryGroup {
+                group_id: id(1),
+                paging: paging(headers)?,
+            })
+        }
+        (["linkedhubs"], &Method::GET) => ServiceRequest::LinkedHub(LinkedHubOp::List),
+        (["linkedhubs"], &Method::POST) => ServiceRequest::LinkedHub(LinkedHubOp::Put(json(body)?)),
+        (["linkedhubs", _], &Method::DELETE) => {
+            ServiceRequest::LinkedHub(LinkedHubOp::Delete { name: id(1) })
+        }
+        _ => return Err(no_route()),
+    })
+}
+
+/// `PUT`, `GET` or `DELETE` of one enrollment or group; `None` for other methods.
+fn single<T: DeserializeOwned>(
+    method: &Method,
+    id: String,
+    body: &[u8],
+    if_match: IfMatch,
+) -> Option<Result<EnrollmentRequest<T>, ProvisioningError>> {
+    match *method {
+        Method::PUT => Some(json(body).map(|body| EnrollmentRequest::Put { id, body, if_match })),
+        Method::GET => Some(Ok(EnrollmentRequest::Get { id })),
+        Method::DELETE => Some(Ok(EnrollmentRequest::Delete { id, if_match })),
+        _ => None,
+    }
+}
+
+fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProvisioningError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ProvisioningError::InvalidBody(
+            "the body is empty; send a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| ProvisioningError::InvalidBody(e.to_string()))
+}
+
+fn paging(headers: &HeaderMap) -> Result<Paging, ProvisioningError> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let max_item_count = text("x-ms-max-item-count")
+        .map(|v| {
+            v.parse::<usize>().map_err(|_| {
+                ProvisioningError::InvalidArgument(format!(
+                    "x-ms-max-item-count must be a positive integer, not '{v}'."
+                ))
+            })
+        })
+        .transpose()?;
+    Ok(Paging {
+        max_item_count,
+        continuation: text("x-ms-continuation").map(str::to_owned),
+    })
+}
+
+fn render(response: ServiceResponse) -> Response {
+    match response {
+        ServiceResponse::NoContent => StatusCode::NO_CONTENT.into_response(),
+        ServiceResponse::Json(value) => json_response(&value, HeaderMap::new()),
+        ServiceResponse::Page {
+            items,
+            item_type,
+            continuation,
+            max_item_count,
+        } => {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-ms-item-type", HeaderValue::from_static(item_type));
+            headers.insert("x-ms-max-item-count", HeaderValue::from(max_item_count));
+            if let Some(token) = continuation.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                headers.insert("x-ms-continuation", token);
+            }
+            json_response(&items, headers)
+        }
+    }
+}
+
+fn json_response(value: &serde_json::Value, mut headers: HeaderMap) -> Response {
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(JSON_CONTENT_TYPE),
+    );
+    (StatusCode::OK, headers, value.to_string()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_ok(method: Method, path: &str, body: &str) -> ServiceRequest {
+        decode(&method, path, &HeaderMap::new(), body.as_bytes()).expect("decodes")
+    }
+
+    #[test]
+    fn paths_are_case_insensitive_and_decoded() {
+        assert!(matches!(
+            decode_ok(Method::POST, "/enrollmentgroups/g%3A1/attestationmechanism", ""),
+            ServiceRequest::Group(EnrollmentRequest::Attestation { id }) if id == "g:1"
+        ));
+        assert!(matches!(
+            decode_ok(Method::POST, "/EnrollmentGroups/query", ""),
+            ServiceRequest::Group(EnrollmentRequest::Query(_))
+        ));
+        assert!(
+            matches!(decode_ok(Method::GET, "/enrollments/Dev1/", ""), ServiceRequest::Enrollment(EnrollmentRequest::Get { id }) if id == "Dev1")
+        );
+        assert!(matches!(
+            decode_ok(Method::POST, "/registrations/grp/query", ""),
+            ServiceRequest::Registration(RegistrationRequest::QueryGroup { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_requests() {
+        let err = |m: Method, p: &str, b: &str| {
+            decode(&m, p, &HeaderMap::new(), b.as_bytes()).expect_err("refused")
+        };
+        assert!(matches!(
+            err(Method::PUT, "/enrollments/x", "{not json"),
+            ProvisioningError::InvalidBody(_)
+        ));
+        assert!(matches!(
+            err(Method::PUT, "/enrollments/x", ""),
+            ProvisioningError::InvalidBody(_)
+        ));
+        assert!(matches!(
+            err(Method::PATCH, "/enrollments/x", "{}"),
+            ProvisioningError::NoRoute { .. }
+        ));
+        assert!(matches!(
+            err(Method::GET, "/nothing/here", ""),
+            ProvisioningError::NoRoute { .. }
+        ));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ms-max-item-count", HeaderValue::from_static("lots"));
+        assert!(matches!(
+            paging(&headers),
+            Err(ProvisioningError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn openapi_describes_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(crate::OPENAPI_JSON).expect("valid JSON");
+        let paths = doc["paths"].as_object().expect("paths");
+        for path in [
+            "/enrollments",
+            "/enrollments/query",
+            "/enrollments/{id}",
+            "/enrollments/{id}/attestationmechanism",
+            "/enrollmentGroups",
+            "/enrollmentGroups/query",
+            "/enrollmentGroups/{id}",
+            "/enrollmentGroups/{id}/attestationmechanism",
+            "/registrations/{id}",
+            "/registrations/{id}/query",
+            "/linkedHubs",
+            "/linkedHubs/{name}",
+            "/healthz",
+        ] {
+            assert!(paths.contains_key(path), "openapi.json lacks {path}");
+        }
+    }
+}
