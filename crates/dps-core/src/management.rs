@@ -296,6 +296,7 @@ impl Management {
         }
         body.set_id(id.to_owned());
         body.clear_read_only();
+        body.fill_defaults();
         let existing = self.try_load::<T>(id).await?;
         let label = T::KIND.label();
         match (&if_match, &existing) {

@@ -415,6 +415,9 @@ pub trait Enrollment:
     fn created(&self) -> Option<&str>;
     /// Clears read-only fields a client may have echoed back.
     fn clear_read_only(&mut self);
+    /// Fills what DPS fills when the client leaves it out: enabled, migrate-data reprovisioning,
+    /// no IoT Edge.
+    fn fill_defaults(&mut self);
 }
 
 macro_rules! impl_enrollment {
@@ -457,6 +460,11 @@ macro_rules! impl_enrollment {
             fn clear_read_only(&mut self) {
                 let clear: fn(&mut Self) = $clear;
                 clear(self);
+            }
+            fn fill_defaults(&mut self) {
+                self.provisioning_status.get_or_insert_default();
+                self.reprovision_policy.get_or_insert_default();
+                self.capabilities.get_or_insert_default();
             }
         }
     };

@@ -19,6 +19,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections get to finish after shutdown is signalled.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Resolves once the shutdown flag turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Serves `app` over TLS on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -61,7 +66,7 @@ pub async fn serve(
                     }
                 });
             }
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stopped(&mut shutdown) => break,
         }
     }
     drop(listener);

@@ -1,1 +1,202 @@
-fn main() {}
+//! `opendps`: a self-hosted, wire-compatible Azure IoT Hub Device Provisioning Service.
+//!
+//! The binary wires the pieces together: configuration, TLS, the store, the HTTPS front end, and the
+//! admin commands that talk to a running service.
+
+mod cli;
+mod client;
+mod config;
+mod datadir;
+mod info;
+mod pki;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cli::{ConnectionArgs, Output};
+use crate::config::{Config, FlagOverrides, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "opendps",
+    version,
+    about = "A self-hosted device provisioning service, wire-compatible with Azure IoT Hub DPS.",
+    after_help = "Start with `opendps serve`, then `opendps info` for the ID scope and connection strings."
+)]
+struct Cli {
+    /// Data directory of the service (database, development CA, runtime file).
+    #[arg(long, global = true, env = "OPENDPS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Output format of the admin commands.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the provisioning service.
+    Serve(ServeArgs),
+    /// Print the ID scope, connection strings, CA file and listeners of a service.
+    Info(InfoArgs),
+    /// Print or check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Manage enrollment groups.
+    #[command(subcommand)]
+    EnrollmentGroup(cli::GroupCommand),
+    /// Manage individual enrollments.
+    #[command(subcommand)]
+    Enrollment(cli::EnrollmentCommand),
+    /// Show, list and delete device registration states.
+    #[command(subcommand)]
+    Registration(cli::RegistrationCommand),
+    /// Manage the IoT hubs devices are assigned to.
+    #[command(subcommand)]
+    LinkedHub(cli::LinkedHubCommand),
+    /// Derive a device's symmetric key from its enrollment group's key.
+    ComputeDeviceKey(cli::ComputeDeviceKeyArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on for HTTPS, e.g. 0.0.0.0:443 (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Host name clients use; goes into connection strings.
+    #[arg(long)]
+    public_host: Option<String>,
+    /// Extra DNS name or IP address for the development certificate (repeatable).
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print JSON (same as --output json).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "OPENDPS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the default configuration, with comments.
+    Default,
+    /// Load the configuration layers, validate them, and print the result.
+    Check(ConfigArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: could not start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(
+    cli_data_dir: &Option<PathBuf>,
+    args: &ConfigArgs,
+    flags: FlagOverrides,
+    names: &[String],
+) -> anyhow::Result<Config> {
+    let flags = FlagOverrides {
+        data_dir: cli_data_dir.clone(),
+        ..flags
+    };
+    Config::load(args.config.as_deref(), flags, names)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./opendps-data"));
+    let ctx = cli::CommandContext {
+        connection: cli.connection.clone(),
+        data_dir,
+        output: cli.output,
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let mut flags = FlagOverrides::default();
+            if let Some(listen) = args.listen {
+                flags.http.insert("listen".into(), listen.into());
+            }
+            if let Some(host) = args.public_host {
+                flags.http.insert("public_host".into(), host.into());
+            }
+            let config = load_config(&cli.data_dir, &args.config, flags, &args.tls_names)?;
+            init_tracing(&config);
+            serve::run(config).await
+        }
+        Command::Info(args) => {
+            let config = load_config(&cli.data_dir, &args.config, FlagOverrides::default(), &[])?;
+            let info = info::collect(&config).await?;
+            if args.json || cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                info::print_human(&info);
+            }
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", config::DEFAULT_TOML);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check(args)) => {
+            let config = load_config(&cli.data_dir, &args, FlagOverrides::default(), &[])?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            eprintln!("The configuration is valid.");
+            Ok(())
+        }
+        Command::EnrollmentGroup(cmd) => cli::group(&ctx, cmd).await,
+        Command::Enrollment(cmd) => cli::enrollment(&ctx, cmd).await,
+        Command::Registration(cmd) => cli::registration(&ctx, cmd).await,
+        Command::LinkedHub(cmd) => cli::linked_hub(&ctx, cmd).await,
+        Command::ComputeDeviceKey(args) => cli::compute_device_key(&ctx, args).await,
+    }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

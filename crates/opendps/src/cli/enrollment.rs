@@ -1,0 +1,387 @@
+//! The settings shared by `enrollment` and `enrollment-group` create/update, applied to the JSON
+//! document that is sent to the service.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::{Map, Value, json};
+
+use super::ProvisioningStatusArg;
+
+/// Individual enrollment or enrollment group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/enrollments`.
+    Individual,
+    /// `/enrollmentGroups`.
+    Group,
+}
+
+impl Kind {
+    pub(super) fn path(self) -> &'static str {
+        match self {
+            Self::Individual => "enrollments",
+            Self::Group => "enrollmentGroups",
+        }
+    }
+
+    pub(super) fn id_field(self) -> &'static str {
+        match self {
+            Self::Individual => "registrationId",
+            Self::Group => "enrollmentGroupId",
+        }
+    }
+
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Individual => "enrollment",
+            Self::Group => "enrollment group",
+        }
+    }
+
+    pub(super) fn columns(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Individual => &[
+                ("REGISTRATION ID", "registrationId"),
+                ("ATTESTATION", "attestation.type"),
+                ("STATUS", "provisioningStatus"),
+                ("ALLOCATION", "allocationPolicy"),
+                ("ETAG", "etag"),
+            ],
+            Self::Group => &[
+                ("GROUP ID", "enrollmentGroupId"),
+                ("ATTESTATION", "attestation.type"),
+                ("STATUS", "provisioningStatus"),
+                ("ALLOCATION", "allocationPolicy"),
+                ("ETAG", "etag"),
+            ],
+        }
+    }
+}
+
+/// `--attestation-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttestationArg {
+    /// Symmetric keys (group devices use keys derived from the group key).
+    Symmetrickey,
+    /// X.509 certificates.
+    X509,
+    /// TPM endorsement key (individual enrollments only).
+    Tpm,
+}
+
+/// `--allocation-policy`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AllocationArg {
+    /// Weighted hash over the linked hubs.
+    Hashed,
+    /// Lowest latency (region labels when self-hosted).
+    Geolatency,
+    /// The one hub in --iot-hubs.
+    Static,
+    /// Ask the webhook in --webhook-url.
+    Custom,
+}
+
+/// `--reprovision-policy`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReprovisionArg {
+    /// Re-evaluate the hub and migrate twin and identity.
+    Reprovisionandmigratedata,
+    /// Re-evaluate the hub and reset to the initial twin.
+    Reprovisionandresetdata,
+    /// Keep the device where it is.
+    Never,
+}
+
+/// Enrollment settings, named as `az iot dps` names them.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EnrollmentSettings {
+    /// How devices attest [default on create: symmetrickey].
+    #[arg(long, value_enum)]
+    pub attestation_type: Option<AttestationArg>,
+    /// Primary symmetric key (base64, 16-64 bytes); generated when omitted.
+    #[arg(long)]
+    pub primary_key: Option<String>,
+    /// Secondary symmetric key; generated when omitted.
+    #[arg(long)]
+    pub secondary_key: Option<String>,
+    /// PEM or DER file of the primary certificate (device cert for an enrollment, signing cert for a group).
+    #[arg(long, visible_alias = "cp")]
+    pub certificate_path: Option<PathBuf>,
+    /// PEM or DER file of the secondary certificate.
+    #[arg(long, visible_alias = "scp")]
+    pub secondary_certificate_path: Option<PathBuf>,
+    /// Name of an uploaded CA certificate (groups).
+    #[arg(long)]
+    pub root_ca_name: Option<String>,
+    /// Name of a second uploaded CA certificate (groups).
+    #[arg(long)]
+    pub secondary_root_ca_name: Option<String>,
+    /// TPM endorsement key, base64 (individual enrollments).
+    #[arg(long)]
+    pub endorsement_key: Option<String>,
+    /// Device id to create on the hub (individual enrollments; default: the registration id).
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// Whether devices may register.
+    #[arg(long, value_enum)]
+    pub provisioning_status: Option<ProvisioningStatusArg>,
+    /// How to choose the hub.
+    #[arg(long, value_enum)]
+    pub allocation_policy: Option<AllocationArg>,
+    /// Hub host names devices may be assigned to (space-separated).
+    #[arg(long, num_args = 1.., value_delimiter = ' ')]
+    pub iot_hubs: Option<Vec<String>>,
+    /// Webhook URL for custom allocation.
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// Service API version of the enrollment sent to the webhook [default: 2021-10-01].
+    #[arg(long)]
+    pub api_version: Option<String>,
+    /// Initial twin tags, a JSON object.
+    #[arg(long)]
+    pub initial_twin_tags: Option<String>,
+    /// Initial twin desired properties, a JSON object.
+    #[arg(long)]
+    pub initial_twin_properties: Option<String>,
+    /// What happens when a device registers again.
+    #[arg(long, value_enum)]
+    pub reprovision_policy: Option<ReprovisionArg>,
+    /// Whether devices are IoT Edge devices.
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub edge_enabled: Option<bool>,
+}
+
+fn json_object(flag: &str, text: &str) -> anyhow::Result<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text)
+        .with_context(|| format!("{flag} is not valid JSON"))?
+    {
+        Value::Object(map) => Ok(map),
+        _ => bail!("{flag} must be a JSON object such as '{{\"deviceType\":\"toaster\"}}'"),
+    }
+}
+
+fn read_cert(path: &PathBuf) -> anyhow::Result<Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("while reading {}", path.display()))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) if text.contains("-----BEGIN") => text,
+        Ok(text) => text,
+        Err(raw) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(raw.into_bytes())
+        }
+    };
+    Ok(json!({"certificate": text}))
+}
+
+impl EnrollmentSettings {
+    fn touches_attestation(&self) -> bool {
+        self.attestation_type.is_some()
+            || self.primary_key.is_some()
+            || self.secondary_key.is_some()
+            || self.certificate_path.is_some()
+            || self.secondary_certificate_path.is_some()
+            || self.root_ca_name.is_some()
+            || self.secondary_root_ca_name.is_some()
+            || self.endorsement_key.is_some()
+    }
+
+    /// Applies the settings to `doc`. On create, absent settings take the service defaults.
+    pub fn apply(&self, kind: Kind, doc: &mut Value, creating: bool) -> anyhow::Result<()> {
+        if kind == Kind::Group && (self.device_id.is_some() || self.endorsement_key.is_some()) {
+            bail!("--device-id and --endorsement-key apply to individual enrollments only");
+        }
+        let obj = doc
+            .as_object_mut()
+            .context("the service returned a non-object")?;
+        if creating || self.touches_attestation() {
+            let current = obj
+                .get("attestation")
+                .and_then(|a| a["type"].as_str())
+                .map(str::to_owned);
+            let kind_arg = self.attestation_type.unwrap_or(match current.as_deref() {
+                Some("x509") => AttestationArg::X509,
+                Some("tpm") => AttestationArg::Tpm,
+                _ => AttestationArg::Symmetrickey,
+            });
+            obj.insert("attestation".into(), self.attestation(kind, kind_arg)?);
+        }
+        if let Some(device_id) = &self.device_id {
+            obj.insert("deviceId".into(), json!(device_id));
+        }
+        if let Some(status) = self.provisioning_status {
+            obj.insert("provisioningStatus".into(), status.wire());
+        }
+        if let Some(policy) = self.allocation_policy {
+            let name = match policy {
+                AllocationArg::Hashed => "hashed",
+                AllocationArg::Geolatency => "geoLatency",
+                AllocationArg::Static => "static",
+                AllocationArg::Custom => "custom",
+            };
+            obj.insert("allocationPolicy".into(), json!(name));
+        }
+        if let Some(hubs) = &self.iot_hubs {
+            obj.insert(
+                "iotHubs".into(),
+                json!(hubs.iter().filter(|h| !h.is_empty()).collect::<Vec<_>>()),
+            );
+        }
+        if self.webhook_url.is_some() || self.api_version.is_some() {
+            let existing = obj
+                .get("customAllocationDefinition")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let url = self
+                .webhook_url
+                .clone()
+                .or_else(|| existing["webhookUrl"].as_str().map(str::to_owned));
+            let url = url.context("--api-version needs --webhook-url (custom allocation)")?;
+            let api = self
+                .api_version
+                .clone()
+                .or_else(|| existing["apiVersion"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "2021-10-01".into());
+            obj.insert(
+                "customAllocationDefinition".into(),
+                json!({"webhookUrl": url, "apiVersion": api}),
+            );
+        }
+        if self.initial_twin_tags.is_some() || self.initial_twin_properties.is_some() {
+            let twin = obj.entry("initialTwin").or_insert_with(|| json!({}));
+            if let Some(tags) = &self.initial_twin_tags {
+                twin["tags"] = Value::Object(json_object("--initial-twin-tags", tags)?);
+            }
+            if let Some(props) = &self.initial_twin_properties {
+                twin["properties"] =
+                    json!({"desired": json_object("--initial-twin-properties", props)?});
+            }
+        }
+        if let Some(policy) = self.reprovision_policy {
+            let (update, migrate) = match policy {
+                ReprovisionArg::Reprovisionandmigratedata => (true, true),
+                ReprovisionArg::Reprovisionandresetdata => (true, false),
+                ReprovisionArg::Never => (false, true),
+            };
+            obj.insert(
+                "reprovisionPolicy".into(),
+                json!({"updateHubAssignment": update, "migrateDeviceData": migrate}),
+            );
+        }
+        if let Some(edge) = self.edge_enabled {
+            obj.insert("capabilities".into(), json!({"iotEdge": edge}));
+        }
+        Ok(())
+    }
+
+    fn attestation(&self, kind: Kind, which: AttestationArg) -> anyhow::Result<Value> {
+        Ok(match which {
+            AttestationArg::Symmetrickey => {
+                let mut keys = Map::new();
+                if let Some(k) = &self.primary_key {
+                    keys.insert("primaryKey".into(), json!(k));
+                }
+                if let Some(k) = &self.secondary_key {
+                    keys.insert("secondaryKey".into(), json!(k));
+                }
+                json!({"type": "symmetricKey", "symmetricKey": keys})
+            }
+            AttestationArg::Tpm => {
+                if kind == Kind::Group {
+                    bail!("enrollment groups cannot use TPM attestation");
+                }
+                let ek = self
+                    .endorsement_key
+                    .as_ref()
+                    .context("TPM attestation needs --endorsement-key")?;
+                json!({"type": "tpm", "tpm": {"endorsementKey": ek}})
+            }
+            AttestationArg::X509 => {
+                let mut certs = Map::new();
+                if let Some(p) = &self.certificate_path {
+                    certs.insert("primary".into(), read_cert(p)?);
+                }
+                if let Some(p) = &self.secondary_certificate_path {
+                    certs.insert("secondary".into(), read_cert(p)?);
+                }
+                let mut x509 = Map::new();
+                let field = if kind == Kind::Group {
+                    "signingCertificates"
+                } else {
+                    "clientCertificates"
+                };
+                if !certs.is_empty() {
+                    x509.insert(field.into(), Value::Object(certs));
+                }
+                if self.root_ca_name.is_some() || self.secondary_root_ca_name.is_some() {
+                    x509.insert("caReferences".into(), json!({"primary": self.root_ca_name, "secondary": self.secondary_root_ca_name}));
+                }
+                if x509.is_empty() {
+                    bail!(
+                        "x509 attestation needs --certificate-path (or --root-ca-name for a group)"
+                    );
+                }
+                json!({"type": "x509", "x509": x509})
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tutorial_group_settings() {
+        let settings = EnrollmentSettings {
+            allocation_policy: Some(AllocationArg::Custom),
+            webhook_url: Some("https://example/api/alloc?code=x".into()),
+            iot_hubs: Some(vec!["a-toasters-hub".into(), "b-heatpumps-hub".into()]),
+            initial_twin_tags: Some(r#"{"site":"hq"}"#.into()),
+            reprovision_policy: Some(ReprovisionArg::Reprovisionandresetdata),
+            ..Default::default()
+        };
+        let mut doc = json!({"enrollmentGroupId": "g"});
+        settings.apply(Kind::Group, &mut doc, true).expect("apply");
+        assert_eq!(
+            doc["attestation"],
+            json!({"type": "symmetricKey", "symmetricKey": {}})
+        );
+        assert_eq!(
+            doc["customAllocationDefinition"]["apiVersion"],
+            "2021-10-01"
+        );
+        assert_eq!(doc["reprovisionPolicy"]["migrateDeviceData"], false);
+        assert_eq!(doc["initialTwin"]["tags"]["site"], "hq");
+    }
+
+    #[test]
+    fn update_without_attestation_flags_keeps_attestation() {
+        let mut doc = json!({"registrationId": "d", "attestation": {"type": "x509", "x509": {}}});
+        let settings = EnrollmentSettings {
+            provisioning_status: Some(ProvisioningStatusArg::Disabled),
+            ..Default::default()
+        };
+        settings
+            .apply(Kind::Individual, &mut doc, false)
+            .expect("apply");
+        assert_eq!(doc["attestation"]["type"], "x509");
+        assert_eq!(doc["provisioningStatus"], "disabled");
+    }
+
+    #[test]
+    fn bad_flags_are_explained() {
+        let bad_json = EnrollmentSettings {
+            initial_twin_tags: Some("[1]".into()),
+            ..Default::default()
+        };
+        assert!(bad_json.apply(Kind::Group, &mut json!({}), true).is_err());
+        let tpm_group = EnrollmentSettings {
+            attestation_type: Some(AttestationArg::Tpm),
+            ..Default::default()
+        };
+        assert!(tpm_group.apply(Kind::Group, &mut json!({}), true).is_err());
+    }
+}

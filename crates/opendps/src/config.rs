@@ -1,0 +1,289 @@
+//! Configuration in layers: built-in defaults, then a TOML file, then `OPENDPS_*` environment
+//! variables (`__` separates sections, as in `OPENDPS_HTTP__LISTEN`), then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The commented default configuration, printed by `opendps config default`.
+pub const DEFAULT_TOML: &str = include_str!("default-config.toml");
+
+/// Environment variables read by the CLI commands, not by the service configuration.
+const CLI_ENV: &[&str] = &["CONNECTION_STRING", "CA_FILE", "CONFIG"];
+/// Top-level configuration keys that may come from the environment.
+const CONFIG_ENV_KEYS: &[&str] = &["DATA_DIR", "HTTP", "TLS", "STORAGE", "SERVICE_API", "LOG"];
+
+/// The service configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory holding the database, the development CA and the runtime file.
+    pub data_dir: PathBuf,
+    /// The HTTPS listener (device and service API).
+    pub http: HttpConfig,
+    /// Server certificate.
+    pub tls: TlsConfig,
+    /// Where state is kept.
+    pub storage: StorageConfig,
+    /// Service API settings.
+    pub service_api: ServiceApiConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./opendps-data"),
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
+            storage: StorageConfig::default(),
+            service_api: ServiceApiConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address and port to listen on. Port 0 picks a free port (see `opendps info`).
+    pub listen: SocketAddr,
+    /// Host name clients use to reach the service; goes into connection strings (with the port).
+    pub public_host: String,
+    /// Largest request body accepted, in bytes (DPS allows 96 KB messages).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            public_host: "localhost".into(),
+            max_body_bytes: 96 * 1024,
+        }
+    }
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain to serve. Unset: a certificate from the development CA in the data dir.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the development certificate (besides localhost,
+    /// 127.0.0.1 and ::1).
+    pub names: Vec<String>,
+}
+
+/// `[storage]`: which backend keeps the state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// One SQLite file (the default).
+    Sqlite {
+        /// The database file; unset means `<data_dir>/opendps.db`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self::Sqlite { path: None }
+    }
+}
+
+/// `[service_api]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceApiConfig {
+    /// Seconds of clock difference tolerated when checking token expiry.
+    pub sas_clock_skew_secs: i64,
+}
+
+impl Default for ServiceApiConfig {
+    fn default() -> Self {
+        Self {
+            sas_clock_skew_secs: 300,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `opendps=debug,info`; `RUST_LOG` overrides it.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Overrides given as flags.
+#[derive(Debug, Default, Serialize)]
+pub struct FlagOverrides {
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// `--listen`, `--public-host`.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub http: serde_json::Map<String, serde_json::Value>,
+    /// `--tls-name`.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub tls: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Config {
+    /// Loads the layers. `file` is `--config` (or `OPENDPS_CONFIG`); a missing explicit file is an error.
+    pub fn load(
+        file: Option<&Path>,
+        flags: FlagOverrides,
+        extra_tls_names: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!(
+                    "the configuration file {} does not exist (write one with `opendps config default > {}`)",
+                    file.display(),
+                    file.display()
+                );
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        warn_unknown_env();
+        figment = figment
+            .merge(
+                Env::prefixed("OPENDPS_")
+                    .filter(|k| {
+                        CONFIG_ENV_KEYS.iter().any(|known| {
+                            k.as_str().eq_ignore_ascii_case(known)
+                                || k.as_str()
+                                    .to_ascii_uppercase()
+                                    .starts_with(&format!("{known}__"))
+                        })
+                    })
+                    .split("__"),
+            )
+            .merge(Serialized::defaults(flags));
+        let mut config: Config = figment
+            .extract()
+            .context("while reading the configuration")?;
+        config.tls.names.extend(extra_tls_names.iter().cloned());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            bail!("tls.cert_file and tls.key_file must be set together");
+        }
+        if self.http.max_body_bytes < 1024 {
+            bail!("http.max_body_bytes must be at least 1024");
+        }
+        if self.http.public_host.trim().is_empty() {
+            bail!("http.public_host must not be empty");
+        }
+        if self.service_api.sas_clock_skew_secs < 0 {
+            bail!("service_api.sas_clock_skew_secs must not be negative");
+        }
+        Ok(())
+    }
+
+    /// The SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        match &self.storage {
+            StorageConfig::Sqlite { path: Some(path) } => path.clone(),
+            StorageConfig::Sqlite { path: None } => self.data_dir.join("opendps.db"),
+        }
+    }
+}
+
+fn warn_unknown_env() {
+    for (key, _) in std::env::vars() {
+        let Some(rest) = key.strip_prefix("OPENDPS_") else {
+            continue;
+        };
+        let top = rest
+            .split("__")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        if !CONFIG_ENV_KEYS.contains(&top.as_str()) && !CLI_ENV.contains(&rest) {
+            eprintln!("warning: ignoring unknown environment variable {key}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_matches_defaults() {
+        let parsed: Config = Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("the default config parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err =
+            Figment::from(Toml::string("[http]\nlisten_on = \"1.2.3.4:5\"")).extract::<Config>();
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[http]\nlisten = \"127.0.0.1:9000\"\npublic_host = \"dps.example\"\n",
+        )
+        .expect("write");
+        let mut flags = FlagOverrides::default();
+        flags.http.insert("listen".into(), "127.0.0.1:9001".into());
+        let config = Config::load(Some(&file), flags, &["extra.example".into()]).expect("load");
+        assert_eq!(config.http.listen.port(), 9001);
+        assert_eq!(config.http.public_host, "dps.example");
+        assert_eq!(config.tls.names, ["extra.example"]);
+        assert!(
+            Config::load(
+                Some(&dir.path().join("missing.toml")),
+                FlagOverrides::default(),
+                &[]
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! The data directory: where the database, the development PKI and the runtime file live.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// Written once the listeners are bound, removed on a clean stop: how scripts find a running service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Runtime {
+    /// Process id.
+    pub pid: u32,
+    /// The bound HTTPS address.
+    pub https: SocketAddr,
+    /// The host clients should use (public host and port).
+    pub service_host: String,
+}
+
+impl DataDir {
+    /// A data directory at `root` (not created yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Creates the directory (owner-only) if needed.
+    pub fn create(&self) -> anyhow::Result<()> {
+        fs::create_dir_all(self.tls_dir()).with_context(|| {
+            format!("while creating the data directory {}", self.root.display())
+        })?;
+        restrict(&self.root)?;
+        restrict(&self.tls_dir())
+    }
+
+    /// The root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `tls/`.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+
+    /// The development CA certificate clients must trust.
+    pub fn ca_file(&self) -> PathBuf {
+        self.tls_dir().join("ca.pem")
+    }
+
+    fn runtime_file(&self) -> PathBuf {
+        self.root.join("runtime.json")
+    }
+
+    /// Records the running service.
+    pub fn write_runtime(&self, runtime: &Runtime) -> anyhow::Result<()> {
+        let tmp = self.root.join("runtime.json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(runtime)?)
+            .context("while writing runtime.json")?;
+        fs::rename(&tmp, self.runtime_file()).context("while writing runtime.json")
+    }
+
+    /// The running service, if its process is alive.
+    pub fn read_runtime(&self) -> Option<Runtime> {
+        let text = fs::read_to_string(self.runtime_file()).ok()?;
+        let runtime: Runtime = serde_json::from_str(&text).ok()?;
+        Path::new(&format!("/proc/{}", runtime.pid))
+            .exists()
+            .then_some(runtime)
+    }
+
+    /// Forgets the running service.
+    pub fn remove_runtime(&self) {
+        let _ = fs::remove_file(self.runtime_file());
+    }
+}
+
+/// Writes a file readable by its owner only (keys).
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("while writing {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("while writing {}", path.display()))
+}
+
+fn restrict(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("while securing {}", dir.display()))?;
+    }
+    Ok(())
+}
