@@ -47,8 +47,8 @@ pub enum EnrollmentRequest<T> {
     Put {
         /// Id from the path.
         id: String,
-        /// The body.
-        body: T,
+        /// The body (boxed: enrollments are large).
+        body: Box<T>,
         /// `If-Match`.
         if_match: IfMatch,
     },
@@ -217,7 +217,7 @@ impl Management {
     ) -> Result<ServiceResponse, ProvisioningError> {
         Ok(match req {
             EnrollmentRequest::Put { id, body, if_match } => {
-                ServiceResponse::Json(to_json(&redact(self.put(&id, body, if_match).await?))?)
+                ServiceResponse::Json(to_json(&redact(self.put(&id, *body, if_match).await?))?)
             }
             EnrollmentRequest::Get { id } => {
                 ServiceResponse::Json(to_json(&redact(self.load::<T>(&id).await?.0))?)
@@ -622,10 +622,12 @@ fn prepare_attestation(
             {
                 return Err(invalid("tpm.endorsementKey must be base64.".into()));
             }
-            if let Some(srk) = &tpm.storage_root_key {
-                if STANDARD.decode(srk.trim()).is_err() {
-                    return Err(invalid("tpm.storageRootKey must be base64.".into()));
-                }
+            if tpm
+                .storage_root_key
+                .as_ref()
+                .is_some_and(|srk| STANDARD.decode(srk.trim()).is_err())
+            {
+                return Err(invalid("tpm.storageRootKey must be base64.".into()));
             }
             att.symmetric_key = None;
             att.x509 = None;
@@ -725,10 +727,8 @@ fn prepare_certificates(
 fn validate_allocation<T: Enrollment>(enrollment: &T) -> Result<(), ProvisioningError> {
     let invalid = |m: &str| Err(ProvisioningError::InvalidArgument(m.to_owned()));
     let (policy, hubs, custom) = enrollment.allocation();
-    if let Some(hubs) = hubs {
-        if hubs.iter().any(|h| h.trim().is_empty()) {
-            return invalid("iotHubs must not contain empty host names.");
-        }
+    if hubs.is_some_and(|hubs| hubs.iter().any(|h| h.trim().is_empty())) {
+        return invalid("iotHubs must not contain empty host names.");
     }
     match policy {
         Some(AllocationPolicy::Static) if hubs.map_or(0, <[String]>::len) != 1 => {

@@ -155,7 +155,11 @@ fn single<T: DeserializeOwned>(
     if_match: IfMatch,
 ) -> Option<Result<EnrollmentRequest<T>, ProvisioningError>> {
     match *method {
-        Method::PUT => Some(json(body).map(|body| EnrollmentRequest::Put { id, body, if_match })),
+        Method::PUT => Some(json(body).map(|body| EnrollmentRequest::Put {
+            id,
+            body: Box::new(body),
+            if_match,
+        })),
         Method::GET => Some(Ok(EnrollmentRequest::Get { id })),
         Method::DELETE => Some(Ok(EnrollmentRequest::Delete { id, if_match })),
         _ => None,

@@ -1,0 +1,337 @@
+//! The admin CLI against a running service: the same round trip as the service SDK, through the
+//! real binary, in both output formats.
+
+use serde_json::Value;
+
+use crate::server;
+
+const TUTORIAL_GROUP_KEY: &str =
+    "oiK77Oy7rBw8YB6IS6ukRChAw+Yq6GC61RMrPLSTiOOtdI+XDu0LmLuNm11p+qv2I+adqGUdZHm46zXAQdZoOA==";
+
+fn run(server: &dps_testkit::TestServer, args: &[&str]) -> (bool, String, String) {
+    let out = server.cli(args).expect("opendps runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[track_caller]
+fn json_ok(server: &dps_testkit::TestServer, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let (ok, stdout, stderr) = run(server, &all);
+    assert!(ok, "opendps {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[tokio::test]
+async fn compute_device_key_matches_the_tutorial() {
+    let server = server().await;
+    for (id, expected) in [
+        (
+            "breakroom499-contoso-tstrsd-007",
+            "JC8F96eayuQwwz+PkE7IzjH2lIAjCUnAa61tDigBnSs=",
+        ),
+        (
+            "mainbuilding167-contoso-hpsd-088",
+            "6uejA9PfkQgmYylj8Zerp3kcbeVrGZ172YLa7VSnJzg=",
+        ),
+    ] {
+        let (ok, stdout, stderr) = run(
+            &server,
+            &[
+                "compute-device-key",
+                "--key",
+                TUTORIAL_GROUP_KEY,
+                "--registration-id",
+                id,
+            ],
+        );
+        assert!(ok, "{stderr}");
+        assert_eq!(stdout.trim(), expected);
+    }
+}
+
+#[tokio::test]
+async fn enrollment_group_round_trip() {
+    let server = server().await;
+    let group = "contoso-custom-allocated-devices";
+    let created = json_ok(
+        &server,
+        &[
+            "enrollment-group",
+            "create",
+            "--group-id",
+            group,
+            "--allocation-policy",
+            "custom",
+            "--webhook-url",
+            "https://allocator.example/api/alloc",
+            "--iot-hubs",
+            "contoso-toasters-hub-1.example contoso-heatpumps-hub-1.example",
+            "--initial-twin-tags",
+            r#"{"site":"hq"}"#,
+            "--initial-twin-properties",
+            r#"{"state":"ready"}"#,
+            "--reprovision-policy",
+            "reprovisionandresetdata",
+            "--edge-enabled",
+            "false",
+        ],
+    );
+    assert_eq!(created["allocationPolicy"], "custom");
+    assert_eq!(created["iotHubs"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        created["initialTwin"]["properties"]["desired"]["state"],
+        "ready"
+    );
+    assert!(created["attestation"].get("symmetricKey").is_none());
+
+    let shown = json_ok(&server, &["enrollment-group", "show", "--group-id", group]);
+    assert!(shown["attestation"].get("symmetricKey").is_none());
+    let with_keys = json_ok(
+        &server,
+        &[
+            "enrollment-group",
+            "show",
+            "--group-id",
+            group,
+            "--show-keys",
+        ],
+    );
+    let primary = with_keys["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+
+    let derived = json_ok(
+        &server,
+        &[
+            "compute-device-key",
+            "--group-id",
+            group,
+            "--registration-id",
+            "dev-1",
+        ],
+    );
+    assert_eq!(
+        derived["derivedKey"],
+        dps_core::sas::derive_device_key(&primary, "dev-1")
+            .expect("derive")
+            .as_str()
+    );
+
+    let listed = json_ok(&server, &["enrollment-group", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    let (ok, table, _) = run(&server, &["enrollment-group", "list"]);
+    assert!(
+        ok && table.contains(group) && table.starts_with("GROUP ID"),
+        "{table}"
+    );
+
+    // Create again: refused with a hint, non-zero exit.
+    let (ok, _, stderr) = run(
+        &server,
+        &["enrollment-group", "create", "--group-id", group],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("409201") && stderr.contains("update"),
+        "{stderr}"
+    );
+
+    let updated = json_ok(
+        &server,
+        &[
+            "enrollment-group",
+            "update",
+            "--group-id",
+            group,
+            "--provisioning-status",
+            "disabled",
+        ],
+    );
+    assert_eq!(updated["provisioningStatus"], "disabled");
+    assert_eq!(
+        updated["allocationPolicy"], "custom",
+        "untouched settings stay"
+    );
+    let kept = json_ok(
+        &server,
+        &[
+            "enrollment-group",
+            "show",
+            "--group-id",
+            group,
+            "--show-keys",
+        ],
+    );
+    assert_eq!(
+        kept["attestation"]["symmetricKey"]["primaryKey"],
+        primary.as_str(),
+        "update keeps the keys"
+    );
+
+    let (ok, _, stderr) = run(
+        &server,
+        &[
+            "enrollment-group",
+            "update",
+            "--group-id",
+            group,
+            "--etag",
+            "\"stale\"",
+            "--edge-enabled",
+            "true",
+        ],
+    );
+    assert!(!ok && stderr.contains("412002"), "{stderr}");
+
+    let registrations = json_ok(&server, &["registration", "list", "--group-id", group]);
+    assert_eq!(registrations, serde_json::json!([]));
+
+    let (ok, stdout, stderr) = run(
+        &server,
+        &["enrollment-group", "delete", "--group-id", group],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Deleted"));
+    let (ok, _, stderr) = run(&server, &["enrollment-group", "show", "--group-id", group]);
+    assert!(!ok && stderr.contains("404202"), "{stderr}");
+}
+
+#[tokio::test]
+async fn individual_enrollment_round_trip() {
+    let server = server().await;
+    let id = "mainbuilding167-contoso-hpsd-088";
+    let created = json_ok(
+        &server,
+        &[
+            "enrollment",
+            "create",
+            "--enrollment-id",
+            id,
+            "--primary-key",
+            TUTORIAL_GROUP_KEY,
+            "--device-id",
+            "heatpump-1",
+            "--allocation-policy",
+            "hashed",
+        ],
+    );
+    assert_eq!(created["deviceId"], "heatpump-1");
+    let with_keys = json_ok(
+        &server,
+        &["enrollment", "show", "--enrollment-id", id, "--show-keys"],
+    );
+    assert_eq!(
+        with_keys["attestation"]["symmetricKey"]["primaryKey"],
+        TUTORIAL_GROUP_KEY
+    );
+    assert_eq!(
+        json_ok(&server, &["enrollment", "list"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let updated = json_ok(
+        &server,
+        &[
+            "enrollment",
+            "update",
+            "--enrollment-id",
+            id,
+            "--secondary-key",
+            TUTORIAL_GROUP_KEY,
+        ],
+    );
+    assert_eq!(updated["deviceId"], "heatpump-1");
+    let both = json_ok(
+        &server,
+        &["enrollment", "show", "--enrollment-id", id, "--show-keys"],
+    );
+    assert_eq!(
+        both["attestation"]["symmetricKey"]["primaryKey"],
+        TUTORIAL_GROUP_KEY
+    );
+    assert_eq!(
+        both["attestation"]["symmetricKey"]["secondaryKey"],
+        TUTORIAL_GROUP_KEY
+    );
+    let (ok, _, stderr) = run(&server, &["enrollment", "delete", "--enrollment-id", id]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&server, &["enrollment", "show", "--enrollment-id", id]);
+    assert!(!ok && stderr.contains("does not exist"), "{stderr}");
+}
+
+#[tokio::test]
+async fn linked_hub_round_trip_and_info() {
+    let server = server().await;
+    let cs = "HostName=contoso-toasters-hub-7.example;SharedAccessKeyName=iothubowner;SharedAccessKey=c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0IQ==";
+    let hub = json_ok(
+        &server,
+        &[
+            "linked-hub",
+            "create",
+            "--connection-string",
+            cs,
+            "--allocation-weight",
+            "3",
+            "--apply-allocation-policy",
+            "false",
+        ],
+    );
+    assert_eq!(hub["name"], "contoso-toasters-hub-7.example");
+    assert_eq!(hub["applyAllocationPolicy"], false);
+    let (ok, table, _) = run(&server, &["linked-hub", "list"]);
+    assert!(
+        ok && table.contains("contoso-toasters-hub-7.example") && !table.contains("c2VjcmV0"),
+        "{table}"
+    );
+    let info = json_ok(&server, &["info"]);
+    assert_eq!(info["linkedHubs"][0]["allocationWeight"], 3);
+    assert!(!info.to_string().contains("c2VjcmV0"));
+    let (ok, _, stderr) = run(
+        &server,
+        &[
+            "linked-hub",
+            "delete",
+            "--linked-hub",
+            "contoso-toasters-hub-7.example",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        json_ok(&server, &["linked-hub", "list"]),
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_connection_string_is_explained() {
+    let server = server().await;
+    let host = server.service_host();
+    let bad = format!(
+        "HostName={host};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={}",
+        dps_core::sas::generate_key()
+    );
+    let ca = server.info["caFile"].as_str().expect("ca").to_owned();
+    let (ok, _, stderr) = run(
+        &server,
+        &[
+            "enrollment-group",
+            "list",
+            "--login",
+            &bad,
+            "--ca-file",
+            &ca,
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("401002") && stderr.contains("connection string"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,128 @@
+//! Process lifecycle: state, ID scope and keys survive a restart; registration states written by the
+//! store are served; SIGTERM stops the service cleanly.
+
+use dps_core::ids::Etag;
+use dps_core::store::{Precondition, RegistrationStore as _, StoredDoc};
+use serde_json::json;
+
+use crate::{assert_error, server};
+
+#[tokio::test]
+async fn state_scope_and_keys_survive_a_restart() {
+    let mut server = server().await;
+    let before = server.info.clone();
+    let api = server.api().expect("client");
+    assert_eq!(
+        api.put(
+            "/enrollmentGroups/kept",
+            json!({"attestation": {"type": "symmetricKey"}}),
+            None
+        )
+        .await
+        .expect("put")
+        .status,
+        200
+    );
+    let keys = api
+        .post("/enrollmentGroups/kept/attestationmechanism", json!({}))
+        .await
+        .expect("keys")
+        .body;
+
+    server.restart().await.expect("restart");
+    let after = server.info.clone();
+    assert_eq!(after["idScope"], before["idScope"]);
+    assert_eq!(after["policies"][0]["name"], before["policies"][0]["name"]);
+    assert_eq!(server.policy_key("provisioningserviceowner").len(), 88);
+    let key_before = before["policies"]
+        .to_string()
+        .split("SharedAccessKey=")
+        .nth(1)
+        .map(|s| s[..88].to_owned());
+    let key_after = after["policies"]
+        .to_string()
+        .split("SharedAccessKey=")
+        .nth(1)
+        .map(|s| s[..88].to_owned());
+    assert_eq!(key_before, key_after);
+    assert_eq!(after["caFile"], before["caFile"]);
+
+    let api = server.api().expect("client");
+    let again = api
+        .post("/enrollmentGroups/kept/attestationmechanism", json!({}))
+        .await
+        .expect("keys")
+        .body;
+    assert_eq!(again, keys);
+    assert!(
+        server.log().contains("stopped"),
+        "SIGTERM leads to a clean stop:\n{}",
+        server.log()
+    );
+}
+
+#[tokio::test]
+async fn registration_states_are_served_and_deleted() {
+    let mut server = server().await;
+    assert!(server.stop().await.expect("stop"), "clean exit on SIGTERM");
+    {
+        let store =
+            dps_store::SqliteStore::open(server.data_dir().join("opendps.db")).expect("open");
+        for (id, group) in [
+            ("dev-1", Some("grp")),
+            ("dev-2", Some("grp")),
+            ("solo", None),
+        ] {
+            let state = json!({
+                "registrationId": id, "status": "assigned", "assignedHub": "hub-a.example", "deviceId": id,
+                "substatus": "initialAssignment", "etag": "\"v1\"", "createdDateTimeUtc": "2026-01-01T00:00:00.0000000Z"
+            });
+            let doc = StoredDoc {
+                etag: Etag::new("\"v1\""),
+                doc: state.to_string(),
+            };
+            store
+                .put_registration(id, group, doc, Precondition::MustNotExist)
+                .await
+                .expect("seed");
+        }
+        store.close();
+    }
+    server.restart().await.expect("start");
+    let api = server.api().expect("client");
+    let one = api.get("/registrations/DEV-1").await.expect("get");
+    assert_eq!(
+        one.status, 200,
+        "registration ids are case-insensitive: {one:?}"
+    );
+    assert_eq!(one.body["assignedHub"], "hub-a.example");
+    let group = api
+        .post("/registrations/grp/query", json!({}))
+        .await
+        .expect("query");
+    assert_eq!(group.body.as_array().map(Vec::len), Some(2));
+    assert_error(
+        &api.delete("/registrations/dev-1", Some("\"v0\""))
+            .await
+            .expect("delete"),
+        412,
+    );
+    assert_eq!(
+        api.delete("/registrations/dev-1", Some("\"v1\""))
+            .await
+            .expect("delete")
+            .status,
+        204
+    );
+    assert_error(&api.get("/registrations/dev-1").await.expect("get"), 404);
+    let (ok, stdout) = {
+        let out = server
+            .cli(&["registration", "show", "--registration-id", "solo"])
+            .expect("cli");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(ok && stdout.contains("hub-a.example"), "{stdout}");
+}

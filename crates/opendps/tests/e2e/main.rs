@@ -1,0 +1,50 @@
+//! End-to-end tests: real `opendps` processes on loopback, spoken to over HTTPS with JSON, and the
+//! real CLI binary. One binary, unique data directory per test, so tests run in parallel.
+
+mod auth;
+mod cli;
+mod lifecycle;
+mod service_api;
+
+use dps_testkit::TestServer;
+
+/// Starts a fresh server from the binary under test.
+pub async fn server() -> TestServer {
+    TestServer::start(std::path::Path::new(env!("CARGO_BIN_EXE_opendps")))
+        .await
+        .expect("opendps starts")
+}
+
+/// Asserts an error reply: status, DPS code family, JSON content type, tracking id.
+#[track_caller]
+pub fn assert_error(reply: &dps_testkit::Reply, status: u16) {
+    assert_eq!(reply.status.as_u16(), status, "unexpected reply: {reply:?}");
+    let code = reply.body["errorCode"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no errorCode in {reply:?}"));
+    assert_eq!(code / 1000, u64::from(status), "{reply:?}");
+    assert!(
+        reply.body["trackingId"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body.get("status").is_none(),
+        "error bodies carry no status field: {reply:?}"
+    );
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(
+        reply.header("x-ms-error-code"),
+        Some(code.to_string().as_str())
+    );
+}
