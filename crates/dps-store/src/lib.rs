@@ -1,7 +1,7 @@
 //! opendps storage backends.
 //!
 //! [`sqlite::SqliteStore`] is the embedded default. Every backend implements the seam traits of
-//! `dps_core::store` and must pass the shared [`contract`] suite.
+//! `dps_core::store` and must pass the shared contract suite (module `contract`, feature `contract-tests`).
 
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
