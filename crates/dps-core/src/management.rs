@@ -376,7 +376,8 @@ impl Management {
                     "The etag {wanted} does not match the current version of the {label} '{id}'."
                 )))
             }
-            _ => Ok(Precondition::EtagIs(current.etag)),
+            IfMatch::Etag(_) => Ok(Precondition::EtagIs(current.etag)),
+            IfMatch::Absent | IfMatch::Any => Ok(Precondition::None),
         }
     }
 
