@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""opendps conformance scenarios, driven by the official, unmodified Python SDK
+azure-iot-deviceprovisioning (DeviceProvisioningClient).
+
+    scenarios.py --list        print the scenario names, one a line
+    scenarios.py NAME          run one scenario; exit 0 on success
+
+On failure the last line printed is `REASON: ...`, preceded by the trace of
+the scenario and the HTTP exchanges it made.
+"""
+
+import base64
+import hashlib
+import os
+import secrets
+import ssl
+import subprocess
+import sys
+import tempfile
+import traceback
+
+from azure.core.credentials import AzureNamedKeyCredential  # noqa: F401  (documentation: what from_connection_string builds)
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+import common
+from common import call, check, expect_status, make_client, out, unique_id
+
+SCENARIOS = {}
+
+
+def scenario(name):
+    def register(fn):
+        SCENARIOS[name] = fn
+        return fn
+
+    return register
+
+
+class Kind:
+    def __init__(self, name, ops_attr, id_field, query_text):
+        self.name = name
+        self.ops_attr = ops_attr
+        self.id_field = id_field
+        self.query_text = query_text
+
+    def ops(self, client):
+        return getattr(client, self.ops_attr)
+
+    def symmetric_body(self, id_):
+        # No keys given: the service must generate them.
+        return {self.id_field: id_, "attestation": {"type": "symmetricKey"}}
+
+
+GROUP = Kind("group", "enrollment_group", "enrollmentGroupId", "SELECT * FROM enrollmentGroups")
+INDIVIDUAL = Kind("enrollment", "enrollment", "registrationId", "SELECT * FROM enrollments")
+KINDS = (GROUP, INDIVIDUAL)
+
+
+class Cleanup:
+    """Deletes what a scenario created, best effort, so the shared server stays small."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, kind, id_):
+        self.items.append((kind, id_))
+
+    def run(self, client):
+        for kind, id_ in reversed(self.items):
+            try:
+                kind.ops(client).delete(id_)
+            except Exception:
+                pass
+
+
+def create_symmetric(client, kind, cleanup, id_):
+    cleanup.add(kind, id_)
+    created = call(
+        f"create {kind.name} {id_}", kind.ops(client).create_or_update, id_, kind.symmetric_body(id_)
+    )
+    check(isinstance(created, dict), f"create {kind.name} {id_}: response body is not a JSON object: {created!r}")
+    return created
+
+
+# ---------------------------------------------------------------------------
+# Per kind: enrollment groups and individual enrollments (symmetric key)
+# ---------------------------------------------------------------------------
+
+
+def define_kind_scenarios(kind):
+    ops = kind.ops
+
+    @scenario(f"{kind.name}_create_generates_keys")
+    def create_generates_keys(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-create")
+        created = create_symmetric(client, kind, cleanup, id_)
+        check(created.get(kind.id_field) == id_, f"create: {kind.id_field} is {created.get(kind.id_field)!r}, want {id_!r}")
+        check(bool(created.get("etag")), f"create: response has no etag: {created!r}")
+        att = created.get("attestation") or {}
+        check(att.get("type") == "symmetricKey", f"create: attestation.type is {att.get('type')!r}")
+        # The keys were generated: the attestation mechanism has them.
+        mech = call("attestation mechanism", ops(client).get_attestation_mechanism, id_)
+        sk = (mech or {}).get("symmetricKey") or {}
+        check(
+            sk.get("primaryKey") and sk.get("secondaryKey"),
+            f"no generated keys in the attestation mechanism after a create without keys: {mech!r}",
+        )
+        check(sk["primaryKey"] != sk["secondaryKey"], "the generated primary and secondary keys are equal")
+
+    @scenario(f"{kind.name}_get_has_no_secrets")
+    def get_has_no_secrets(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-get")
+        created = create_symmetric(client, kind, cleanup, id_)
+        got = call(f"get {kind.name}", ops(client).get, id_)
+        check(got.get(kind.id_field) == id_, f"get: {kind.id_field} is {got.get(kind.id_field)!r}, want {id_!r}")
+        check(got.get("etag") == created.get("etag"), f"get: etag {got.get('etag')!r} differs from create's {created.get('etag')!r}")
+        att = got.get("attestation") or {}
+        check(att.get("type") == "symmetricKey", f"get: attestation.type is {att.get('type')!r}")
+        sk = att.get("symmetricKey")
+        check(
+            not sk or (not sk.get("primaryKey") and not sk.get("secondaryKey")),
+            f"get: the response carries symmetric keys: attestation.symmetricKey = {sk!r}",
+        )
+
+    @scenario(f"{kind.name}_attestation_mechanism")
+    def attestation_mechanism(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-att")
+        create_symmetric(client, kind, cleanup, id_)
+        mech = call("attestation mechanism", ops(client).get_attestation_mechanism, id_)
+        check(isinstance(mech, dict), f"attestation mechanism: not a JSON object: {mech!r}")
+        check(mech.get("type") == "symmetricKey", f"attestation mechanism: type is {mech.get('type')!r}")
+        sk = mech.get("symmetricKey") or {}
+        for field in ("primaryKey", "secondaryKey"):
+            check(
+                common.is_b64_of_len(sk.get(field), 64),
+                f"attestation mechanism: symmetricKey.{field} is not base64 of 64 bytes: {sk.get(field)!r}",
+            )
+
+    @scenario(f"{kind.name}_query_paged")
+    def query_paged(client, cleanup):
+        prefix = unique_id(f"{kind.name[:3]}-q")
+        ids = [f"{prefix}-{i}" for i in range(3)]
+        for id_ in ids:
+            create_symmetric(client, kind, cleanup, id_)
+        # The SDK's own query helper: `top` becomes x-ms-max-item-count, and the
+        # x-ms-continuation response header drives by_page().
+        pager = ops(client).query({"query": kind.query_text}, top=1)
+        seen = {}
+        pages = 0
+        try:
+            for page in pager.by_page():
+                pages += 1
+                items = list(page)
+                check(len(items) <= 1, f"query page {pages} has {len(items)} items with x-ms-max-item-count 1")
+                for item in items:
+                    check(isinstance(item, dict), f"query page {pages}: item is not a JSON object: {item!r}")
+                    got_id = item.get(kind.id_field)
+                    if got_id in ids:
+                        check(got_id not in seen, f"query: {got_id} seen on page {seen.get(got_id)} and again on page {pages}")
+                        seen[got_id] = pages
+                    sk = (item.get("attestation") or {}).get("symmetricKey") or {}
+                    check(not sk.get("primaryKey"), f"query: item {got_id} carries symmetric keys")
+                check(pages <= 5000, "query: more than 5000 pages; the continuation does not end")
+        except HttpResponseError as e:
+            raise common.ScenarioFailure(
+                f"query page {pages + 1}: HTTP {e.status_code}: {common.describe_http_error(e)}"
+            ) from e
+        missing = [i for i in ids if i not in seen]
+        check(not missing, f"query: paging one item at a time over {pages} pages did not return {missing} (saw {seen})")
+        out(f"  {pages} pages, ours on pages {sorted(seen.values())}")
+
+    @scenario(f"{kind.name}_replace_stale_etag_412")
+    def replace_stale_etag(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-stale")
+        created = create_symmetric(client, kind, cleanup, id_)
+        stale = created["etag"]
+        body = call("get", ops(client).get, id_)
+        body["provisioningStatus"] = "disabled"
+        updated = call("replace with the current etag", ops(client).create_or_update, id_, body, if_match=stale)
+        check(updated.get("etag") and updated["etag"] != stale, f"replace: etag did not change ({updated.get('etag')!r})")
+        body["provisioningStatus"] = "enabled"
+        expect_status(412, "replace with a stale etag", ops(client).create_or_update, id_, body, if_match=stale)
+        after = call("get", ops(client).get, id_)
+        check(after.get("provisioningStatus") == "disabled", f"the rejected replace changed the record: {after!r}")
+
+    @scenario(f"{kind.name}_put_existing_without_if_match_409")
+    def put_existing_409(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-dup")
+        create_symmetric(client, kind, cleanup, id_)
+        expect_status(
+            409, "create_or_update of an existing id without If-Match",
+            ops(client).create_or_update, id_, kind.symmetric_body(id_),
+        )
+
+    @scenario(f"{kind.name}_replace_current_etag")
+    def replace_current_etag(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-repl")
+        create_symmetric(client, kind, cleanup, id_)
+        body = call("get", ops(client).get, id_)
+        etag = body.get("etag")
+        check(bool(etag), f"get: no etag: {body!r}")
+        body["provisioningStatus"] = "disabled"
+        updated = call("replace with the current etag", ops(client).create_or_update, id_, body, if_match=etag)
+        check(updated.get("etag") and updated["etag"] != etag, f"replace: new etag {updated.get('etag')!r} does not differ from {etag!r}")
+        check(updated.get("provisioningStatus") == "disabled", f"replace: provisioningStatus is {updated.get('provisioningStatus')!r}")
+        again = call("get", ops(client).get, id_)
+        check(again.get("etag") == updated["etag"], f"get after replace: etag {again.get('etag')!r}, replace returned {updated['etag']!r}")
+        check(again.get("provisioningStatus") == "disabled", "get after replace: provisioningStatus not kept")
+
+    @scenario(f"{kind.name}_delete_then_get_404")
+    def delete_then_get_404(client, cleanup):
+        id_ = unique_id(f"{kind.name[:3]}-del")
+        create_symmetric(client, kind, cleanup, id_)
+        call(f"delete {kind.name}", ops(client).delete, id_)
+        e = expect_status(404, "get after delete", ops(client).get, id_)
+        check(isinstance(e, ResourceNotFoundError), f"get after delete: SDK raised {type(e).__name__}, not ResourceNotFoundError")
+
+
+for _kind in KINDS:
+    define_kind_scenarios(_kind)
+
+
+# ---------------------------------------------------------------------------
+# Others
+# ---------------------------------------------------------------------------
+
+
+@scenario("registration_query_fresh_group_empty")
+def registration_query_fresh_group(client, cleanup):
+    id_ = unique_id("grp-regq")
+    create_symmetric(client, GROUP, cleanup, id_)
+    try:
+        states = list(client.device_registration_state.query(id_))
+    except HttpResponseError as e:
+        raise common.ScenarioFailure(f"registration state query: HTTP {e.status_code}: {common.describe_http_error(e)}") from e
+    check(states == [], f"registration state query of a fresh group: want [], got {states!r}")
+
+
+@scenario("enrollmentread_policy_get_ok_create_403")
+def enrollmentread_policy(client, cleanup):
+    id_ = unique_id("enr-read")
+    create_symmetric(client, INDIVIDUAL, cleanup, id_)
+    reader = make_client(policy="enrollmentread")
+    got = call("get with the enrollmentread policy", reader.enrollment.get, id_)
+    check(got.get("registrationId") == id_, f"get with enrollmentread: {got!r}")
+    other = unique_id("enr-read-new")
+    cleanup.add(INDIVIDUAL, other)
+    expect_status(
+        403, "create with the enrollmentread policy",
+        reader.enrollment.create_or_update, other, INDIVIDUAL.symmetric_body(other),
+    )
+    expect_status(404, "the forbidden create left nothing behind", client.enrollment.get, other)
+
+
+@scenario("wrong_key_401")
+def wrong_key(client, cleanup):
+    cs = common.connection_string()
+    parts = []
+    real = None
+    for part in cs.split(";"):
+        k, _, v = part.partition("=")
+        if k.lower() == "sharedaccesskey":
+            real = v
+            wrong = base64.b64encode(secrets.token_bytes(32)).decode()
+            while wrong == real:
+                wrong = base64.b64encode(secrets.token_bytes(32)).decode()
+            part = f"{k}={wrong}"
+        parts.append(part)
+    check(real is not None, f"no SharedAccessKey in {cs!r}")
+    bad = make_client(cs=";".join(parts))
+    expect_status(401, "get with a wrong key", bad.enrollment.get, unique_id("nobody"))
+    expect_status(401, "query with a wrong key", lambda: list(bad.enrollment_group.query({"query": "*"})))
+
+
+def self_signed_cert_pem(cn):
+    """A fresh self-signed certificate, PEM.  Uses `cryptography` when it is
+    installed, else the openssl command line."""
+    try:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        with tempfile.TemporaryDirectory() as d:
+            key, crt = os.path.join(d, "k.pem"), os.path.join(d, "c.pem")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", key, "-out", crt, "-days", "30", "-subj", f"/CN={cn}"],
+                check=True, capture_output=True,
+            )
+            with open(crt) as f:
+                return f.read()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@scenario("x509_enrollment_thumbprint")
+def x509_enrollment(client, cleanup):
+    id_ = unique_id("x509")
+    pem = self_signed_cert_pem(id_)
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    want = hashlib.sha256(der).hexdigest().upper()
+    body = {
+        "registrationId": id_,
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}},
+    }
+    cleanup.add(INDIVIDUAL, id_)
+    created = call("create x509 enrollment", client.enrollment.create_or_update, id_, body)
+    check(bool(created.get("etag")), f"create x509: no etag: {created!r}")
+    got = call("get x509 enrollment", client.enrollment.get, id_)
+    att = got.get("attestation") or {}
+    check(att.get("type") == "x509", f"get x509: attestation.type is {att.get('type')!r}")
+    primary = (((att.get("x509") or {}).get("clientCertificates") or {}).get("primary")) or {}
+    thumb = (primary.get("info") or {}).get("sha256Thumbprint")
+    check(thumb == want, f"get x509: clientCertificates.primary.info.sha256Thumbprint is {thumb!r}, want {want!r} (attestation: {att!r})")
+
+
+@scenario("bulk_create_one_existing")
+def bulk_create(client, cleanup):
+    existing = unique_id("bulk-old")
+    new = unique_id("bulk-new")
+    create_symmetric(client, INDIVIDUAL, cleanup, existing)
+    cleanup.add(INDIVIDUAL, new)
+    result = call(
+        "bulk create", client.enrollment.run_bulk_operation,
+        {"mode": "create", "enrollments": [INDIVIDUAL.symmetric_body(existing), INDIVIDUAL.symmetric_body(new)]},
+    )
+    check(isinstance(result, dict), f"bulk: response is not a JSON object: {result!r}")
+    check(result.get("isSuccessful") is False, f"bulk: isSuccessful is {result.get('isSuccessful')!r}, want false: {result!r}")
+    errors = result.get("errors") or []
+    check(len(errors) == 1, f"bulk: want exactly one error, got {errors!r}")
+    check(errors[0].get("registrationId") == existing, f"bulk: the error is for {errors[0].get('registrationId')!r}, want {existing!r}: {errors!r}")
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv):
+    if len(argv) == 2 and argv[1] == "--list":
+        for name in SCENARIOS:
+            print(name)
+        return 0
+    if len(argv) != 2 or argv[1] not in SCENARIOS:
+        print(f"usage: {argv[0]} --list | NAME\nscenarios: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    name = argv[1]
+    cleanup = Cleanup()
+    client = None
+    try:
+        client = make_client()
+        SCENARIOS[name](client, cleanup)
+        return 0
+    except Exception as e:  # noqa: BLE001 - every failure becomes a report
+        if not isinstance(e, common.ScenarioFailure):
+            # Only the frames of the scenario code: where in the scenario it broke.
+            here = os.path.dirname(os.path.abspath(__file__))
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(here)]
+            out("  Traceback (scenario frames only):\n" + "".join(traceback.format_list(frames)).rstrip())
+        log = common.http_log()
+        if log:
+            out("  HTTP exchanges:\n" + log.rstrip())
+        reason = str(e) if isinstance(e, common.ScenarioFailure) else f"{type(e).__name__}: {e}"
+        out("REASON: " + " ".join(reason.split()))
+        return 1
+    finally:
+        if client is not None:
+            cleanup.run(client)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
