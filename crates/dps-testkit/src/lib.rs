@@ -13,6 +13,7 @@ use serde_json::Value;
 /// A running `opendps serve`.
 pub struct TestServer {
     bin: PathBuf,
+    extra_args: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// `opendps info --json` of the running server.
@@ -22,9 +23,15 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `bin serve` in a fresh data directory.
     pub async fn start(bin: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bin, &[]).await
+    }
+
+    /// Starts `bin serve` with extra flags (for example `--tls-name`).
+    pub async fn start_with(bin: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut server = Self {
             bin: bin.to_owned(),
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             dir,
             child: None,
             info: Value::Null,
@@ -42,6 +49,7 @@ impl TestServer {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.dir.path())
+            .args(&self.extra_args)
             .env("RUST_LOG", "info,dps_http=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -165,6 +173,21 @@ impl TestServer {
             .find_map(|part| part.strip_prefix("SharedAccessKey="))
             .unwrap_or_default()
             .to_owned()
+    }
+
+    /// The development CA certificate (PEM).
+    pub fn ca_pem(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(std::fs::read(
+            self.info["caFile"].as_str().context("no caFile")?,
+        )?)
+    }
+
+    /// The bound HTTPS address.
+    pub fn https_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        Ok(self.info["listen"]["https"]
+            .as_str()
+            .context("no listen address")?
+            .parse()?)
     }
 
     /// An HTTPS client of the service API that trusts the server's CA.

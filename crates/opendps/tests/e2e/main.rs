@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod lifecycle;
 mod service_api;
+mod tls;
 
 use dps_testkit::TestServer;
 
