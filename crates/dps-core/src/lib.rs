@@ -4,13 +4,17 @@
 //! encode the result. Storage and time come in through the seams in [`store`] and [`clock`].
 
 pub mod access;
+pub mod allocation;
 pub mod certificate;
 pub mod clock;
+pub mod device;
 pub mod error;
+pub mod hub;
 pub mod ids;
 pub mod linked_hub;
 pub mod management;
 pub mod model;
+pub mod provisioning;
 pub mod sas;
 pub mod secret;
 pub mod store;

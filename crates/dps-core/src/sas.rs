@@ -183,7 +183,7 @@ pub fn decode_key(key_b64: &str) -> Option<Vec<u8>> {
 }
 
 /// Fills `buf` from the operating system's random source.
-pub(crate) fn fill_random(buf: &mut [u8]) {
+pub fn fill_random(buf: &mut [u8]) {
     if let Err(err) = getrandom::fill(buf) {
         // Without an entropy source no key or scope can be made safely; there is no sane fallback.
         panic!("the operating system random source failed: {err}");

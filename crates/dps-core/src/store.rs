@@ -161,7 +161,52 @@ pub trait IdentityStore: Send + Sync {
     async fn identity(&self) -> Result<Option<ServiceIdentity>, StoreError>;
 }
 
-/// Everything a backend provides.
-pub trait Store: EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore {}
+/// A registration operation as stored: the columns the worker selects on, and the document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOperation {
+    /// Operation id.
+    pub operation_id: String,
+    /// Lower-cased registration id.
+    pub registration_key: String,
+    /// True until the operation reaches a terminal state.
+    pub pending: bool,
+    /// When the worker may next work on it (unix milliseconds).
+    pub next_attempt_ms: i64,
+    /// The JSON document.
+    pub doc: String,
+}
 
-impl<T: EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore> Store for T {}
+/// Durable registration operations, claimed by workers with leases so that any node can finish what
+/// another started.
+#[async_trait]
+pub trait OperationStore: Send + Sync {
+    /// Inserts or replaces an operation and releases any lease on it.
+    async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError>;
+    /// Reads one.
+    async fn get_operation(
+        &self,
+        operation_id: &str,
+    ) -> Result<Option<StoredOperation>, StoreError>;
+    /// Leases up to `limit` pending operations that are due at `now_ms` and not leased by anyone
+    /// else (or whose lease expired), oldest first, to `owner` until `now_ms + lease_ms`.
+    async fn claim_operations(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredOperation>, StoreError>;
+    /// Deletes finished operations last written before `before_ms`; returns how many.
+    async fn prune_operations(&self, before_ms: i64) -> Result<usize, StoreError>;
+}
+
+/// Everything a backend provides.
+pub trait Store:
+    EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore + OperationStore
+{
+}
+
+impl<T: EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore + OperationStore> Store
+    for T
+{
+}

@@ -1,8 +1,10 @@
-//! opendps HTTPS front end: the service (management) API, `/healthz` and `/openapi.json`.
+//! opendps HTTPS front end: the device API, the service (management) API, `/healthz` and
+//! `/openapi.json`.
 //!
 //! The caller binds the listener and builds the TLS acceptor; [`serve`] accepts connections until
 //! the shutdown signal, then lets open requests finish. Handlers decode, make one core call, encode.
 
+mod device_api;
 mod error;
 mod server;
 mod service_api;
@@ -16,6 +18,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use dps_core::clock::Clock;
 use dps_core::management::Management;
+use dps_core::provisioning::Provisioning;
 
 pub use error::ApiError;
 pub use server::serve;
@@ -27,6 +30,8 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 pub struct AppState {
     /// The service API use cases.
     pub management: Arc<Management>,
+    /// Device registration.
+    pub provisioning: Arc<Provisioning>,
     /// Time, for error timestamps.
     pub clock: Arc<dyn Clock>,
     /// Largest accepted request body, in bytes.

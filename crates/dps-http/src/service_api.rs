@@ -1,4 +1,4 @@
-//! The service (management) API: `/enrollments`, `/enrollmentGroups`, `/registrations` and the
+//! Request dispatch, and the service (management) API: `/enrollments`, `/enrollmentGroups`, `/registrations` and the
 //! opendps `/linkedHubs` extension. Paths are matched case-insensitively and ids percent-decoded,
 //! because the SDKs differ (`enrollmentGroups` versus `enrollmentgroups`).
 
@@ -43,9 +43,29 @@ pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, request: Reques
         Err(err) => Err(err),
     };
     match result {
-        Ok(response) => render(response),
+        Ok(response) => response,
         Err(err) => ApiError::new(err, state.clock.now()).into_response(),
     }
+}
+
+/// The path's segments, percent-decoded.
+pub(crate) fn segments(path: &str) -> Vec<String> {
+    path.trim_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect()
+}
+
+/// Collections of the service API; a first path segment naming one is never an ID scope.
+pub(crate) fn is_service_collection(segment: &str) -> bool {
+    [
+        "enrollments",
+        "enrollmentgroups",
+        "registrations",
+        "linkedhubs",
+    ]
+    .iter()
+    .any(|c| segment.eq_ignore_ascii_case(c))
 }
 
 async fn handle(
@@ -55,8 +75,12 @@ async fn handle(
     headers: &HeaderMap,
     authority: Option<&str>,
     body: Bytes,
-) -> Result<ServiceResponse, ProvisioningError> {
-    let request = decode(method, path, headers, &body)?;
+) -> Result<Response, ProvisioningError> {
+    let segments = segments(path);
+    if let Some(device) = crate::device_api::DeviceRequest::decode(method, &segments) {
+        return crate::device_api::handle(state, device, headers, &body).await;
+    }
+    let request = decode(method, path, &segments, headers, &body)?;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -65,21 +89,21 @@ async fn handle(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok());
-    state.management.handle(authorization, host, request).await
+    state
+        .management
+        .handle(authorization, host, request)
+        .await
+        .map(render)
 }
 
 /// Turns method, path, headers and body into a typed request.
 fn decode(
     method: &Method,
     path: &str,
+    segments: &[String],
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<ServiceRequest, ProvisioningError> {
-    let segments: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
-        .collect();
     let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
     let words: Vec<&str> = lower.iter().map(String::as_str).collect();
     let no_route = || ProvisioningError::NoRoute {
@@ -232,7 +256,14 @@ mod tests {
     use super::*;
 
     fn decode_ok(method: Method, path: &str, body: &str) -> ServiceRequest {
-        decode(&method, path, &HeaderMap::new(), body.as_bytes()).expect("decodes")
+        decode(
+            &method,
+            path,
+            &segments(path),
+            &HeaderMap::new(),
+            body.as_bytes(),
+        )
+        .expect("decodes")
     }
 
     #[test]
@@ -257,7 +288,7 @@ mod tests {
     #[test]
     fn bad_requests() {
         let err = |m: Method, p: &str, b: &str| {
-            decode(&m, p, &HeaderMap::new(), b.as_bytes()).expect_err("refused")
+            decode(&m, p, &segments(p), &HeaderMap::new(), b.as_bytes()).expect_err("refused")
         };
         assert!(matches!(
             err(Method::PUT, "/enrollments/x", "{not json"),

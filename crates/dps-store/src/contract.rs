@@ -10,7 +10,9 @@ use dps_core::access::ServiceIdentity;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::secret::Secret;
-use dps_core::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc};
+use dps_core::store::{
+    EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation,
+};
 
 /// A document with a fresh etag.
 pub fn doc(text: &str) -> StoredDoc {
@@ -387,6 +389,110 @@ pub async fn failed_write_spoils_nothing_else(store: Arc<dyn Store>) {
     assert_eq!(page.items.len(), 9);
 }
 
+fn operation(id: &str, pending: bool, next_attempt_ms: i64) -> StoredOperation {
+    StoredOperation {
+        operation_id: id.to_owned(),
+        registration_key: format!("reg-{id}"),
+        pending,
+        next_attempt_ms,
+        doc: format!("{{\"id\":\"{id}\"}}"),
+    }
+}
+
+/// Pending operations are leased to one worker at a time, become claimable again when the lease
+/// expires, and are never claimed once finished.
+pub async fn operations_are_leased(store: Arc<dyn Store>) {
+    let now = 1_000_000;
+    store
+        .put_operation(&operation("op-1", true, now - 10))
+        .await
+        .expect("put");
+    store
+        .put_operation(&operation("op-2", true, now - 5))
+        .await
+        .expect("put");
+    store
+        .put_operation(&operation("later", true, now + 60_000))
+        .await
+        .expect("put");
+    store
+        .put_operation(&operation("done", false, now - 100))
+        .await
+        .expect("put");
+
+    let claimed = store
+        .claim_operations("node-a", now, 30_000, 10)
+        .await
+        .expect("claim");
+    let ids: Vec<_> = claimed.iter().map(|o| o.operation_id.as_str()).collect();
+    assert_eq!(ids, ["op-1", "op-2"], "due operations, oldest first");
+    assert_eq!(claimed[0], operation("op-1", true, now - 10));
+    assert!(
+        store
+            .claim_operations("node-b", now + 1, 30_000, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "leased elsewhere"
+    );
+
+    // node-a dies; after its lease expires node-b takes over.
+    let taken = store
+        .claim_operations("node-b", now + 30_001, 30_000, 1)
+        .await
+        .expect("claim");
+    assert_eq!(taken.len(), 1);
+
+    // Finishing an operation releases it for good.
+    store
+        .put_operation(&operation("op-1", false, now))
+        .await
+        .expect("finish");
+    store
+        .put_operation(&operation("op-2", false, now))
+        .await
+        .expect("finish");
+    assert!(
+        store
+            .claim_operations("node-c", now + 120_000, 30_000, 10)
+            .await
+            .expect("claim")
+            .iter()
+            .all(|o| o.operation_id == "later")
+    );
+    assert_eq!(
+        store
+            .get_operation("op-1")
+            .await
+            .expect("get")
+            .map(|o| o.pending),
+        Some(false)
+    );
+    assert_eq!(store.get_operation("missing").await.expect("get"), None);
+}
+
+/// Pruning removes finished operations only.
+pub async fn pruning_keeps_pending_operations(store: Arc<dyn Store>) {
+    store
+        .put_operation(&operation("finished", false, 0))
+        .await
+        .expect("put");
+    store
+        .put_operation(&operation("pending", true, 0))
+        .await
+        .expect("put");
+    let far_future = jiff::Timestamp::now().as_millisecond() + 1_000_000;
+    assert_eq!(store.prune_operations(far_future).await.expect("prune"), 1);
+    assert!(
+        store
+            .get_operation("finished")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(store.get_operation("pending").await.expect("get").is_some());
+}
+
 /// Generates one `#[tokio::test]` per contract case. `$make` is an expression evaluating to
 /// `(guard, Arc<dyn Store>)` (or a concrete store type coercible to it).
 #[macro_export]
@@ -394,7 +500,8 @@ macro_rules! contract_tests {
     ($make:expr) => {
         $crate::contract_tests!(@cases $make;
             enrollment_lifecycle, kinds_are_separate, listing_pages_in_key_order, registrations_by_group,
-            linked_hubs, identity_is_created_once, concurrent_creates_have_one_winner, failed_write_spoils_nothing_else);
+            linked_hubs, identity_is_created_once, concurrent_creates_have_one_winner, failed_write_spoils_nothing_else,
+            operations_are_leased, pruning_keeps_pending_operations);
     };
     (@cases $make:expr; $($case:ident),*) => {
         mod contract {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use dps_core::model::AllocationPolicy;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,16 @@ pub const DEFAULT_TOML: &str = include_str!("default-config.toml");
 /// Environment variables read by the CLI commands, not by the service configuration.
 const CLI_ENV: &[&str] = &["CONNECTION_STRING", "CA_FILE", "CONFIG"];
 /// Top-level configuration keys that may come from the environment.
-const CONFIG_ENV_KEYS: &[&str] = &["DATA_DIR", "HTTP", "TLS", "STORAGE", "SERVICE_API", "LOG"];
+const CONFIG_ENV_KEYS: &[&str] = &[
+    "DATA_DIR",
+    "HTTP",
+    "TLS",
+    "STORAGE",
+    "SERVICE_API",
+    "PROVISIONING",
+    "MINIHUB",
+    "LOG",
+];
 
 /// The service configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +41,10 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Service API settings.
     pub service_api: ServiceApiConfig,
+    /// Device registration.
+    pub provisioning: ProvisioningConfig,
+    /// IoT hubs served in-process by minihub.
+    pub minihub: MinihubConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -43,6 +57,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             storage: StorageConfig::default(),
             service_api: ServiceApiConfig::default(),
+            provisioning: ProvisioningConfig::default(),
+            minihub: MinihubConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -113,6 +129,57 @@ impl Default for ServiceApiConfig {
     fn default() -> Self {
         Self {
             sas_clock_skew_secs: 300,
+        }
+    }
+}
+
+/// `[provisioning]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// `Retry-After` (seconds) sent to devices while their registration is assigning.
+    pub retry_after_secs: u32,
+    /// Allocation policy of enrollments that set none: `hashed`, `geoLatency` or `static`.
+    pub default_allocation_policy: AllocationPolicy,
+    /// This node's region label; `geoLatency` prefers linked hubs with the same `location`.
+    pub region: Option<String>,
+    /// Attempts at writing a device to its hub before the registration fails.
+    pub hub_attempts: u32,
+    /// Delay before the second hub attempt, in milliseconds; doubled for each further attempt.
+    pub hub_retry_ms: u64,
+    /// Seconds to wait for a hub to answer one request.
+    pub hub_timeout_secs: u64,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            retry_after_secs: 2,
+            default_allocation_policy: AllocationPolicy::Hashed,
+            region: None,
+            hub_attempts: 3,
+            hub_retry_ms: 1000,
+            hub_timeout_secs: 10,
+        }
+    }
+}
+
+/// `[minihub]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MinihubConfig {
+    /// Host names of IoT hubs to serve in-process on the HTTPS listener, told apart by the Host
+    /// header. Each is added to the development certificate.
+    pub hubs: Vec<String>,
+    /// Link each of these hubs to the service (weight 1) if it is not linked yet.
+    pub link: bool,
+}
+
+impl Default for MinihubConfig {
+    fn default() -> Self {
+        Self {
+            hubs: Vec::new(),
+            link: true,
         }
     }
 }
@@ -211,6 +278,14 @@ impl Config {
         }
         if self.http.public_host.trim().is_empty() {
             bail!("http.public_host must not be empty");
+        }
+        if self.provisioning.default_allocation_policy == AllocationPolicy::Custom {
+            bail!(
+                "provisioning.default_allocation_policy cannot be custom; set custom allocation on an enrollment"
+            );
+        }
+        if self.provisioning.hub_attempts == 0 {
+            bail!("provisioning.hub_attempts must be at least 1");
         }
         if self.service_api.sas_clock_skew_secs < 0 {
             bail!("service_api.sas_clock_skew_secs must not be negative");

@@ -10,6 +10,7 @@ mod datadir;
 mod info;
 mod pki;
 mod serve;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

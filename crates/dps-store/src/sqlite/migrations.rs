@@ -16,6 +16,14 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      CREATE INDEX registrations_by_group ON registrations (group_key, id_key);
      CREATE TABLE linked_hubs (host_name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;",
+    // 2: registration operations, leased by workers.
+    "CREATE TABLE operations (
+         operation_id TEXT PRIMARY KEY, registration_key TEXT NOT NULL, pending INTEGER NOT NULL,
+         next_attempt_ms INTEGER NOT NULL, lease_owner TEXT, lease_until_ms INTEGER, updated_ms INTEGER NOT NULL,
+         doc TEXT NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX operations_due ON operations (pending, next_attempt_ms);
+     CREATE INDEX operations_finished ON operations (pending, updated_ms);",
 ];
 
 /// Brings the schema up to date in one transaction. Refuses a database newer than this binary.

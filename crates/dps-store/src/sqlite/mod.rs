@@ -16,8 +16,8 @@ use dps_core::access::ServiceIdentity;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
-    EnrollmentKind, EnrollmentStore, IdentityStore, LinkedHubStore, Page, Precondition,
-    RegistrationStore, StoreError, StoredDoc,
+    EnrollmentKind, EnrollmentStore, IdentityStore, LinkedHubStore, OperationStore, Page,
+    Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -557,6 +557,96 @@ impl IdentityStore for SqliteStore {
             })
             .await?;
         doc.map(|d| from_json(&d)).transpose()
+    }
+}
+
+fn operation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredOperation> {
+    Ok(StoredOperation {
+        operation_id: row.get(0)?,
+        registration_key: row.get(1)?,
+        pending: row.get(2)?,
+        next_attempt_ms: row.get(3)?,
+        doc: row.get(4)?,
+    })
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+#[async_trait]
+impl OperationStore for SqliteStore {
+    async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
+        let op = op.clone();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
+                 VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5, ?6)
+                 ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
+                     lease_owner = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
+                params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, now_ms(), op.doc],
+            )
+            .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_operation(
+        &self,
+        operation_id: &str,
+    ) -> Result<Option<StoredOperation>, StoreError> {
+        let id = operation_id.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT operation_id, registration_key, pending, next_attempt_ms, doc FROM operations WHERE operation_id = ?1",
+                params![id],
+                operation_row,
+            )
+            .optional()
+            .backend()
+        })
+        .await
+    }
+
+    async fn claim_operations(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredOperation>, StoreError> {
+        let owner = owner.to_owned();
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE operations SET lease_owner = ?1, lease_until_ms = ?2
+                     WHERE operation_id IN (
+                         SELECT operation_id FROM operations
+                         WHERE pending = 1 AND next_attempt_ms <= ?3 AND (lease_until_ms IS NULL OR lease_until_ms < ?3)
+                         ORDER BY next_attempt_ms LIMIT ?4)
+                     RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
+                )
+                .backend()?;
+            let rows = stmt
+                .query_map(params![owner, now + lease_ms, now, limit as i64], operation_row)
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn prune_operations(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM operations WHERE pending = 0 AND updated_ms < ?1",
+                params![before_ms],
+            )
+            .backend()
+        })
+        .await
     }
 }
 

@@ -1,0 +1,92 @@
+//! Wire types of the DPS device API (swagger `device.json`): what a device sends to register and
+//! what it reads back while polling.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{AssignedDeviceSubstatus, EnrollmentStatus, TpmAttestation};
+
+/// `DeviceRegistration`: the body of a register request. Every field is optional in practice:
+/// C# over MQTT sends no body at all, Python sends `"payload": null`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistration {
+    /// The registration id; the path (or MQTT username) is authoritative.
+    #[serde(default)]
+    pub registration_id: Option<String>,
+    /// TPM keys (TPM attestation).
+    #[serde(default)]
+    pub tpm: Option<TpmAttestation>,
+    /// Custom data for the allocation webhook.
+    #[serde(default)]
+    pub payload: Option<Value>,
+}
+
+/// `SymmetricKeyRegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKeyRegistrationResult {
+    /// The group the device registered through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+}
+
+/// `DeviceRegistrationResult`: the registration state a device reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistrationResult {
+    /// Registration id.
+    pub registration_id: String,
+    /// First registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<String>,
+    /// Hub host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    /// Device id on that hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Status.
+    pub status: EnrollmentStatus,
+    /// Substatus of an assigned device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<AssignedDeviceSubstatus>,
+    /// Error code of a failed registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i32>,
+    /// Error message of a failed registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// Last update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<String>,
+    /// Version tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Payload from the allocation webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// Present for symmetric-key attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
+}
+
+/// `RegistrationOperationStatus`: the answer to register and to every poll.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationOperationStatus {
+    /// Opaque id to poll with.
+    pub operation_id: String,
+    /// `assigning` until terminal.
+    pub status: EnrollmentStatus,
+    /// The result, once terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_state: Option<DeviceRegistrationResult>,
+}
+
+impl EnrollmentStatus {
+    /// Whether no more work will happen.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Assigned | Self::Failed | Self::Disabled)
+    }
+}

@@ -1,0 +1,783 @@
+//! Device registration: authenticate the device, durably record an operation, and (in a worker)
+//! drive it to `assigned`, `failed` or `disabled`: allocation, the hub write, reprovisioning, and
+//! the registration state.
+//!
+//! Failures before authentication completes are errors (401, 400, 404). Failures after it are data:
+//! a terminal `failed` status with an error code, read by polling.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::allocation::{self, AllocationError};
+use crate::clock::Clock;
+use crate::device::{
+    DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus,
+    SymmetricKeyRegistrationResult,
+};
+use crate::error::ProvisioningError;
+use crate::hub::{HubClient, HubDevice, HubError, HubTwin};
+use crate::ids::{Etag, IdScope, RegistrationId};
+use crate::linked_hub::LinkedHub;
+use crate::model::{
+    AllocationPolicy, AssignedDeviceSubstatus, AttestationType, DeviceRegistrationState,
+    EnrollmentGroup, EnrollmentStatus, IndividualEnrollment, InitialTwin, ProvisioningStatus,
+    ReprovisionPolicy,
+};
+use crate::sas::{self, SasToken};
+use crate::secret::Secret;
+use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation};
+use crate::time::format_utc;
+
+/// Error code of a registration whose enrollment disappeared while it was being processed.
+const ENROLLMENT_GONE: i32 = 404_202;
+/// Error code of a registration that failed because a hub refused or did not answer.
+const HUB_WRITE_FAILED: i32 = 500_002;
+
+/// Settings of device registration.
+#[derive(Debug, Clone)]
+pub struct ProvisioningSettings {
+    /// `Retry-After` sent while an operation is assigning, in seconds.
+    pub retry_after_secs: u32,
+    /// Clock difference tolerated on device token expiry, in seconds.
+    pub sas_clock_skew_secs: i64,
+    /// The policy of enrollments that set none.
+    pub default_allocation_policy: AllocationPolicy,
+    /// This node's region label, for `geoLatency`.
+    pub region: Option<String>,
+    /// Attempts at writing to a hub before the registration fails.
+    pub hub_attempts: u32,
+    /// Delay before the second attempt, in milliseconds; doubled for each further attempt.
+    pub hub_retry_ms: i64,
+}
+
+impl Default for ProvisioningSettings {
+    fn default() -> Self {
+        Self {
+            retry_after_secs: 2,
+            sas_clock_skew_secs: 300,
+            default_allocation_policy: AllocationPolicy::Hashed,
+            region: None,
+            hub_attempts: 3,
+            hub_retry_ms: 1000,
+        }
+    }
+}
+
+/// Which enrollment a device registered through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentRef {
+    /// `true` for an enrollment group.
+    pub group: bool,
+    /// Registration id or group id.
+    pub id: String,
+}
+
+/// A registration operation as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// Opaque id the device polls with.
+    pub operation_id: String,
+    /// The device's registration id.
+    pub registration_id: String,
+    /// The enrollment it authenticated against.
+    pub enrollment: EnrollmentRef,
+    /// The device's custom payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// `assigning` until terminal.
+    pub status: EnrollmentStatus,
+    /// The result once terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<DeviceRegistrationResult>,
+    /// Hub write attempts made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the device asked.
+    pub created_date_time_utc: String,
+}
+
+/// The registration state as stored: the API view plus what reprovisioning needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// What the service API shows.
+    #[serde(flatten)]
+    pub state: DeviceRegistrationState,
+    /// The first hub the device was ever assigned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
+    /// The group the device registered through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+}
+
+/// Device registration.
+pub struct Provisioning {
+    store: Arc<dyn Store>,
+    hubs: Arc<dyn HubClient>,
+    clock: Arc<dyn Clock>,
+    id_scope: IdScope,
+    settings: ProvisioningSettings,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Provisioning {
+    /// Registration for `id_scope`. `wake` is called after an operation is recorded, so the worker
+    /// picks it up without waiting for its next scan.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hubs: Arc<dyn HubClient>,
+        clock: Arc<dyn Clock>,
+        id_scope: IdScope,
+        settings: ProvisioningSettings,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Self {
+            store,
+            hubs,
+            clock,
+            id_scope,
+            settings,
+            wake,
+        }
+    }
+
+    /// Seconds a device should wait before polling.
+    pub fn retry_after_secs(&self) -> u32 {
+        self.settings.retry_after_secs
+    }
+
+    /// `PUT /{idScope}/registrations/{registrationId}/register`: authenticates the device and records
+    /// an `assigning` operation before answering.
+    pub async fn register(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        body: DeviceRegistration,
+        sas: Option<&str>,
+    ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        let rid = RegistrationId::parse(registration_id)?;
+        if let Some(in_body) = body.registration_id.as_deref().filter(|b| !b.is_empty())
+            && !in_body.eq_ignore_ascii_case(rid.as_str())
+        {
+            return Err(ProvisioningError::InvalidArgument(format!(
+                "The registrationId in the body ('{in_body}') differs from the one in the request ('{rid}')."
+            )));
+        }
+        let attested = self.authenticate(scope, &rid, sas).await?;
+        let now = self.clock.now();
+        let op = Operation {
+            operation_id: new_operation_id(),
+            registration_id: rid.as_str().to_owned(),
+            enrollment: attested,
+            payload: body.payload.filter(|p| !p.is_null()),
+            status: EnrollmentStatus::Assigning,
+            result: None,
+            attempts: 0,
+            created_date_time_utc: format_utc(now),
+        };
+        self.save_operation(&op, now.as_millisecond()).await?;
+        (self.wake)();
+        Ok(RegistrationOperationStatus {
+            operation_id: op.operation_id,
+            status: EnrollmentStatus::Assigning,
+            registration_state: None,
+        })
+    }
+
+    /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
+    pub async fn operation_status(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        operation_id: &str,
+        sas: Option<&str>,
+    ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        let rid = RegistrationId::parse(registration_id)?;
+        self.authenticate(scope, &rid, sas).await?;
+        let not_found = || {
+            ProvisioningError::NotFound(format!(
+                "The operation '{operation_id}' does not exist for '{rid}'."
+            ))
+        };
+        let stored = self
+            .store
+            .get_operation(operation_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if stored.registration_key != rid.key() {
+            return Err(not_found());
+        }
+        let op: Operation = parse(&stored.doc)?;
+        Ok(RegistrationOperationStatus {
+            operation_id: op.operation_id,
+            status: op.status,
+            registration_state: op.result,
+        })
+    }
+
+    /// `POST /{idScope}/registrations/{registrationId}`: the device's current registration state.
+    pub async fn registration_status(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        sas: Option<&str>,
+    ) -> Result<DeviceRegistrationResult, ProvisioningError> {
+        let rid = RegistrationId::parse(registration_id)?;
+        self.authenticate(scope, &rid, sas).await?;
+        let (record, _) = self.registration(&rid.key()).await?.ok_or_else(|| {
+            ProvisioningError::NotFound(format!("The device '{rid}' has not registered."))
+        })?;
+        Ok(result_of(&record))
+    }
+
+    /// Finds the enrollment the device's token was signed for. An individual enrollment takes
+    /// precedence; otherwise every symmetric-key group is tried with the key derived for this device
+    /// (the group key itself never verifies).
+    async fn authenticate(
+        &self,
+        scope: &str,
+        rid: &RegistrationId,
+        sas: Option<&str>,
+    ) -> Result<EnrollmentRef, ProvisioningError> {
+        let unauthorized = |why: &str| ProvisioningError::Unauthorized(why.to_owned());
+        if !scope.eq_ignore_ascii_case(self.id_scope.as_str()) {
+            return Err(unauthorized("the ID scope is not served here"));
+        }
+        let text = sas.ok_or_else(|| {
+            unauthorized("no SharedAccessSignature was sent; this service supports symmetric-key attestation for devices")
+        })?;
+        let token = SasToken::parse(text).map_err(|e| unauthorized(&e.to_string()))?;
+        let expected = format!("{scope}/registrations/{rid}");
+        if !token.audience().eq_ignore_ascii_case(&expected) {
+            return Err(unauthorized(&format!(
+                "the token's resource '{}' is not '{expected}'",
+                token.audience()
+            )));
+        }
+        token
+            .check_expiry(
+                self.clock.now().as_second(),
+                self.settings.sas_clock_skew_secs,
+            )
+            .map_err(|e| unauthorized(&e.to_string()))?;
+
+        let key = rid.key();
+        if let Some(doc) = self
+            .store
+            .get_enrollment(EnrollmentKind::Individual, &key)
+            .await?
+        {
+            let enrollment: IndividualEnrollment = parse(&doc.doc)?;
+            let keys = symmetric_keys(&enrollment.attestation).ok_or_else(|| {
+                unauthorized("the device's enrollment does not use symmetric-key attestation")
+            })?;
+            verify(&token, &keys)
+                .map_err(|_| unauthorized("the signature does not match the enrollment's keys"))?;
+            return Ok(EnrollmentRef {
+                group: false,
+                id: enrollment.registration_id,
+            });
+        }
+        let hint = self
+            .registration(&key)
+            .await?
+            .and_then(|(r, _)| r.enrollment_group_id);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_enrollments(EnrollmentKind::Group, after.as_deref(), 1000)
+                .await?;
+            let mut groups: Vec<EnrollmentGroup> = page
+                .items
+                .iter()
+                .map(|d| parse(&d.doc))
+                .collect::<Result<_, _>>()?;
+            // The group the device used last time first: it is almost always the one.
+            groups.sort_by_key(|g| Some(&g.enrollment_group_id) != hint.as_ref());
+            for group in groups {
+                let Some(group_keys) = symmetric_keys(&group.attestation) else {
+                    continue;
+                };
+                let derived: Vec<Vec<u8>> = group_keys
+                    .iter()
+                    .filter_map(|k| sas::derive_device_key(&B64.encode(k), rid.as_str()).ok())
+                    .filter_map(|k| B64.decode(k).ok())
+                    .collect();
+                if verify(&token, &derived).is_ok() {
+                    return Ok(EnrollmentRef {
+                        group: true,
+                        id: group.enrollment_group_id,
+                    });
+                }
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => {
+                    return Err(unauthorized(
+                        "no enrollment matches this registration id and key",
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn registration(
+        &self,
+        key: &str,
+    ) -> Result<Option<(RegistrationRecord, Etag)>, ProvisioningError> {
+        match self.store.get_registration(key).await? {
+            Some(doc) => Ok(Some((parse(&doc.doc)?, doc.etag))),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_operation(
+        &self,
+        op: &Operation,
+        next_attempt_ms: i64,
+    ) -> Result<(), ProvisioningError> {
+        let stored = StoredOperation {
+            operation_id: op.operation_id.clone(),
+            registration_key: op.registration_id.to_ascii_lowercase(),
+            pending: !op.status.is_terminal(),
+            next_attempt_ms,
+            doc: serde_json::to_string(op)
+                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+        };
+        Ok(self.store.put_operation(&stored).await?)
+    }
+
+    /// Works on one claimed operation: finishes it, or reschedules it after a hub failure. Errors
+    /// are storage failures; the lease then expires and the operation is claimed again.
+    pub async fn process(
+        &self,
+        stored: &StoredOperation,
+    ) -> Result<EnrollmentStatus, ProvisioningError> {
+        let mut op: Operation = parse(&stored.doc)?;
+        if op.status.is_terminal() {
+            return Ok(op.status);
+        }
+        loop {
+            match self.attempt(&op).await {
+                Ok(Outcome::Done(record)) => return self.finish(&mut op, &record).await,
+                Ok(Outcome::Raced) => continue,
+                Err(Failure::Retry(err)) if op.attempts + 1 < self.settings.hub_attempts => {
+                    op.attempts += 1;
+                    let delay = self
+                        .settings
+                        .hub_retry_ms
+                        .saturating_mul(1 << (op.attempts - 1).min(16));
+                    tracing::warn!(operation = %op.operation_id, attempt = op.attempts, %err, "hub write failed; will retry");
+                    self.save_operation(&op, self.clock.now().as_millisecond() + delay)
+                        .await?;
+                    return Ok(EnrollmentStatus::Assigning);
+                }
+                Err(Failure::Retry(err)) => {
+                    let record = self
+                        .unassigned_record(&op, Some((HUB_WRITE_FAILED, err.to_string())))
+                        .await?;
+                    return self.finish(&mut op, &record).await;
+                }
+                Err(Failure::Final { code, message }) => {
+                    let record = self.unassigned_record(&op, Some((code, message))).await?;
+                    return self.finish(&mut op, &record).await;
+                }
+                Err(Failure::Disabled) => {
+                    let record = self.unassigned_record(&op, None).await?;
+                    return self.finish(&mut op, &record).await;
+                }
+                Err(Failure::Store(err)) => return Err(err),
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        op: &mut Operation,
+        record: &RegistrationRecord,
+    ) -> Result<EnrollmentStatus, ProvisioningError> {
+        op.status = record.state.status;
+        op.result = Some(result_of(record));
+        self.save_operation(op, self.clock.now().as_millisecond())
+            .await?;
+        tracing::info!(
+            operation = %op.operation_id,
+            registration_id = %op.registration_id,
+            status = ?op.status,
+            hub = record.state.assigned_hub.as_deref().unwrap_or("-"),
+            error_code = record.state.error_code.unwrap_or(0),
+            "registration finished"
+        );
+        Ok(op.status)
+    }
+
+    /// A `failed` (with the error) or `disabled` (without) registration state, keeping what the
+    /// device had before (its current hub).
+    async fn unassigned_record(
+        &self,
+        op: &Operation,
+        error: Option<(i32, String)>,
+    ) -> Result<RegistrationRecord, ProvisioningError> {
+        let key = op.registration_id.to_ascii_lowercase();
+        let previous = self.registration(&key).await?;
+        let now = format_utc(self.clock.now());
+        let mut record = previous
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| self.new_record(op, &now));
+        record.state.status = if error.is_some() {
+            EnrollmentStatus::Failed
+        } else {
+            EnrollmentStatus::Disabled
+        };
+        record.state.error_code = error.as_ref().map(|(code, _)| *code);
+        record.state.error_message = error.map(|(_, message)| message);
+        record.state.substatus = None;
+        record.state.payload = None;
+        record.state.last_updated_date_time_utc = Some(now);
+        record.enrollment_group_id = op.enrollment.group.then(|| op.enrollment.id.clone());
+        let etag = Etag::generate();
+        record.state.etag = Some(etag.as_str().to_owned());
+        let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
+        // A concurrent writer already recorded a newer outcome: keep theirs.
+        match self.write_record(&key, &record, etag, cond).await {
+            Ok(()) | Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => Ok(record),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    fn new_record(&self, op: &Operation, now: &str) -> RegistrationRecord {
+        RegistrationRecord {
+            state: DeviceRegistrationState {
+                registration_id: op.registration_id.clone(),
+                created_date_time_utc: Some(now.to_owned()),
+                assigned_hub: None,
+                device_id: None,
+                status: EnrollmentStatus::Assigning,
+                substatus: None,
+                error_code: None,
+                error_message: None,
+                last_updated_date_time_utc: Some(now.to_owned()),
+                etag: None,
+                payload: None,
+            },
+            initial_hub: None,
+            enrollment_group_id: op.enrollment.group.then(|| op.enrollment.id.clone()),
+        }
+    }
+
+    async fn write_record(
+        &self,
+        key: &str,
+        record: &RegistrationRecord,
+        etag: Etag,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(record).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let group_key = record
+            .enrollment_group_id
+            .as_deref()
+            .map(str::to_ascii_lowercase);
+        self.store
+            .put_registration(key, group_key.as_deref(), StoredDoc { etag, doc }, cond)
+            .await
+    }
+
+    /// One pass: decide the hub, write the device there, record the state.
+    async fn attempt(&self, op: &Operation) -> Result<Outcome, Failure> {
+        let kind = if op.enrollment.group {
+            EnrollmentKind::Group
+        } else {
+            EnrollmentKind::Individual
+        };
+        let Some(doc) = self
+            .store
+            .get_enrollment(kind, &op.enrollment.id.to_ascii_lowercase())
+            .await
+            .map_err(store_failure)?
+        else {
+            return Err(Failure::Final {
+                code: ENROLLMENT_GONE,
+                message: "The enrollment was deleted while the device was registering.".into(),
+            });
+        };
+        let view = EnrollmentView::parse(op.enrollment.group, &doc.doc, &op.registration_id)
+            .map_err(Failure::Store)?;
+        if view.status == ProvisioningStatus::Disabled {
+            return Err(Failure::Disabled);
+        }
+        let key = op.registration_id.to_ascii_lowercase();
+        let previous = self.registration(&key).await.map_err(Failure::Store)?;
+        let linked = self.store.list_linked_hubs().await.map_err(store_failure)?;
+        let current = previous
+            .as_ref()
+            .and_then(|(r, _)| r.state.assigned_hub.clone());
+        let current_hub = current.as_deref().and_then(|name| {
+            linked
+                .iter()
+                .find(|h| h.host_name.eq_ignore_ascii_case(name))
+        });
+
+        let target: &LinkedHub = match current_hub {
+            Some(hub) if !view.reprovision.update_hub_assignment => hub,
+            _ => {
+                let candidates = allocation::candidates(&linked, view.iot_hubs.as_deref())
+                    .map_err(allocation_failure)?;
+                let policy = view
+                    .policy
+                    .unwrap_or(self.settings.default_allocation_policy);
+                allocation::allocate(
+                    policy,
+                    &op.registration_id,
+                    &candidates,
+                    self.settings.region.as_deref(),
+                )
+                .map_err(allocation_failure)?
+            }
+        };
+        let moved_from =
+            current_hub.filter(|hub| !hub.host_name.eq_ignore_ascii_case(&target.host_name));
+        let initial = HubTwin::from_initial(view.initial_twin.as_ref());
+        let initial_hub = previous
+            .as_ref()
+            .and_then(|(r, _)| r.initial_hub.clone())
+            .unwrap_or_else(|| target.host_name.clone());
+        let back_home = initial_hub.eq_ignore_ascii_case(&target.host_name);
+        let device = HubDevice {
+            device_id: view
+                .device_id
+                .clone()
+                .unwrap_or_else(|| op.registration_id.clone()),
+            primary_key: view.keys.0.clone(),
+            secondary_key: view.keys.1.clone(),
+            iot_edge: view.iot_edge,
+        };
+        let (twin, substatus) = match (current.is_some(), moved_from) {
+            (false, _) => (Some(initial), AssignedDeviceSubstatus::InitialAssignment),
+            (true, None) => (
+                None,
+                previous
+                    .as_ref()
+                    .and_then(|(r, _)| r.state.substatus)
+                    .unwrap_or(AssignedDeviceSubstatus::InitialAssignment),
+            ),
+            (true, Some(old)) if view.reprovision.migrate_device_data => {
+                let carried = self
+                    .hubs
+                    .get_twin(old, &device.device_id)
+                    .await
+                    .map_err(Failure::Retry)?;
+                let substatus = if back_home {
+                    AssignedDeviceSubstatus::ReprovisionedToInitialAssignment
+                } else {
+                    AssignedDeviceSubstatus::DeviceDataMigrated
+                };
+                (Some(carried.unwrap_or(initial)), substatus)
+            }
+            (true, Some(_)) => {
+                let substatus = if back_home {
+                    AssignedDeviceSubstatus::ReprovisionedToInitialAssignment
+                } else {
+                    AssignedDeviceSubstatus::DeviceDataReset
+                };
+                (Some(initial), substatus)
+            }
+        };
+
+        self.hubs
+            .upsert_device(target, &device)
+            .await
+            .map_err(Failure::Retry)?;
+        if let Some(twin) = twin.filter(|t| !t.is_empty()) {
+            self.hubs
+                .update_twin(target, &device.device_id, &twin)
+                .await
+                .map_err(Failure::Retry)?;
+        }
+        if let Some(old) = moved_from
+            && let Err(err) = self.hubs.delete_device(old, &device.device_id).await
+        {
+            tracing::warn!(registration_id = %op.registration_id, %err, "the device moved but could not be deleted from its old hub");
+        }
+
+        let now = format_utc(self.clock.now());
+        let mut record = previous
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| self.new_record(op, &now));
+        record.state.status = EnrollmentStatus::Assigned;
+        record.state.assigned_hub = Some(target.host_name.clone());
+        record.state.device_id = Some(device.device_id.clone());
+        record.state.substatus = Some(substatus);
+        record.state.error_code = None;
+        record.state.error_message = None;
+        record.state.payload = None;
+        record.state.last_updated_date_time_utc = Some(now);
+        record.initial_hub = Some(initial_hub);
+        record.enrollment_group_id = op.enrollment.group.then(|| op.enrollment.id.clone());
+        let etag = Etag::generate();
+        record.state.etag = Some(etag.as_str().to_owned());
+        let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
+        match self.write_record(&key, &record, etag, cond).await {
+            Ok(()) => Ok(Outcome::Done(Box::new(record))),
+            // Another registration of the same device finished first: decide again from its result.
+            Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => Ok(Outcome::Raced),
+            Err(other) => Err(Failure::Store(other.into())),
+        }
+    }
+}
+
+enum Outcome {
+    Done(Box<RegistrationRecord>),
+    Raced,
+}
+
+enum Failure {
+    /// A hub failed; worth another attempt.
+    Retry(HubError),
+    /// The enrollment is disabled.
+    Disabled,
+    /// The registration fails with this code.
+    Final { code: i32, message: String },
+    /// Storage failed; the operation stays leased and is retried after the lease.
+    Store(ProvisioningError),
+}
+
+fn store_failure(err: StoreError) -> Failure {
+    Failure::Store(err.into())
+}
+
+fn allocation_failure(err: AllocationError) -> Failure {
+    Failure::Final {
+        code: err.error_code(),
+        message: err.to_string(),
+    }
+}
+
+/// What registration needs of either kind of enrollment.
+struct EnrollmentView {
+    status: ProvisioningStatus,
+    policy: Option<AllocationPolicy>,
+    iot_hubs: Option<Vec<String>>,
+    initial_twin: Option<InitialTwin>,
+    reprovision: ReprovisionPolicy,
+    iot_edge: bool,
+    device_id: Option<String>,
+    keys: (Secret, Secret),
+}
+
+impl EnrollmentView {
+    /// Reads an enrollment document; a group's keys are derived for `registration_id`.
+    fn parse(group: bool, doc: &str, registration_id: &str) -> Result<Self, ProvisioningError> {
+        let derive = |keys: Option<Vec<Vec<u8>>>| -> (Secret, Secret) {
+            let mut derived = keys.unwrap_or_default().into_iter().map(|k| {
+                Secret::new(
+                    sas::derive_device_key(&B64.encode(k), registration_id).unwrap_or_default(),
+                )
+            });
+            (
+                derived.next().unwrap_or_else(|| Secret::new("")),
+                derived.next().unwrap_or_else(|| Secret::new("")),
+            )
+        };
+        if group {
+            let g: EnrollmentGroup = parse(doc)?;
+            Ok(Self {
+                status: g.provisioning_status.unwrap_or_default(),
+                policy: g.allocation_policy,
+                iot_hubs: g.iot_hubs,
+                initial_twin: g.initial_twin,
+                reprovision: g.reprovision_policy.unwrap_or_default(),
+                iot_edge: g.capabilities.is_some_and(|c| c.iot_edge),
+                device_id: None,
+                keys: derive(symmetric_keys(&g.attestation)),
+            })
+        } else {
+            let e: IndividualEnrollment = parse(doc)?;
+            let sym = e.attestation.symmetric_key.clone().unwrap_or_default();
+            Ok(Self {
+                status: e.provisioning_status.unwrap_or_default(),
+                policy: e.allocation_policy,
+                iot_hubs: e.iot_hubs,
+                initial_twin: e.initial_twin,
+                reprovision: e.reprovision_policy.unwrap_or_default(),
+                iot_edge: e.capabilities.is_some_and(|c| c.iot_edge),
+                device_id: e.device_id.filter(|d| !d.is_empty()),
+                keys: (
+                    Secret::new(sym.primary_key.unwrap_or_default()),
+                    Secret::new(sym.secondary_key.unwrap_or_default()),
+                ),
+            })
+        }
+    }
+}
+
+/// Decoded primary and secondary keys of a symmetric-key attestation.
+fn symmetric_keys(att: &crate::model::AttestationMechanism) -> Option<Vec<Vec<u8>>> {
+    if att.kind != AttestationType::SymmetricKey {
+        return None;
+    }
+    let sym = att.symmetric_key.as_ref()?;
+    Some(
+        [&sym.primary_key, &sym.secondary_key]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| B64.decode(k).ok())
+            .collect(),
+    )
+}
+
+fn verify(token: &SasToken, keys: &[Vec<u8>]) -> Result<usize, sas::SasError> {
+    token.verify_signature(keys.iter().map(Vec::as_slice))
+}
+
+fn result_of(record: &RegistrationRecord) -> DeviceRegistrationResult {
+    let s = &record.state;
+    DeviceRegistrationResult {
+        registration_id: s.registration_id.clone(),
+        created_date_time_utc: s.created_date_time_utc.clone(),
+        assigned_hub: s
+            .assigned_hub
+            .clone()
+            .filter(|_| s.status == EnrollmentStatus::Assigned),
+        device_id: s
+            .device_id
+            .clone()
+            .filter(|_| s.status == EnrollmentStatus::Assigned),
+        status: s.status,
+        substatus: s.substatus,
+        error_code: s.error_code,
+        error_message: s.error_message.clone(),
+        last_updated_date_time_utc: s.last_updated_date_time_utc.clone(),
+        etag: s.etag.clone(),
+        payload: s.payload.clone(),
+        symmetric_key: Some(SymmetricKeyRegistrationResult {
+            enrollment_group_id: record.enrollment_group_id.clone(),
+        }),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, ProvisioningError> {
+    serde_json::from_str(doc)
+        .map_err(|e| ProvisioningError::Internal(format!("a stored document does not parse: {e}")))
+}
+
+/// `4.{16 hex}.{uuid}`, the shape DPS uses, limited to characters SDKs splice into URLs and topics
+/// unescaped.
+fn new_operation_id() -> String {
+    let mut bytes = [0u8; 8];
+    sas::fill_random(&mut bytes);
+    format!(
+        "4.{:016x}.{}",
+        u64::from_be_bytes(bytes),
+        uuid::Uuid::new_v4()
+    )
+}

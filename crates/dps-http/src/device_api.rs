@@ -1,0 +1,180 @@
+//! The DPS device API over HTTPS: register, poll the operation, look up the registration.
+//! Registration ids come from the path (the body's is only checked); bodies may be empty, `{}` or
+//! carry `"payload": null`; any api-version is accepted.
+
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dps_core::ProvisioningError;
+use dps_core::device::DeviceRegistration;
+
+use crate::AppState;
+use crate::error::JSON_CONTENT_TYPE;
+
+/// A device API request, decoded from method and path segments.
+pub(crate) enum DeviceRequest {
+    Register {
+        scope: String,
+        registration_id: String,
+    },
+    Operation {
+        scope: String,
+        registration_id: String,
+        operation_id: String,
+    },
+    Status {
+        scope: String,
+        registration_id: String,
+    },
+}
+
+impl DeviceRequest {
+    /// Matches `/{scope}/registrations/{id}[/register | /operations/{op}]`. `segments` are percent-decoded.
+    pub(crate) fn decode(method: &Method, segments: &[String]) -> Option<Self> {
+        let word = |i: usize| segments.get(i).map(|s| s.to_ascii_lowercase());
+        if word(1).as_deref() != Some("registrations")
+            || crate::service_api::is_service_collection(&segments[0])
+        {
+            return None;
+        }
+        let (scope, registration_id) = (segments[0].clone(), segments.get(2)?.clone());
+        match (segments.len(), method, word(3).as_deref()) {
+            (4, &Method::PUT, Some("register")) => Some(Self::Register {
+                scope,
+                registration_id,
+            }),
+            (5, &Method::GET, Some("operations")) => Some(Self::Operation {
+                scope,
+                registration_id,
+                operation_id: segments[4].clone(),
+            }),
+            (3, &Method::POST, None) => Some(Self::Status {
+                scope,
+                registration_id,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Carries out a device request.
+pub(crate) async fn handle(
+    state: &AppState,
+    request: DeviceRequest,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ProvisioningError> {
+    let sas = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let provisioning = &state.provisioning;
+    let retry_after = provisioning.retry_after_secs();
+    match request {
+        DeviceRequest::Register {
+            scope,
+            registration_id,
+        } => {
+            let registration = decode_body(body)?;
+            let status = provisioning
+                .register(&scope, &registration_id, registration, sas)
+                .await?;
+            Ok(json(StatusCode::ACCEPTED, &status, Some(retry_after)))
+        }
+        DeviceRequest::Operation {
+            scope,
+            registration_id,
+            operation_id,
+        } => {
+            let status = provisioning
+                .operation_status(&scope, &registration_id, &operation_id, sas)
+                .await?;
+            if status.status.is_terminal() {
+                Ok(json(StatusCode::OK, &status, None))
+            } else {
+                Ok(json(StatusCode::ACCEPTED, &status, Some(retry_after)))
+            }
+        }
+        DeviceRequest::Status {
+            scope,
+            registration_id,
+        } => {
+            decode_body(body)?;
+            let result = provisioning
+                .registration_status(&scope, &registration_id, sas)
+                .await?;
+            Ok(json(StatusCode::OK, &result, None))
+        }
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<DeviceRegistration, ProvisioningError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DeviceRegistration::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ProvisioningError::InvalidBody(e.to_string()))
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T, retry_after: Option<u32>) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(JSON_CONTENT_TYPE),
+    );
+    if let Some(seconds) = retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    let body = serde_json::to_string(value).unwrap_or_default();
+    (status, headers, body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segs(path: &str) -> Vec<String> {
+        crate::service_api::segments(path)
+    }
+
+    #[test]
+    fn device_paths() {
+        assert!(matches!(
+            DeviceRequest::decode(
+                &Method::PUT,
+                &segs("/0ne00000001/registrations/dev/register")
+            ),
+            Some(DeviceRequest::Register { .. })
+        ));
+        assert!(matches!(
+            DeviceRequest::decode(&Method::GET, &segs("/0ne00000001/Registrations/dev/operations/4.abc.def")),
+            Some(DeviceRequest::Operation { operation_id, .. }) if operation_id == "4.abc.def"
+        ));
+        assert!(matches!(
+            DeviceRequest::decode(&Method::POST, &segs("/0ne00000001/registrations/dev")),
+            Some(DeviceRequest::Status { .. })
+        ));
+        assert!(DeviceRequest::decode(&Method::POST, &segs("/registrations/grp/query")).is_none());
+        assert!(DeviceRequest::decode(&Method::GET, &segs("/enrollments/x")).is_none());
+        assert!(
+            DeviceRequest::decode(
+                &Method::DELETE,
+                &segs("/0ne00000001/registrations/dev/register")
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn bodies() {
+        assert_eq!(
+            decode_body(b"").expect("empty"),
+            DeviceRegistration::default()
+        );
+        assert_eq!(
+            decode_body(b"{}").expect("{}"),
+            DeviceRegistration::default()
+        );
+        let with_null =
+            decode_body(br#"{"payload": null, "registrationId": "d"}"#).expect("null payload");
+        assert_eq!(with_null.payload, None);
+        assert!(decode_body(b"{oops").is_err());
+    }
+}

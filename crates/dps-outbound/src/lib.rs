@@ -1,0 +1,288 @@
+//! opendps outbound clients. [`RestHubClient`] writes device identities and twins through the IoT
+//! Hub service REST API, authenticated with each linked hub's connection string. The same code
+//! drives a real Azure IoT Hub and the bundled minihub.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
+use dps_core::linked_hub::{ConnectionString, LinkedHub};
+use dps_core::model::TwinCollection;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// The IoT Hub service API version used, as the Azure service SDKs send it.
+const API_VERSION: &str = "2021-04-12";
+/// Lifetime of the SAS token made for each request.
+const TOKEN_TTL_SECS: i64 = 3600;
+/// Most characters of a hub's error body kept in a message.
+const MAX_MESSAGE: usize = 300;
+
+/// Escaped in device ids: everything but RFC 3986 unreserved characters.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Where hubs are reached when their host names are not to be resolved through DNS (the in-process
+/// minihub answers on this service's own listener).
+pub type HubEndpoints = HashMap<String, SocketAddr>;
+
+/// The IoT Hub REST client.
+pub struct RestHubClient {
+    http: reqwest::Client,
+    endpoints: HubEndpoints,
+}
+
+/// Settings of [`RestHubClient`].
+pub struct RestHubSettings {
+    /// Per-request timeout; a hub that does not answer in time fails the attempt.
+    pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted besides the system roots.
+    pub extra_roots_pem: Vec<Vec<u8>>,
+    /// Host names reached at a fixed address instead of through DNS.
+    pub endpoints: HubEndpoints,
+}
+
+impl RestHubClient {
+    /// Builds the client.
+    pub fn new(settings: RestHubSettings) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout);
+        for pem in &settings.extra_roots_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("an extra CA is not PEM: {e}"))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        for (host, addr) in &settings.endpoints {
+            builder = builder.resolve(host, *addr);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| format!("building the HTTPS client: {e}"))?;
+        Ok(Self {
+            http,
+            endpoints: settings.endpoints,
+        })
+    }
+
+    fn base(&self, hub: &str) -> String {
+        match self.endpoints.get(&hub.to_ascii_lowercase()) {
+            Some(addr) => format!("https://{hub}:{}", addr.port()),
+            None => format!("https://{hub}"),
+        }
+    }
+
+    async fn call(
+        &self,
+        hub: &LinkedHub,
+        operation: &'static str,
+        method: Method,
+        path: &str,
+        if_match: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), HubError> {
+        let conn = ConnectionString::parse(hub.connection_string.expose())
+            .map_err(|_| HubError::BadConnectionString(hub.host_name.clone()))?;
+        let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+        let token = dps_core::sas::generate_token(
+            &conn.host_name,
+            conn.key.expose(),
+            Some(&conn.key_name),
+            expiry,
+        )
+        .map_err(|_| HubError::BadConnectionString(hub.host_name.clone()))?;
+        let url = format!(
+            "{}{path}?api-version={API_VERSION}",
+            self.base(&conn.host_name)
+        );
+        let mut request = self
+            .http
+            .request(method, &url)
+            .header("Authorization", token);
+        if let Some(etag) = if_match {
+            request = request.header("If-Match", etag);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let unreachable = |e: reqwest::Error| HubError::Unreachable {
+            hub: hub.host_name.clone(),
+            reason: error_chain(&e),
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let text = response.text().await.map_err(unreachable)?;
+        tracing::debug!(hub = %hub.host_name, operation, %status, "hub call");
+        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT
+        {
+            return Ok((status, value));
+        }
+        Err(HubError::Refused {
+            hub: hub.host_name.clone(),
+            operation,
+            status: status.as_u16(),
+            message: text.chars().take(MAX_MESSAGE).collect(),
+        })
+    }
+}
+
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn device_path(device_id: &str) -> String {
+    utf8_percent_encode(device_id, PATH_SEGMENT).to_string()
+}
+
+fn refused(hub: &LinkedHub, operation: &'static str, status: StatusCode, body: &Value) -> HubError {
+    HubError::Refused {
+        hub: hub.host_name.clone(),
+        operation,
+        status: status.as_u16(),
+        message: body.to_string().chars().take(MAX_MESSAGE).collect(),
+    }
+}
+
+/// Desired properties without the service's bookkeeping (`$metadata`, `$version`).
+fn user_properties(value: &Value) -> TwinCollection {
+    value
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .filter(|(k, _)| !k.starts_with('$'))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl HubClient for RestHubClient {
+    async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
+        let body = json!({
+            "deviceId": device.device_id,
+            "status": "enabled",
+            "authentication": {
+                "type": "sas",
+                "symmetricKey": {"primaryKey": device.primary_key.expose(), "secondaryKey": device.secondary_key.expose()},
+            },
+            "capabilities": {"iotEdge": device.iot_edge},
+        });
+        let path = format!("/devices/{}", device_path(&device.device_id));
+        // Create first (what a new device needs); replace the identity when it already exists.
+        let (status, reply) = self
+            .call(hub, "create device", Method::PUT, &path, None, Some(&body))
+            .await?;
+        match status {
+            s if s.is_success() => Ok(()),
+            StatusCode::CONFLICT => {
+                let (status, reply) = self
+                    .call(
+                        hub,
+                        "update device",
+                        Method::PUT,
+                        &path,
+                        Some("*"),
+                        Some(&body),
+                    )
+                    .await?;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(refused(hub, "update device", status, &reply))
+                }
+            }
+            other => Err(refused(hub, "create device", other, &reply)),
+        }
+    }
+
+    async fn update_twin(
+        &self,
+        hub: &LinkedHub,
+        device_id: &str,
+        twin: &HubTwin,
+    ) -> Result<(), HubError> {
+        let body = json!({"tags": twin.tags, "properties": {"desired": twin.desired}});
+        let path = format!("/twins/{}", device_path(device_id));
+        let (status, reply) = self
+            .call(
+                hub,
+                "update twin",
+                Method::PATCH,
+                &path,
+                Some("*"),
+                Some(&body),
+            )
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(refused(hub, "update twin", status, &reply))
+        }
+    }
+
+    async fn get_twin(
+        &self,
+        hub: &LinkedHub,
+        device_id: &str,
+    ) -> Result<Option<HubTwin>, HubError> {
+        let path = format!("/twins/{}", device_path(device_id));
+        let (status, twin) = self
+            .call(hub, "read twin", Method::GET, &path, None, None)
+            .await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(HubTwin {
+                tags: user_properties(&twin["tags"]),
+                desired: user_properties(&twin["properties"]["desired"]),
+            })),
+            other => Err(refused(hub, "read twin", other, &twin)),
+        }
+    }
+
+    async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError> {
+        let path = format!("/devices/{}", device_path(device_id));
+        let (status, reply) = self
+            .call(hub, "delete device", Method::DELETE, &path, Some("*"), None)
+            .await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(()),
+            s if s.is_success() => Ok(()),
+            other => Err(refused(hub, "delete device", other, &reply)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bookkeeping_is_stripped_from_twins() {
+        let desired = json!({"state": "ready", "$version": 4, "$metadata": {"x": 1}});
+        let user = user_properties(&desired);
+        assert_eq!(Value::Object(user), json!({"state": "ready"}));
+    }
+
+    #[test]
+    fn device_ids_are_escaped() {
+        assert_eq!(device_path("a b/c"), "a%20b%2Fc");
+        assert_eq!(device_path("dev-1.x_y~"), "dev-1.x_y~");
+    }
+}
