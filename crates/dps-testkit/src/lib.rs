@@ -1,6 +1,10 @@
-//! Test kit: starts real `opendps` processes on loopback port 0 with their own data directory, and
+//! Test kit: a fake IoT hub for provisioning tests, and starts real `opendps` processes on loopback port 0 with their own data directory, and
 //! talks to them over HTTPS exactly as clients do. Processes are stopped by PID (SIGTERM) and killed
 //! on drop, so a failing test never leaves a server behind.
+
+mod fake_hub;
+
+pub use fake_hub::FakeHub;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,514 @@
+//! Device registration in the core, with the real SQLite store, a fake hub and a manual clock:
+//! authentication outcomes, allocation, each reprovision policy, hub failures, and a device racing
+//! itself.
+
+use std::sync::Arc;
+
+use dps_core::clock::ManualClock;
+use dps_core::device::DeviceRegistration;
+use dps_core::hub::HubTwin;
+use dps_core::ids::IdScope;
+use dps_core::linked_hub::LinkedHub;
+use dps_core::model::{
+    AssignedDeviceSubstatus, EnrollmentGroup, EnrollmentStatus, IndividualEnrollment,
+};
+use dps_core::provisioning::{Provisioning, ProvisioningSettings};
+use dps_core::sas;
+use dps_core::secret::Secret;
+use dps_core::store::{EnrollmentKind, Precondition, Store, StoredDoc};
+use dps_core::{ProvisioningError, ids::Etag};
+use dps_testkit::FakeHub;
+use serde_json::json;
+
+const SCOPE: &str = "0ne00000042";
+const GROUP_KEY: &str =
+    "oiK77Oy7rBw8YB6IS6ukRChAw+Yq6GC61RMrPLSTiOOtdI+XDu0LmLuNm11p+qv2I+adqGUdZHm46zXAQdZoOA==";
+const NOW: i64 = 1_900_000_000;
+
+struct Bench {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    hub: Arc<FakeHub>,
+    clock: Arc<ManualClock>,
+    dps: Provisioning,
+}
+
+fn bench() -> Bench {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> =
+        Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
+    let hub = Arc::new(FakeHub::default());
+    let clock = Arc::new(ManualClock::new(
+        jiff::Timestamp::from_second(NOW).expect("ts"),
+    ));
+    let settings = ProvisioningSettings {
+        hub_retry_ms: 1000,
+        ..ProvisioningSettings::default()
+    };
+    let dps = Provisioning::new(
+        Arc::clone(&store),
+        hub.clone(),
+        clock.clone(),
+        IdScope::new(SCOPE),
+        settings,
+        Box::new(|| ()),
+    );
+    Bench {
+        _dir: dir,
+        store,
+        hub,
+        clock,
+        dps,
+    }
+}
+
+impl Bench {
+    async fn link(&self, host: &str, weight: u32) {
+        let hub = LinkedHub {
+            host_name: host.into(),
+            connection_string: Secret::new(format!(
+                "HostName={host};SharedAccessKeyName=iothubowner;SharedAccessKey={GROUP_KEY}"
+            )),
+            allocation_weight: weight,
+            apply_allocation_policy: true,
+            location: None,
+        };
+        self.store.put_linked_hub(&hub).await.expect("link");
+    }
+
+    async fn put_group(&self, id: &str, extra: serde_json::Value) {
+        let mut doc = json!({
+            "enrollmentGroupId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}},
+            "initialTwin": {"tags": {"deviceType": "toaster"}, "properties": {"desired": {"state": "ready"}}},
+        });
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            doc[k] = v;
+        }
+        let group: EnrollmentGroup = serde_json::from_value(doc).expect("group");
+        let stored = StoredDoc {
+            etag: Etag::generate(),
+            doc: serde_json::to_string(&group).expect("json"),
+        };
+        self.store
+            .put_enrollment(
+                EnrollmentKind::Group,
+                &id.to_ascii_lowercase(),
+                stored,
+                Precondition::None,
+            )
+            .await
+            .expect("put");
+    }
+
+    async fn put_individual(&self, id: &str, extra: serde_json::Value) {
+        let mut doc = json!({"registrationId": id, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}}});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            doc[k] = v;
+        }
+        let e: IndividualEnrollment = serde_json::from_value(doc).expect("enrollment");
+        let stored = StoredDoc {
+            etag: Etag::generate(),
+            doc: serde_json::to_string(&e).expect("json"),
+        };
+        self.store
+            .put_enrollment(
+                EnrollmentKind::Individual,
+                &id.to_ascii_lowercase(),
+                stored,
+                Precondition::None,
+            )
+            .await
+            .expect("put");
+    }
+
+    fn token(&self, rid: &str, key: &str, expiry: i64) -> String {
+        sas::generate_token(
+            &format!("{SCOPE}/registrations/{rid}"),
+            key,
+            Some("registration"),
+            expiry,
+        )
+        .expect("token")
+    }
+
+    fn device_key(rid: &str) -> String {
+        sas::derive_device_key(GROUP_KEY, rid).expect("derive")
+    }
+
+    /// Registers with the derived key and runs the worker until the operation is terminal.
+    async fn register(&self, rid: &str) -> dps_core::device::RegistrationOperationStatus {
+        let token = self.token(rid, &Self::device_key(rid), NOW + 3600);
+        let accepted = self
+            .dps
+            .register(SCOPE, rid, DeviceRegistration::default(), Some(&token))
+            .await
+            .expect("accepted");
+        assert_eq!(accepted.status, EnrollmentStatus::Assigning);
+        for _ in 0..10 {
+            self.drain().await;
+            let status = self
+                .dps
+                .operation_status(SCOPE, rid, &accepted.operation_id, Some(&token))
+                .await
+                .expect("poll");
+            if status.status.is_terminal() {
+                return status;
+            }
+            // A hub failure rescheduled the operation: let time pass.
+            self.clock.set(
+                self.clock_now()
+                    .checked_add(jiff::SignedDuration::from_secs(5))
+                    .expect("ts"),
+            );
+        }
+        panic!("registration of {rid} did not finish");
+    }
+
+    fn clock_now(&self) -> jiff::Timestamp {
+        dps_core::clock::Clock::now(&*self.clock)
+    }
+
+    async fn drain(&self) {
+        let now = self.clock_now().as_millisecond();
+        for op in self
+            .store
+            .claim_operations("test", now, 60_000, 1000)
+            .await
+            .expect("claim")
+        {
+            self.dps.process(&op).await.expect("process");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_device_is_created_with_derived_keys_and_initial_twin() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    let status = b.register("breakroom499-contoso-tstrsd-007").await;
+    let state = status.registration_state.expect("state");
+    assert_eq!(state.status, EnrollmentStatus::Assigned);
+    assert_eq!(state.assigned_hub.as_deref(), Some("hub-a"));
+    assert_eq!(
+        state.device_id.as_deref(),
+        Some("breakroom499-contoso-tstrsd-007")
+    );
+    assert_eq!(
+        state.substatus,
+        Some(AssignedDeviceSubstatus::InitialAssignment)
+    );
+    assert_eq!(
+        state
+            .symmetric_key
+            .and_then(|s| s.enrollment_group_id)
+            .as_deref(),
+        Some("grp")
+    );
+    let (device, twin) = b
+        .hub
+        .device("hub-a", "breakroom499-contoso-tstrsd-007")
+        .expect("on the hub");
+    assert_eq!(
+        device.primary_key.expose(),
+        "JC8F96eayuQwwz+PkE7IzjH2lIAjCUnAa61tDigBnSs="
+    );
+    assert_eq!(twin.tags["deviceType"], "toaster");
+    assert_eq!(twin.desired["state"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_outcomes() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    let rid = "dev-1";
+    let key = Bench::device_key(rid);
+    let refused =
+        |r: Result<_, ProvisioningError>| matches!(r, Err(ProvisioningError::Unauthorized(_)));
+    let body = DeviceRegistration::default;
+    assert!(
+        refused(
+            b.dps
+                .register(SCOPE, rid, body(), Some(&b.token(rid, &key, NOW - 3600)))
+                .await
+        ),
+        "expired"
+    );
+    assert!(
+        refused(
+            b.dps
+                .register(SCOPE, rid, body(), Some(&b.token("dev-2", &key, NOW + 60)))
+                .await
+        ),
+        "another registration id"
+    );
+    assert!(
+        refused(
+            b.dps
+                .register(SCOPE, rid, body(), Some(&b.token(rid, GROUP_KEY, NOW + 60)))
+                .await
+        ),
+        "the group key itself"
+    );
+    assert!(
+        refused(
+            b.dps
+                .register(
+                    SCOPE,
+                    rid,
+                    body(),
+                    Some(&b.token(rid, &sas::generate_key(), NOW + 60))
+                )
+                .await
+        ),
+        "wrong key"
+    );
+    assert!(
+        refused(b.dps.register(SCOPE, rid, body(), None).await),
+        "no token"
+    );
+    assert!(
+        refused(
+            b.dps
+                .register(
+                    "0ne99999999",
+                    rid,
+                    body(),
+                    Some(&b.token(rid, &key, NOW + 60))
+                )
+                .await
+        ),
+        "another scope"
+    );
+    let mismatch = DeviceRegistration {
+        registration_id: Some("other".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        b.dps
+            .register(SCOPE, rid, mismatch, Some(&b.token(rid, &key, NOW + 60)))
+            .await,
+        Err(ProvisioningError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        b.dps.register(SCOPE, "bad id", body(), None).await,
+        Err(ProvisioningError::InvalidArgument(_))
+    ));
+    assert!(
+        b.store
+            .claim_operations("t", NOW * 1000 + 1, 1, 100)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "nothing recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_individual_enrollment_wins_over_an_enabled_group() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    let rid = "dev-disabled";
+    // The individual enrollment's key is the derived one, so the same device token works for both.
+    b.put_individual(rid, json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": Bench::device_key(rid)}}})).await;
+    let status = b.register(rid).await;
+    assert_eq!(status.status, EnrollmentStatus::Disabled);
+    assert!(b.hub.hubs_holding(rid).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_registering_keeps_the_hub_and_the_twin() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.link("hub-b", 3).await;
+    b.put_group("grp", json!({})).await;
+    let first = b
+        .register("sticky")
+        .await
+        .registration_state
+        .expect("state")
+        .assigned_hub;
+    let hub = first.clone().expect("hub");
+    b.hub.set_twin(
+        &hub,
+        "sticky",
+        HubTwin {
+            tags: serde_json::from_value(json!({"changed": true})).expect("map"),
+            desired: Default::default(),
+        },
+    );
+    let again = b
+        .register("sticky")
+        .await
+        .registration_state
+        .expect("state");
+    assert_eq!(again.assigned_hub, first);
+    assert_eq!(
+        b.hub.device(&hub, "sticky").expect("device").1.tags["changed"],
+        true,
+        "twin untouched"
+    );
+    assert_eq!(b.hub.hubs_holding("sticky"), [hub]);
+}
+
+async fn moved(policy: serde_json::Value) -> (Bench, dps_core::device::DeviceRegistrationResult) {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.link("hub-b", 1).await;
+    b.put_group(
+        "grp",
+        json!({"iotHubs": ["hub-a"], "reprovisionPolicy": policy}),
+    )
+    .await;
+    assert_eq!(
+        b.register("mover")
+            .await
+            .registration_state
+            .expect("state")
+            .assigned_hub
+            .as_deref(),
+        Some("hub-a")
+    );
+    b.hub.set_twin(
+        "hub-a",
+        "mover",
+        HubTwin {
+            tags: serde_json::from_value(json!({"deviceType": "toaster", "room": "499"}))
+                .expect("map"),
+            desired: serde_json::from_value(json!({"state": "toasting"})).expect("map"),
+        },
+    );
+    b.put_group(
+        "grp",
+        json!({"iotHubs": ["hub-b"], "reprovisionPolicy": policy}),
+    )
+    .await;
+    let state = b.register("mover").await.registration_state.expect("state");
+    (b, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_and_migrate_data() {
+    let (b, state) = moved(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
+    assert_eq!(state.assigned_hub.as_deref(), Some("hub-b"));
+    assert_eq!(
+        state.substatus,
+        Some(AssignedDeviceSubstatus::DeviceDataMigrated)
+    );
+    let twin = b.hub.device("hub-b", "mover").expect("moved").1;
+    assert_eq!(twin.tags["room"], "499");
+    assert_eq!(twin.desired["state"], "toasting");
+    assert_eq!(b.hub.hubs_holding("mover"), ["hub-b"]);
+
+    // Back to the first hub: reprovisionedToInitialAssignment.
+    b.put_group("grp", json!({"iotHubs": ["hub-a"]})).await;
+    let back = b.register("mover").await.registration_state.expect("state");
+    assert_eq!(back.assigned_hub.as_deref(), Some("hub-a"));
+    assert_eq!(
+        back.substatus,
+        Some(AssignedDeviceSubstatus::ReprovisionedToInitialAssignment)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_and_reset_data() {
+    let (b, state) = moved(json!({"updateHubAssignment": true, "migrateDeviceData": false})).await;
+    assert_eq!(state.assigned_hub.as_deref(), Some("hub-b"));
+    assert_eq!(
+        state.substatus,
+        Some(AssignedDeviceSubstatus::DeviceDataReset)
+    );
+    let twin = b.hub.device("hub-b", "mover").expect("moved").1;
+    assert!(twin.tags.get("room").is_none(), "reset to the initial twin");
+    assert_eq!(twin.desired["state"], "ready");
+    assert_eq!(b.hub.hubs_holding("mover"), ["hub-b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_reprovision() {
+    let (b, state) = moved(json!({"updateHubAssignment": false, "migrateDeviceData": true})).await;
+    assert_eq!(state.assigned_hub.as_deref(), Some("hub-a"));
+    assert_eq!(
+        state.substatus,
+        Some(AssignedDeviceSubstatus::InitialAssignment)
+    );
+    assert_eq!(b.hub.hubs_holding("mover"), ["hub-a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_hub_is_retried_and_a_dead_one_fails_the_registration() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    b.hub.fail("hub-a", 2);
+    let ok = b.register("flaky").await;
+    assert_eq!(
+        ok.status,
+        EnrollmentStatus::Assigned,
+        "third attempt succeeds"
+    );
+
+    b.hub.fail("hub-a", 100);
+    let failed = b
+        .register("doomed")
+        .await
+        .registration_state
+        .expect("state");
+    assert_eq!(failed.status, EnrollmentStatus::Failed);
+    assert_eq!(failed.error_code, Some(500_002));
+    assert!(failed.error_message.unwrap_or_default().contains("hub-a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
+    let b = Arc::new(bench());
+    for hub in ["hub-a", "hub-b", "hub-c"] {
+        b.link(hub, 1).await;
+    }
+    b.put_group("grp", json!({})).await;
+    let rid = "racer";
+    let token = b.token(rid, &Bench::device_key(rid), NOW + 3600);
+    let mut ops = Vec::new();
+    for _ in 0..20 {
+        ops.push(
+            b.dps
+                .register(SCOPE, rid, DeviceRegistration::default(), Some(&token))
+                .await
+                .expect("accepted")
+                .operation_id,
+        );
+    }
+    // Two workers race over the same operations.
+    let claimed = b
+        .store
+        .claim_operations("w", NOW * 1000, 60_000, 100)
+        .await
+        .expect("claim");
+    let (left, right) = claimed.split_at(claimed.len() / 2);
+    let (l, r) = (left.to_vec(), right.to_vec());
+    let (b1, b2) = (Arc::clone(&b), Arc::clone(&b));
+    let t1 = tokio::spawn(async move {
+        for op in l {
+            b1.dps.process(&op).await.expect("process");
+        }
+    });
+    let t2 = tokio::spawn(async move {
+        for op in r {
+            b2.dps.process(&op).await.expect("process");
+        }
+    });
+    t1.await.expect("join");
+    t2.await.expect("join");
+    for op in ops {
+        let status = b
+            .dps
+            .operation_status(SCOPE, rid, &op, Some(&token))
+            .await
+            .expect("poll");
+        assert_eq!(status.status, EnrollmentStatus::Assigned);
+    }
+    assert_eq!(b.hub.hubs_holding(rid).len(), 1);
+}
