@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod datadir;
+mod device;
 mod info;
 mod pki;
 mod serve;
@@ -63,6 +64,9 @@ enum Command {
     LinkedHub(cli::LinkedHubCommand),
     /// Derive a device's symmetric key from its enrollment group's key.
     ComputeDeviceKey(cli::ComputeDeviceKeyArgs),
+    /// Simulate a device: register it and print the assignment.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +190,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Registration(cmd) => cli::registration(&ctx, cmd).await,
         Command::LinkedHub(cmd) => cli::linked_hub(&ctx, cmd).await,
         Command::ComputeDeviceKey(args) => cli::compute_device_key(&ctx, args).await,
+        Command::Device(device::DeviceCommand::Register(args)) => {
+            device::register(args, ctx.data_dir.clone(), ctx.connection.ca_file.clone(), ctx.output == Output::Json).await
+        }
     }
 }
 

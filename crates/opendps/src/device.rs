@@ -1,0 +1,182 @@
+//! `opendps device register`: a simulated device that provisions itself exactly as an SDK does
+//! (register, then poll the operation, honouring `Retry-After`) and prints its progress the way the
+//! Azure IoT C SDK's `prov_dev_client_sample` does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Device API version sent, as the C SDK sends it.
+const API_VERSION: &str = "2021-06-01";
+/// Lifetime of the device's SAS token.
+const TOKEN_TTL_SECS: i64 = 3600;
+
+/// `opendps device …`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device with symmetric-key attestation and wait for its assignment.
+    Register(RegisterArgs),
+}
+
+/// How the simulated device talks to the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// The DPS device REST API over HTTPS.
+    Https,
+}
+
+/// `opendps device register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Provisioning endpoint, `host[:port]` [default: the local service's, from --data-dir].
+    #[arg(long)]
+    provisioning_host: Option<String>,
+    /// ID scope [default: the local service's, from --data-dir].
+    #[arg(long)]
+    id_scope: Option<String>,
+    /// The device's registration id.
+    #[arg(long, visible_alias = "rid")]
+    registration_id: String,
+    /// The device's symmetric key (for a group device: its derived key, see `compute-device-key`).
+    #[arg(long)]
+    symmetric_key: String,
+    /// Custom JSON payload for the allocation webhook.
+    #[arg(long)]
+    payload: Option<String>,
+    /// Transport.
+    #[arg(long, value_enum, default_value_t = Transport::Https)]
+    transport: Transport,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+/// Registers the device; succeeds only when it is assigned.
+pub async fn register(args: RegisterArgs, data_dir: PathBuf, ca_file: Option<PathBuf>, json_output: bool) -> anyhow::Result<()> {
+    let local = if args.provisioning_host.is_none() || args.id_scope.is_none() || ca_file.is_none() {
+        let config = crate::config::Config { data_dir, ..Default::default() };
+        crate::info::collect(&config).await.ok()
+    } else {
+        None
+    };
+    let from_local = |field: &str| local.as_ref().and_then(|i| i[field].as_str().map(str::to_owned));
+    let host = args.provisioning_host.or_else(|| from_local("serviceHost")).context("give --provisioning-host (no local service found)")?;
+    let scope = args.id_scope.or_else(|| from_local("idScope")).context("give --id-scope (no local service found)")?;
+    let ca = ca_file.or_else(|| from_local("caFile").map(PathBuf::from));
+    let payload: Option<Value> = args
+        .payload
+        .as_deref()
+        .map(|p| serde_json::from_str(p).context("--payload is not valid JSON"))
+        .transpose()?;
+
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(ca) = &ca {
+        let pem = std::fs::read(ca).with_context(|| format!("while reading {}", ca.display()))?;
+        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem)?);
+    }
+    let http = builder.build()?;
+    let resource = format!("{scope}/registrations/{}", args.registration_id);
+    let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+    let token = dps_core::sas::generate_token(&resource, &args.symmetric_key, Some("registration"), expiry)
+        .map_err(|_| anyhow::anyhow!("--symmetric-key is not a base64 key"))?;
+    let base = format!("https://{host}/{scope}/registrations/{}", args.registration_id);
+    let say = |line: &str| {
+        if !json_output {
+            println!("{line}");
+        }
+    };
+
+    say(&format!("Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"));
+    let body = serde_json::json!({"registrationId": args.registration_id, "payload": payload});
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let response = http
+        .put(format!("{base}/register?api-version={API_VERSION}"))
+        .header("Authorization", &token)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("could not reach https://{host}; check --provisioning-host and the CA"))?;
+    say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
+    let (mut status, mut retry_after, mut reply) = read(response).await?;
+    if status != StatusCode::ACCEPTED {
+        bail!(failure(status, &reply));
+    }
+    let operation_id = reply["operationId"].as_str().context("the service sent no operationId")?.to_owned();
+    loop {
+        match reply["status"].as_str().unwrap_or_default() {
+            "assigning" => say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING"),
+            "assigned" => {
+                let state = &reply["registrationState"];
+                if json_output {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                } else {
+                    println!(
+                        "\nRegistration Information received from service: {}, deviceId: {}",
+                        state["assignedHub"].as_str().unwrap_or_default(),
+                        state["deviceId"].as_str().unwrap_or_default()
+                    );
+                    if let Some(payload) = state.get("payload") {
+                        println!("Payload from the allocation webhook: {payload}");
+                    }
+                }
+                return Ok(());
+            }
+            other => {
+                if json_output {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                }
+                let state = &reply["registrationState"];
+                let result = match (other, state["errorCode"].as_i64()) {
+                    ("disabled", _) => "PROV_DEVICE_RESULT_DISABLED",
+                    (_, Some(400_208)) => "PROV_DEVICE_RESULT_HUB_NOT_SPECIFIED",
+                    (_, Some(400_209)) => "PROV_DEVICE_RESULT_UNAUTHORIZED",
+                    _ => "PROV_DEVICE_RESULT_DEV_AUTH_ERROR",
+                };
+                bail!(
+                    "Failure registering device: {result} (status {other}, error {}: {})",
+                    state["errorCode"].as_i64().map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    state["errorMessage"].as_str().unwrap_or("no message")
+                );
+            }
+        }
+        if tokio::time::Instant::now() + Duration::from_secs(retry_after) > deadline {
+            bail!("Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s", args.timeout);
+        }
+        tokio::time::sleep(Duration::from_secs(retry_after)).await;
+        let response = http
+            .get(format!("{base}/operations/{operation_id}?api-version={API_VERSION}"))
+            .header("Authorization", &token)
+            .send()
+            .await?;
+        (status, retry_after, reply) = read(response).await?;
+        if !(status == StatusCode::OK || status == StatusCode::ACCEPTED) {
+            bail!(failure(status, &reply));
+        }
+    }
+}
+
+/// Status, `Retry-After` (1 to 300 s, default 1, as the C SDK reads it) and JSON body.
+async fn read(response: reqwest::Response) -> anyhow::Result<(StatusCode, u64, Value)> {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| (1..=300).contains(s))
+        .unwrap_or(1);
+    let text = response.text().await?;
+    Ok((status, retry_after, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+fn failure(status: StatusCode, reply: &Value) -> String {
+    format!(
+        "Failure registering device: HTTP {status}, error {}: {}",
+        reply["errorCode"].as_i64().map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+        reply["message"].as_str().unwrap_or("no message")
+    )
+}
