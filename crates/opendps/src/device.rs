@@ -56,16 +56,35 @@ pub struct RegisterArgs {
 }
 
 /// Registers the device; succeeds only when it is assigned.
-pub async fn register(args: RegisterArgs, data_dir: PathBuf, ca_file: Option<PathBuf>, json_output: bool) -> anyhow::Result<()> {
-    let local = if args.provisioning_host.is_none() || args.id_scope.is_none() || ca_file.is_none() {
-        let config = crate::config::Config { data_dir, ..Default::default() };
+pub async fn register(
+    args: RegisterArgs,
+    data_dir: PathBuf,
+    ca_file: Option<PathBuf>,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let local = if args.provisioning_host.is_none() || args.id_scope.is_none() || ca_file.is_none()
+    {
+        let config = crate::config::Config {
+            data_dir,
+            ..Default::default()
+        };
         crate::info::collect(&config).await.ok()
     } else {
         None
     };
-    let from_local = |field: &str| local.as_ref().and_then(|i| i[field].as_str().map(str::to_owned));
-    let host = args.provisioning_host.or_else(|| from_local("serviceHost")).context("give --provisioning-host (no local service found)")?;
-    let scope = args.id_scope.or_else(|| from_local("idScope")).context("give --id-scope (no local service found)")?;
+    let from_local = |field: &str| {
+        local
+            .as_ref()
+            .and_then(|i| i[field].as_str().map(str::to_owned))
+    };
+    let host = args
+        .provisioning_host
+        .or_else(|| from_local("serviceHost"))
+        .context("give --provisioning-host (no local service found)")?;
+    let scope = args
+        .id_scope
+        .or_else(|| from_local("idScope"))
+        .context("give --id-scope (no local service found)")?;
     let ca = ca_file.or_else(|| from_local("caFile").map(PathBuf::from));
     let payload: Option<Value> = args
         .payload
@@ -81,16 +100,22 @@ pub async fn register(args: RegisterArgs, data_dir: PathBuf, ca_file: Option<Pat
     let http = builder.build()?;
     let resource = format!("{scope}/registrations/{}", args.registration_id);
     let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
-    let token = dps_core::sas::generate_token(&resource, &args.symmetric_key, Some("registration"), expiry)
-        .map_err(|_| anyhow::anyhow!("--symmetric-key is not a base64 key"))?;
-    let base = format!("https://{host}/{scope}/registrations/{}", args.registration_id);
+    let token =
+        dps_core::sas::generate_token(&resource, &args.symmetric_key, Some("registration"), expiry)
+            .map_err(|_| anyhow::anyhow!("--symmetric-key is not a base64 key"))?;
+    let base = format!(
+        "https://{host}/{scope}/registrations/{}",
+        args.registration_id
+    );
     let say = |line: &str| {
         if !json_output {
             println!("{line}");
         }
     };
 
-    say(&format!("Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"));
+    say(&format!(
+        "Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"
+    ));
     let body = serde_json::json!({"registrationId": args.registration_id, "payload": payload});
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let response = http
@@ -99,13 +124,18 @@ pub async fn register(args: RegisterArgs, data_dir: PathBuf, ca_file: Option<Pat
         .json(&body)
         .send()
         .await
-        .with_context(|| format!("could not reach https://{host}; check --provisioning-host and the CA"))?;
+        .with_context(|| {
+            format!("could not reach https://{host}; check --provisioning-host and the CA")
+        })?;
     say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
     let (mut status, mut retry_after, mut reply) = read(response).await?;
     if status != StatusCode::ACCEPTED {
         bail!(failure(status, &reply));
     }
-    let operation_id = reply["operationId"].as_str().context("the service sent no operationId")?.to_owned();
+    let operation_id = reply["operationId"]
+        .as_str()
+        .context("the service sent no operationId")?
+        .to_owned();
     loop {
         match reply["status"].as_str().unwrap_or_default() {
             "assigning" => say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING"),
@@ -138,17 +168,25 @@ pub async fn register(args: RegisterArgs, data_dir: PathBuf, ca_file: Option<Pat
                 };
                 bail!(
                     "Failure registering device: {result} (status {other}, error {}: {})",
-                    state["errorCode"].as_i64().map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    state["errorCode"]
+                        .as_i64()
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     state["errorMessage"].as_str().unwrap_or("no message")
                 );
             }
         }
         if tokio::time::Instant::now() + Duration::from_secs(retry_after) > deadline {
-            bail!("Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s", args.timeout);
+            bail!(
+                "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
+                args.timeout
+            );
         }
         tokio::time::sleep(Duration::from_secs(retry_after)).await;
         let response = http
-            .get(format!("{base}/operations/{operation_id}?api-version={API_VERSION}"))
+            .get(format!(
+                "{base}/operations/{operation_id}?api-version={API_VERSION}"
+            ))
             .header("Authorization", &token)
             .send()
             .await?;
@@ -170,13 +208,20 @@ async fn read(response: reqwest::Response) -> anyhow::Result<(StatusCode, u64, V
         .filter(|s| (1..=300).contains(s))
         .unwrap_or(1);
     let text = response.text().await?;
-    Ok((status, retry_after, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    Ok((
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
 }
 
 fn failure(status: StatusCode, reply: &Value) -> String {
     format!(
         "Failure registering device: HTTP {status}, error {}: {}",
-        reply["errorCode"].as_i64().map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+        reply["errorCode"]
+            .as_i64()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into()),
         reply["message"].as_str().unwrap_or("no message")
     )
 }

@@ -191,7 +191,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::LinkedHub(cmd) => cli::linked_hub(&ctx, cmd).await,
         Command::ComputeDeviceKey(args) => cli::compute_device_key(&ctx, args).await,
         Command::Device(device::DeviceCommand::Register(args)) => {
-            device::register(args, ctx.data_dir.clone(), ctx.connection.ca_file.clone(), ctx.output == Output::Json).await
+            device::register(
+                args,
+                ctx.data_dir.clone(),
+                ctx.connection.ca_file.clone(),
+                ctx.output == Output::Json,
+            )
+            .await
         }
     }
 }
