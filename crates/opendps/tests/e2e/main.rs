@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod device_api;
 mod lifecycle;
 mod service_api;
 mod tls;

@@ -1,0 +1,293 @@
+//! The device API over real HTTPS sockets: the 202/poll protocol, the body shapes SDKs send, and
+//! every refusal with its code, promptly. Hub-side outcomes are covered with minihub elsewhere.
+
+use std::time::{Duration, Instant};
+
+use dps_core::sas::{derive_device_key, generate_token};
+use dps_testkit::{Body, Reply, ServiceApi, TestServer, far_future};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::{assert_error, server};
+
+const GROUP_KEY: &str =
+    "oiK77Oy7rBw8YB6IS6ukRChAw+Yq6GC61RMrPLSTiOOtdI+XDu0LmLuNm11p+qv2I+adqGUdZHm46zXAQdZoOA==";
+
+fn scope(server: &TestServer) -> String {
+    server.info["idScope"].as_str().expect("scope").to_owned()
+}
+
+fn device(server: &TestServer, rid: &str, key: &str, expiry: i64) -> ServiceApi {
+    let token = generate_token(
+        &format!("{}/registrations/{rid}", scope(server)),
+        key,
+        Some("registration"),
+        expiry,
+    )
+    .expect("token");
+    server.api().expect("client").with_auth(Some(token))
+}
+
+async fn register(api: &ServiceApi, server: &TestServer, rid: &str, body: Option<Body>) -> Reply {
+    api.send(
+        Method::PUT,
+        &format!("/{}/registrations/{rid}/register", scope(server)),
+        &[],
+        body,
+    )
+    .await
+    .expect("register")
+}
+
+/// Polls until the operation is terminal (the test does not wait out Retry-After).
+async fn poll(api: &ServiceApi, server: &TestServer, rid: &str, op: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = api
+            .get(&format!(
+                "/{}/registrations/{rid}/operations/{op}",
+                scope(server)
+            ))
+            .await
+            .expect("poll");
+        match reply.status.as_u16() {
+            200 => return reply.body,
+            202 => {
+                assert!(
+                    reply.header("retry-after").is_some(),
+                    "202 carries Retry-After"
+                );
+                assert_eq!(reply.body["status"], "assigning");
+            }
+            _ => panic!("unexpected poll reply {reply:?}"),
+        }
+        assert!(Instant::now() < deadline, "operation {op} did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn with_group(server: &TestServer, extra: Value) {
+    let mut body = json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}}});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let reply = server
+        .api()
+        .expect("client")
+        .put("/enrollmentGroups/grp", body, None)
+        .await
+        .expect("group");
+    assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+#[tokio::test]
+async fn register_answers_202_and_polling_reaches_a_terminal_state() {
+    let server = server().await;
+    with_group(&server, json!({})).await;
+    let rid = "breakroom499-contoso-tstrsd-007";
+    let api = device(
+        &server,
+        rid,
+        &derive_device_key(GROUP_KEY, rid).expect("derive"),
+        far_future(),
+    );
+    // The body shapes real SDKs send: C/Node, Python (payload null), C# MQTT (nothing), docs (empty object).
+    for body in [
+        Some(json!({"registrationId": rid})),
+        Some(json!({"payload": null, "registrationId": rid})),
+        None,
+        Some(json!({})),
+    ] {
+        let reply = register(&api, &server, rid, body.map(Body::Json)).await;
+        assert_eq!(reply.status, 202, "{reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        assert!(reply.header("retry-after").is_some());
+        assert_eq!(reply.body["status"], "assigning");
+        let op = reply.body["operationId"].as_str().expect("operationId");
+        assert!(
+            op.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
+            "{op}"
+        );
+        // No hub is linked: the registration fails after authentication, as data.
+        let done = poll(&api, &server, rid, op).await;
+        assert_eq!(done["status"], "failed");
+        assert_eq!(done["operationId"], op);
+        assert_eq!(done["registrationState"]["errorCode"], 400211);
+        assert_eq!(done["registrationState"]["registrationId"], rid);
+    }
+    let state = api
+        .post(
+            &format!("/{}/registrations/{rid}", scope(&server)),
+            json!({"registrationId": rid}),
+        )
+        .await
+        .expect("status");
+    assert_eq!(state.status, 200);
+    assert_eq!(state.body["status"], "failed");
+    let listed = server
+        .api()
+        .expect("client")
+        .post("/registrations/grp/query", json!({}))
+        .await
+        .expect("query");
+    assert_eq!(listed.body.as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn disabled_enrollment_ends_disabled() {
+    let server = server().await;
+    with_group(&server, json!({"provisioningStatus": "disabled"})).await;
+    let rid = "dev-off";
+    let api = device(
+        &server,
+        rid,
+        &derive_device_key(GROUP_KEY, rid).expect("derive"),
+        far_future(),
+    );
+    let reply = register(&api, &server, rid, None).await;
+    assert_eq!(reply.status, 202);
+    let done = poll(
+        &api,
+        &server,
+        rid,
+        reply.body["operationId"].as_str().expect("op"),
+    )
+    .await;
+    assert_eq!(done["status"], "disabled");
+    assert_eq!(done["registrationState"]["status"], "disabled");
+}
+
+#[tokio::test]
+async fn refusals_are_prompt_and_carry_codes() {
+    let server = server().await;
+    with_group(&server, json!({})).await;
+    let rid = "dev-1";
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    let started = Instant::now();
+    let cases: Vec<(&str, ServiceApi)> = vec![
+        (
+            "wrong key",
+            device(&server, rid, &dps_core::sas::generate_key(), far_future()),
+        ),
+        ("expired", device(&server, rid, &key, far_future() - 7200)),
+        (
+            "the group key itself",
+            device(&server, rid, GROUP_KEY, far_future()),
+        ),
+        (
+            "token for another registration id",
+            device(
+                &server,
+                "dev-2",
+                &derive_device_key(GROUP_KEY, "dev-2").expect("d"),
+                far_future(),
+            ),
+        ),
+        (
+            "unknown device",
+            device(
+                &server,
+                "stranger",
+                &dps_core::sas::generate_key(),
+                far_future(),
+            ),
+        ),
+        ("no token", server.api().expect("client").with_auth(None)),
+    ];
+    for (what, api) in cases {
+        let path_rid = if what == "unknown device" {
+            "stranger"
+        } else {
+            rid
+        };
+        let reply = register(&api, &server, path_rid, None).await;
+        assert_error(&reply, 401);
+        assert_eq!(reply.body["errorCode"], 401002, "{what}: {reply:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusals are prompt"
+    );
+
+    let api = device(&server, rid, &key, far_future());
+    let malformed = api
+        .send(
+            Method::PUT,
+            &format!("/{}/registrations/{rid}/register", scope(&server)),
+            &[],
+            Some(Body::Raw(b"{nope".to_vec())),
+        )
+        .await
+        .expect("put");
+    assert_error(&malformed, 400);
+    let mismatch = register(
+        &api,
+        &server,
+        rid,
+        Some(Body::Json(json!({"registrationId": "someone-else"}))),
+    )
+    .await;
+    assert_error(&mismatch, 400);
+    let big = Body::Raw(format!(r#"{{"payload":"{}"}}"#, "x".repeat(200 * 1024)).into_bytes());
+    assert_error(&register(&api, &server, rid, Some(big)).await, 413);
+    assert_error(
+        &api.get(&format!(
+            "/{}/registrations/{rid}/operations/4.0000000000000000.nope",
+            scope(&server)
+        ))
+        .await
+        .expect("poll"),
+        404,
+    );
+    assert_error(
+        &api.post(
+            &format!("/{}/registrations/{rid}", scope(&server)),
+            json!({}),
+        )
+        .await
+        .expect("status"),
+        404,
+    );
+    // Nothing was recorded by the refused requests.
+    let listed = server
+        .api()
+        .expect("client")
+        .post("/registrations/grp/query", json!({}))
+        .await
+        .expect("query");
+    assert_eq!(listed.body, json!([]));
+}
+
+#[tokio::test]
+async fn an_operation_is_only_visible_to_its_device() {
+    let server = server().await;
+    with_group(&server, json!({})).await;
+    let a = device(
+        &server,
+        "dev-a",
+        &derive_device_key(GROUP_KEY, "dev-a").expect("d"),
+        far_future(),
+    );
+    let b = device(
+        &server,
+        "dev-b",
+        &derive_device_key(GROUP_KEY, "dev-b").expect("d"),
+        far_future(),
+    );
+    let op = register(&a, &server, "dev-a", None).await.body["operationId"]
+        .as_str()
+        .expect("op")
+        .to_owned();
+    let stolen = b
+        .get(&format!(
+            "/{}/registrations/dev-b/operations/{op}",
+            scope(&server)
+        ))
+        .await
+        .expect("poll");
+    assert_error(&stolen, 404);
+}
