@@ -200,21 +200,22 @@ impl Provisioning {
         sas: Option<&str>,
     ) -> Result<RegistrationOperationStatus, ProvisioningError> {
         let rid = RegistrationId::parse(registration_id)?;
-        self.authenticate(scope, &rid, sas).await?;
-        let not_found = || {
-            ProvisioningError::NotFound(format!(
-                "The operation '{operation_id}' does not exist for '{rid}'."
-            ))
-        };
+        self.check_token(scope, &rid, sas)?;
         let stored = self
             .store
             .get_operation(operation_id)
             .await?
-            .ok_or_else(not_found)?;
-        if stored.registration_key != rid.key() {
-            return Err(not_found());
-        }
+            .filter(|op| op.registration_key == rid.key());
+        let Some(stored) = stored else {
+            // Only an authenticated device learns that an operation does not exist.
+            self.authenticate(scope, &rid, sas).await?;
+            return Err(ProvisioningError::NotFound(format!(
+                "The operation '{operation_id}' does not exist for '{rid}'."
+            )));
+        };
         let op: Operation = parse(&stored.doc)?;
+        self.authenticate_as(scope, &rid, sas, &op.enrollment)
+            .await?;
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
             status: op.status,
@@ -237,15 +238,13 @@ impl Provisioning {
         Ok(result_of(&record))
     }
 
-    /// Finds the enrollment the device's token was signed for. An individual enrollment takes
-    /// precedence; otherwise every symmetric-key group is tried with the key derived for this device
-    /// (the group key itself never verifies).
-    async fn authenticate(
+    /// Checks the token's form, resource and expiry; the signature is checked against enrollments.
+    fn check_token(
         &self,
         scope: &str,
         rid: &RegistrationId,
         sas: Option<&str>,
-    ) -> Result<EnrollmentRef, ProvisioningError> {
+    ) -> Result<SasToken, ProvisioningError> {
         let unauthorized = |why: &str| ProvisioningError::Unauthorized(why.to_owned());
         if !scope.eq_ignore_ascii_case(self.id_scope.as_str()) {
             return Err(unauthorized("the ID scope is not served here"));
@@ -267,7 +266,33 @@ impl Provisioning {
                 self.settings.sas_clock_skew_secs,
             )
             .map_err(|e| unauthorized(&e.to_string()))?;
+        Ok(token)
+    }
 
+    /// Whether `token` was signed with a key of the group, derived for this device.
+    fn signed_by_group(token: &SasToken, group: &EnrollmentGroup, rid: &RegistrationId) -> bool {
+        let Some(group_keys) = symmetric_keys(&group.attestation) else {
+            return false;
+        };
+        let derived: Vec<Vec<u8>> = group_keys
+            .iter()
+            .filter_map(|k| sas::derive_device_key(&B64.encode(k), rid.as_str()).ok())
+            .filter_map(|k| B64.decode(k).ok())
+            .collect();
+        verify(token, &derived).is_ok()
+    }
+
+    /// Finds the enrollment the device's token was signed for. An individual enrollment takes
+    /// precedence; otherwise every symmetric-key group is tried with the key derived for this device
+    /// (the group key itself never verifies).
+    async fn authenticate(
+        &self,
+        scope: &str,
+        rid: &RegistrationId,
+        sas: Option<&str>,
+    ) -> Result<EnrollmentRef, ProvisioningError> {
+        let token = self.check_token(scope, rid, sas)?;
+        let unauthorized = |why: &str| ProvisioningError::Unauthorized(why.to_owned());
         let key = rid.key();
         if let Some(doc) = self
             .store
@@ -302,21 +327,14 @@ impl Provisioning {
                 .collect::<Result<_, _>>()?;
             // The group the device used last time first: it is almost always the one.
             groups.sort_by_key(|g| Some(&g.enrollment_group_id) != hint.as_ref());
-            for group in groups {
-                let Some(group_keys) = symmetric_keys(&group.attestation) else {
-                    continue;
-                };
-                let derived: Vec<Vec<u8>> = group_keys
-                    .iter()
-                    .filter_map(|k| sas::derive_device_key(&B64.encode(k), rid.as_str()).ok())
-                    .filter_map(|k| B64.decode(k).ok())
-                    .collect();
-                if verify(&token, &derived).is_ok() {
-                    return Ok(EnrollmentRef {
-                        group: true,
-                        id: group.enrollment_group_id,
-                    });
-                }
+            if let Some(group) = groups
+                .into_iter()
+                .find(|g| Self::signed_by_group(&token, g, rid))
+            {
+                return Ok(EnrollmentRef {
+                    group: true,
+                    id: group.enrollment_group_id,
+                });
             }
             match page.next {
                 Some(next) => after = Some(next),
@@ -327,6 +345,45 @@ impl Provisioning {
                 }
             }
         }
+    }
+
+    /// Authenticates a device that registered through `enrollment` (a poll): only that enrollment is
+    /// checked, unless it no longer accepts the token (deleted, keys rolled, overridden by a new
+    /// individual enrollment), in which case the full search decides.
+    async fn authenticate_as(
+        &self,
+        scope: &str,
+        rid: &RegistrationId,
+        sas: Option<&str>,
+        enrollment: &EnrollmentRef,
+    ) -> Result<(), ProvisioningError> {
+        let token = self.check_token(scope, rid, sas)?;
+        let kind = if enrollment.group {
+            EnrollmentKind::Group
+        } else {
+            EnrollmentKind::Individual
+        };
+        if let Some(doc) = self
+            .store
+            .get_enrollment(kind, &enrollment.id.to_ascii_lowercase())
+            .await?
+        {
+            let accepted = if enrollment.group {
+                let overridden = self
+                    .store
+                    .get_enrollment(EnrollmentKind::Individual, &rid.key())
+                    .await?
+                    .is_some();
+                !overridden && Self::signed_by_group(&token, &parse(&doc.doc)?, rid)
+            } else {
+                let e: IndividualEnrollment = parse(&doc.doc)?;
+                symmetric_keys(&e.attestation).is_some_and(|keys| verify(&token, &keys).is_ok())
+            };
+            if accepted {
+                return Ok(());
+            }
+        }
+        self.authenticate(scope, rid, sas).await.map(drop)
     }
 
     async fn registration(

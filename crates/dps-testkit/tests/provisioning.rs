@@ -188,7 +188,7 @@ async fn group_device_is_created_with_derived_keys_and_initial_twin() {
     b.link("hub-a", 1).await;
     b.put_group("grp", json!({})).await;
     let status = b.register("breakroom499-contoso-tstrsd-007").await;
-    let state = status.registration_state.expect("state");
+    let state = status.registration_state.clone().expect("state");
     assert_eq!(state.status, EnrollmentStatus::Assigned);
     assert_eq!(state.assigned_hub.as_deref(), Some("hub-a"));
     assert_eq!(
@@ -216,6 +216,27 @@ async fn group_device_is_created_with_derived_keys_and_initial_twin() {
     );
     assert_eq!(twin.tags["deviceType"], "toaster");
     assert_eq!(twin.desired["state"], "ready");
+
+    // Polling checks the token against the enrollment the operation was authenticated with.
+    let rid = "breakroom499-contoso-tstrsd-007";
+    let wrong = b.token(rid, &sas::generate_key(), NOW + 60);
+    let polled = b
+        .dps
+        .operation_status(SCOPE, rid, &status.operation_id, Some(&wrong))
+        .await;
+    assert!(
+        matches!(polled, Err(ProvisioningError::Unauthorized(_))),
+        "{polled:?}"
+    );
+    let other_device = b.token("someone-else", &Bench::device_key("someone-else"), NOW + 60);
+    let polled = b
+        .dps
+        .operation_status(SCOPE, rid, &status.operation_id, Some(&other_device))
+        .await;
+    assert!(
+        matches!(polled, Err(ProvisioningError::Unauthorized(_))),
+        "{polled:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
