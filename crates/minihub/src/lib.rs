@@ -1,0 +1,715 @@
+//! minihub: a self-hosted stand-in for Azure IoT Hub, enough for opendps and the official service
+//! SDKs. Any number of virtual hubs, told apart by the `Host` header, share one router and one
+//! SQLite file: device identities, twins, a query subset, and device-to-cloud telemetry over HTTPS.
+//!
+//! Read [`Minihub`] for the operations and [`router`] for the REST surface that exposes them.
+
+mod auth;
+mod error;
+mod etag;
+mod http;
+mod model;
+mod query;
+mod store;
+mod twin;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use dps_core::clock::{Clock, SystemClock};
+use dps_core::secret::Secret;
+use rusqlite::Connection;
+use serde_json::Value;
+
+pub use error::{JSON_CONTENT_TYPE, MinihubError};
+pub use etag::IfMatch;
+pub use http::router;
+pub use model::{
+    AccessRight, AuthenticationMechanism, AuthenticationRequest, AuthenticationType, Device,
+    DeviceCapabilities, DeviceMessage, DeviceRequest, DeviceStatus, HubInfo, HubPolicy,
+    SymmetricKey, Twin, TwinProperties, X509Thumbprint,
+};
+
+use crate::model::NEVER;
+use crate::twin::{Mode, TwinState, TwinUpdate};
+
+/// Messages kept per device; older ones are dropped.
+const MAX_MESSAGES: usize = 100;
+/// Longest device id IoT Hub accepts.
+const MAX_DEVICE_ID: usize = 128;
+/// Most devices one list call returns, and the default page of a query.
+const MAX_PAGE: usize = 1000;
+/// .NET ticks (100 ns since 0001-01-01) at the Unix epoch; IoT Hub's generation ids are ticks.
+const UNIX_EPOCH_TICKS: i128 = 621_355_968_000_000_000;
+
+/// All virtual hubs. Cheap to clone; clones share the database and caches.
+#[derive(Clone)]
+pub struct Minihub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// One connection: writes are few and small, and one writer keeps If-Match checks atomic.
+    db: Mutex<Connection>,
+    /// Every hub by lower-case host name; hubs and their keys never change once created, so the
+    /// request path reads them without touching the database.
+    hubs: RwLock<HashMap<String, HubInfo>>,
+    /// The latest telemetry per (hub, device), newest last. Not persisted, as on a real hub the
+    /// messages go on to a separate event store.
+    messages: Mutex<HashMap<(String, String), VecDeque<DeviceMessage>>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Minihub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minihub").finish_non_exhaustive()
+    }
+}
+
+/// The host part of a `Host` header or SAS audience: port removed, lower case, no trailing dot.
+pub(crate) fn host_without_port(authority: &str) -> String {
+    let authority = authority.trim();
+    let host = if authority.starts_with('[') {
+        authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end])
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        }
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn check_host_name(host_name: &str) -> Result<String, MinihubError> {
+    let name = host_name.trim().trim_end_matches('.').to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|label| !label.is_empty() && label.len() <= 63)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if valid {
+        Ok(name)
+    } else {
+        Err(MinihubError::ArgumentInvalid(format!(
+            "'{host_name}' is not a valid hub host name (letters, digits, '-' and '.', no port)"
+        )))
+    }
+}
+
+fn check_device_id(device_id: &str) -> Result<(), MinihubError> {
+    let valid = !device_id.is_empty()
+        && device_id.len() <= MAX_DEVICE_ID
+        && device_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.+%_#*?!(),:=@$'".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(MinihubError::ArgumentInvalid(format!(
+            "device id '{device_id}' is invalid: up to {MAX_DEVICE_ID} ASCII letters, digits and - . + % _ # * ? ! ( ) , : = @ $ '"
+        )))
+    }
+}
+
+fn present(key: Option<Secret>) -> Option<Secret> {
+    key.filter(|k| !k.expose().trim().is_empty())
+}
+
+fn check_thumbprint(value: Option<String>, which: &str) -> Result<Option<String>, MinihubError> {
+    match value.filter(|t| !t.trim().is_empty()) {
+        None => Ok(None),
+        Some(t) if matches!(t.len(), 40 | 64) && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(t))
+        }
+        Some(t) => Err(MinihubError::ArgumentInvalid(format!(
+            "{which} thumbprint '{t}' is not 40 or 64 hex digits"
+        ))),
+    }
+}
+
+/// Builds the stored mechanism from a request: `sas` without keys gets two fresh keys.
+fn authentication(
+    request: Option<AuthenticationRequest>,
+) -> Result<AuthenticationMechanism, MinihubError> {
+    let request = request.unwrap_or_default();
+    let kind = match request
+        .kind
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("sas") => AuthenticationType::Sas,
+        Some("selfsigned") => AuthenticationType::SelfSigned,
+        Some("certificateauthority") => AuthenticationType::CertificateAuthority,
+        Some(other) => {
+            return Err(MinihubError::ArgumentInvalid(format!(
+                "authentication type '{other}' is not one of sas, selfSigned, certificateAuthority"
+            )));
+        }
+    };
+    let mut mechanism = AuthenticationMechanism {
+        symmetric_key: SymmetricKey::default(),
+        x509_thumbprint: X509Thumbprint::default(),
+        kind,
+    };
+    match kind {
+        AuthenticationType::Sas => {
+            let keys = request.symmetric_key.unwrap_or_default();
+            let (primary, secondary) =
+                match (present(keys.primary_key), present(keys.secondary_key)) {
+                    (None, None) => (
+                        Secret::new(dps_core::sas::generate_key()),
+                        Secret::new(dps_core::sas::generate_key()),
+                    ),
+                    (Some(p), Some(s)) => (p, s),
+                    _ => {
+                        return Err(MinihubError::ArgumentInvalid(
+                            "give both symmetric keys, or neither to have them generated".into(),
+                        ));
+                    }
+                };
+            for (which, key) in [("primary", &primary), ("secondary", &secondary)] {
+                if dps_core::sas::decode_key(key.expose()).is_none() {
+                    return Err(MinihubError::ArgumentInvalid(format!(
+                        "the {which} key is not base64 of 16 to 64 bytes"
+                    )));
+                }
+            }
+            mechanism.symmetric_key = SymmetricKey {
+                primary_key: Some(primary),
+                secondary_key: Some(secondary),
+            };
+        }
+        AuthenticationType::SelfSigned => {
+            let prints = request.x509_thumbprint.unwrap_or_default();
+            let primary = check_thumbprint(prints.primary_thumbprint, "the primary")?;
+            let secondary = check_thumbprint(prints.secondary_thumbprint, "the secondary")?;
+            if primary.is_none() {
+                return Err(MinihubError::ArgumentInvalid(
+                    "a selfSigned device needs a primary thumbprint".into(),
+                ));
+            }
+            mechanism.x509_thumbprint = X509Thumbprint {
+                primary_thumbprint: primary,
+                secondary_thumbprint: secondary,
+            };
+        }
+        AuthenticationType::CertificateAuthority => {}
+    }
+    Ok(mechanism)
+}
+
+fn parse_status(status: Option<&str>) -> Result<DeviceStatus, MinihubError> {
+    match status.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("enabled") => Ok(DeviceStatus::Enabled),
+        Some("disabled") => Ok(DeviceStatus::Disabled),
+        Some(other) => Err(MinihubError::ArgumentInvalid(format!(
+            "status '{other}' is not enabled or disabled"
+        ))),
+    }
+}
+
+impl Minihub {
+    /// Opens (creating if needed) the database at `db_path`, with the system clock.
+    pub fn open(db_path: &Path) -> Result<Self, MinihubError> {
+        Self::open_with_clock(db_path, Arc::new(SystemClock))
+    }
+
+    /// Opens the database with `clock` deciding token expiry and timestamps.
+    pub fn open_with_clock(db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self, MinihubError> {
+        let conn = store::open(db_path)?;
+        let hubs = store::hubs(&conn)?
+            .into_iter()
+            .map(|h| (h.host_name.clone(), h))
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db: Mutex::new(conn),
+                hubs: RwLock::new(hubs),
+                messages: Mutex::new(HashMap::new()),
+                clock,
+            }),
+        })
+    }
+
+    /// Runs `f` in a transaction on the blocking pool; commits when it succeeds.
+    async fn db<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R, MinihubError> + Send + 'static,
+    ) -> Result<R, MinihubError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.db.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = conn.transaction()?;
+            let result = f(&tx)?;
+            tx.commit()?;
+            Ok(result)
+        })
+        .await
+        .map_err(|e| MinihubError::Storage(format!("database task failed: {e}")))?
+    }
+
+    fn now(&self) -> jiff::Timestamp {
+        self.inner.clock.now()
+    }
+
+    fn now_text(&self) -> String {
+        dps_core::time::format_utc(self.now())
+    }
+
+    /// The hub named `hub` (a host name, any case).
+    pub fn hub(&self, hub: &str) -> Result<HubInfo, MinihubError> {
+        self.inner
+            .hubs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hub.to_ascii_lowercase())
+            .cloned()
+            .ok_or_else(|| MinihubError::UnknownHub(hub.to_owned()))
+    }
+
+    /// Creates the hub `host_name` with fresh keys unless it exists, and returns it. Keys are made
+    /// once and kept in the database.
+    pub async fn ensure_hub(&self, host_name: &str) -> Result<HubInfo, MinihubError> {
+        let name = check_host_name(host_name)?;
+        if let Ok(hub) = self.hub(&name) {
+            return Ok(hub);
+        }
+        let fresh = HubInfo {
+            host_name: name.clone(),
+            policies: HubPolicy::defaults(),
+        };
+        let stored = self.db(move |tx| store::insert_hub(tx, &fresh)).await?;
+        self.inner
+            .hubs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, stored.clone());
+        Ok(stored)
+    }
+
+    /// Every hub, by host name.
+    pub async fn hubs(&self) -> Result<Vec<HubInfo>, MinihubError> {
+        self.db(|tx| store::hubs(tx)).await
+    }
+
+    /// Which hub serves a request with this `Host` header (port and case ignored), if any.
+    pub fn hub_for_host(&self, host_header: &str) -> Option<String> {
+        let host = host_without_port(host_header);
+        self.inner
+            .hubs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&host)
+            .then_some(host)
+    }
+
+    /// Checks a service request's `Authorization` header against `hub`'s policies.
+    pub(crate) fn authorize_service(
+        &self,
+        hub: &str,
+        header: Option<&str>,
+        any_of: &[AccessRight],
+    ) -> Result<(), MinihubError> {
+        auth::authorize_service(&self.hub(hub)?, header, any_of, self.now().as_second())
+    }
+
+    /// Checks a device SAS token (`sr={hub}/devices/{id}`, signed with one of the device's keys,
+    /// or a policy token with `DeviceConnect`). Disabled devices are refused.
+    pub async fn verify_device_sas(
+        &self,
+        hub: &str,
+        device_id: &str,
+        token: &str,
+    ) -> Result<(), MinihubError> {
+        let info = self.hub(hub)?;
+        let device = self.get_device(hub, device_id).await?;
+        auth::authorize_device(
+            &info,
+            device_id,
+            device.as_ref(),
+            token,
+            self.now().as_second(),
+        )
+    }
+
+    /// A device identity.
+    pub async fn get_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+    ) -> Result<Option<Device>, MinihubError> {
+        Ok(self.device_and_twin(hub, device_id).await?.map(|(d, _)| d))
+    }
+
+    /// A device twin.
+    pub async fn get_twin(&self, hub: &str, device_id: &str) -> Result<Option<Twin>, MinihubError> {
+        Ok(self
+            .device_and_twin(hub, device_id)
+            .await?
+            .map(|(d, t)| t.render(&d)))
+    }
+
+    async fn device_and_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+    ) -> Result<Option<(Device, TwinState)>, MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        let device_id = device_id.to_owned();
+        self.db(move |tx| store::device(tx, &hub, &device_id)).await
+    }
+
+    /// Up to `top` devices (at most 1000), in id order.
+    pub async fn list_devices(
+        &self,
+        hub: &str,
+        top: Option<usize>,
+    ) -> Result<Vec<Device>, MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        let limit = top.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+        let rows = self
+            .db(move |tx| store::devices(tx, &hub, None, limit))
+            .await?;
+        Ok(rows.into_iter().map(|(d, _)| d).collect())
+    }
+
+    /// `PUT /devices/{id}`: creates the device when `if_match` is absent (conflict if it exists),
+    /// replaces it when `if_match` is `*` or its etag (`*` also creates). Its twin is created with it
+    /// and survives replacement.
+    pub async fn put_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+        request: DeviceRequest,
+        if_match: IfMatch,
+    ) -> Result<Device, MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        check_device_id(device_id)?;
+        if let Some(body_id) = request.device_id.as_deref().filter(|id| *id != device_id) {
+            return Err(MinihubError::ArgumentInvalid(format!(
+                "the body's deviceId '{body_id}' does not match '{device_id}' in the path"
+            )));
+        }
+        let status = parse_status(request.status.as_deref())?;
+        let authentication = authentication(request.authentication)?;
+        let capabilities = request.capabilities.unwrap_or_default();
+        let status_reason = request.status_reason;
+        let now = self.now();
+        let now_text = self.now_text();
+        let device_id = device_id.to_owned();
+        self.db(move |tx| {
+            let existing = store::device(tx, &hub, &device_id)?;
+            let (device, twin) = match (existing, &if_match) {
+                (Some(_), IfMatch::Absent) => {
+                    return Err(MinihubError::DeviceAlreadyExists(device_id));
+                }
+                (Some((old, _)), wanted) if !wanted.matches(&old.etag) => {
+                    return Err(MinihubError::PreconditionFailed(format!(
+                        "device '{device_id}' has changed since etag {}",
+                        etag::quoted(&old.etag)
+                    )));
+                }
+                (None, IfMatch::Etag(_)) => return Err(MinihubError::DeviceNotFound(device_id)),
+                (Some((old, twin)), _) => {
+                    let status_updated_time = if old.status == status {
+                        old.status_updated_time.clone()
+                    } else {
+                        now_text.clone()
+                    };
+                    let device = Device {
+                        etag: etag::new_device_etag(Some(&old.etag)),
+                        status,
+                        status_reason,
+                        status_updated_time,
+                        authentication,
+                        capabilities,
+                        ..old
+                    };
+                    (device, twin)
+                }
+                (None, _) => {
+                    let ticks = now.as_nanosecond() / 100 + UNIX_EPOCH_TICKS;
+                    let device = Device {
+                        device_id: device_id.clone(),
+                        generation_id: ticks.to_string(),
+                        etag: etag::new_device_etag(None),
+                        connection_state: "Disconnected".into(),
+                        status,
+                        status_reason,
+                        connection_state_updated_time: NEVER.into(),
+                        status_updated_time: NEVER.into(),
+                        last_activity_time: NEVER.into(),
+                        cloud_to_device_message_count: 0,
+                        authentication,
+                        capabilities,
+                    };
+                    (device, TwinState::new(&now_text))
+                }
+            };
+            store::put_device(tx, &hub, &device, &twin)?;
+            Ok(device)
+        })
+        .await
+    }
+
+    /// `DELETE /devices/{id}`: removes the device and its twin (`If-Match` absent or `*` deletes
+    /// whatever version is current).
+    pub async fn delete_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+        if_match: IfMatch,
+    ) -> Result<(), MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        let key = (hub.clone(), device_id.to_owned());
+        let device_id = device_id.to_owned();
+        self.db(move |tx| {
+            let Some((device, _)) = store::device(tx, &hub, &device_id)? else {
+                return Err(MinihubError::DeviceNotFound(device_id));
+            };
+            if !if_match.matches(&device.etag) {
+                return Err(MinihubError::PreconditionFailed(format!(
+                    "device '{device_id}' has changed since that etag"
+                )));
+            }
+            store::delete_device(tx, &hub, &device_id)
+        })
+        .await?;
+        self.inner
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        Ok(())
+    }
+
+    /// `PATCH /twins/{id}`: merges `tags` and `properties.desired` from `body` (`null` deletes).
+    pub async fn patch_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        body: &Value,
+        if_match: IfMatch,
+    ) -> Result<Twin, MinihubError> {
+        self.write_twin(hub, device_id, body, Mode::Merge, if_match)
+            .await
+    }
+
+    /// `PUT /twins/{id}`: replaces `tags` and `properties.desired` with those in `body`.
+    pub async fn replace_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        body: &Value,
+        if_match: IfMatch,
+    ) -> Result<Twin, MinihubError> {
+        self.write_twin(hub, device_id, body, Mode::Replace, if_match)
+            .await
+    }
+
+    async fn write_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        body: &Value,
+        mode: Mode,
+        if_match: IfMatch,
+    ) -> Result<Twin, MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        let update = TwinUpdate::from_body(body)?;
+        let now = self.now_text();
+        let device_id = device_id.to_owned();
+        self.db(move |tx| {
+            let Some((device, mut twin)) = store::device(tx, &hub, &device_id)? else {
+                return Err(MinihubError::DeviceNotFound(device_id));
+            };
+            if !if_match.matches(&etag::twin_etag(twin.version())) {
+                return Err(MinihubError::PreconditionFailed(format!(
+                    "the twin of '{device_id}' has changed since that etag"
+                )));
+            }
+            twin.apply(&update, mode, &now)?;
+            store::put_device(tx, &hub, &device, &twin)?;
+            Ok(twin.render(&device))
+        })
+        .await
+    }
+
+    /// `POST /devices/query`: the twins `query` selects, at most `page_size` (default and cap 1000)
+    /// after the `continuation` token of the previous page. Returns the page and the token of the
+    /// next one, if there is more.
+    pub async fn query_twins(
+        &self,
+        hub: &str,
+        query: &str,
+        page_size: Option<usize>,
+        continuation: Option<&str>,
+    ) -> Result<(Vec<Twin>, Option<String>), MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        let query = query::Query::parse(query)?;
+        let page_size = page_size.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+        let mut after = match continuation {
+            None => None,
+            Some(token) => Some(
+                B64URL
+                    .decode(token.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| {
+                        MinihubError::ArgumentInvalid(
+                            "the continuation token is not one this hub issued".into(),
+                        )
+                    })?,
+            ),
+        };
+        let mut page = Vec::new();
+        loop {
+            let (scan_hub, scan_after) = (hub.clone(), after.clone());
+            let rows = self
+                .db(move |tx| store::devices(tx, &scan_hub, scan_after.as_deref(), MAX_PAGE))
+                .await?;
+            let exhausted = rows.len() < MAX_PAGE;
+            for (device, twin) in rows {
+                after = Some(device.device_id.clone());
+                let twin = twin.render(&device);
+                let json = serde_json::to_value(&twin)?;
+                if query.matches(&json) {
+                    if page.len() == page_size {
+                        // One match beyond the page: there is a next page, starting after the
+                        // last twin returned.
+                        let last = page
+                            .last()
+                            .map(|t: &Twin| B64URL.encode(t.device_id.as_bytes()));
+                        return Ok((page, last));
+                    }
+                    page.push(twin);
+                }
+            }
+            if exhausted {
+                return Ok((page, None));
+            }
+        }
+    }
+
+    /// `POST /devices/{id}/messages/events`: accepts a telemetry message if `authorization` is a
+    /// valid device token for `device_id`, keeping the newest 100 per device.
+    pub async fn receive_telemetry(
+        &self,
+        hub: &str,
+        device_id: &str,
+        authorization: Option<&str>,
+        message: DeviceMessage,
+    ) -> Result<(), MinihubError> {
+        let token = authorization.ok_or_else(|| {
+            MinihubError::Unauthorized(
+                "the request has no Authorization header with a SharedAccessSignature".into(),
+            )
+        })?;
+        self.verify_device_sas(hub, device_id, token).await?;
+        let key = (self.hub(hub)?.host_name, device_id.to_owned());
+        let mut messages = self
+            .inner
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let queue = messages.entry(key).or_default();
+        if queue.len() == MAX_MESSAGES {
+            queue.pop_front();
+        }
+        queue.push_back(message);
+        Ok(())
+    }
+
+    /// The newest telemetry messages of a device, oldest first (at most 100; kept in memory only).
+    pub async fn messages(&self, hub: &str, device_id: &str) -> Vec<DeviceMessage> {
+        let key = (host_without_port(hub), device_id.to_owned());
+        self.inner
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The time the hub stamps on what it receives.
+    pub(crate) fn timestamp(&self) -> jiff::Timestamp {
+        self.now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_headers() {
+        assert_eq!(host_without_port("Hub.Example:8443"), "hub.example");
+        assert_eq!(host_without_port("hub.example."), "hub.example");
+        assert_eq!(host_without_port("[::1]:443"), "[::1]");
+        assert_eq!(host_without_port("localhost"), "localhost");
+    }
+
+    #[test]
+    fn names_and_ids() {
+        assert_eq!(
+            check_host_name("Contoso-Hub.azure-devices.net")
+                .ok()
+                .as_deref(),
+            Some("contoso-hub.azure-devices.net")
+        );
+        assert!(check_host_name("hub:443").is_err());
+        assert!(check_host_name("a..b").is_err());
+        assert!(check_device_id("dev-1.x_y:z@w").is_ok());
+        assert!(check_device_id("dev/1").is_err());
+        assert!(check_device_id(&"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn sas_without_keys_generates_them() {
+        let mech = authentication(Some(AuthenticationRequest {
+            symmetric_key: Some(SymmetricKey {
+                primary_key: Some(Secret::new("")),
+                secondary_key: None,
+            }),
+            x509_thumbprint: None,
+            kind: Some("sas".into()),
+        }))
+        .expect("generated");
+        let keys = mech.symmetric_key;
+        let (p, s) = (keys.primary_key.expect("p"), keys.secondary_key.expect("s"));
+        assert_eq!(
+            dps_core::sas::decode_key(p.expose()).map(|k| k.len()),
+            Some(64)
+        );
+        assert_ne!(p, s);
+        let one_key = AuthenticationRequest {
+            symmetric_key: Some(SymmetricKey {
+                primary_key: Some(Secret::new(dps_core::sas::generate_key())),
+                secondary_key: None,
+            }),
+            ..Default::default()
+        };
+        assert!(authentication(Some(one_key)).is_err());
+        let x509 = AuthenticationRequest {
+            x509_thumbprint: Some(X509Thumbprint {
+                primary_thumbprint: Some("ab".repeat(20)),
+                secondary_thumbprint: None,
+            }),
+            kind: Some("selfSigned".into()),
+            ..Default::default()
+        };
+        let mech = authentication(Some(x509)).expect("x509");
+        assert_eq!(mech.kind, AuthenticationType::SelfSigned);
+        assert!(mech.symmetric_key.primary_key.is_none());
+    }
+}

@@ -1,0 +1,167 @@
+//! The SQLite file behind minihub: one WAL-mode database holding every hub (with its keys), device
+//! identity and twin. Migrations are numbered in `PRAGMA user_version`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::MinihubError;
+use crate::model::{Device, HubInfo};
+use crate::twin::TwinState;
+
+/// Each entry moves the schema from version `index` to `index + 1`. Never edit a released entry.
+const MIGRATIONS: &[&str] = &[
+    // 1: hubs with their policies; devices with their twins, one row each.
+    "CREATE TABLE hubs (host_name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
+     CREATE TABLE devices (
+         hub TEXT NOT NULL, device_id TEXT NOT NULL, device TEXT NOT NULL, twin TEXT NOT NULL,
+         PRIMARY KEY (hub, device_id)
+     ) WITHOUT ROWID;",
+];
+
+/// Opens (creating if needed) the database and brings its schema up to date.
+pub(crate) fn open(path: &Path) -> Result<Connection, MinihubError> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), MinihubError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(MinihubError::Storage(format!(
+            "the minihub database has schema version {version}, newer than this build knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
+        tracing::info!(version = index + 1, "applied minihub schema migration");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Every hub.
+pub(crate) fn hubs(conn: &Connection) -> Result<Vec<HubInfo>, MinihubError> {
+    let mut stmt = conn.prepare("SELECT doc FROM hubs ORDER BY host_name")?;
+    let docs = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    docs.iter()
+        .map(|doc| Ok(serde_json::from_str(doc)?))
+        .collect()
+}
+
+/// Stores `hub` unless a hub of that name exists; returns whichever is stored.
+pub(crate) fn insert_hub(conn: &Connection, hub: &HubInfo) -> Result<HubInfo, MinihubError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO hubs (host_name, doc) VALUES (?1, ?2)",
+        params![hub.host_name, serde_json::to_string(hub)?],
+    )?;
+    let doc: String = conn.query_row(
+        "SELECT doc FROM hubs WHERE host_name = ?1",
+        params![hub.host_name],
+        |r| r.get(0),
+    )?;
+    Ok(serde_json::from_str(&doc)?)
+}
+
+fn decode(device: &str, twin: &str) -> Result<(Device, TwinState), MinihubError> {
+    Ok((serde_json::from_str(device)?, serde_json::from_str(twin)?))
+}
+
+/// One device and its twin.
+pub(crate) fn device(
+    conn: &Connection,
+    hub: &str,
+    device_id: &str,
+) -> Result<Option<(Device, TwinState)>, MinihubError> {
+    let row = conn
+        .query_row(
+            "SELECT device, twin FROM devices WHERE hub = ?1 AND device_id = ?2",
+            params![hub, device_id],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()?;
+    row.map(|(device, twin)| decode(&device, &twin)).transpose()
+}
+
+/// Up to `limit` devices with ids after `after`, in id order.
+pub(crate) fn devices(
+    conn: &Connection,
+    hub: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(Device, TwinState)>, MinihubError> {
+    let mut stmt = conn.prepare(
+        "SELECT device, twin FROM devices WHERE hub = ?1 AND (?2 IS NULL OR device_id > ?2)
+         ORDER BY device_id LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(
+            params![hub, after, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.iter().map(|(d, t)| decode(d, t)).collect()
+}
+
+/// Inserts or overwrites a device and its twin.
+pub(crate) fn put_device(
+    conn: &Connection,
+    hub: &str,
+    device: &Device,
+    twin: &TwinState,
+) -> Result<(), MinihubError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO devices (hub, device_id, device, twin) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            hub,
+            device.device_id,
+            serde_json::to_string(device)?,
+            serde_json::to_string(twin)?
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes a device and its twin.
+pub(crate) fn delete_device(
+    conn: &Connection,
+    hub: &str,
+    device_id: &str,
+) -> Result<(), MinihubError> {
+    conn.execute(
+        "DELETE FROM devices WHERE hub = ?1 AND device_id = ?2",
+        params![hub, device_id],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrating_twice_is_a_no_op_and_newer_schemas_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        drop(open(&path).expect("first open"));
+        let conn = open(&path).expect("second open");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        conn.pragma_update(None, "user_version", 99)
+            .expect("set version");
+        drop(conn);
+        assert!(matches!(open(&path), Err(MinihubError::Storage(_))));
+    }
+}
