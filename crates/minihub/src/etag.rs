@@ -22,10 +22,11 @@ impl IfMatch {
         let Some(value) = header.map(str::trim).filter(|v| !v.is_empty()) else {
             return Self::Absent;
         };
-        if value == "*" {
-            return Self::Any;
+        // The Python registry client quotes whatever it sends, the wildcard included (`"*"`).
+        match unquote(value) {
+            "*" => Self::Any,
+            etag => Self::Etag(etag.to_owned()),
         }
-        Self::Etag(unquote(value).to_owned())
     }
 
     /// Whether an existing item with `current` etag satisfies the precondition. `Absent` matches
@@ -80,6 +81,7 @@ mod tests {
         assert_eq!(IfMatch::parse(None), IfMatch::Absent);
         assert_eq!(IfMatch::parse(Some("  ")), IfMatch::Absent);
         assert_eq!(IfMatch::parse(Some("*")), IfMatch::Any);
+        assert_eq!(IfMatch::parse(Some("\"*\"")), IfMatch::Any);
         assert_eq!(
             IfMatch::parse(Some("\"MTIz\"")),
             IfMatch::Etag("MTIz".into())

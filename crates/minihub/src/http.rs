@@ -269,3 +269,46 @@ async fn handle(hub: &Minihub, request: Request) -> Result<Response, MinihubErro
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let parse = |m: Method, p: &str| Endpoint::parse(&m, p).ok();
+        assert_eq!(
+            parse(Method::GET, "/devices/dev%201"),
+            Some(Endpoint::GetDevice("dev 1".into()))
+        );
+        assert_eq!(parse(Method::POST, "/devices/query"), Some(Endpoint::Query));
+        // A device may be called "query": only POST means the query API.
+        assert_eq!(
+            parse(Method::GET, "/devices/query"),
+            Some(Endpoint::GetDevice("query".into()))
+        );
+        assert_eq!(
+            parse(Method::POST, "/devices/d1/messages/events"),
+            Some(Endpoint::Telemetry("d1".into()))
+        );
+        assert_eq!(parse(Method::GET, "/devices/"), Some(Endpoint::ListDevices));
+        assert_eq!(parse(Method::POST, "/twins/d1"), None);
+        assert_eq!(parse(Method::GET, "/jobs/v2"), None);
+        assert!(matches!(
+            Endpoint::parse(&Method::GET, "/statistics/devices"),
+            Err(MinihubError::EndpointNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn telemetry_properties_from_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("iothub-app-temp", HeaderValue::from_static("21"));
+        headers.insert("iothub-messageid", HeaderValue::from_static("m1"));
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        let (app, system) = message_properties(&headers);
+        assert_eq!(app.get("temp").map(String::as_str), Some("21"));
+        assert_eq!(system.get("messageid").map(String::as_str), Some("m1"));
+        assert_eq!((app.len(), system.len()), (1, 1));
+    }
+}

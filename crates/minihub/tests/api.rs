@@ -576,7 +576,7 @@ async fn device_crud_with_etags_and_generated_keys() {
             HUB_A,
             Method::DELETE,
             "/devices/d2",
-            &[("If-Match", "*")],
+            &[("If-Match", "\"*\"")],
             None,
         )
         .await
@@ -684,7 +684,8 @@ async fn twin_patch_and_replace() {
             HUB_A,
             Method::PUT,
             "/twins/t1",
-            &[],
+            // The Python client quotes the wildcard.
+            &[("If-Match", "\"*\"")],
             Some(json!({"tags": {"owner": "ops"}, "properties": {"desired": {"fan": 2}}})),
         )
         .await
