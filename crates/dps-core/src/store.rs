@@ -188,7 +188,9 @@ pub trait OperationStore: Send + Sync {
         operation_id: &str,
     ) -> Result<Option<StoredOperation>, StoreError>;
     /// Leases up to `limit` pending operations that are due at `now_ms` and not leased by anyone
-    /// else (or whose lease expired), oldest first, to `owner` until `now_ms + lease_ms`.
+    /// else (or whose lease expired), oldest first, to `owner` until `now_ms + lease_ms`. Leases
+    /// already held by `owner` are taken again: a node restarted under the same name resumes at once
+    /// what it held when it died.
     async fn claim_operations(
         &self,
         owner: &str,

@@ -132,6 +132,56 @@ impl TestServer {
         }
     }
 
+    /// Kills the server with SIGKILL, as a crash would: nothing is flushed or cleaned up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory (after [`kill`](Self::kill)).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.launch().await
+    }
+
+    /// A client of the in-process IoT hub `host` (its registry REST API), signed with its
+    /// `iothubowner` connection string from `opendps info`.
+    pub fn hub_api(&self, host: &str) -> anyhow::Result<ServiceApi> {
+        let hubs = self.info["minihubs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let cs = hubs
+            .iter()
+            .find(|h| h["hostName"] == host)
+            .and_then(|h| h["connectionString"].as_str())
+            .with_context(|| format!("no in-process hub named {host} in `opendps info`"))?
+            .to_owned();
+        let key = cs
+            .split(';')
+            .find_map(|p| p.strip_prefix("SharedAccessKey="))
+            .context("no key")?;
+        let token = dps_core::sas::generate_token(host, key, Some("iothubowner"), far_future())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(self.client_for(host)?.with_auth(Some(token)))
+    }
+
+    /// An unauthenticated client that reaches `host` (a name that need not resolve) at this server.
+    pub fn client_for(&self, host: &str) -> anyhow::Result<ServiceApi> {
+        let addr = self.https_addr()?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(&self.ca_pem()?)?)
+            .resolve(host, addr)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(ServiceApi {
+            http,
+            base: format!("https://{host}:{}", addr.port()),
+            auth: None,
+        })
+    }
+
     /// Stops the server and starts it again on the same data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if !self.stop().await? {

@@ -225,6 +225,9 @@ pub struct FlagOverrides {
     /// `--tls-name`.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub tls: serde_json::Map<String, serde_json::Value>,
+    /// `--hub`.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub minihub: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Config {

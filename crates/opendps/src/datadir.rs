@@ -60,6 +60,26 @@ impl DataDir {
         self.root.join("runtime.json")
     }
 
+    /// This node's stable name (created once): the owner of its operation leases, so that after a
+    /// crash the restarted node resumes its operations without waiting for the leases to expire.
+    pub fn node_id(&self) -> anyhow::Result<String> {
+        let path = self.root.join("node-id");
+        if let Ok(id) = fs::read_to_string(&path) {
+            let id = id.trim();
+            if !id.is_empty() {
+                return Ok(id.to_owned());
+            }
+        }
+        let mut bytes = [0u8; 8];
+        dps_core::sas::fill_random(&mut bytes);
+        let id = format!(
+            "node-{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        fs::write(&path, &id).context("while writing node-id")?;
+        Ok(id)
+    }
+
     /// Records the running service.
     pub fn write_runtime(&self, runtime: &Runtime) -> anyhow::Result<()> {
         let tmp = self.root.join("runtime.json.tmp");

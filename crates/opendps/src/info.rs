@@ -30,6 +30,18 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
         .context("the database has no service identity yet; start `opendps serve` once")?;
     let hubs = store.list_linked_hubs().await?;
     store.close();
+    let minihub_db = data.root().join("minihub.db");
+    let minihubs: Vec<Value> = if minihub_db.exists() {
+        let hub = minihub::Minihub::open(&minihub_db)
+            .with_context(|| format!("while opening {}", minihub_db.display()))?;
+        hub.hubs()
+            .await?
+            .iter()
+            .map(|h| json!({"hostName": h.host_name, "connectionString": h.connection_string()}))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let runtime = data.read_runtime();
     let host = match &runtime {
         Some(rt) => rt.service_host.clone(),
@@ -52,6 +64,7 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
         "caFile": ca.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
         "listen": {"https": runtime.as_ref().map(|r| r.https).unwrap_or(config.http.listen)},
         "linkedHubs": hubs.iter().map(LinkedHub::describe).collect::<Vec<_>>(),
+        "minihubs": minihubs,
         "running": runtime.map(|r| json!({"pid": r.pid})),
         "dataDir": std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone()),
     }))
@@ -84,6 +97,16 @@ pub fn print_human(info: &Value) {
             "  {:<26} {}",
             p["name"].as_str().unwrap_or("-"),
             rights.join(", ")
+        );
+    }
+    for hub in info["minihubs"].as_array().into_iter().flatten() {
+        println!(
+            "In-process hub:      {}",
+            hub["hostName"].as_str().unwrap_or("-")
+        );
+        println!(
+            "  connection string: {}",
+            hub["connectionString"].as_str().unwrap_or("-")
         );
     }
     let hubs = info["linkedHubs"].as_array().cloned().unwrap_or_default();

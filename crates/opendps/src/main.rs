@@ -82,6 +82,10 @@ struct ServeArgs {
     /// Extra DNS name or IP address for the development certificate (repeatable).
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
+    /// Serve an IoT hub with this host name in-process (minihub; repeatable). Replaces
+    /// `minihub.hubs` from the configuration.
+    #[arg(long = "hub")]
+    hubs: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +164,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(host) = args.public_host {
                 flags.http.insert("public_host".into(), host.into());
+            }
+            if !args.hubs.is_empty() {
+                flags
+                    .minihub
+                    .insert("hubs".into(), args.hubs.clone().into());
             }
             let config = load_config(&cli.data_dir, &args.config, flags, &args.tls_names)?;
             init_tracing(&config);

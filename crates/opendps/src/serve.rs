@@ -1,21 +1,29 @@
 //! `opendps serve`: open the store, make sure the service identity and TLS material exist, bind the
 //! listeners, and serve until SIGTERM or SIGINT.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::Router;
+use axum::extract::Request;
+use axum::http::header;
 use dps_core::access::{Authorizer, ServiceIdentity};
 use dps_core::clock::{Clock, SystemClock};
+use dps_core::linked_hub::{LinkedHub, LinkedHubRequest};
 use dps_core::management::Management;
 use dps_core::provisioning::{Provisioning, ProvisioningSettings};
+use dps_core::store::LinkedHubStore as _;
 use dps_core::store::{IdentityStore as _, Store};
 use dps_http::AppState;
 use dps_outbound::{HubEndpoints, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
+use minihub::Minihub;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
 use crate::config::Config;
 use crate::datadir::{DataDir, Runtime};
@@ -35,7 +43,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .init_identity(&ServiceIdentity::generate())
         .await
         .context("while reading the service identity")?;
-    let (server_identity, ca_created) = pki::server_identity(&config.tls, &data)?;
+    let minihub = open_minihub(&config, &data).await?;
+    let mut tls_config = config.tls.clone();
+    tls_config.names.extend(config.minihub.hubs.iter().cloned());
+    let (server_identity, ca_created) = pki::server_identity(&tls_config, &data)?;
     if ca_created {
         tracing::info!(ca = %data.ca_file().display(), "created a development CA; clients must trust this file");
     }
@@ -62,7 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let hub_client = RestHubClient::new(RestHubSettings {
         timeout: Duration::from_secs(config.provisioning.hub_timeout_secs),
         extra_roots_pem: std::fs::read(data.ca_file()).into_iter().collect(),
-        endpoints: HubEndpoints::new(),
+        endpoints: hub_endpoints(&config, https),
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     let wake = Arc::new(Notify::new());
@@ -75,6 +86,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         provisioning_settings(&config),
         Box::new(move || waker.notify_one()),
     ));
+    if let Some(hub) = &minihub
+        && config.minihub.link
+    {
+        link_minihubs(hub, &config.minihub.hubs, &store).await?;
+    }
     let app = dps_http::router(Arc::new(AppState {
         management,
         provisioning: Arc::clone(&provisioning),
@@ -82,13 +98,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_body_bytes: config.http.max_body_bytes,
     }));
 
+    let app = with_minihub(app, minihub);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(dps_http::serve(listener, tls, app, stop_rx.clone()));
-    let node = format!(
-        "node-{}-{}",
-        std::process::id(),
-        clock.now().as_millisecond()
-    );
+    let node = data.node_id()?;
     let worker = tokio::spawn(worker::run(
         provisioning,
         shared,
@@ -123,6 +136,85 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     data.remove_runtime();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the in-process hubs, if any are configured, creating each one (and its keys) once.
+async fn open_minihub(config: &Config, data: &DataDir) -> anyhow::Result<Option<Arc<Minihub>>> {
+    if config.minihub.hubs.is_empty() {
+        return Ok(None);
+    }
+    let path = data.root().join("minihub.db");
+    let hub = Minihub::open(&path).with_context(|| format!("while opening {}", path.display()))?;
+    for name in &config.minihub.hubs {
+        hub.ensure_hub(name)
+            .await
+            .with_context(|| format!("while creating the in-process hub {name}"))?;
+        tracing::info!(hub = %name, "serving an in-process IoT hub (minihub)");
+    }
+    Ok(Some(Arc::new(hub)))
+}
+
+/// Links each in-process hub that is not linked yet, with weight 1.
+async fn link_minihubs(hub: &Minihub, names: &[String], store: &SqliteStore) -> anyhow::Result<()> {
+    let linked = store.list_linked_hubs().await?;
+    for info in hub.hubs().await? {
+        let wanted = names
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(&info.host_name));
+        if !wanted
+            || linked
+                .iter()
+                .any(|l| l.host_name.eq_ignore_ascii_case(&info.host_name))
+        {
+            continue;
+        }
+        let request = LinkedHubRequest {
+            connection_string: info.connection_string(),
+            allocation_weight: None,
+            apply_allocation_policy: None,
+            location: None,
+        };
+        let link = LinkedHub::from_request(request)
+            .map_err(|e| anyhow::anyhow!("linking {}: {e}", info.host_name))?;
+        store.put_linked_hub(&link).await?;
+        tracing::info!(hub = %info.host_name, "linked the in-process hub");
+    }
+    Ok(())
+}
+
+/// In-process hubs are reached at this service's own listener, whatever their names resolve to.
+fn hub_endpoints(config: &Config, https: SocketAddr) -> HubEndpoints {
+    let ip = if https.ip().is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        https.ip()
+    };
+    config
+        .minihub
+        .hubs
+        .iter()
+        .map(|name| (name.to_ascii_lowercase(), SocketAddr::new(ip, https.port())))
+        .collect()
+}
+
+/// Sends requests addressed (by Host) to an in-process hub to minihub, everything else to DPS.
+fn with_minihub(dps: Router, hub: Option<Arc<Minihub>>) -> Router {
+    let Some(hub) = hub else { return dps };
+    let hub_router = minihub::router(Arc::clone(&hub));
+    Router::new().fallback_service(tower::service_fn(move |request: Request| {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()))
+            .unwrap_or_default();
+        let target = if hub.hub_for_host(host).is_some() {
+            hub_router.clone()
+        } else {
+            dps.clone()
+        };
+        async move { target.oneshot(request).await }
+    }))
 }
 
 fn provisioning_settings(config: &Config) -> ProvisioningSettings {

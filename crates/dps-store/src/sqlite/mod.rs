@@ -623,13 +623,17 @@ impl OperationStore for SqliteStore {
                     "UPDATE operations SET lease_owner = ?1, lease_until_ms = ?2
                      WHERE operation_id IN (
                          SELECT operation_id FROM operations
-                         WHERE pending = 1 AND next_attempt_ms <= ?3 AND (lease_until_ms IS NULL OR lease_until_ms < ?3)
+                         WHERE pending = 1 AND next_attempt_ms <= ?3
+                           AND (lease_until_ms IS NULL OR lease_until_ms < ?3 OR lease_owner = ?1)
                          ORDER BY next_attempt_ms LIMIT ?4)
                      RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
                 )
                 .backend()?;
             let rows = stmt
-                .query_map(params![owner, now + lease_ms, now, limit as i64], operation_row)
+                .query_map(
+                    params![owner, now + lease_ms, now, limit as i64],
+                    operation_row,
+                )
                 .backend()?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .backend()?;

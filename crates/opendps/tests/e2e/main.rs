@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod device_api;
+mod hubs;
 mod lifecycle;
 mod service_api;
 mod tls;
