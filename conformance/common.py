@@ -146,3 +146,48 @@ def is_b64_of_len(value, nbytes):
 def out(msg):
     print(msg, flush=True)
     sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------
+# In-process IoT hubs (minihub)
+# ---------------------------------------------------------------------------
+
+TOASTERS_HUB = "contoso-toasters-hub-1.azure-devices.net"
+HEATPUMPS_HUB = "contoso-heatpumps-hub-1.azure-devices.net"
+
+
+def route_hubs_to_loopback():
+    """The in-process hubs answer on the server's listener, but their names do not resolve here:
+    send those names to 127.0.0.1, as a hosts file would. The SDKs themselves are untouched."""
+    import socket
+
+    hubs = {h["hostName"].lower() for h in info().get("minihubs", [])}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.lower() in hubs:
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+    # requests (under the registry client) reads the CA bundle from the environment.
+    os.environ["REQUESTS_CA_BUNDLE"] = info()["caFile"]
+
+
+def listen_port():
+    return int(info()["listen"]["https"].rsplit(":", 1)[1])
+
+
+def hub_connection_string(host):
+    """The in-process hub's iothubowner connection string, with the server's port in HostName."""
+    for hub in info().get("minihubs", []):
+        if hub["hostName"] == host:
+            return hub["connectionString"].replace(f"HostName={host};", f"HostName={host}:{listen_port()};")
+    raise ScenarioFailure(f"hub {host!r} is not in `opendps info --json` (minihubs)")
+
+
+def registry_manager(host):
+    from azure.iot.hub import IoTHubRegistryManager
+
+    route_hubs_to_loopback()
+    return IoTHubRegistryManager.from_connection_string(hub_connection_string(host))

@@ -57,7 +57,9 @@ print_server_log() {
 }
 
 # (OPENDPS_BIN is ours, not a server setting: keep it out of the server's environment.)
-env -u OPENDPS_BIN "$BIN" serve --data-dir "$DIR" --listen 127.0.0.1:0 >"$DIR/serve.log" 2>&1 &
+env -u OPENDPS_BIN "$BIN" serve --data-dir "$DIR" --listen 127.0.0.1:0 \
+    --hub contoso-toasters-hub-1.azure-devices.net --hub contoso-heatpumps-hub-1.azure-devices.net \
+    >"$DIR/serve.log" 2>&1 &
 PID=$!
 
 INFO=""
@@ -100,7 +102,7 @@ passed=0
 failed=0
 for name in "${NAMES[@]}"; do
     rc=0
-    output="$(OPENDPS_INFO="$INFO" timeout "$SCENARIO_TIMEOUT" "$PY" "$CONF/scenarios.py" "$name" 2>&1)" || rc=$?
+    output="$(OPENDPS_INFO="$INFO" CONFORMANCE_OPENDPS_BIN="$BIN" timeout "$SCENARIO_TIMEOUT" "$PY" "$CONF/scenarios.py" "$name" 2>&1)" || rc=$?
     if [ "$rc" -eq 0 ]; then
         passed=$((passed + 1))
         echo "PASS $name"

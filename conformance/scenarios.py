@@ -11,6 +11,8 @@ the scenario and the HTTP exchanges it made.
 
 import base64
 import hashlib
+import hmac
+import json
 import os
 import secrets
 import ssl
@@ -23,7 +25,7 @@ from azure.core.credentials import AzureNamedKeyCredential  # noqa: F401  (docum
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import common
-from common import call, check, expect_status, make_client, out, unique_id
+from common import call, check, expect_status, is_b64_of_len, make_client, out, unique_id
 
 SCENARIOS = {}
 
@@ -345,6 +347,86 @@ def bulk_create(client, cleanup):
     check(len(errors) == 1, f"bulk: want exactly one error, got {errors!r}")
     check(errors[0].get("registrationId") == existing, f"bulk: the error is for {errors[0].get('registrationId')!r}, want {existing!r}: {errors!r}")
 
+
+
+# ---------------------------------------------------------------------------
+# IoT hub side: the official azure-iot-hub registry client against the in-process hubs
+# ---------------------------------------------------------------------------
+
+
+def derived_key(group_key, registration_id):
+    return base64.b64encode(hmac.new(base64.b64decode(group_key), registration_id.encode(), hashlib.sha256).digest()).decode()
+
+
+def hub_status(fn, *args):
+    """The HTTP status of a registry call that is expected to fail."""
+    try:
+        fn(*args)
+    except Exception as e:  # msrest raises HttpOperationError with a response attached
+        response = getattr(e, "response", None)
+        return getattr(response, "status_code", None)
+    return 200
+
+
+@scenario("hub_registry_crud")
+def hub_registry_crud(client, cleanup):
+    from azure.iot.hub.models import QuerySpecification, Twin, TwinProperties
+
+    rm = common.registry_manager(common.TOASTERS_HUB)
+    id_ = unique_id("hubcrud")
+    created = rm.create_device_with_sas(id_, "", "", "enabled")
+    keys = created.authentication.symmetric_key
+    check(is_b64_of_len(keys.primary_key, 32) or is_b64_of_len(keys.primary_key, 64), f"generated primary key: {keys.primary_key!r}")
+    got = rm.get_device(id_)
+    check(got.etag and got.device_id == id_, f"get_device: {got!r}")
+    updated = rm.update_device_with_sas(id_, got.etag, keys.primary_key, keys.secondary_key, "disabled")
+    check(updated.status == "disabled", f"update_device_with_sas: status {updated.status!r}")
+    check(hub_status(rm.update_device_with_sas, id_, got.etag, keys.primary_key, keys.secondary_key, "enabled") == 412,
+          "update with a stale etag must be 412")
+    twin = rm.get_twin(id_)
+    patched = rm.update_twin(id_, Twin(tags={"site": "hq"}, properties=TwinProperties(desired={"mode": "eco"})), twin.etag)
+    check(patched.tags == {"site": "hq"}, f"update_twin tags: {patched.tags!r}")
+    check(patched.properties.desired.get("mode") == "eco", f"update_twin desired: {patched.properties.desired!r}")
+    replaced = rm.replace_twin(id_, Twin(tags={"owner": "ops"}, properties=TwinProperties(desired={})))
+    check(replaced.tags == {"owner": "ops"}, f"replace_twin tags: {replaced.tags!r}")
+    found = rm.query_iot_hub(QuerySpecification(query="SELECT * FROM devices"))
+    check(id_ in [t.device_id for t in found.items], f"query_iot_hub: {id_} not among {[t.device_id for t in found.items]}")
+    rm.delete_device(id_)
+    check(hub_status(rm.get_device, id_) == 404, "get_device after delete must be 404")
+
+
+@scenario("provisioned_device_on_hub_with_initial_twin")
+def provisioned_device_on_hub(client, cleanup):
+    group = unique_id("grp-hub")
+    cleanup.add(GROUP, group)
+    body = {
+        "enrollmentGroupId": group,
+        "attestation": {"type": "symmetricKey"},
+        "iotHubs": [common.HEATPUMPS_HUB],
+        "initialTwin": {"tags": {"deviceType": "heatpump"}, "properties": {"desired": {"state": "on", "temperatureSetting": "65"}}},
+    }
+    call("create the group", client.enrollment_group.create_or_update, group, body)
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    rid = unique_id("mainbuilding167-contoso-hpsd")
+    device_key = derived_key(keys["primaryKey"], rid)
+    data = common.info()
+    result = subprocess.run(
+        [os.environ["CONFORMANCE_OPENDPS_BIN"], "device", "register", "--provisioning-host", data["serviceHost"],
+         "--id-scope", data["idScope"], "--registration-id", rid, "--symmetric-key", device_key,
+         "--ca-file", data["caFile"], "--output", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    check(result.returncode == 0, f"opendps device register failed: {result.stderr.strip()} {result.stdout.strip()}")
+    state = json.loads(result.stdout)["registrationState"]
+    check(state["assignedHub"] == common.HEATPUMPS_HUB, f"assigned to {state['assignedHub']!r}")
+    rm = common.registry_manager(common.HEATPUMPS_HUB)
+    device = rm.get_device(state["deviceId"])
+    check(device.authentication.symmetric_key.primary_key == device_key, "the hub identity carries the derived key")
+    twin = rm.get_twin(state["deviceId"])
+    check(twin.tags == {"deviceType": "heatpump"}, f"twin tags: {twin.tags!r}")
+    desired = {k: v for k, v in twin.properties.desired.items() if not k.startswith("$")}
+    check(desired == {"state": "on", "temperatureSetting": "65"}, f"twin desired: {desired!r}")
+    rm.delete_device(state["deviceId"])
 
 # ---------------------------------------------------------------------------
 
