@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod datadir;
 mod device;
+mod hub;
 mod info;
 mod pki;
 mod serve;
@@ -45,6 +46,8 @@ struct Cli {
 enum Command {
     /// Run the provisioning service.
     Serve(ServeArgs),
+    /// Run IoT hubs (minihub) without the provisioning service.
+    Hub(HubArgs),
     /// Print the ID scope, connection strings, CA file and listeners of a service.
     Info(InfoArgs),
     /// Print or check the configuration.
@@ -86,6 +89,19 @@ struct ServeArgs {
     /// `minihub.hubs` from the configuration.
     #[arg(long = "hub")]
     hubs: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct HubArgs {
+    /// Host name of a hub to serve (repeatable), e.g. contoso-toasters-hub-1.azure-devices.net.
+    #[arg(long = "hub", required = true)]
+    hubs: Vec<String>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    listen: std::net::SocketAddr,
+    /// Extra DNS name or IP address for the development certificate (repeatable).
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +189,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&cli.data_dir, &args.config, flags, &args.tls_names)?;
             init_tracing(&config);
             serve::run(config).await
+        }
+        Command::Hub(args) => {
+            let config = load_config(
+                &cli.data_dir,
+                &ConfigArgs { config: None },
+                FlagOverrides::default(),
+                &[],
+            )?;
+            init_tracing(&config);
+            let mut tls = config.tls.clone();
+            tls.names.extend(args.tls_names);
+            hub::run(hub::HubSettings {
+                data_dir: config.data_dir,
+                listen: args.listen,
+                hubs: args.hubs,
+                tls,
+            })
+            .await
         }
         Command::Info(args) => {
             let config = load_config(&cli.data_dir, &args.config, FlagOverrides::default(), &[])?;

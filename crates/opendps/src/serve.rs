@@ -238,7 +238,8 @@ pub fn service_host(public_host: &str, port: u16) -> String {
     }
 }
 
-async fn stop_signal() {
+/// Resolves on SIGTERM or SIGINT.
+pub async fn stop_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

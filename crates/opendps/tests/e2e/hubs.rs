@@ -63,9 +63,15 @@ async fn server_with_hubs() -> TestServer {
     server
 }
 
-/// Registers `rid` with its derived key and polls (without waiting out Retry-After) to the end.
+/// Registers `rid` with its key derived from the fixture group's key, and polls to the end.
 async fn provision(api: &ServiceApi, scope: &str, rid: &str) -> Value {
-    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    provision_in(api, scope, rid, GROUP_KEY).await
+}
+
+/// Registers `rid` with its key derived from `group_key` and polls (without waiting out
+/// Retry-After) until the operation is terminal.
+async fn provision_in(api: &ServiceApi, scope: &str, rid: &str, group_key: &str) -> Value {
+    let key = derive_device_key(group_key, rid).expect("derive");
     let token = generate_token(
         &format!("{scope}/registrations/{rid}"),
         &key,
@@ -358,4 +364,259 @@ async fn a_crash_with_500_operations_in_flight_loses_none() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn standalone_hub_serves_its_registry() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opendps"))
+        .args([
+            "hub",
+            "--hub",
+            "plant-hub.example",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let cs = first
+        .strip_prefix("plant-hub.example: ")
+        .expect("the hub's connection string")
+        .to_owned();
+    let host_port = cs
+        .split(';')
+        .find_map(|p| p.strip_prefix("HostName="))
+        .expect("HostName");
+    let port: u16 = host_port
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port in HostName");
+    let key = cs
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .expect("key");
+
+    let ca = std::fs::read(dir.path().join("tls/ca.pem")).expect("ca");
+    let http = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).expect("pem"))
+        .resolve(
+            "plant-hub.example",
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        )
+        .build()
+        .expect("client");
+    let token = generate_token(host_port, key, Some("iothubowner"), far_future()).expect("token");
+    let created = http
+        .put(format!("https://plant-hub.example:{port}/devices/sensor-1?api-version=2021-04-12"))
+        .header("Authorization", token)
+        .json(&json!({"deviceId": "sensor-1", "authentication": {"type": "sas", "symmetricKey": {"primaryKey": "", "secondaryKey": ""}}}))
+        .send()
+        .await
+        .expect("put");
+    let status = created.status();
+    let body: Value = created.json().await.expect("json");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{body}"
+    );
+}
+
+/// Registers a device of group `group` on TOASTERS, changes its twin there, moves the group to
+/// HEATPUMPS under `policy`, registers again, and returns (new state, twin on the new hub).
+async fn move_between_hubs(
+    server: &TestServer,
+    group: &str,
+    rid: &str,
+    policy: Value,
+) -> (Value, Option<Value>) {
+    let api = server.api().expect("client");
+    let scope = server.info["idScope"].as_str().expect("scope").to_owned();
+    // A key of its own, so the device cannot also authenticate through the fixture's group.
+    let group_key = dps_core::sas::generate_key();
+    let body = |hub: &str| {
+        json!({
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}},
+            "iotHubs": [hub],
+            "reprovisionPolicy": policy,
+            "initialTwin": {"tags": {"deviceType": "toaster"}, "properties": {"desired": {"state": "ready"}}},
+        })
+    };
+    assert_eq!(
+        api.put(
+            &format!("/enrollmentGroups/{group}"),
+            body(TOASTERS),
+            Some("*")
+        )
+        .await
+        .expect("group")
+        .status,
+        200
+    );
+    let first = provision_in(&api, &scope, rid, &group_key).await;
+    assert_eq!(
+        first["registrationState"]["assignedHub"], TOASTERS,
+        "{first}"
+    );
+    let toasters = server.hub_api(TOASTERS).expect("hub");
+    let patch = json!({"tags": {"room": "499"}, "properties": {"desired": {"state": "toasting"}}});
+    let patched = toasters
+        .send(
+            Method::PATCH,
+            &format!("/twins/{rid}"),
+            &[("If-Match", "*")],
+            Some(Body::Json(patch)),
+        )
+        .await
+        .expect("patch");
+    assert_eq!(patched.status, 200, "{patched:?}");
+
+    assert_eq!(
+        api.put(
+            &format!("/enrollmentGroups/{group}"),
+            body(HEATPUMPS),
+            Some("*")
+        )
+        .await
+        .expect("group")
+        .status,
+        200
+    );
+    let second = provision_in(&api, &scope, rid, &group_key).await;
+    let hub = second["registrationState"]["assignedHub"]
+        .as_str()
+        .expect("hub")
+        .to_owned();
+    let twin = server
+        .hub_api(&hub)
+        .expect("hub")
+        .get(&format!("/twins/{rid}"))
+        .await
+        .expect("twin");
+    (second, (twin.status == 200).then_some(twin.body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_policies_move_devices_between_real_hubs() {
+    let server = server_with_hubs().await;
+    let gone_from_toasters = |rid: &'static str| {
+        let hub = server.hub_api(TOASTERS).expect("hub");
+        async move {
+            hub.get(&format!("/devices/{rid}"))
+                .await
+                .expect("get")
+                .status
+                == 404
+        }
+    };
+
+    let (state, twin) = move_between_hubs(
+        &server,
+        "migrating",
+        "mover-migrate",
+        json!({"updateHubAssignment": true, "migrateDeviceData": true}),
+    )
+    .await;
+    assert_eq!(state["registrationState"]["assignedHub"], HEATPUMPS);
+    assert_eq!(
+        state["registrationState"]["substatus"],
+        "deviceDataMigrated"
+    );
+    let twin = twin.expect("twin on the new hub");
+    assert_eq!(twin["tags"]["room"], "499", "tags migrated: {twin}");
+    assert_eq!(
+        twin["properties"]["desired"]["state"], "toasting",
+        "desired migrated: {twin}"
+    );
+    assert!(gone_from_toasters("mover-migrate").await);
+
+    let (state, twin) = move_between_hubs(
+        &server,
+        "resetting",
+        "mover-reset",
+        json!({"updateHubAssignment": true, "migrateDeviceData": false}),
+    )
+    .await;
+    assert_eq!(state["registrationState"]["assignedHub"], HEATPUMPS);
+    assert_eq!(state["registrationState"]["substatus"], "deviceDataReset");
+    let twin = twin.expect("twin on the new hub");
+    assert!(
+        twin["tags"].get("room").is_none(),
+        "reset to the initial twin: {twin}"
+    );
+    assert_eq!(twin["properties"]["desired"]["state"], "ready");
+    assert!(gone_from_toasters("mover-reset").await);
+
+    let (state, _) = move_between_hubs(
+        &server,
+        "staying",
+        "mover-never",
+        json!({"updateHubAssignment": false, "migrateDeviceData": true}),
+    )
+    .await;
+    assert_eq!(
+        state["registrationState"]["assignedHub"], TOASTERS,
+        "never reprovision keeps the hub"
+    );
+    assert!(!gone_from_toasters("mover-never").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_device_registering_20_times_at_once_has_one_identity() {
+    let server = server_with_hubs().await;
+    let api = server.api().expect("client");
+    let scope = server.info["idScope"].as_str().expect("scope").to_owned();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (api, scope) = (api.clone(), scope.clone());
+        tasks.spawn(async move { provision(&api, &scope, "impatient-device").await });
+    }
+    let mut hubs = std::collections::BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.expect("task");
+        assert_eq!(result["status"], "assigned", "{result}");
+        hubs.insert(
+            result["registrationState"]["assignedHub"]
+                .as_str()
+                .expect("hub")
+                .to_owned(),
+        );
+    }
+    assert_eq!(hubs.len(), 1, "{hubs:?}");
+    let holders: Vec<&str> = {
+        let mut found = Vec::new();
+        for hub in [TOASTERS, HEATPUMPS, IDLE] {
+            if server
+                .hub_api(hub)
+                .expect("hub")
+                .get("/devices/impatient-device")
+                .await
+                .expect("get")
+                .status
+                == 200
+            {
+                found.push(hub);
+            }
+        }
+        found
+    };
+    assert_eq!(
+        holders.len(),
+        1,
+        "exactly one hub holds the device: {holders:?}"
+    );
 }
