@@ -135,33 +135,45 @@ impl Etag {
     /// Whether an `If-Match` value names this etag. One layer of quotes is ignored on both sides,
     /// because C# quotes the header and Node sends it raw.
     pub fn matches(&self, if_match: &str) -> bool {
-        strip_quotes(self.0.trim()) == strip_quotes(if_match.trim())
+        unquote(&self.0) == unquote(if_match)
     }
 }
 
-/// How an `If-Match` header constrains a write.
+/// How an `If-Match` header constrains a write. Shared by the DPS service API and minihub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IfMatch {
     /// No header.
     Absent,
-    /// `*` or `"*"`: any existing version, or none.
+    /// `*` or `"*"` (the C# and Python clients quote the wildcard): any version.
     Any,
-    /// A specific version.
+    /// A specific version, unquoted.
     Etag(String),
 }
 
 impl IfMatch {
     /// Reads an optional header value.
     pub fn from_header(value: Option<&str>) -> Self {
-        match value.map(str::trim) {
-            None | Some("") => Self::Absent,
-            Some(v) if strip_quotes(v) == "*" => Self::Any,
-            Some(v) => Self::Etag(v.to_owned()),
+        match value.map(str::trim).filter(|v| !v.is_empty()) {
+            None => Self::Absent,
+            Some(v) if unquote(v) == "*" => Self::Any,
+            Some(v) => Self::Etag(unquote(v).to_owned()),
+        }
+    }
+
+    /// Whether an item whose etag is `current` satisfies the header. `Absent` allows anything here;
+    /// callers for which a missing header means "create" check that first.
+    pub fn allows(&self, current: &str) -> bool {
+        match self {
+            Self::Absent | Self::Any => true,
+            Self::Etag(wanted) => wanted == unquote(current),
         }
     }
 }
 
-fn strip_quotes(value: &str) -> &str {
+/// Removes a weak `W/` prefix and one layer of double quotes.
+pub fn unquote(value: &str) -> &str {
+    let value = value.trim();
+    let value = value.strip_prefix("W/").unwrap_or(value);
     value
         .strip_prefix('"')
         .and_then(|v| v.strip_suffix('"'))
@@ -210,5 +222,25 @@ mod tests {
         assert_eq!(IfMatch::from_header(Some("*")), IfMatch::Any);
         assert_eq!(IfMatch::from_header(None), IfMatch::Absent);
         assert_eq!(IfMatch::from_header(Some("x")), IfMatch::Etag("x".into()));
+        assert_eq!(IfMatch::from_header(Some("  ")), IfMatch::Absent);
+        assert_eq!(
+            IfMatch::from_header(Some("W/\"MTIz\"")),
+            IfMatch::Etag("MTIz".into())
+        );
+        assert_eq!(
+            IfMatch::from_header(Some("\"MTIz\"")),
+            IfMatch::Etag("MTIz".into())
+        );
+    }
+
+    #[test]
+    fn if_match_allows_the_current_version_only() {
+        let wanted = IfMatch::from_header(Some("\"MTIz\""));
+        assert!(wanted.allows("MTIz"));
+        assert!(wanted.allows("\"MTIz\""));
+        assert!(!wanted.allows("MTI0"));
+        // Only one layer: a client that double-quoted asked for a different tag.
+        assert!(!IfMatch::from_header(Some("\"\"MTIz\"\"")).allows("MTIz"));
+        assert!(IfMatch::Any.allows("anything"));
     }
 }

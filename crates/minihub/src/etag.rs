@@ -1,53 +1,10 @@
-//! ETags and `If-Match`. Bodies carry etags unquoted (`"etag": "MTIz"`), headers quoted
-//! (`ETag: "MTIz"`); clients send either form, so comparison strips one layer of quotes (and a
-//! weak `W/` prefix).
+//! ETags. Bodies carry etags unquoted (`"etag": "MTIz"`), headers quoted (`ETag: "MTIz"`);
+//! `If-Match` handling is shared with the DPS service API (`dps_core::ids::IfMatch`).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-/// The precondition of a write, from its `If-Match` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IfMatch {
-    /// No header: a create for devices, unconditional for twins.
-    Absent,
-    /// `*`: any current version.
-    Any,
-    /// A specific version, already unquoted.
-    Etag(String),
-}
-
-impl IfMatch {
-    /// Interprets a header value (`None` when the header is missing).
-    pub fn parse(header: Option<&str>) -> Self {
-        let Some(value) = header.map(str::trim).filter(|v| !v.is_empty()) else {
-            return Self::Absent;
-        };
-        // The Python registry client quotes whatever it sends, the wildcard included (`"*"`).
-        match unquote(value) {
-            "*" => Self::Any,
-            etag => Self::Etag(etag.to_owned()),
-        }
-    }
-
-    /// Whether an existing item with `current` etag satisfies the precondition. `Absent` matches
-    /// anything here; callers that treat it as "create" check that before.
-    pub fn matches(&self, current: &str) -> bool {
-        match self {
-            Self::Absent | Self::Any => true,
-            Self::Etag(wanted) => wanted == unquote(current),
-        }
-    }
-}
-
-/// Removes a weak prefix and one layer of double quotes.
-pub fn unquote(value: &str) -> &str {
-    let value = value.trim();
-    let value = value.strip_prefix("W/").unwrap_or(value);
-    value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap_or(value)
-}
+pub use dps_core::ids::{IfMatch, unquote};
 
 /// `"{etag}"`, for the `ETag` response header.
 pub fn quoted(etag: &str) -> String {
@@ -75,34 +32,6 @@ pub fn twin_etag(version: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn if_match_forms() {
-        assert_eq!(IfMatch::parse(None), IfMatch::Absent);
-        assert_eq!(IfMatch::parse(Some("  ")), IfMatch::Absent);
-        assert_eq!(IfMatch::parse(Some("*")), IfMatch::Any);
-        assert_eq!(IfMatch::parse(Some("\"*\"")), IfMatch::Any);
-        assert_eq!(
-            IfMatch::parse(Some("\"MTIz\"")),
-            IfMatch::Etag("MTIz".into())
-        );
-        assert_eq!(
-            IfMatch::parse(Some("W/\"MTIz\"")),
-            IfMatch::Etag("MTIz".into())
-        );
-        assert_eq!(IfMatch::parse(Some("MTIz")), IfMatch::Etag("MTIz".into()));
-    }
-
-    #[test]
-    fn matching_strips_one_layer_of_quotes() {
-        let wanted = IfMatch::parse(Some("\"MTIz\""));
-        assert!(wanted.matches("MTIz"));
-        assert!(wanted.matches("\"MTIz\""));
-        assert!(!wanted.matches("MTI0"));
-        // Only one layer: a client that double-quoted asked for a different tag.
-        assert!(!IfMatch::parse(Some("\"\"MTIz\"\"")).matches("MTIz"));
-        assert!(IfMatch::Any.matches("anything"));
-    }
 
     #[test]
     fn etag_shapes() {

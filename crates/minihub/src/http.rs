@@ -175,7 +175,7 @@ async fn handle(hub: &Minihub, request: Request) -> Result<Response, MinihubErro
     if let Some(rights) = endpoint.rights() {
         hub.authorize_service(&hub_name, authorization.as_deref(), rights)?;
     }
-    let if_match = IfMatch::parse(header_text(request.headers(), header::IF_MATCH));
+    let if_match = IfMatch::from_header(header_text(request.headers(), header::IF_MATCH));
     let top = query_param(&request, "top");
     let max_items = header_text(request.headers(), "x-ms-max-item-count").map(str::to_owned);
     let continuation = header_text(request.headers(), "x-ms-continuation").map(str::to_owned);

@@ -412,7 +412,7 @@ impl Minihub {
                 (Some(_), IfMatch::Absent) => {
                     return Err(MinihubError::DeviceAlreadyExists(device_id));
                 }
-                (Some((old, _)), wanted) if !wanted.matches(&old.etag) => {
+                (Some((old, _)), wanted) if !wanted.allows(&old.etag) => {
                     return Err(MinihubError::PreconditionFailed(format!(
                         "device '{device_id}' has changed since etag {}",
                         etag::quoted(&old.etag)
@@ -476,7 +476,7 @@ impl Minihub {
             let Some((device, _)) = store::device(tx, &hub, &device_id)? else {
                 return Err(MinihubError::DeviceNotFound(device_id));
             };
-            if !if_match.matches(&device.etag) {
+            if !if_match.allows(&device.etag) {
                 return Err(MinihubError::PreconditionFailed(format!(
                     "device '{device_id}' has changed since that etag"
                 )));
@@ -532,7 +532,7 @@ impl Minihub {
             let Some((device, mut twin)) = store::device(tx, &hub, &device_id)? else {
                 return Err(MinihubError::DeviceNotFound(device_id));
             };
-            if !if_match.matches(&etag::twin_etag(twin.version())) {
+            if !if_match.allows(&etag::twin_etag(twin.version())) {
                 return Err(MinihubError::PreconditionFailed(format!(
                     "the twin of '{device_id}' has changed since that etag"
                 )));
