@@ -32,7 +32,10 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Azure answers with `Retry-After`, `Content-Type`, …; some device stacks look headers up with
+    // their exact case, so HTTP/1.1 responses use it too.
+    builder.http1().title_case_headers(true);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
