@@ -428,6 +428,100 @@ def provisioned_device_on_hub(client, cleanup):
     check(desired == {"state": "on", "temperatureSetting": "65"}, f"twin desired: {desired!r}")
     rm.delete_device(state["deviceId"])
 
+
+# ---------------------------------------------------------------------------
+# Device side over MQTT: the official azure-iot-device ProvisioningDeviceClient (port 8883)
+# ---------------------------------------------------------------------------
+
+
+def provisioning_client(registration_id, key):
+    from azure.iot.device import ProvisioningDeviceClient
+
+    data = common.info()
+    return ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host="localhost",
+        registration_id=registration_id,
+        id_scope=data["idScope"],
+        symmetric_key=key,
+        server_verification_cert=open(data["caFile"]).read(),
+    )
+
+
+def register_expecting_failure(registration_id, key, what):
+    """Registration must fail, and fast (well under 5 s)."""
+    import time
+
+    started = time.monotonic()
+    try:
+        result = provisioning_client(registration_id, key).register()
+    except Exception as e:  # the SDK raises ClientError / ServiceError
+        elapsed = time.monotonic() - started
+        check(elapsed < 5, f"{what}: the SDK failed only after {elapsed:.1f} s")
+        out(f"  {what}: {type(e).__name__} after {elapsed:.2f} s")
+        return
+    raise common.ScenarioFailure(f"{what}: registration did not fail: {result}")
+
+
+@scenario("mqtt_group_device_with_payload")
+def mqtt_group_device(client, cleanup):
+    group = unique_id("grp-mqtt")
+    cleanup.add(GROUP, group)
+    body = {
+        "enrollmentGroupId": group,
+        "attestation": {"type": "symmetricKey"},
+        "iotHubs": [common.TOASTERS_HUB],
+        "initialTwin": {"tags": {"deviceType": "toaster"}, "properties": {"desired": {"state": "ready", "darknessSetting": "medium"}}},
+    }
+    call("create the group", client.enrollment_group.create_or_update, group, body)
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    rid = unique_id("breakroom499-contoso-tstrsd")
+    device_key = derived_key(keys["primaryKey"], rid)
+    device = provisioning_client(rid, device_key)
+    device.provisioning_payload = {"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}
+    result = device.register()
+    check(result.status == "assigned", f"status {result.status!r}: {result}")
+    state = result.registration_state
+    check(state.assigned_hub == common.TOASTERS_HUB, f"assigned hub {state.assigned_hub!r}")
+    check(state.device_id == rid, f"device id {state.device_id!r}")
+    check(state.sub_status == "initialAssignment", f"substatus {state.sub_status!r}")
+    rm = common.registry_manager(common.TOASTERS_HUB)
+    check(rm.get_device(rid).authentication.symmetric_key.primary_key == device_key, "the hub identity carries the derived key")
+    twin = rm.get_twin(rid)
+    check(twin.tags == {"deviceType": "toaster"}, f"twin tags {twin.tags!r}")
+    rm.delete_device(rid)
+
+
+@scenario("mqtt_individual_enrollment")
+def mqtt_individual(client, cleanup):
+    rid = unique_id("mqtt-solo")
+    cleanup.add(INDIVIDUAL, rid)
+    body = {"registrationId": rid, "deviceId": rid + "-dev", "attestation": {"type": "symmetricKey"}, "iotHubs": [common.HEATPUMPS_HUB]}
+    call("create the enrollment", client.enrollment.create_or_update, rid, body)
+    keys = call("enrollment keys", client.enrollment.get_attestation_mechanism, rid)["symmetricKey"]
+    result = provisioning_client(rid, keys["secondaryKey"]).register()
+    check(result.status == "assigned", f"status {result.status!r}: {result}")
+    check(result.registration_state.assigned_hub == common.HEATPUMPS_HUB, f"hub {result.registration_state.assigned_hub!r}")
+    check(result.registration_state.device_id == rid + "-dev", f"device id {result.registration_state.device_id!r}")
+    common.registry_manager(common.HEATPUMPS_HUB).delete_device(rid + "-dev")
+
+
+@scenario("mqtt_wrong_key_disabled_unknown_fail_fast")
+def mqtt_failures(client, cleanup):
+    group = unique_id("grp-mqtt-bad")
+    cleanup.add(GROUP, group)
+    call("create the group", client.enrollment_group.create_or_update, group, {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}})
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    rid = unique_id("mqtt-dev")
+    register_expecting_failure(rid, derived_key(keys["primaryKey"], rid + "x"), "wrong key")
+    register_expecting_failure(rid, keys["primaryKey"], "the group key itself")
+    register_expecting_failure(unique_id("stranger"), base64.b64encode(secrets.token_bytes(32)).decode(), "unknown device")
+    disabled = unique_id("mqtt-off")
+    cleanup.add(INDIVIDUAL, disabled)
+    call("create a disabled enrollment", client.enrollment.create_or_update, disabled,
+         {"registrationId": disabled, "attestation": {"type": "symmetricKey"}, "provisioningStatus": "disabled"})
+    off_key = call("its keys", client.enrollment.get_attestation_mechanism, disabled)["symmetricKey"]["primaryKey"]
+    register_expecting_failure(disabled, off_key, "disabled enrollment")
+
 # ---------------------------------------------------------------------------
 
 

@@ -22,6 +22,18 @@ pub struct DeviceRegistration {
     pub payload: Option<Value>,
 }
 
+impl DeviceRegistration {
+    /// Decodes a request body. Empty bodies (C# over MQTT), whitespace (poll payloads), `{}` and
+    /// `"payload": null` all mean "nothing special".
+    pub fn from_body(body: &[u8]) -> Result<Self, crate::ProvisioningError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body)
+            .map_err(|e| crate::ProvisioningError::InvalidBody(e.to_string()))
+    }
+}
+
 /// `SymmetricKeyRegistrationResult`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -88,5 +100,33 @@ impl EnrollmentStatus {
     /// Whether no more work will happen.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Assigned | Self::Failed | Self::Disabled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_devices_send() {
+        assert_eq!(
+            DeviceRegistration::from_body(b"").expect("empty"),
+            DeviceRegistration::default()
+        );
+        assert_eq!(
+            DeviceRegistration::from_body(b" ").expect("space"),
+            DeviceRegistration::default()
+        );
+        assert_eq!(
+            DeviceRegistration::from_body(b"{}").expect("{}"),
+            DeviceRegistration::default()
+        );
+        let python = DeviceRegistration::from_body(br#"{"payload": null, "registrationId": "d"}"#)
+            .expect("null payload");
+        assert_eq!(
+            (python.payload, python.registration_id.as_deref()),
+            (None, Some("d"))
+        );
+        assert!(DeviceRegistration::from_body(b"{oops").is_err());
     }
 }

@@ -73,7 +73,7 @@ pub(crate) async fn handle(
             scope,
             registration_id,
         } => {
-            let registration = decode_body(body)?;
+            let registration = DeviceRegistration::from_body(body)?;
             let status = provisioning
                 .register(&scope, &registration_id, registration, sas)
                 .await?;
@@ -97,20 +97,13 @@ pub(crate) async fn handle(
             scope,
             registration_id,
         } => {
-            decode_body(body)?;
+            DeviceRegistration::from_body(body)?;
             let result = provisioning
                 .registration_status(&scope, &registration_id, sas)
                 .await?;
             Ok(json(StatusCode::OK, &result, None))
         }
     }
-}
-
-fn decode_body(body: &[u8]) -> Result<DeviceRegistration, ProvisioningError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(DeviceRegistration::default());
-    }
-    serde_json::from_slice(body).map_err(|e| ProvisioningError::InvalidBody(e.to_string()))
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T, retry_after: Option<u32>) -> Response {
@@ -160,21 +153,5 @@ mod tests {
             )
             .is_none()
         );
-    }
-
-    #[test]
-    fn bodies() {
-        assert_eq!(
-            decode_body(b"").expect("empty"),
-            DeviceRegistration::default()
-        );
-        assert_eq!(
-            decode_body(b"{}").expect("{}"),
-            DeviceRegistration::default()
-        );
-        let with_null =
-            decode_body(br#"{"payload": null, "registrationId": "d"}"#).expect("null payload");
-        assert_eq!(with_null.payload, None);
-        assert!(decode_body(b"{oops").is_err());
     }
 }

@@ -50,7 +50,13 @@ impl TestServer {
             .append(true)
             .open(self.log_path())?;
         let child = Command::new(&self.bin)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.extra_args)

@@ -35,6 +35,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The HTTPS listener (device and service API).
     pub http: HttpConfig,
+    /// The MQTT/TLS listener (device API, and devices of in-process hubs).
+    pub mqtt: MqttConfig,
     /// Server certificate.
     pub tls: TlsConfig,
     /// Where state is kept.
@@ -54,6 +56,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("./opendps-data"),
             http: HttpConfig::default(),
+            mqtt: MqttConfig::default(),
             tls: TlsConfig::default(),
             storage: StorageConfig::default(),
             service_api: ServiceApiConfig::default(),
@@ -82,6 +85,25 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             public_host: "localhost".into(),
             max_body_bytes: 96 * 1024,
+        }
+    }
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Serve MQTT at all.
+    pub enabled: bool,
+    /// Address of the MQTT/TLS listener. Devices dial 8883 (the Python SDK cannot be told otherwise).
+    pub listen: SocketAddr,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
         }
     }
 }
@@ -228,6 +250,9 @@ pub struct FlagOverrides {
     /// `--hub`.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub minihub: serde_json::Map<String, serde_json::Value>,
+    /// `--mqtt-listen`.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub mqtt: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Config {

@@ -22,6 +22,9 @@ pub struct Runtime {
     pub pid: u32,
     /// The bound HTTPS address.
     pub https: SocketAddr,
+    /// The bound MQTT address, if MQTT is served.
+    #[serde(default)]
+    pub mqtt: Option<SocketAddr>,
     /// The host clients should use (public host and port).
     pub service_host: String,
 }

@@ -62,7 +62,10 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
         "serviceConnectionString": owner,
         "policies": policies,
         "caFile": ca.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
-        "listen": {"https": runtime.as_ref().map(|r| r.https).unwrap_or(config.http.listen)},
+        "listen": {
+            "https": runtime.as_ref().map(|r| r.https).unwrap_or(config.http.listen),
+            "mqtt": runtime.as_ref().map_or(config.mqtt.enabled.then_some(config.mqtt.listen), |r| r.mqtt),
+        },
         "linkedHubs": hubs.iter().map(LinkedHub::describe).collect::<Vec<_>>(),
         "minihubs": minihubs,
         "running": runtime.map(|r| json!({"pid": r.pid})),

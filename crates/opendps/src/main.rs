@@ -82,6 +82,9 @@ struct ServeArgs {
     /// Host name clients use; goes into connection strings.
     #[arg(long)]
     public_host: Option<String>,
+    /// Address to listen on for MQTT over TLS (port 0 picks a free port).
+    #[arg(long)]
+    mqtt_listen: Option<String>,
     /// Extra DNS name or IP address for the development certificate (repeatable).
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
@@ -180,6 +183,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(host) = args.public_host {
                 flags.http.insert("public_host".into(), host.into());
+            }
+            if let Some(listen) = args.mqtt_listen {
+                flags.mqtt.insert("listen".into(), listen.into());
             }
             if !args.hubs.is_empty() {
                 flags

@@ -121,6 +121,23 @@ fn load_files(cert: &Path, key: &Path) -> anyhow::Result<ServerIdentity> {
     Ok(ServerIdentity { chain, key })
 }
 
+impl Clone for ServerIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// The TLS configuration of the MQTT listener: as [`server_config`], without ALPN (MQTT clients
+/// offer none, or names of their own that must not make the handshake fail).
+pub fn mqtt_server_config(identity: ServerIdentity) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut config = Arc::unwrap_or_clone(server_config(identity)?);
+    config.alpn_protocols.clear();
+    Ok(Arc::new(config))
+}
+
 /// A rustls server configuration offering TLS 1.3 and 1.2 (the Python device SDK speaks 1.2 only).
 pub fn server_config(identity: ServerIdentity) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

@@ -17,6 +17,7 @@ use dps_core::provisioning::{Provisioning, ProvisioningSettings};
 use dps_core::store::LinkedHubStore as _;
 use dps_core::store::{IdentityStore as _, Store};
 use dps_http::AppState;
+use dps_mqtt::{DpsConnector, MqttLimits};
 use dps_outbound::{HubEndpoints, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
 use minihub::Minihub;
@@ -50,6 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if ca_created {
         tracing::info!(ca = %data.ca_file().display(), "created a development CA; clients must trust this file");
     }
+    let mqtt_tls = TlsAcceptor::from(pki::mqtt_server_config(server_identity.clone())?);
     let tls = TlsAcceptor::from(pki::server_config(server_identity)?);
     let listener = TcpListener::bind(config.http.listen).await.with_context(|| {
         format!("while binding {}; is another service using it? Choose another address with --listen", config.http.listen)
@@ -100,6 +102,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let app = with_minihub(app, minihub);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mqtt = match config.mqtt.enabled {
+        true => {
+            let mqtt_listener = TcpListener::bind(config.mqtt.listen).await.with_context(|| {
+                format!("while binding MQTT on {}; is another MQTT server using it? Choose another address with --mqtt-listen", config.mqtt.listen)
+            })?;
+            let bound = mqtt_listener.local_addr()?;
+            let connector = Arc::new(DpsConnector::new(Arc::clone(&provisioning), None));
+            let task = tokio::spawn(dps_mqtt::serve(
+                mqtt_listener,
+                mqtt_tls,
+                connector,
+                MqttLimits::default(),
+                stop_rx.clone(),
+            ));
+            Some((bound, task))
+        }
+        false => None,
+    };
     let server = tokio::spawn(dps_http::serve(listener, tls, app, stop_rx.clone()));
     let node = data.node_id()?;
     let worker = tokio::spawn(worker::run(
@@ -113,6 +133,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     data.write_runtime(&Runtime {
         pid: std::process::id(),
         https,
+        mqtt: mqtt.as_ref().map(|(addr, _)| *addr),
         service_host: service_host.clone(),
     })?;
     tracing::info!(
@@ -128,6 +149,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     if let Err(err) = server.await {
         tracing::error!(%err, "the HTTPS server task failed");
+    }
+    if let Some((_, task)) = mqtt
+        && let Err(err) = task.await
+    {
+        tracing::error!(%err, "the MQTT server task failed");
     }
     if let Err(err) = worker.await {
         tracing::error!(%err, "the registration worker failed");

@@ -1,0 +1,209 @@
+//! The DPS side of the MQTT listener: CONNECT usernames `{idScope}/registrations/{registrationId}/…`
+//! with the device SAS as password. Like Azure, the SAS is checked on each request, so a bad key gets
+//! a 401 with a JSON body on the response topic (every SDK then fails at once).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dps_core::ProvisioningError;
+use dps_core::device::DeviceRegistration;
+use dps_core::model::ProvisioningServiceErrorDetails;
+use dps_core::provisioning::Provisioning;
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet};
+
+use crate::server::{Connection, Connector, Handled};
+use crate::session::{DpsSession, Output};
+
+/// `(idScope, registrationId)` from a DPS CONNECT username: `{scope}/registrations/{id}/api-version=…`
+/// (SDKs omit the `?`; one is tolerated).
+pub fn parse_username(username: &str) -> Option<(String, String)> {
+    let mut parts = username.splitn(4, '/');
+    let scope = parts.next().filter(|s| !s.is_empty())?;
+    parts
+        .next()
+        .filter(|s| s.eq_ignore_ascii_case("registrations"))?;
+    let registration_id = parts.next().filter(|s| !s.is_empty())?;
+    Some((scope.to_owned(), registration_id.to_owned()))
+}
+
+/// Accepts DPS connections; hands other usernames to `others` (the IoT hub side), if any.
+pub struct DpsConnector {
+    provisioning: Arc<Provisioning>,
+    others: Option<Arc<dyn Connector>>,
+}
+
+impl DpsConnector {
+    /// DPS, with an optional connector for everything that is not DPS.
+    pub fn new(provisioning: Arc<Provisioning>, others: Option<Arc<dyn Connector>>) -> Self {
+        Self {
+            provisioning,
+            others,
+        }
+    }
+}
+
+#[async_trait]
+impl Connector for DpsConnector {
+    async fn connect(&self, connect: &Connect) -> Result<Box<dyn Connection>, ConnectReturnCode> {
+        let username = connect
+            .login
+            .as_ref()
+            .map(|l| l.username.as_str())
+            .unwrap_or_default();
+        let Some((scope, registration_id)) = parse_username(username) else {
+            return match &self.others {
+                Some(others) => others.connect(connect).await,
+                None => Err(ConnectReturnCode::BadUserNamePassword),
+            };
+        };
+        let sas = connect
+            .login
+            .as_ref()
+            .map(|l| l.password.clone())
+            .filter(|p| !p.is_empty());
+        // X.509 devices send no password; that attestation is not supported yet.
+        let sas = sas.ok_or(ConnectReturnCode::NotAuthorized)?;
+        Ok(Box::new(DpsConnection {
+            session: DpsSession::new(),
+            provisioning: Arc::clone(&self.provisioning),
+            scope,
+            registration_id,
+            sas,
+        }))
+    }
+}
+
+struct DpsConnection {
+    session: DpsSession,
+    provisioning: Arc<Provisioning>,
+    scope: String,
+    registration_id: String,
+    sas: String,
+}
+
+impl DpsConnection {
+    /// Status, Retry-After and JSON body of a response.
+    fn answer<T: serde::Serialize>(
+        &self,
+        result: Result<(u16, T), ProvisioningError>,
+    ) -> (u16, Option<u32>, Vec<u8>) {
+        match result {
+            Ok((status, body)) => {
+                let retry = (status == 202).then(|| self.provisioning.retry_after_secs());
+                (status, retry, serde_json::to_vec(&body).unwrap_or_default())
+            }
+            Err(err) => {
+                let tracking_id = format!("{:016x}", rand_u64());
+                if let Some(cause) = err.internal_cause() {
+                    tracing::error!(tracking_id, cause, "MQTT request failed");
+                }
+                let body = ProvisioningServiceErrorDetails::from_error(
+                    &err,
+                    tracking_id,
+                    jiff::Timestamp::now(),
+                );
+                (
+                    err.http_status(),
+                    None,
+                    serde_json::to_vec(&body).unwrap_or_default(),
+                )
+            }
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    dps_core::sas::fill_random(&mut bytes);
+    u64::from_be_bytes(bytes)
+}
+
+#[async_trait]
+impl Connection for DpsConnection {
+    async fn handle(&mut self, packet: Packet) -> Handled {
+        let mut handled = Handled::default();
+        for output in self.session.handle(packet) {
+            let (rid, (status, retry_after, body)) = match output {
+                Output::Send(packet) => {
+                    handled.send.push(packet);
+                    continue;
+                }
+                Output::Close(reason) => {
+                    handled.close = Some(reason);
+                    break;
+                }
+                Output::Register { rid, body } => {
+                    let result = match DeviceRegistration::from_body(&body) {
+                        Ok(registration) => self
+                            .provisioning
+                            .register(
+                                &self.scope,
+                                &self.registration_id,
+                                registration,
+                                Some(&self.sas),
+                            )
+                            .await
+                            .map(|status| (202, status)),
+                        Err(err) => Err(err),
+                    };
+                    (rid, self.answer(result))
+                }
+                Output::Poll { rid, operation_id } => {
+                    let result = self
+                        .provisioning
+                        .operation_status(
+                            &self.scope,
+                            &self.registration_id,
+                            &operation_id,
+                            Some(&self.sas),
+                        )
+                        .await
+                        .map(|status| {
+                            (
+                                if status.status.is_terminal() {
+                                    200
+                                } else {
+                                    202
+                                },
+                                status,
+                            )
+                        });
+                    (rid, self.answer(result))
+                }
+            };
+            handled
+                .send
+                .push(self.session.respond(&rid, status, retry_after, body));
+        }
+        handled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        assert_eq!(
+            parse_username(
+                "0ne00111111/registrations/dev-1/api-version=2019-03-31&ClientVersion=azure-iot-device%2F2.14.0"
+            ),
+            Some(("0ne00111111".into(), "dev-1".into()))
+        );
+        assert_eq!(
+            parse_username("0ne00111111/registrations/dev-1/?api-version=2019-03-31"),
+            Some(("0ne00111111".into(), "dev-1".into()))
+        );
+        assert_eq!(
+            parse_username("0ne00111111/Registrations/dev-1"),
+            Some(("0ne00111111".into(), "dev-1".into()))
+        );
+        assert_eq!(
+            parse_username("myhub.azure-devices.net/dev-1/?api-version=2019-10-01"),
+            None
+        );
+        assert_eq!(parse_username("0ne00111111/registrations/"), None);
+        assert_eq!(parse_username(""), None);
+    }
+}
