@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use reqwest::StatusCode;
 use serde_json::Value;
+
+use crate::mqtt_client::DpsMqtt;
 
 /// Device API version sent, as the C SDK sends it.
 const API_VERSION: &str = "2021-06-01";
@@ -27,6 +28,8 @@ pub enum DeviceCommand {
 pub enum Transport {
     /// The DPS device REST API over HTTPS.
     Https,
+    /// MQTT 3.1.1 over TLS, as the Python, C, C# and Node SDKs can.
+    Mqtt,
 }
 
 /// `opendps device register`.
@@ -50,6 +53,9 @@ pub struct RegisterArgs {
     /// Transport.
     #[arg(long, value_enum, default_value_t = Transport::Https)]
     transport: Transport,
+    /// MQTT port (devices dial 8883).
+    #[arg(long, default_value_t = 8883)]
+    mqtt_port: u16,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -92,21 +98,11 @@ pub async fn register(
         .map(|p| serde_json::from_str(p).context("--payload is not valid JSON"))
         .transpose()?;
 
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
-    if let Some(ca) = &ca {
-        let pem = std::fs::read(ca).with_context(|| format!("while reading {}", ca.display()))?;
-        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem)?);
-    }
-    let http = builder.build()?;
     let resource = format!("{scope}/registrations/{}", args.registration_id);
     let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
     let token =
         dps_core::sas::generate_token(&resource, &args.symmetric_key, Some("registration"), expiry)
             .map_err(|_| anyhow::anyhow!("--symmetric-key is not a base64 key"))?;
-    let base = format!(
-        "https://{host}/{scope}/registrations/{}",
-        args.registration_id
-    );
     let say = |line: &str| {
         if !json_output {
             println!("{line}");
@@ -116,45 +112,42 @@ pub async fn register(
     say(&format!(
         "Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"
     ));
+    let mut channel = match args.transport {
+        Transport::Https => {
+            Channel::https(&host, &scope, &args.registration_id, ca.as_deref(), token)?
+        }
+        Transport::Mqtt => {
+            let name = host
+                .rsplit_once(':')
+                .map_or(host.as_str(), |(name, _)| name);
+            Channel::Mqtt(
+                DpsMqtt::connect(
+                    name,
+                    args.mqtt_port,
+                    ca.as_deref(),
+                    &scope,
+                    &args.registration_id,
+                    &token,
+                )
+                .await?,
+            )
+        }
+    };
     let body = serde_json::json!({"registrationId": args.registration_id, "payload": payload});
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
-    let response = http
-        .put(format!("{base}/register?api-version={API_VERSION}"))
-        .header("Authorization", &token)
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| {
-            format!("could not reach https://{host}; check --provisioning-host and the CA")
-        })?;
+    let (mut status, mut retry_after, mut reply) = channel.register(&body).await?;
     say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
-    let (mut status, mut retry_after, mut reply) = read(response).await?;
-    if status != StatusCode::ACCEPTED {
+    if status != 202 {
         bail!(failure(status, &reply));
     }
     let operation_id = reply["operationId"]
         .as_str()
         .context("the service sent no operationId")?
         .to_owned();
-    loop {
+    let outcome = loop {
         match reply["status"].as_str().unwrap_or_default() {
             "assigning" => say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING"),
-            "assigned" => {
-                let state = &reply["registrationState"];
-                if json_output {
-                    println!("{}", serde_json::to_string_pretty(&reply)?);
-                } else {
-                    println!(
-                        "\nRegistration Information received from service: {}, deviceId: {}",
-                        state["assignedHub"].as_str().unwrap_or_default(),
-                        state["deviceId"].as_str().unwrap_or_default()
-                    );
-                    if let Some(payload) = state.get("payload") {
-                        println!("Payload from the allocation webhook: {payload}");
-                    }
-                }
-                return Ok(());
-            }
+            "assigned" => break Ok(reply),
             other => {
                 if json_output {
                     println!("{}", serde_json::to_string_pretty(&reply)?);
@@ -166,40 +159,121 @@ pub async fn register(
                     (_, Some(400_209)) => "PROV_DEVICE_RESULT_UNAUTHORIZED",
                     _ => "PROV_DEVICE_RESULT_DEV_AUTH_ERROR",
                 };
-                bail!(
+                break Err(anyhow::anyhow!(
                     "Failure registering device: {result} (status {other}, error {}: {})",
                     state["errorCode"]
                         .as_i64()
                         .map(|c| c.to_string())
                         .unwrap_or_else(|| "-".into()),
                     state["errorMessage"].as_str().unwrap_or("no message")
-                );
+                ));
             }
         }
         if tokio::time::Instant::now() + Duration::from_secs(retry_after) > deadline {
-            bail!(
+            break Err(anyhow::anyhow!(
                 "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
                 args.timeout
-            );
+            ));
         }
         tokio::time::sleep(Duration::from_secs(retry_after)).await;
-        let response = http
-            .get(format!(
-                "{base}/operations/{operation_id}?api-version={API_VERSION}"
-            ))
-            .header("Authorization", &token)
-            .send()
-            .await?;
-        (status, retry_after, reply) = read(response).await?;
-        if !(status == StatusCode::OK || status == StatusCode::ACCEPTED) {
-            bail!(failure(status, &reply));
+        (status, retry_after, reply) = channel.poll(&operation_id).await?;
+        if !(status == 200 || status == 202) {
+            break Err(anyhow::anyhow!(failure(status, &reply)));
+        }
+    };
+    channel.close().await;
+    let reply = outcome?;
+    let state = &reply["registrationState"];
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        println!(
+            "\nRegistration Information received from service: {}, deviceId: {}",
+            state["assignedHub"].as_str().unwrap_or_default(),
+            state["deviceId"].as_str().unwrap_or_default()
+        );
+        if let Some(payload) = state.get("payload") {
+            println!("Payload from the allocation webhook: {payload}");
+        }
+    }
+    Ok(())
+}
+
+/// The way requests reach the service.
+enum Channel {
+    Https {
+        http: reqwest::Client,
+        base: String,
+        token: String,
+    },
+    Mqtt(DpsMqtt),
+}
+
+impl Channel {
+    fn https(
+        host: &str,
+        scope: &str,
+        registration_id: &str,
+        ca: Option<&std::path::Path>,
+        token: String,
+    ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = ca {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("while reading {}", ca.display()))?;
+            builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem)?);
+        }
+        Ok(Self::Https {
+            http: builder.build()?,
+            base: format!("https://{host}/{scope}/registrations/{registration_id}"),
+            token,
+        })
+    }
+
+    async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
+        match self {
+            Self::Https { http, base, token } => {
+                let response = http
+                    .put(format!("{base}/register?api-version={API_VERSION}"))
+                    .header("Authorization", token.as_str())
+                    .json(body)
+                    .send()
+                    .await
+                    .with_context(|| {
+                        format!("could not reach {base}; check --provisioning-host and the CA")
+                    })?;
+                read(response).await
+            }
+            Self::Mqtt(mqtt) => mqtt.register(body).await,
+        }
+    }
+
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
+        match self {
+            Self::Https { http, base, token } => {
+                let response = http
+                    .get(format!(
+                        "{base}/operations/{operation_id}?api-version={API_VERSION}"
+                    ))
+                    .header("Authorization", token.as_str())
+                    .send()
+                    .await?;
+                read(response).await
+            }
+            Self::Mqtt(mqtt) => mqtt.poll(operation_id).await,
+        }
+    }
+
+    async fn close(self) {
+        if let Self::Mqtt(mqtt) = self {
+            mqtt.disconnect().await;
         }
     }
 }
 
 /// Status, `Retry-After` (1 to 300 s, default 1, as the C SDK reads it) and JSON body.
-async fn read(response: reqwest::Response) -> anyhow::Result<(StatusCode, u64, Value)> {
-    let status = response.status();
+async fn read(response: reqwest::Response) -> anyhow::Result<(u16, u64, Value)> {
+    let status = response.status().as_u16();
     let retry_after = response
         .headers()
         .get("retry-after")
@@ -215,9 +289,9 @@ async fn read(response: reqwest::Response) -> anyhow::Result<(StatusCode, u64, V
     ))
 }
 
-fn failure(status: StatusCode, reply: &Value) -> String {
+fn failure(status: u16, reply: &Value) -> String {
     format!(
-        "Failure registering device: HTTP {status}, error {}: {}",
+        "Failure registering device: status {status}, error {}: {}",
         reply["errorCode"]
             .as_i64()
             .map(|c| c.to_string())

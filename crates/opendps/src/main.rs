@@ -10,6 +10,7 @@ mod datadir;
 mod device;
 mod hub;
 mod info;
+mod mqtt_client;
 mod pki;
 mod serve;
 mod worker;

@@ -620,3 +620,66 @@ async fn one_device_registering_20_times_at_once_has_one_identity() {
         "exactly one hub holds the device: {holders:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_simulator_registers_over_https_and_mqtt() {
+    let server = server_with_hubs().await;
+    let mqtt_port = server.info["listen"]["mqtt"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .expect("MQTT listener")
+        .to_owned();
+    for (transport, rid) in [("https", "sim-https-1"), ("mqtt", "sim-mqtt-1")] {
+        let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+        let out = server
+            .cli(&[
+                "device",
+                "register",
+                "--registration-id",
+                rid,
+                "--symmetric-key",
+                &key,
+                "--transport",
+                transport,
+                "--mqtt-port",
+                &mqtt_port,
+                "--payload",
+                r#"{"MyDeviceFirmwareVersion":"12.0.2.5"}"#,
+            ])
+            .expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{transport}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!(
+                "Registration Information received from service: contoso-"
+            )),
+            "{stdout}"
+        );
+        assert!(stdout.contains(&format!("deviceId: {rid}")), "{stdout}");
+    }
+    let wrong = server
+        .cli(&[
+            "device",
+            "register",
+            "--registration-id",
+            "sim-mqtt-2",
+            "--symmetric-key",
+            GROUP_KEY,
+            "--transport",
+            "mqtt",
+            "--mqtt-port",
+            &mqtt_port,
+        ])
+        .expect("run");
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("401002"), "{stderr}");
+}

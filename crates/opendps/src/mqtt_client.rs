@@ -1,0 +1,224 @@
+//! A minimal MQTT 3.1.1 client over TLS for the device simulator: the DPS register/poll exchange
+//! exactly as the SDKs perform it (CONNECT with the SAS as password, SUBSCRIBE to the response
+//! topic, QoS 1 requests with a `$rid`, PUBACK of every response).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
+};
+use rumqttc::mqttbytes::{self, QoS};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+const MAX_PACKET: usize = 256 * 1024;
+/// How long to wait for any answer from the service.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An open DPS MQTT session of one device.
+pub struct DpsMqtt {
+    stream: TlsStream<TcpStream>,
+    buffer: BytesMut,
+    next_id: u16,
+    registration_id: String,
+}
+
+impl DpsMqtt {
+    /// Connects to `host:port`, logs in as the device and subscribes to the response topic.
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        ca: Option<&Path>,
+        scope: &str,
+        registration_id: &str,
+        sas: &str,
+    ) -> anyhow::Result<Self> {
+        let config = match ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca)
+                    .with_context(|| format!("while reading {}", ca.display()))?
+                {
+                    roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
+                }
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+            }
+            None => {
+                use rustls_platform_verifier::ConfigVerifierExt as _;
+                rustls::ClientConfig::with_platform_verifier()?
+            }
+        };
+        let tcp = tokio::time::timeout(ANSWER_TIMEOUT, TcpStream::connect((host, port)))
+            .await
+            .context("connecting timed out")?
+            .with_context(|| format!("could not reach {host}:{port} (MQTT)"))?;
+        let name = ServerName::try_from(host.to_owned())
+            .context("the provisioning host is not a valid TLS name")?;
+        let stream = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .context("the TLS handshake failed")?;
+        let mut session = Self {
+            stream,
+            buffer: BytesMut::new(),
+            next_id: 1,
+            registration_id: registration_id.to_owned(),
+        };
+
+        let mut connect = Connect::new(registration_id);
+        connect.keep_alive = 60;
+        connect.clean_session = true;
+        connect.login = Some(Login::new(
+            format!(
+                "{scope}/registrations/{registration_id}/api-version=2019-03-31&ClientVersion=opendps-device%2F{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            sas,
+        ));
+        session.send(Packet::Connect(connect)).await?;
+        match session.receive().await? {
+            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
+            Packet::ConnAck(ack) => bail!("the service refused the MQTT login: {:?}", ack.code),
+            other => bail!("expected CONNACK, got {other:?}"),
+        }
+        let pkid = session.packet_id();
+        session
+            .send(Packet::Subscribe(Subscribe {
+                pkid,
+                filters: vec![rumqttc::mqttbytes::v4::SubscribeFilter::new(
+                    "$dps/registrations/res/#".into(),
+                    QoS::AtLeastOnce,
+                )],
+            }))
+            .await?;
+        match session.receive().await? {
+            Packet::SubAck(ack) if ack.pkid == pkid => Ok(session),
+            other => bail!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes the register request; returns (status, retry-after, body).
+    pub async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
+        let rid = self.packet_id();
+        let payload = serde_json::to_vec(body)?;
+        self.request(
+            format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
+            payload,
+        )
+        .await
+    }
+
+    /// Publishes a poll of `operation_id`.
+    pub async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
+        let rid = self.packet_id();
+        self.request(format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"), b" ".to_vec()).await
+    }
+
+    /// Says goodbye.
+    pub async fn disconnect(mut self) {
+        let _ = self.send(Packet::Disconnect).await;
+    }
+
+    async fn request(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<(u16, u64, Value)> {
+        let rid = topic
+            .split("$rid=")
+            .nth(1)
+            .and_then(|r| r.split('&').next())
+            .unwrap_or_default()
+            .to_owned();
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+        publish.pkid = self.packet_id();
+        let pkid = publish.pkid;
+        self.send(Packet::Publish(publish)).await?;
+        let mut acked = false;
+        loop {
+            match self.receive().await? {
+                Packet::PubAck(ack) if ack.pkid == pkid => acked = true,
+                Packet::Publish(response) => {
+                    if response.qos == QoS::AtLeastOnce {
+                        self.send(Packet::PubAck(PubAck::new(response.pkid)))
+                            .await?;
+                    }
+                    let Some(rest) = response.topic.strip_prefix("$dps/registrations/res/") else {
+                        continue;
+                    };
+                    if !rest.contains(&format!("$rid={rid}")) {
+                        continue;
+                    }
+                    if !acked {
+                        tracing::warn!("the response arrived before the PUBACK of the request");
+                    }
+                    let status: u16 = rest
+                        .split('/')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .context("no status in the response topic")?;
+                    let retry_after = rest
+                        .split("retry-after=")
+                        .nth(1)
+                        .and_then(|v| v.split('&').next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .filter(|s| (1..=300).contains(s))
+                        .unwrap_or(2);
+                    let body = serde_json::from_slice(&response.payload).unwrap_or(Value::Null);
+                    return Ok((status, retry_after, body));
+                }
+                Packet::PingResp => {}
+                other => bail!("unexpected packet from the service: {other:?}"),
+            }
+        }
+    }
+
+    fn packet_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+        id
+    }
+
+    async fn send(&mut self, packet: Packet) -> anyhow::Result<()> {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, MAX_PACKET)?;
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    async fn receive(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            match Packet::read(&mut self.buffer, MAX_PACKET) {
+                Ok(packet) => return Ok(packet),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(err) => bail!("malformed packet from the service: {err}"),
+            }
+            let read = tokio::time::timeout(ANSWER_TIMEOUT, self.stream.read_buf(&mut self.buffer))
+                .await
+                .with_context(|| {
+                    format!(
+                        "no answer for {} within {ANSWER_TIMEOUT:?}",
+                        self.registration_id
+                    )
+                })??;
+            if read == 0 {
+                bail!("the service closed the MQTT connection");
+            }
+        }
+    }
+}
