@@ -120,17 +120,16 @@ pub async fn register(
             let name = host
                 .rsplit_once(':')
                 .map_or(host.as_str(), |(name, _)| name);
-            Channel::Mqtt(
-                DpsMqtt::connect(
-                    name,
-                    args.mqtt_port,
-                    ca.as_deref(),
-                    &scope,
-                    &args.registration_id,
-                    &token,
-                )
-                .await?,
+            let mqtt = DpsMqtt::connect(
+                name,
+                args.mqtt_port,
+                ca.as_deref(),
+                &scope,
+                &args.registration_id,
+                &token,
             )
+            .await?;
+            Channel::Mqtt(Box::new(mqtt))
         }
     };
     let body = serde_json::json!({"registrationId": args.registration_id, "payload": payload});
@@ -206,7 +205,7 @@ enum Channel {
         base: String,
         token: String,
     },
-    Mqtt(DpsMqtt),
+    Mqtt(Box<DpsMqtt>),
 }
 
 impl Channel {

@@ -658,9 +658,7 @@ async fn the_device_simulator_registers_over_https_and_mqtt() {
             "{stdout}"
         );
         assert!(
-            stdout.contains(&format!(
-                "Registration Information received from service: contoso-"
-            )),
+            stdout.contains("Registration Information received from service: contoso-"),
             "{stdout}"
         );
         assert!(stdout.contains(&format!("deviceId: {rid}")), "{stdout}");
