@@ -11,6 +11,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 
@@ -52,6 +53,8 @@ enum Endpoint {
     ReplaceTwin(String),
     /// `POST /devices/{id}/messages/events`: device-to-cloud telemetry.
     Telemetry(String),
+    /// `GET /devices/{id}/messages/events`: the telemetry recorded last (an opendps extension).
+    ReadTelemetry(String),
 }
 
 impl Endpoint {
@@ -73,6 +76,9 @@ impl Endpoint {
             (&Method::PATCH, ["twins", d]) => Some(Self::PatchTwin(id(d))),
             (&Method::PUT, ["twins", d]) => Some(Self::ReplaceTwin(id(d))),
             (&Method::POST, ["devices", d, "messages", "events"]) => Some(Self::Telemetry(id(d))),
+            (&Method::GET, ["devices", d, "messages", "events"]) => {
+                Some(Self::ReadTelemetry(id(d)))
+            }
             _ => None,
         };
         endpoint.ok_or_else(|| {
@@ -85,7 +91,9 @@ impl Endpoint {
     fn rights(&self) -> Option<&'static [AccessRight]> {
         use AccessRight::*;
         match self {
-            Self::ListDevices | Self::GetDevice(_) => Some(&[RegistryRead]),
+            Self::ListDevices | Self::GetDevice(_) | Self::ReadTelemetry(_) => {
+                Some(&[RegistryRead])
+            }
             Self::PutDevice(_) | Self::DeleteDevice(_) => Some(&[RegistryWrite]),
             Self::GetTwin(_) | Self::Query => Some(&[RegistryRead, ServiceConnect]),
             Self::PatchTwin(_) | Self::ReplaceTwin(_) => Some(&[RegistryWrite, ServiceConnect]),
@@ -267,6 +275,48 @@ async fn handle(hub: &Minihub, request: Request) -> Result<Response, MinihubErro
                 .await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
+        Endpoint::ReadTelemetry(id) => {
+            let messages = hub.messages(hub_name, &id).await;
+            json_response(
+                &messages
+                    .iter()
+                    .map(RecordedMessage::from)
+                    .collect::<Vec<_>>(),
+                None,
+            )
+        }
+    }
+}
+
+/// A recorded telemetry message as `GET /devices/{id}/messages/events` returns it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordedMessage<'a> {
+    /// The body as UTF-8 text, or base64 when it is not text.
+    body: String,
+    /// `utf-8` or `base64`.
+    body_encoding: &'static str,
+    properties: &'a BTreeMap<String, String>,
+    system_properties: &'a BTreeMap<String, String>,
+    enqueued_time_utc: String,
+}
+
+impl<'a> From<&'a DeviceMessage> for RecordedMessage<'a> {
+    fn from(message: &'a DeviceMessage) -> Self {
+        let (body, body_encoding) = match std::str::from_utf8(&message.body) {
+            Ok(text) => (text.to_owned(), "utf-8"),
+            Err(_) => (
+                base64::engine::general_purpose::STANDARD.encode(&message.body),
+                "base64",
+            ),
+        };
+        Self {
+            body,
+            body_encoding,
+            properties: &message.properties,
+            system_properties: &message.system_properties,
+            enqueued_time_utc: dps_core::time::format_utc(message.enqueued_time),
+        }
     }
 }
 
@@ -292,6 +342,10 @@ mod tests {
             Some(Endpoint::Telemetry("d1".into()))
         );
         assert_eq!(parse(Method::GET, "/devices/"), Some(Endpoint::ListDevices));
+        assert_eq!(
+            parse(Method::GET, "/devices/d1/messages/events"),
+            Some(Endpoint::ReadTelemetry("d1".into()))
+        );
         assert_eq!(parse(Method::POST, "/twins/d1"), None);
         assert_eq!(parse(Method::GET, "/jobs/v2"), None);
         assert!(matches!(

@@ -9,6 +9,7 @@ mod error;
 mod etag;
 mod http;
 mod model;
+pub mod mqtt;
 mod query;
 mod store;
 mod twin;
@@ -22,7 +23,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::secret::Secret;
 use rusqlite::Connection;
-use serde_json::Value;
+use serde_json::{Map, Value};
+use tokio::sync::broadcast;
 
 pub use error::{JSON_CONTENT_TYPE, MinihubError};
 pub use etag::IfMatch;
@@ -32,10 +34,14 @@ pub use model::{
     DeviceCapabilities, DeviceMessage, DeviceRequest, DeviceStatus, HubInfo, HubPolicy,
     SymmetricKey, Twin, TwinProperties, X509Thumbprint,
 };
+pub use mqtt::HubMqtt;
 
 use crate::model::NEVER;
 use crate::twin::{Mode, TwinState, TwinUpdate};
 
+/// Desired-property updates buffered per device for slow connections; a connection that falls
+/// further behind misses the oldest.
+const DESIRED_BUFFER: usize = 64;
 /// Messages kept per device; older ones are dropped.
 const MAX_MESSAGES: usize = 100;
 /// Longest device id IoT Hub accepts.
@@ -60,7 +66,20 @@ struct Inner {
     /// The latest telemetry per (hub, device), newest last. Not persisted, as on a real hub the
     /// messages go on to a separate event store.
     messages: Mutex<HashMap<(String, String), VecDeque<DeviceMessage>>>,
+    /// Desired-property updates per (hub, device), for the device's MQTT connections. A channel
+    /// lives while someone listens; it is made on the first [`Minihub::watch_desired`].
+    desired: Mutex<HashMap<(String, String), broadcast::Sender<DesiredPatch>>>,
     clock: Arc<dyn Clock>,
+}
+
+/// A change of a twin's desired properties, as pushed to the device on
+/// `$iothub/twin/PATCH/properties/desired/?$version={version}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredPatch {
+    /// The new desired `$version`.
+    pub version: u64,
+    /// The patch (for a replaced twin: all desired properties), with `"$version"`.
+    pub body: Value,
 }
 
 impl std::fmt::Debug for Minihub {
@@ -235,6 +254,7 @@ impl Minihub {
                 db: Mutex::new(conn),
                 hubs: RwLock::new(hubs),
                 messages: Mutex::new(HashMap::new()),
+                desired: Mutex::new(HashMap::new()),
                 clock,
             }),
         })
@@ -527,19 +547,96 @@ impl Minihub {
         let hub = self.hub(hub)?.host_name;
         let update = TwinUpdate::from_body(body)?;
         let now = self.now_text();
+        let key = (hub.clone(), device_id.to_owned());
         let device_id = device_id.to_owned();
+        let (twin, pushed) = self
+            .db(move |tx| {
+                let Some((device, mut twin)) = store::device(tx, &hub, &device_id)? else {
+                    return Err(MinihubError::DeviceNotFound(device_id));
+                };
+                if !if_match.allows(&etag::twin_etag(twin.version())) {
+                    return Err(MinihubError::PreconditionFailed(format!(
+                        "the twin of '{device_id}' has changed since that etag"
+                    )));
+                }
+                let before = twin.desired_version();
+                twin.apply(&update, mode, &now)?;
+                store::put_device(tx, &hub, &device, &twin)?;
+                let version = twin.desired_version();
+                // What the device is told: the patch as sent, or for a replacement everything.
+                let pushed = (version != before).then(|| {
+                    let mut body = match mode {
+                        Mode::Merge => update.desired.clone().unwrap_or_default(),
+                        Mode::Replace => twin.desired_props().clone(),
+                    };
+                    body.insert("$version".into(), version.into());
+                    DesiredPatch {
+                        version,
+                        body: Value::Object(body),
+                    }
+                });
+                Ok((twin.render(&device), pushed))
+            })
+            .await?;
+        if let Some(patch) = pushed {
+            self.push_desired(key, patch);
+        }
+        Ok(twin)
+    }
+
+    /// Tells the device's connections about a desired-property change; forgets the channel when
+    /// nobody listens any more.
+    fn push_desired(&self, key: (String, String), patch: DesiredPatch) {
+        let mut channels = self.inner.desired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = channels.get(&key)
+            && sender.send(patch).is_err()
+        {
+            channels.remove(&key);
+        }
+    }
+
+    /// Desired-property changes of `device_id` from now on, for a device connection.
+    pub fn watch_desired(
+        &self,
+        hub: &str,
+        device_id: &str,
+    ) -> Result<broadcast::Receiver<DesiredPatch>, MinihubError> {
+        let key = (self.hub(hub)?.host_name, device_id.to_owned());
+        let mut channels = self.inner.desired.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(channels
+            .entry(key)
+            .or_insert_with(|| broadcast::channel(DESIRED_BUFFER).0)
+            .subscribe())
+    }
+
+    /// The twin as the device reads it: `{"desired": {…, "$version": n}, "reported": {…,
+    /// "$version": m}}`.
+    pub async fn device_twin(&self, hub: &str, device_id: &str) -> Result<Value, MinihubError> {
+        self.device_and_twin(hub, device_id)
+            .await?
+            .map(|(_, twin)| twin.device_view())
+            .ok_or_else(|| MinihubError::DeviceNotFound(device_id.to_owned()))
+    }
+
+    /// A device's reported-properties patch (merge patch: `null` deletes, objects merge). Returns
+    /// the new reported `$version`.
+    pub async fn patch_reported(
+        &self,
+        hub: &str,
+        device_id: &str,
+        patch: &Map<String, Value>,
+    ) -> Result<u64, MinihubError> {
+        let hub = self.hub(hub)?.host_name;
+        let now = self.now_text();
+        let device_id = device_id.to_owned();
+        let patch = patch.clone();
         self.db(move |tx| {
             let Some((device, mut twin)) = store::device(tx, &hub, &device_id)? else {
                 return Err(MinihubError::DeviceNotFound(device_id));
             };
-            if !if_match.allows(&etag::twin_etag(twin.version())) {
-                return Err(MinihubError::PreconditionFailed(format!(
-                    "the twin of '{device_id}' has changed since that etag"
-                )));
-            }
-            twin.apply(&update, mode, &now)?;
+            let version = twin.patch_reported(&patch, &now)?;
             store::put_device(tx, &hub, &device, &twin)?;
-            Ok(twin.render(&device))
+            Ok(version)
         })
         .await
     }
@@ -615,6 +712,16 @@ impl Minihub {
             )
         })?;
         self.verify_device_sas(hub, device_id, token).await?;
+        self.record_telemetry(hub, device_id, message)
+    }
+
+    /// Keeps a telemetry message of an already authenticated device (the newest 100 per device).
+    pub fn record_telemetry(
+        &self,
+        hub: &str,
+        device_id: &str,
+        message: DeviceMessage,
+    ) -> Result<(), MinihubError> {
         let key = (self.hub(hub)?.host_name, device_id.to_owned());
         let mut messages = self
             .inner
@@ -642,7 +749,7 @@ impl Minihub {
     }
 
     /// The time the hub stamps on what it receives.
-    pub(crate) fn timestamp(&self) -> jiff::Timestamp {
+    pub fn timestamp(&self) -> jiff::Timestamp {
         self.now()
     }
 }

@@ -14,6 +14,8 @@ const MAX_DEPTH: usize = 10;
 const MAX_TAGS_BYTES: usize = 8 * 1024;
 /// Largest serialized desired properties, in bytes (IoT Hub's limit).
 const MAX_DESIRED_BYTES: usize = 32 * 1024;
+/// Largest serialized reported properties, in bytes (IoT Hub's limit).
+const MAX_REPORTED_BYTES: usize = 32 * 1024;
 
 /// One property section (desired or reported) with its bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +217,52 @@ impl TwinState {
     /// The twin's version.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// The desired `$version`.
+    pub fn desired_version(&self) -> u64 {
+        self.desired.version
+    }
+
+    /// The desired properties, without `$metadata` and `$version`.
+    pub fn desired_props(&self) -> &Map<String, Value> {
+        &self.desired.props
+    }
+
+    /// Merges a device's reported-properties patch (JSON merge patch: `null` deletes, objects
+    /// merge). Bumps reported `$version` and the twin `version` if anything changed; returns the
+    /// reported `$version`.
+    pub fn patch_reported(
+        &mut self,
+        patch: &Map<String, Value>,
+        now: &str,
+    ) -> Result<u64, MinihubError> {
+        validate(patch, 1, "properties.reported")?;
+        let mut next = self.reported.clone();
+        let mut stamp = Map::new();
+        stamp.insert("$lastUpdated".into(), now.into());
+        if merge(&mut next.props, &mut next.metadata, patch, &stamp) {
+            check_size(&next.props, MAX_REPORTED_BYTES, "properties.reported")?;
+            next.version += 1;
+            next.last_updated = now.to_owned();
+            self.reported = next;
+            self.version += 1;
+        }
+        Ok(self.reported.version)
+    }
+
+    /// The twin as a device reads it (`$iothub/twin/GET`): both sections with `$version`, no
+    /// `$metadata`.
+    pub fn device_view(&self) -> Value {
+        let section = |s: &Section| {
+            let mut out = s.props.clone();
+            out.insert("$version".into(), s.version.into());
+            Value::Object(out)
+        };
+        serde_json::json!({
+            "desired": section(&self.desired),
+            "reported": section(&self.reported),
+        })
     }
 
     /// Applies `update`; bumps desired `$version` if desired properties changed and the twin
@@ -434,6 +482,46 @@ mod tests {
         let big = update(json!({"tags": {"a": "x".repeat(9000)}}));
         assert!(twin.apply(&big, Mode::Merge, "t1").is_err());
         assert_eq!(twin.version, 1);
+    }
+
+    #[test]
+    fn reported_patches_merge_and_bump_versions() {
+        let mut twin = TwinState::new("t0");
+        let patch = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!("an object"),
+        };
+        let v = twin
+            .patch_reported(
+                &patch(json!({"fw": "1.0", "net": {"ip": "a", "rssi": -50}})),
+                "t1",
+            )
+            .expect("patch");
+        assert_eq!((v, twin.version), (2, 2));
+        let v = twin
+            .patch_reported(&patch(json!({"fw": null, "net": {"rssi": -40}})), "t2")
+            .expect("patch");
+        assert_eq!((v, twin.version), (3, 3));
+        assert_eq!(
+            twin.device_view(),
+            json!({"desired": {"$version": 1}, "reported": {"net": {"ip": "a", "rssi": -40}, "$version": 3}})
+        );
+        // No change, no new version.
+        let v = twin
+            .patch_reported(&patch(json!({"net": {"ip": "a"}})), "t3")
+            .expect("patch");
+        assert_eq!((v, twin.version), (3, 3));
+        let rendered = twin.reported.render(false);
+        assert_eq!(rendered["$metadata"]["net"]["rssi"]["$lastUpdated"], "t2");
+        assert!(
+            twin.patch_reported(&patch(json!({"$bad": 1})), "t4")
+                .is_err()
+        );
+        assert!(
+            twin.patch_reported(&patch(json!({"big": "x".repeat(40_000)})), "t4")
+                .is_err()
+        );
+        assert_eq!(twin.reported.version, 3);
     }
 
     #[test]
