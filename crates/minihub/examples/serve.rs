@@ -1,9 +1,10 @@
-//! A development minihub: `cargo run -p minihub --example serve -- [HUB_NAME] [PORT]`.
+//! A development minihub: `cargo run -p minihub --example serve -- [HUB_NAME] [PORT] [MQTT_PORT]`.
 //!
 //! Opens a throwaway database, ensures the hub (default `localhost`), issues a CA and a server
-//! certificate for it, serves on 127.0.0.1:PORT (default: any free port), and prints the CA file and
-//! the `iothubowner` connection string with the port, ready for the official service SDKs
-//! (`REQUESTS_CA_BUNDLE=<ca file>` for Python). Stops on Ctrl-C.
+//! certificate for it, serves the REST API on 127.0.0.1:PORT (default: any free port) and the
+//! device MQTT API on 127.0.0.1:MQTT_PORT (default 8883, where the device SDKs connect), and prints
+//! the CA file and the `iothubowner` connection string with the port, ready for the official service
+//! SDKs (`REQUESTS_CA_BUNDLE=<ca file>` for Python). Stops on Ctrl-C.
 
 use std::error::Error;
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let hub_name = args.next().unwrap_or_else(|| "localhost".to_owned());
     let port: u16 = args.next().map(|p| p.parse()).transpose()?.unwrap_or(0);
+    let mqtt_port: u16 = args.next().map(|p| p.parse()).transpose()?.unwrap_or(8883);
 
     let dir = tempfile::tempdir()?;
     let minihub = Arc::new(Minihub::open(&dir.path().join("minihub.db"))?);
@@ -60,10 +62,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
             vec![CertificateDer::from(leaf.der().to_vec())],
             PrivateKeyDer::try_from(key.serialize_der())?,
         )?;
+    // MQTT clients offer no ALPN; the HTTPS listener gets its own copy with h2.
+    let mqtt_tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls.clone()));
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let port = listener.local_addr()?.port();
+    let mqtt_listener = tokio::net::TcpListener::bind(("127.0.0.1", mqtt_port)).await?;
     let owner = hub
         .policy("iothubowner")
         .ok_or("the hub has no iothubowner policy")?;
@@ -72,12 +77,23 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "connection string: {}",
         owner.connection_string(&format!("{}:{port}", hub.host_name))
     );
+    println!(
+        "device MQTT: 127.0.0.1:{}",
+        mqtt_listener.local_addr()?.port()
+    );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         let _ = stop.send(true);
     });
+    tokio::spawn(dps_mqtt::serve(
+        mqtt_listener,
+        mqtt_tls,
+        Arc::new(minihub::HubMqtt::new(Arc::clone(&minihub))),
+        dps_mqtt::MqttLimits::default(),
+        stopped.clone(),
+    ));
     dps_http::serve(
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls)),

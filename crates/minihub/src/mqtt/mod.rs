@@ -86,7 +86,14 @@ impl Connector for HubMqtt {
             .minihub
             .watch_desired(&hub, &device_id)
             .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
-        tracing::debug!(hub, device_id, "device connected over MQTT");
+        tracing::debug!(
+            hub,
+            device_id,
+            username = login.username,
+            clean_session = connect.clean_session,
+            keep_alive = connect.keep_alive,
+            "device connected over MQTT"
+        );
         Ok(Box::new(HubConnection {
             session: HubSession::new(&device_id),
             minihub: Arc::clone(&self.minihub),
@@ -185,7 +192,7 @@ impl Connection for HubConnection {
                     };
                     handled
                         .send
-                        .extend(self.session.twin_response(&rid, status, version, body));
+                        .push(self.session.twin_response(&rid, status, version, body));
                 }
             }
         }

@@ -2,8 +2,9 @@
 //! requests out.
 //!
 //! As on IoT Hub, a QoS 1 request is PUBACKed before its response is published, `$rid` is echoed
-//! byte for byte, and responses go out at the QoS the device subscribed with (never above 1), only
-//! on topics it subscribed to. The hub is not a broker: only the device topics are accepted.
+//! byte for byte, and responses go out at the QoS the device subscribed with (never above 1);
+//! desired-property updates only to devices that subscribed to them. The hub is not a broker: only
+//! the device topics are accepted.
 
 use std::collections::BTreeMap;
 
@@ -188,21 +189,23 @@ impl HubSession {
         out
     }
 
-    /// The response to a twin request, `$iothub/twin/res/{status}/?$rid={rid}[&$version={n}]`, or
-    /// `None` when the device has not subscribed to twin responses.
+    /// The response to a twin request, `$iothub/twin/res/{status}/?$rid={rid}[&$version={n}]`, at
+    /// the QoS the device subscribed with. It answers the device's own request, so it is sent even
+    /// without a subscription (at QoS 0): the Python SDK publishes its first twin GET before it
+    /// subscribes to the responses, and waits for that answer.
     pub fn twin_response(
         &mut self,
         rid: &str,
         status: u16,
         version: Option<u64>,
         body: Vec<u8>,
-    ) -> Option<Packet> {
-        let qos = self.twin_responses?;
+    ) -> Packet {
+        let qos = self.twin_responses.unwrap_or(QoS::AtMostOnce);
         let mut topic = format!("$iothub/twin/res/{status}/?$rid={rid}");
         if let Some(version) = version {
             topic.push_str(&format!("&$version={version}"));
         }
-        Some(self.outgoing(topic, qos, body))
+        self.outgoing(topic, qos, body)
     }
 
     /// The desired-property update `$iothub/twin/PATCH/properties/desired/?$version={n}` with
@@ -356,8 +359,7 @@ mod tests {
                 Output::GetTwin { rid: rid.into() },
             ]
         );
-        let Some(Packet::Publish(response)) = s.twin_response(rid, 200, None, b"{}".to_vec())
-        else {
+        let Packet::Publish(response) = s.twin_response(rid, 200, None, b"{}".to_vec()) else {
             panic!("a publish")
         };
         assert_eq!(response.topic, format!("$iothub/twin/res/200/?$rid={rid}"));
@@ -380,7 +382,7 @@ mod tests {
                 },
             ]
         );
-        let Some(Packet::Publish(patched)) = s.twin_response("8", 204, Some(5), Vec::new()) else {
+        let Packet::Publish(patched) = s.twin_response("8", 204, Some(5), Vec::new()) else {
             panic!("a publish")
         };
         assert_eq!(patched.topic, "$iothub/twin/res/204/?$rid=8&$version=5");
@@ -393,14 +395,25 @@ mod tests {
         let mut s = subscribed(QoS::AtMostOnce);
         let out = s.handle(publish("$iothub/twin/GET/?$rid=1", QoS::AtMostOnce, 0, b""));
         assert_eq!(out, vec![Output::GetTwin { rid: "1".into() }]);
-        let Some(Packet::Publish(response)) = s.twin_response("1", 200, None, b"{}".to_vec())
-        else {
+        let Packet::Publish(response) = s.twin_response("1", 200, None, b"{}".to_vec()) else {
             panic!("a publish")
         };
         assert_eq!((response.qos, response.pkid), (QoS::AtMostOnce, 0));
-        // Without a subscription there is nobody to answer.
+        // Without a subscription the answer still goes out, at QoS 0.
         let mut bare = HubSession::new("dev-1");
-        assert_eq!(bare.twin_response("1", 200, None, Vec::new()), None);
+        let Packet::Publish(response) = bare.twin_response("1", 200, None, Vec::new()) else {
+            panic!("a publish")
+        };
+        assert_eq!((response.qos, response.pkid), (QoS::AtMostOnce, 0));
+        let mut bare = subscribed(QoS::AtLeastOnce);
+        bare.handle(Packet::Unsubscribe(Unsubscribe {
+            pkid: 2,
+            topics: vec![TWIN_RESPONSE_FILTER.into()],
+        }));
+        let Packet::Publish(response) = bare.twin_response("2", 200, None, Vec::new()) else {
+            panic!("a publish")
+        };
+        assert_eq!(response.qos, QoS::AtMostOnce);
     }
 
     #[test]
