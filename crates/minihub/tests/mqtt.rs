@@ -155,6 +155,17 @@ impl Server {
     }
 
     async fn client(&self, device_id: &str, password: &str) -> (Client, ConnAck) {
+        let username =
+            format!("{HUB}/{device_id}/?api-version=2019-10-01&DeviceClientType=test%2F1.0");
+        self.client_as(device_id, &username, password).await
+    }
+
+    async fn client_as(
+        &self,
+        device_id: &str,
+        username: &str,
+        password: &str,
+    ) -> (Client, ConnAck) {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(
             rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::aws_lc_rs::default_provider(),
@@ -176,10 +187,7 @@ impl Server {
         let mut connect = Connect::new(device_id);
         connect.keep_alive = 60;
         connect.clean_session = false;
-        connect.login = Some(Login::new(
-            format!("{HUB}/{device_id}/?api-version=2019-10-01&DeviceClientType=test%2F1.0"),
-            password,
-        ));
+        connect.login = Some(Login::new(username, password));
         client.send(Packet::Connect(connect)).await;
         let Packet::ConnAck(ack) = client.recv().await else {
             panic!("CONNACK expected")
@@ -280,9 +288,54 @@ async fn bad_credentials_get_connack_5() {
             "{id} {password}"
         );
     }
-    let (_, ack) = server.client("dev-1", &token).await;
+    // The right token, sent to a hub that is not served here.
+    let (_, ack) = server
+        .client_as(
+            "dev-1",
+            "other-hub.azure-devices.net/dev-1/?api-version=2019-10-01",
+            &token,
+        )
+        .await;
+    assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
+    // Hub names are case-insensitive; the `?` may be missing.
+    let (mut client, ack) = server
+        .client_as(
+            "dev-1",
+            &format!("{}/dev-1/api-version=2019-10-01", HUB.to_uppercase()),
+            &token,
+        )
+        .await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     assert!(!ack.session_present);
+    client.send(Packet::Disconnect).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    assert!(read.is_err() || rest.is_empty());
+
+    // A disabled device is refused too.
+    let keys = server
+        .minihub
+        .get_device(HUB, "dev-1")
+        .await
+        .expect("get")
+        .expect("device")
+        .authentication
+        .symmetric_key;
+    let request: DeviceRequest = serde_json::from_value(json!({
+        "deviceId": "dev-1", "status": "disabled",
+        "authentication": {"type": "sas", "symmetricKey": {
+            "primaryKey": keys.primary_key.expect("key").expose(),
+            "secondaryKey": keys.secondary_key.expect("key").expose()}}}))
+    .expect("request");
+    server
+        .minihub
+        .put_device(HUB, "dev-1", request, IfMatch::Any)
+        .await
+        .expect("disable");
+    let (_, ack) = server.client("dev-1", &token).await;
+    assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
 }
 
 #[tokio::test]
@@ -340,6 +393,9 @@ async fn desired_changes_reach_the_connected_device() {
     let token = server.device("dev-1").await;
     let (mut client, _) = server.client("dev-1", &token).await;
     client.subscribe("dev-1").await;
+    // A second connection of the same device hears the same updates.
+    let (mut second, _) = server.client("dev-1", &token).await;
+    second.subscribe("dev-1").await;
 
     server
         .rest(
@@ -357,6 +413,7 @@ async fn desired_changes_reach_the_connected_device() {
         serde_json::from_slice::<Value>(&update.payload).expect("json"),
         json!({"mode": "eco", "limits": {"hi": 9}, "$version": 2})
     );
+    assert_eq!(second.incoming().await.payload, update.payload);
 
     // Tags alone change nothing the device sees; a replacement sends all desired properties.
     server
