@@ -522,6 +522,77 @@ def mqtt_failures(client, cleanup):
     off_key = call("its keys", client.enrollment.get_attestation_mechanism, disabled)["symmetricKey"]["primaryKey"]
     register_expecting_failure(disabled, off_key, "disabled enrollment")
 
+
+def provision_then_use_the_hub(rid, key, device_id, hub):
+    """The tutorial's device flow: register over MQTT (with a custom payload), connect to the
+    assigned hub with IoTHubDeviceClient, read the initial twin, report, receive a desired update,
+    send telemetry; each effect checked through the hub's registry API."""
+    import threading
+
+    from azure.iot.device import IoTHubDeviceClient, Message
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    device = provisioning_client(rid, key)
+    device.provisioning_payload = {"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}
+    result = device.register()
+    check(result.status == "assigned", f"status {result.status!r}: {result}")
+    state = result.registration_state
+    check(state.assigned_hub == hub and state.device_id == device_id, f"assigned {state.assigned_hub!r} / {state.device_id!r}")
+
+    cs = f"HostName={state.assigned_hub};DeviceId={state.device_id};SharedAccessKey={key};GatewayHostName=localhost"
+    hub_client = IoTHubDeviceClient.create_from_connection_string(cs, server_verification_cert=open(common.info()["caFile"]).read())
+    updates = []
+    arrived = threading.Event()
+
+    def on_desired(patch):
+        updates.append(patch)
+        if "mode" in patch:
+            arrived.set()
+
+    hub_client.on_twin_desired_properties_patch_received = on_desired
+    try:
+        hub_client.connect()
+        twin = hub_client.get_twin()
+        desired = {k: v for k, v in twin["desired"].items() if not k.startswith("$")}
+        check(desired == {"state": "ready", "darknessSetting": "medium"}, f"initial desired properties: {twin}")
+        hub_client.patch_twin_reported_properties({"firmware": "12.0.2.5"})
+        rm = common.registry_manager(hub)
+        seen = rm.get_twin(device_id)
+        check(seen.properties.reported.get("firmware") == "12.0.2.5", f"reported properties via the registry: {seen.properties.reported}")
+        check(seen.tags == {"deviceType": "toaster"}, f"tags: {seen.tags}")
+        rm.update_twin(device_id, Twin(properties=TwinProperties(desired={"mode": "eco"})), seen.etag)
+        check(arrived.wait(10), f"the desired update did not reach the device's handler: {updates}")
+        hub_client.send_message(Message('{"temperature": 21.5}', content_encoding="utf-8", content_type="application/json"))
+        recorded = common.hub_telemetry(hub, device_id)
+        check(any("21.5" in m.get("body", "") for m in recorded), f"telemetry recorded by the hub: {recorded}")
+    finally:
+        hub_client.shutdown()
+    common.registry_manager(hub).delete_device(device_id)
+
+
+INITIAL_TWIN = {"tags": {"deviceType": "toaster"}, "properties": {"desired": {"state": "ready", "darknessSetting": "medium"}}}
+
+
+@scenario("mqtt_group_device_uses_its_hub")
+def mqtt_group_device_uses_its_hub(client, cleanup):
+    group = unique_id("grp-flow")
+    cleanup.add(GROUP, group)
+    body = {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}, "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}
+    call("create the group", client.enrollment_group.create_or_update, group, body)
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    rid = unique_id("breakroom499-contoso-tstrsd")
+    provision_then_use_the_hub(rid, derived_key(keys["primaryKey"], rid), rid, common.TOASTERS_HUB)
+
+
+@scenario("mqtt_individual_device_uses_its_hub")
+def mqtt_individual_device_uses_its_hub(client, cleanup):
+    rid = unique_id("flow-solo")
+    cleanup.add(INDIVIDUAL, rid)
+    body = {"registrationId": rid, "attestation": {"type": "symmetricKey"}, "iotHubs": [common.HEATPUMPS_HUB], "initialTwin": INITIAL_TWIN}
+    call("create the enrollment", client.enrollment.create_or_update, rid, body)
+    keys = call("enrollment keys", client.enrollment.get_attestation_mechanism, rid)["symmetricKey"]
+    provision_then_use_the_hub(rid, keys["primaryKey"], rid, common.HEATPUMPS_HUB)
+
 # ---------------------------------------------------------------------------
 
 

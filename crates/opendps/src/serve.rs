@@ -20,7 +20,7 @@ use dps_http::AppState;
 use dps_mqtt::{DpsConnector, MqttLimits};
 use dps_outbound::{HubEndpoints, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
-use minihub::Minihub;
+use minihub::{HubMqtt, Minihub};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
@@ -100,6 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_body_bytes: config.http.max_body_bytes,
     }));
 
+    let minihub_for_mqtt = minihub.clone();
     let app = with_minihub(app, minihub);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt = match config.mqtt.enabled {
@@ -108,7 +109,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 format!("while binding MQTT on {}; is another MQTT server using it? Choose another address with --mqtt-listen", config.mqtt.listen)
             })?;
             let bound = mqtt_listener.local_addr()?;
-            let connector = Arc::new(DpsConnector::new(Arc::clone(&provisioning), None));
+            // Devices of in-process hubs share the listener, told apart by their CONNECT username.
+            let hubs = minihub_for_mqtt
+                .map(|hub| Arc::new(HubMqtt::new(hub)) as Arc<dyn dps_mqtt::Connector>);
+            let connector = Arc::new(DpsConnector::new(Arc::clone(&provisioning), hubs));
             let task = tokio::spawn(dps_mqtt::serve(
                 mqtt_listener,
                 mqtt_tls,
