@@ -56,6 +56,10 @@ pub struct RegisterArgs {
     /// MQTT port (devices dial 8883).
     #[arg(long, default_value_t = 8883)]
     mqtt_port: u16,
+    /// After assignment, connect to the hub over MQTT (at the provisioning host, as a gateway) and
+    /// print the device's twin.
+    #[arg(long)]
+    connect: bool,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -181,19 +185,56 @@ pub async fn register(
         }
     };
     channel.close().await;
-    let reply = outcome?;
-    let state = &reply["registrationState"];
-    if json_output {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-    } else {
-        println!(
-            "\nRegistration Information received from service: {}, deviceId: {}",
-            state["assignedHub"].as_str().unwrap_or_default(),
-            state["deviceId"].as_str().unwrap_or_default()
-        );
-        if let Some(payload) = state.get("payload") {
-            println!("Payload from the allocation webhook: {payload}");
+    let mut reply = outcome?;
+    let twin = match args.connect {
+        true => {
+            let state = &reply["registrationState"];
+            let hub = state["assignedHub"]
+                .as_str()
+                .context("no assigned hub")?
+                .to_owned();
+            let device_id = state["deviceId"]
+                .as_str()
+                .context("no device id")?
+                .to_owned();
+            let gateway = host
+                .rsplit_once(':')
+                .map_or(host.as_str(), |(name, _)| name);
+            let twin = crate::mqtt_client::read_twin(
+                gateway,
+                args.mqtt_port,
+                ca.as_deref(),
+                &hub,
+                &device_id,
+                &args.symmetric_key,
+            )
+            .await
+            .with_context(|| format!("while connecting to {hub} as {device_id}"))?;
+            Some((hub, device_id, twin))
         }
+        false => None,
+    };
+    if json_output {
+        if let Some((_, _, twin)) = &twin {
+            reply["twin"] = twin.clone();
+        }
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    let state = &reply["registrationState"];
+    println!(
+        "\nRegistration Information received from service: {}, deviceId: {}",
+        state["assignedHub"].as_str().unwrap_or_default(),
+        state["deviceId"].as_str().unwrap_or_default()
+    );
+    if let Some(payload) = state.get("payload") {
+        println!("Payload from the allocation webhook: {payload}");
+    }
+    if let Some((hub, device_id, twin)) = twin {
+        println!(
+            "\nConnected to {hub} as {device_id}. Twin:\n{}",
+            serde_json::to_string_pretty(&twin)?
+        );
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! A minimal MQTT 3.1.1 client over TLS for the device simulator: the DPS register/poll exchange
 //! exactly as the SDKs perform it (CONNECT with the SAS as password, SUBSCRIBE to the response
-//! topic, QoS 1 requests with a `$rid`, PUBACK of every response).
+//! topic, QoS 1 requests with a `$rid`, PUBACK of every response), and a device's twin read from
+//! its IoT hub.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
-    Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
+    Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
 };
 use rumqttc::mqttbytes::{self, QoS};
 use rustls_pki_types::pem::PemObject;
@@ -23,17 +24,65 @@ use tokio_rustls::client::TlsStream;
 const MAX_PACKET: usize = 256 * 1024;
 /// How long to wait for any answer from the service.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+const DPS_RESPONSES: &str = "$dps/registrations/res/";
+const TWIN_RESPONSES: &str = "$iothub/twin/res/";
 
-/// An open DPS MQTT session of one device.
+/// An open MQTT connection of one device.
 pub struct DpsMqtt {
     stream: TlsStream<TcpStream>,
     buffer: BytesMut,
     next_id: u16,
-    registration_id: String,
+    client_id: String,
+}
+
+/// Reads a device's twin from its IoT hub over MQTT: `gateway:port` is where the hub is reached,
+/// `hub` its name (in the username and the token). Returns the `{"desired", "reported"}` document.
+pub async fn read_twin(
+    gateway: &str,
+    port: u16,
+    ca: Option<&Path>,
+    hub: &str,
+    device_id: &str,
+    device_key: &str,
+) -> anyhow::Result<Value> {
+    let expiry = jiff::Timestamp::now().as_second() + 3600;
+    let sas = dps_core::sas::generate_token(
+        &format!("{hub}/devices/{device_id}"),
+        device_key,
+        None,
+        expiry,
+    )
+    .map_err(|_| anyhow::anyhow!("the device key is not base64"))?;
+    let username = format!(
+        "{hub}/{device_id}/?api-version=2019-10-01&DeviceClientType=opendps-device%2F{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut link = DpsMqtt::open(
+        gateway,
+        port,
+        ca,
+        device_id,
+        &username,
+        &sas,
+        "$iothub/twin/res/#",
+    )
+    .await?;
+    let (status, _, twin) = link
+        .request(
+            TWIN_RESPONSES,
+            "$iothub/twin/GET/?$rid=1".into(),
+            Vec::new(),
+        )
+        .await?;
+    link.disconnect().await;
+    if status != 200 {
+        bail!("the hub answered the twin request with status {status}");
+    }
+    Ok(twin)
 }
 
 impl DpsMqtt {
-    /// Connects to `host:port`, logs in as the device and subscribes to the response topic.
+    /// Connects to DPS at `host:port`, logs in as the device and subscribes to the response topic.
     pub async fn connect(
         host: &str,
         port: u16,
@@ -41,6 +90,32 @@ impl DpsMqtt {
         scope: &str,
         registration_id: &str,
         sas: &str,
+    ) -> anyhow::Result<Self> {
+        let username = format!(
+            "{scope}/registrations/{registration_id}/api-version=2019-03-31&ClientVersion=opendps-device%2F{}",
+            env!("CARGO_PKG_VERSION")
+        );
+        Self::open(
+            host,
+            port,
+            ca,
+            registration_id,
+            &username,
+            sas,
+            "$dps/registrations/res/#",
+        )
+        .await
+    }
+
+    /// TLS, CONNECT (clean session, the SAS as password), SUBSCRIBE to `filter` at QoS 1.
+    async fn open(
+        host: &str,
+        port: u16,
+        ca: Option<&Path>,
+        client_id: &str,
+        username: &str,
+        sas: &str,
+        filter: &str,
     ) -> anyhow::Result<Self> {
         let config = match ca {
             Some(ca) => {
@@ -66,47 +141,37 @@ impl DpsMqtt {
             .await
             .context("connecting timed out")?
             .with_context(|| format!("could not reach {host}:{port} (MQTT)"))?;
-        let name = ServerName::try_from(host.to_owned())
-            .context("the provisioning host is not a valid TLS name")?;
+        let name =
+            ServerName::try_from(host.to_owned()).context("the host is not a valid TLS name")?;
         let stream = TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
             .context("the TLS handshake failed")?;
-        let mut session = Self {
+        let mut link = Self {
             stream,
             buffer: BytesMut::new(),
             next_id: 1,
-            registration_id: registration_id.to_owned(),
+            client_id: client_id.to_owned(),
         };
 
-        let mut connect = Connect::new(registration_id);
+        let mut connect = Connect::new(client_id);
         connect.keep_alive = 60;
         connect.clean_session = true;
-        connect.login = Some(Login::new(
-            format!(
-                "{scope}/registrations/{registration_id}/api-version=2019-03-31&ClientVersion=opendps-device%2F{}",
-                env!("CARGO_PKG_VERSION")
-            ),
-            sas,
-        ));
-        session.send(Packet::Connect(connect)).await?;
-        match session.receive().await? {
+        connect.login = Some(Login::new(username, sas));
+        link.send(Packet::Connect(connect)).await?;
+        match link.receive().await? {
             Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
             Packet::ConnAck(ack) => bail!("the service refused the MQTT login: {:?}", ack.code),
             other => bail!("expected CONNACK, got {other:?}"),
         }
-        let pkid = session.packet_id();
-        session
-            .send(Packet::Subscribe(Subscribe {
-                pkid,
-                filters: vec![rumqttc::mqttbytes::v4::SubscribeFilter::new(
-                    "$dps/registrations/res/#".into(),
-                    QoS::AtLeastOnce,
-                )],
-            }))
-            .await?;
-        match session.receive().await? {
-            Packet::SubAck(ack) if ack.pkid == pkid => Ok(session),
+        let pkid = link.packet_id();
+        link.send(Packet::Subscribe(Subscribe {
+            pkid,
+            filters: vec![SubscribeFilter::new(filter.into(), QoS::AtLeastOnce)],
+        }))
+        .await?;
+        match link.receive().await? {
+            Packet::SubAck(ack) if ack.pkid == pkid => Ok(link),
             other => bail!("expected SUBACK, got {other:?}"),
         }
     }
@@ -116,6 +181,7 @@ impl DpsMqtt {
         let rid = self.packet_id();
         let payload = serde_json::to_vec(body)?;
         self.request(
+            DPS_RESPONSES,
             format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
             payload,
         )
@@ -125,7 +191,10 @@ impl DpsMqtt {
     /// Publishes a poll of `operation_id`.
     pub async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
         let rid = self.packet_id();
-        self.request(format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"), b" ".to_vec()).await
+        let topic = format!(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"
+        );
+        self.request(DPS_RESPONSES, topic, b" ".to_vec()).await
     }
 
     /// Says goodbye.
@@ -133,8 +202,11 @@ impl DpsMqtt {
         let _ = self.send(Packet::Disconnect).await;
     }
 
+    /// Publishes a QoS 1 request and waits for the response under `response_prefix` carrying its
+    /// `$rid`; returns (status, retry-after, body).
     async fn request(
         &mut self,
+        response_prefix: &str,
         topic: String,
         payload: Vec<u8>,
     ) -> anyhow::Result<(u16, u64, Value)> {
@@ -146,25 +218,19 @@ impl DpsMqtt {
             .to_owned();
         let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
         publish.pkid = self.packet_id();
-        let pkid = publish.pkid;
         self.send(Packet::Publish(publish)).await?;
-        let mut acked = false;
         loop {
             match self.receive().await? {
-                Packet::PubAck(ack) if ack.pkid == pkid => acked = true,
                 Packet::Publish(response) => {
                     if response.qos == QoS::AtLeastOnce {
                         self.send(Packet::PubAck(PubAck::new(response.pkid)))
                             .await?;
                     }
-                    let Some(rest) = response.topic.strip_prefix("$dps/registrations/res/") else {
+                    let Some(rest) = response.topic.strip_prefix(response_prefix) else {
                         continue;
                     };
-                    if !rest.contains(&format!("$rid={rid}")) {
+                    if !rest.split(['?', '&']).any(|p| p == format!("$rid={rid}")) {
                         continue;
-                    }
-                    if !acked {
-                        tracing::warn!("the response arrived before the PUBACK of the request");
                     }
                     let status: u16 = rest
                         .split('/')
@@ -181,7 +247,7 @@ impl DpsMqtt {
                     let body = serde_json::from_slice(&response.payload).unwrap_or(Value::Null);
                     return Ok((status, retry_after, body));
                 }
-                Packet::PingResp => {}
+                Packet::PubAck(_) | Packet::PingResp => {}
                 other => bail!("unexpected packet from the service: {other:?}"),
             }
         }
@@ -211,10 +277,7 @@ impl DpsMqtt {
             let read = tokio::time::timeout(ANSWER_TIMEOUT, self.stream.read_buf(&mut self.buffer))
                 .await
                 .with_context(|| {
-                    format!(
-                        "no answer for {} within {ANSWER_TIMEOUT:?}",
-                        self.registration_id
-                    )
+                    format!("no answer for {} within {ANSWER_TIMEOUT:?}", self.client_id)
                 })??;
             if read == 0 {
                 bail!("the service closed the MQTT connection");

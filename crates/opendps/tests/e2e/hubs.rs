@@ -645,6 +645,7 @@ async fn the_device_simulator_registers_over_https_and_mqtt() {
                 &mqtt_port,
                 "--payload",
                 r#"{"MyDeviceFirmwareVersion":"12.0.2.5"}"#,
+                "--connect",
             ])
             .expect("run");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -662,6 +663,12 @@ async fn the_device_simulator_registers_over_https_and_mqtt() {
             "{stdout}"
         );
         assert!(stdout.contains(&format!("deviceId: {rid}")), "{stdout}");
+        // --connect: the device reaches its hub over MQTT and reads the initial twin.
+        assert!(stdout.contains(&format!("as {rid}. Twin:")), "{stdout}");
+        assert!(
+            stdout.contains("\"darknessSetting\": \"medium\""),
+            "{stdout}"
+        );
     }
     let wrong = server
         .cli(&[
