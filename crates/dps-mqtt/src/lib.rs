@@ -6,6 +6,7 @@
 //! [`Connector`]).
 
 pub mod dps;
+pub mod protocol;
 pub mod server;
 pub mod session;
 

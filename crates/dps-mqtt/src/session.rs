@@ -6,9 +6,9 @@
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-};
+use rumqttc::mqttbytes::v4::{Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck};
+
+use crate::protocol::{PacketIds, puback_for, query_param};
 
 /// The topic filter devices subscribe to for responses.
 pub const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
@@ -41,7 +41,7 @@ pub enum Output {
 /// One device's MQTT session with DPS, after a successful CONNECT.
 #[derive(Debug)]
 pub struct DpsSession {
-    next_packet_id: u16,
+    packet_ids: PacketIds,
 }
 
 impl Default for DpsSession {
@@ -53,7 +53,9 @@ impl Default for DpsSession {
 impl DpsSession {
     /// A fresh session (DPS keeps no session state: CONNACK always says SessionPresent=0).
     pub fn new() -> Self {
-        Self { next_packet_id: 1 }
+        Self {
+            packet_ids: PacketIds::default(),
+        }
     }
 
     /// Handles one packet from the device.
@@ -84,7 +86,7 @@ impl DpsSession {
             })
         } else if let Some(query) = publish.topic.strip_prefix(POLL_PREFIX) {
             rid(query)
-                .zip(param(query, "operationId"))
+                .zip(query_param(query, "operationId"))
                 .map(|(rid, operation_id)| Output::Poll { rid, operation_id })
         } else {
             None
@@ -92,11 +94,7 @@ impl DpsSession {
         let Some(request) = request else {
             return vec![Output::Close("a publish to a topic DPS does not serve")];
         };
-        let mut out = Vec::with_capacity(2);
-        if publish.qos == QoS::AtLeastOnce {
-            // PUBACK first: the C# SDK expects it as the very next packet.
-            out.push(Output::Send(Packet::PubAck(PubAck::new(publish.pkid))));
-        }
+        let mut out: Vec<Output> = puback_for(&publish).map(Output::Send).into_iter().collect();
         out.push(request);
         out
     }
@@ -115,14 +113,8 @@ impl DpsSession {
             topic.push_str(&format!("&retry-after={seconds}"));
         }
         let mut publish = Publish::new(topic, QoS::AtLeastOnce, json);
-        publish.pkid = self.packet_id();
+        publish.pkid = self.packet_ids.next_id();
         Packet::Publish(publish)
-    }
-
-    fn packet_id(&mut self) -> u16 {
-        let id = self.next_packet_id;
-        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        id
     }
 }
 
@@ -146,26 +138,15 @@ fn suback(subscribe: &Subscribe) -> SubAck {
     SubAck::new(subscribe.pkid, codes)
 }
 
-/// `$rid` from the text after the topic's `?` (an optional leading `?` is tolerated), unchanged.
+/// `$rid` of a request topic's query part, unchanged.
 fn rid(query: &str) -> Option<String> {
-    param(query, "$rid")
-}
-
-fn param(query: &str, name: &str) -> Option<String> {
-    query
-        .trim_start_matches('?')
-        .split('&')
-        .find_map(|pair| {
-            pair.split_once('=')
-                .filter(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned())
-        })
-        .filter(|v| !v.is_empty())
+    query_param(query, "$rid")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::mqttbytes::v4::PubAck;
     use rumqttc::mqttbytes::v4::{SubscribeFilter, Unsubscribe};
 
     fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Packet {

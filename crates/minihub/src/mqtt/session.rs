@@ -9,11 +9,10 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use dps_mqtt::protocol::{PacketIds, puback_for, query_param};
 use percent_encoding::percent_decode_str;
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-};
+use rumqttc::mqttbytes::v4::{Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck};
 use serde_json::Value;
 
 /// Twin responses (`$iothub/twin/res/{status}/?$rid={rid}`).
@@ -62,7 +61,7 @@ pub enum Output {
 #[derive(Debug)]
 pub struct HubSession {
     device_id: String,
-    next_packet_id: u16,
+    packet_ids: PacketIds,
     /// Granted QoS of the twin-response subscription, if any.
     twin_responses: Option<QoS>,
     /// Granted QoS of the desired-property subscription, if any.
@@ -74,7 +73,7 @@ impl HubSession {
     pub fn new(device_id: &str) -> Self {
         Self {
             device_id: device_id.to_owned(),
-            next_packet_id: 1,
+            packet_ids: PacketIds::default(),
             twin_responses: None,
             desired: None,
         }
@@ -180,11 +179,7 @@ impl HubSession {
         let Some(request) = request else {
             return vec![Output::Close("a publish to a topic IoT Hub does not serve")];
         };
-        let mut out = Vec::with_capacity(2);
-        if publish.qos == QoS::AtLeastOnce {
-            // PUBACK first, then any response.
-            out.push(Output::Send(Packet::PubAck(PubAck::new(publish.pkid))));
-        }
+        let mut out: Vec<Output> = puback_for(&publish).map(Output::Send).into_iter().collect();
         out.extend(request);
         out
     }
@@ -219,29 +214,15 @@ impl HubSession {
     fn outgoing(&mut self, topic: String, qos: QoS, body: Vec<u8>) -> Packet {
         let mut publish = Publish::new(topic, qos, body);
         if qos != QoS::AtMostOnce {
-            publish.pkid = self.packet_id();
+            publish.pkid = self.packet_ids.next_id();
         }
         Packet::Publish(publish)
-    }
-
-    fn packet_id(&mut self) -> u16 {
-        let id = self.next_packet_id;
-        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        id
     }
 }
 
 /// `$rid` from the text after the topic's last `/` (with or without its leading `?`), unchanged.
 fn rid(query: &str) -> Option<String> {
-    query
-        .trim_start_matches('?')
-        .split('&')
-        .find_map(|pair| {
-            pair.split_once('=')
-                .filter(|(k, _)| *k == "$rid")
-                .map(|(_, v)| v.to_owned())
-        })
-        .filter(|v| !v.is_empty())
+    query_param(query, "$rid")
 }
 
 /// The HTTPS (`iothub-{name}`) name of an MQTT system property `$.{short}`.
@@ -279,6 +260,7 @@ fn message_properties(tail: &str) -> (BTreeMap<String, String>, BTreeMap<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::mqttbytes::v4::PubAck;
     use rumqttc::mqttbytes::v4::{SubscribeFilter, Unsubscribe};
     use serde_json::json;
 
