@@ -20,24 +20,50 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
 ];
 
-/// Opens (creating if needed) the database and brings its schema up to date.
+/// Opens (creating if needed) the database and brings its schema up to date. Another process
+/// creating or migrating the same file at the same moment (a starting service and `opendps info`)
+/// can make SQLite report busy without waiting; that is waited out for a while.
 pub(crate) fn open(path: &Path) -> Result<Connection, MinihubError> {
+    let started = std::time::Instant::now();
+    loop {
+        match try_open(path) {
+            Ok((conn, Ok(()))) => return Ok(conn),
+            Ok((_, Err(version))) => {
+                return Err(MinihubError::Storage(format!(
+                    "the minihub database has schema version {version}, newer than this build knows ({})",
+                    MIGRATIONS.len()
+                )));
+            }
+            Err(err) if is_busy(&err) && started.elapsed() < Duration::from_secs(15) => {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+fn try_open(path: &Path) -> rusqlite::Result<(Connection, Result<(), usize>)> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
-    migrate(&mut conn)?;
-    Ok(conn)
+    let migrated = migrate(&mut conn)?;
+    Ok((conn, migrated))
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), MinihubError> {
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Brings the schema up to date; `Ok(Err(version))` when the file is newer than this build.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<Result<(), usize>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {
-        return Err(MinihubError::Storage(format!(
-            "the minihub database has schema version {version}, newer than this build knows ({})",
-            MIGRATIONS.len()
-        )));
+        return Ok(Err(version));
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         tx.execute_batch(sql)?;
@@ -45,7 +71,7 @@ fn migrate(conn: &mut Connection) -> Result<(), MinihubError> {
         tracing::info!(version = index + 1, "applied minihub schema migration");
     }
     tx.commit()?;
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Every hub.

@@ -27,6 +27,9 @@ pub struct Runtime {
     pub mqtt: Option<SocketAddr>,
     /// The host clients should use (public host and port).
     pub service_host: String,
+    /// In-process hubs and their `iothubowner` connection strings (secrets: the file is owner-only).
+    #[serde(default)]
+    pub minihubs: Vec<serde_json::Value>,
 }
 
 impl DataDir {

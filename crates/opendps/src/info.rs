@@ -30,8 +30,11 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
         .context("the database has no service identity yet; start `opendps serve` once")?;
     let hubs = store.list_linked_hubs().await?;
     store.close();
+    let runtime = data.read_runtime();
     let minihub_db = data.root().join("minihub.db");
-    let minihubs: Vec<Value> = if minihub_db.exists() {
+    let minihubs: Vec<Value> = if let Some(running) = &runtime {
+        running.minihubs.clone()
+    } else if minihub_db.exists() {
         let hub = minihub::Minihub::open(&minihub_db)
             .with_context(|| format!("while opening {}", minihub_db.display()))?;
         hub.hubs()
@@ -42,7 +45,6 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
     } else {
         Vec::new()
     };
-    let runtime = data.read_runtime();
     let host = match &runtime {
         Some(rt) => rt.service_host.clone(),
         None => service_host(&config.http.public_host, config.http.listen.port()),

@@ -101,6 +101,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }));
 
     let minihub_for_mqtt = minihub.clone();
+    let minihubs = match &minihub {
+        Some(hub) => hub
+            .hubs()
+            .await?
+            .iter()
+            .map(|h| serde_json::json!({"hostName": h.host_name, "connectionString": h.connection_string()}))
+            .collect(),
+        None => Vec::new(),
+    };
     let app = with_minihub(app, minihub);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt = match config.mqtt.enabled {
@@ -139,6 +148,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         https,
         mqtt: mqtt.as_ref().map(|(addr, _)| *addr),
         service_host: service_host.clone(),
+        minihubs,
     })?;
     tracing::info!(
         %https,

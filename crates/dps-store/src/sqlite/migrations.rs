@@ -26,29 +26,51 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX operations_finished ON operations (pending, updated_ms);",
 ];
 
+/// The schema version this build writes.
+pub(super) fn current_version() -> usize {
+    MIGRATIONS.len()
+}
+
+/// Why the schema could not be brought up to date.
+pub(super) enum MigrateError {
+    /// SQLite failed (possibly only busy).
+    Sql(rusqlite::Error),
+    /// The file was written by a newer opendps.
+    TooNew(usize),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(err: rusqlite::Error) -> Self {
+        Self::Sql(err)
+    }
+}
+
+impl From<MigrateError> for StoreError {
+    fn from(err: MigrateError) -> Self {
+        match err {
+            MigrateError::Sql(e) => StoreError::Backend(format!("migrating the schema: {e}")),
+            MigrateError::TooNew(version) => StoreError::Backend(format!(
+                "the database has schema version {version}, newer than this opendps knows ({}); upgrade opendps",
+                MIGRATIONS.len()
+            )),
+        }
+    }
+}
+
 /// Brings the schema up to date in one transaction. Refuses a database newer than this binary.
-pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let backend = |e: rusqlite::Error| StoreError::Backend(format!("migrating the schema: {e}"));
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(backend)?;
-    let version: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(backend)?;
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {
-        return Err(StoreError::Backend(format!(
-            "the database has schema version {version}, newer than this opendps knows ({}); upgrade opendps",
-            MIGRATIONS.len()
-        )));
+        return Err(MigrateError::TooNew(version));
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        tx.execute_batch(sql).map_err(backend)?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64)
-            .map_err(backend)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
         tracing::info!(version = index + 1, "applied schema migration");
     }
-    tx.commit().map_err(backend)
+    Ok(tx.commit()?)
 }
 
 #[cfg(test)]
@@ -58,8 +80,8 @@ mod tests {
     #[test]
     fn migrating_twice_is_a_no_op() {
         let mut conn = Connection::open_in_memory().expect("open");
-        migrate(&mut conn).expect("first");
-        migrate(&mut conn).expect("second");
+        assert!(migrate(&mut conn).is_ok(), "first");
+        assert!(migrate(&mut conn).is_ok(), "second");
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
@@ -70,6 +92,6 @@ mod tests {
     fn newer_database_is_refused() {
         let mut conn = Connection::open_in_memory().expect("open");
         conn.pragma_update(None, "user_version", 99).expect("set");
-        assert!(migrate(&mut conn).is_err());
+        assert!(matches!(migrate(&mut conn), Err(MigrateError::TooNew(99))));
     }
 }

@@ -38,6 +38,7 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    read_only: bool,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
@@ -53,29 +54,64 @@ impl<T> SqlResultExt<T> for rusqlite::Result<T> {
     }
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
+/// How long opening waits for another process (a starting service, `opendps info`) to release the
+/// file while it is being created or migrated.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; worth waiting for.
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .backend()?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .backend()?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-    )
-    .backend()?;
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    if !read_only {
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )?;
+    }
     Ok(conn)
+}
+
+/// Opens and migrates the writer's connection, waiting while another process holds the lock.
+/// (Switching a new file to WAL can report busy at once, without the busy handler.)
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = open_connection(path, false)
+            .map_err(migrations::MigrateError::Sql)
+            .and_then(|mut conn| {
+                migrations::migrate(&mut conn)?;
+                Ok(conn)
+            });
+        match attempt {
+            Ok(conn) => return Ok(conn),
+            Err(migrations::MigrateError::Sql(err))
+                if is_busy(&err) && started.elapsed() < OPEN_PATIENCE =>
+            {
+                thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let mut conn = open_connection(&path)?;
-        migrations::migrate(&mut conn)?;
+        let conn = open_writer(&path)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = thread::Builder::new()
             .name("sqlite-writer".into())
@@ -84,9 +120,32 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
+                read_only: false,
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(handle)),
                 readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Opens an existing database for reading only: no writer, no migration, no lock that could
+    /// get in the way of the service that owns the file. Fails if the schema is not complete yet.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = open_connection(&path, true).backend()?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .backend()?;
+        if usize::try_from(version).unwrap_or(0) < migrations::current_version() {
+            return Err(StoreError::Backend("the database is still being created or needs a newer schema; start `opendps serve` on it".into()));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                read_only: true,
+                writer: Mutex::new(None),
+                writer_thread: Mutex::new(None),
+                readers: Mutex::new(vec![conn]),
             }),
         })
     }
@@ -137,7 +196,7 @@ impl SqliteStore {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         sender
-            .ok_or_else(|| StoreError::Backend("the store is closed".into()))?
+            .ok_or_else(|| StoreError::Backend("the store is closed or read-only".into()))?
             .send(job)
             .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
         rx.await
@@ -158,7 +217,7 @@ impl SqliteStore {
                 .pop();
             let conn = match pooled {
                 Some(conn) => conn,
-                None => open_connection(&inner.path)?,
+                None => open_connection(&inner.path, inner.read_only).backend()?,
             };
             let result = f(&conn);
             let mut readers = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
@@ -681,6 +740,44 @@ mod tests {
         }
         let store = SqliteStore::open(&path).expect("reopen");
         assert_eq!(store.identity().await.expect("read"), Some(identity));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_only_store_reads_and_refuses_writes() {
+        let (dir, store) = open_temp();
+        let identity = ServiceIdentity::generate();
+        store.init_identity(&identity).await.expect("init");
+        let reader = SqliteStore::open_read_only(dir.path().join("opendps.db")).expect("read-only");
+        assert_eq!(reader.identity().await.expect("read"), Some(identity));
+        assert!(
+            reader
+                .put_linked_hub(&crate::contract::sample_hub("h.example", 1))
+                .await
+                .is_err()
+        );
+        assert!(SqliteStore::open_read_only(dir.path().join("missing.db")).is_err());
+    }
+
+    #[test]
+    fn two_processes_creating_one_database_both_succeed() {
+        // What `opendps serve` and an `opendps info` started at the same moment do: both open (and
+        // the first creates and migrates) the same new file. Neither may fail with "locked".
+        for round in 0..40 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("opendps.db");
+            let openers: Vec<_> = (0..3)
+                .map(|_| {
+                    let path = path.clone();
+                    thread::spawn(move || SqliteStore::open(path).map(|s| s.close()))
+                })
+                .collect();
+            for opener in openers {
+                assert!(
+                    opener.join().expect("join").is_ok(),
+                    "round {round}: an opener failed"
+                );
+            }
+        }
     }
 
     #[tokio::test]
