@@ -96,6 +96,14 @@ pub struct RegistrationOperationStatus {
     pub registration_state: Option<DeviceRegistrationResult>,
 }
 
+impl RegistrationOperationStatus {
+    /// The status a device is answered with, on both transports: 202 (poll again after
+    /// Retry-After) while assigning, 200 once the registration is terminal.
+    pub fn response_status(&self) -> u16 {
+        if self.status.is_terminal() { 200 } else { 202 }
+    }
+}
+
 impl EnrollmentStatus {
     /// Whether no more work will happen.
     pub fn is_terminal(self) -> bool {

@@ -87,11 +87,13 @@ pub(crate) async fn handle(
             let status = provisioning
                 .operation_status(&scope, &registration_id, &operation_id, sas)
                 .await?;
-            if status.status.is_terminal() {
-                Ok(json(StatusCode::OK, &status, None))
-            } else {
-                Ok(json(StatusCode::ACCEPTED, &status, Some(retry_after)))
-            }
+            let code = status.response_status();
+            let retry = (code == 202).then_some(retry_after);
+            Ok(json(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+                &status,
+                retry,
+            ))
         }
         DeviceRequest::Status {
             scope,

@@ -158,16 +158,7 @@ impl Connection for DpsConnection {
                             Some(&self.sas),
                         )
                         .await
-                        .map(|status| {
-                            (
-                                if status.status.is_terminal() {
-                                    200
-                                } else {
-                                    202
-                                },
-                                status,
-                            )
-                        });
+                        .map(|status| (status.response_status(), status));
                     (rid, self.answer(result))
                 }
             };
