@@ -8,7 +8,7 @@
 //! - `geoLatency`: self-hosted, the latency a device sees is the latency to the node it reached, so
 //!   the candidates are the hubs whose `location` equals this node's region; hashed among them, and
 //!   over all candidates when none is in the region.
-//! - `custom`: decided by the enrollment's webhook.
+//! - `custom`: decided by the enrollment's webhook (`crate::webhook`), not here.
 
 use sha2::{Digest, Sha256};
 
@@ -29,16 +29,16 @@ pub enum AllocationError {
     /// `static` without exactly one hub.
     #[error("the static allocation policy needs exactly one hub in the enrollment's iotHubs")]
     StaticNeedsOneHub,
-    /// Custom allocation webhooks are not available in this build.
-    #[error("custom allocation webhooks are not supported by this opendps version yet")]
-    CustomUnsupported,
+    /// `custom` is decided by the enrollment's webhook (see `webhook`), never by [`allocate`].
+    #[error("the custom allocation policy is decided by the enrollment's webhook")]
+    CustomNeedsWebhook,
 }
 
 impl AllocationError {
     /// The DPS error code a failed registration carries.
     pub fn error_code(&self) -> i32 {
         match self {
-            Self::CustomUnsupported => 400_207,
+            Self::CustomNeedsWebhook => 400_207,
             Self::NoHubs | Self::UnknownHub(_) | Self::StaticNeedsOneHub => 400_211,
         }
     }
@@ -63,7 +63,7 @@ pub fn candidates<'h>(
     }
 }
 
-/// Chooses a hub for `registration_id` under `policy` (custom excluded: see the webhook client).
+/// Chooses a hub for `registration_id` under `policy` (`custom` is the webhook's to decide).
 pub fn allocate<'h>(
     policy: AllocationPolicy,
     registration_id: &str,
@@ -97,7 +97,7 @@ pub fn allocate<'h>(
                 },
             )
         }
-        AllocationPolicy::Custom => Err(AllocationError::CustomUnsupported),
+        AllocationPolicy::Custom => Err(AllocationError::CustomNeedsWebhook),
     }
 }
 

@@ -19,5 +19,6 @@ pub mod sas;
 pub mod secret;
 pub mod store;
 pub mod time;
+pub mod webhook;
 
 pub use error::ProvisioningError;

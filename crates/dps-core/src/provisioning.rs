@@ -31,6 +31,9 @@ use crate::sas::{self, SasToken};
 use crate::secret::Secret;
 use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation};
 use crate::time::format_utc;
+use crate::webhook::{
+    self, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, Verdict, WebhookClient,
+};
 
 /// Error code of a registration whose enrollment disappeared while it was being processed.
 const ENROLLMENT_GONE: i32 = 404_202;
@@ -52,6 +55,14 @@ pub struct ProvisioningSettings {
     pub hub_attempts: u32,
     /// Delay before the second attempt, in milliseconds; doubled for each further attempt.
     pub hub_retry_ms: i64,
+    /// How long an allocation webhook may take to answer.
+    pub webhook_timeout: std::time::Duration,
+    /// Retries of a webhook that answers 429 or 5xx (DPS: 10).
+    pub webhook_retries: u32,
+    /// Delay before the first webhook retry, in milliseconds (DPS: 1 s).
+    pub webhook_first_retry_ms: i64,
+    /// Added to the delay for each further retry, in milliseconds (DPS: 9 s).
+    pub webhook_retry_increment_ms: i64,
 }
 
 impl Default for ProvisioningSettings {
@@ -63,6 +74,10 @@ impl Default for ProvisioningSettings {
             region: None,
             hub_attempts: 3,
             hub_retry_ms: 1000,
+            webhook_timeout: std::time::Duration::from_secs(30),
+            webhook_retries: 10,
+            webhook_first_retry_ms: 1000,
+            webhook_retry_increment_ms: 9000,
         }
     }
 }
@@ -98,6 +113,9 @@ pub struct Operation {
     /// Hub write attempts made so far.
     #[serde(default)]
     pub attempts: u32,
+    /// Webhook retries made so far (after answers of 429 or 5xx).
+    #[serde(default)]
+    pub webhook_retries: u32,
     /// When the device asked.
     pub created_date_time_utc: String,
 }
@@ -121,6 +139,7 @@ pub struct RegistrationRecord {
 pub struct Provisioning {
     store: Arc<dyn Store>,
     hubs: Arc<dyn HubClient>,
+    webhooks: Arc<dyn WebhookClient>,
     clock: Arc<dyn Clock>,
     id_scope: IdScope,
     settings: ProvisioningSettings,
@@ -128,11 +147,13 @@ pub struct Provisioning {
 }
 
 impl Provisioning {
-    /// Registration for `id_scope`. `wake` is called after an operation is recorded, so the worker
+    /// Registration for `id_scope`, writing to hubs through `hubs` and asking custom-allocation
+    /// webhooks through `webhooks`. `wake` is called after an operation is recorded, so the worker
     /// picks it up without waiting for its next scan.
     pub fn new(
         store: Arc<dyn Store>,
         hubs: Arc<dyn HubClient>,
+        webhooks: Arc<dyn WebhookClient>,
         clock: Arc<dyn Clock>,
         id_scope: IdScope,
         settings: ProvisioningSettings,
@@ -141,6 +162,7 @@ impl Provisioning {
         Self {
             store,
             hubs,
+            webhooks,
             clock,
             id_scope,
             settings,
@@ -180,6 +202,7 @@ impl Provisioning {
             status: EnrollmentStatus::Assigning,
             result: None,
             attempts: 0,
+            webhook_retries: 0,
             created_date_time_utc: format_utc(now),
         };
         self.save_operation(&op, now.as_millisecond()).await?;
@@ -447,6 +470,28 @@ impl Provisioning {
                     let record = self.unassigned_record(&op, Some((code, message))).await?;
                     return self.finish(&mut op, &record).await;
                 }
+                Err(Failure::WebhookRetry(reason))
+                    if op.webhook_retries < self.settings.webhook_retries =>
+                {
+                    op.webhook_retries += 1;
+                    let delay = self.settings.webhook_first_retry_ms
+                        + self.settings.webhook_retry_increment_ms
+                            * i64::from(op.webhook_retries - 1);
+                    tracing::info!(operation = %op.operation_id, retry = op.webhook_retries, delay_ms = delay, %reason, "allocation webhook busy; will ask again");
+                    self.save_operation(&op, self.clock.now().as_millisecond() + delay)
+                        .await?;
+                    return Ok(EnrollmentStatus::Assigning);
+                }
+                Err(Failure::WebhookRetry(reason)) => {
+                    let message = format!(
+                        "Custom allocation failed after {} retries: {reason}",
+                        op.webhook_retries
+                    );
+                    let record = self
+                        .unassigned_record(&op, Some((CUSTOM_ALLOCATION_FAILED, message)))
+                        .await?;
+                    return self.finish(&mut op, &record).await;
+                }
                 Err(Failure::Disabled) => {
                     let record = self.unassigned_record(&op, None).await?;
                     return self.finish(&mut op, &record).await;
@@ -583,26 +628,89 @@ impl Provisioning {
                 .find(|h| h.host_name.eq_ignore_ascii_case(name))
         });
 
-        let target: &LinkedHub = match current_hub {
-            Some(hub) if !view.reprovision.update_hub_assignment => hub,
-            _ => {
-                let candidates = allocation::candidates(&linked, view.iot_hubs.as_deref())
+        let policy = view
+            .policy
+            .unwrap_or(self.settings.default_allocation_policy);
+        let keep_current = current_hub.filter(|_| !view.reprovision.update_hub_assignment);
+        let (target, webhook_twin, payload): (&LinkedHub, Option<InitialTwin>, Option<Value>) =
+            match (policy, keep_current) {
+                // The webhook is asked on every registration, even one that keeps its hub (for the payload).
+                (AllocationPolicy::Custom, _) => {
+                    let offered: Vec<&LinkedHub> = match keep_current {
+                        Some(hub) => vec![hub],
+                        None => allocation::candidates(&linked, view.iot_hubs.as_deref())
+                            .map_err(allocation_failure)?
+                            .into_iter()
+                            .filter(|h| h.apply_allocation_policy)
+                            .collect(),
+                    };
+                    let names: Vec<String> = offered.iter().map(|h| h.host_name.clone()).collect();
+                    let request = serde_json::json!({
+                        (if op.enrollment.group { "enrollmentGroup" } else { "individualEnrollment" }): webhook::redacted_enrollment(&doc.doc),
+                        "deviceRuntimeContext": DeviceRuntimeContext {
+                            registration_id: op.registration_id.clone(),
+                            current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
+                            current_device_id: current_hub.and(previous.as_ref()).and_then(|(r, _)| r.state.device_id.clone()),
+                            symmetric_key: serde_json::Map::new(),
+                            payload: op.payload.clone(),
+                        },
+                        "linkedHubs": names,
+                    });
+                    let url = view.webhook_url.as_deref().ok_or_else(|| Failure::Final {
+                        code: CUSTOM_ALLOCATION_FAILED,
+                        message: "The enrollment's custom allocation has no webhook URL.".into(),
+                    })?;
+                    let reply = self
+                        .webhooks
+                        .post(url, &request, self.settings.webhook_timeout)
+                        .await;
+                    tracing::info!(
+                        registration_id = %op.registration_id,
+                        webhook = webhook::loggable_url(url),
+                        status = reply.as_ref().map(|r| r.status).unwrap_or(0),
+                        "allocation webhook answered"
+                    );
+                    match webhook::judge(reply, &names) {
+                        Verdict::Allocate(response) => {
+                            let chosen = response
+                                .iot_hub_host_name
+                                .as_deref()
+                                .unwrap_or_default()
+                                .trim();
+                            let hub = offered
+                                .iter()
+                                .copied()
+                                .find(|h| h.host_name.eq_ignore_ascii_case(chosen))
+                                .ok_or_else(|| Failure::Final {
+                                    code: CUSTOM_ALLOCATION_FAILED,
+                                    message: format!("the webhook chose '{chosen}'"),
+                                })?;
+                            (hub, response.initial_twin.clone(), response.payload.clone())
+                        }
+                        Verdict::Fail { code, message } => {
+                            return Err(Failure::Final { code, message });
+                        }
+                        Verdict::Retry(reason) => return Err(Failure::WebhookRetry(reason)),
+                    }
+                }
+                (_, Some(hub)) => (hub, None, None),
+                (_, None) => {
+                    let candidates = allocation::candidates(&linked, view.iot_hubs.as_deref())
+                        .map_err(allocation_failure)?;
+                    let hub = allocation::allocate(
+                        policy,
+                        &op.registration_id,
+                        &candidates,
+                        self.settings.region.as_deref(),
+                    )
                     .map_err(allocation_failure)?;
-                let policy = view
-                    .policy
-                    .unwrap_or(self.settings.default_allocation_policy);
-                allocation::allocate(
-                    policy,
-                    &op.registration_id,
-                    &candidates,
-                    self.settings.region.as_deref(),
-                )
-                .map_err(allocation_failure)?
-            }
-        };
+                    (hub, None, None)
+                }
+            };
         let moved_from =
             current_hub.filter(|hub| !hub.host_name.eq_ignore_ascii_case(&target.host_name));
-        let initial = HubTwin::from_initial(view.initial_twin.as_ref());
+        // The webhook's initial twin replaces the enrollment's (used on first assignment and on reset).
+        let initial = HubTwin::from_initial(webhook_twin.as_ref().or(view.initial_twin.as_ref()));
         let initial_hub = previous
             .as_ref()
             .and_then(|(r, _)| r.initial_hub.clone())
@@ -676,7 +784,7 @@ impl Provisioning {
         record.state.substatus = Some(substatus);
         record.state.error_code = None;
         record.state.error_message = None;
-        record.state.payload = None;
+        record.state.payload = payload;
         record.state.last_updated_date_time_utc = Some(now);
         record.initial_hub = Some(initial_hub);
         record.enrollment_group_id = op.enrollment.group.then(|| op.enrollment.id.clone());
@@ -700,6 +808,8 @@ enum Outcome {
 enum Failure {
     /// A hub failed; worth another attempt.
     Retry(HubError),
+    /// The webhook answered 429 or 5xx; ask again later.
+    WebhookRetry(String),
     /// The enrollment is disabled.
     Disabled,
     /// The registration fails with this code.
@@ -729,6 +839,7 @@ struct EnrollmentView {
     iot_edge: bool,
     device_id: Option<String>,
     keys: (Secret, Secret),
+    webhook_url: Option<String>,
 }
 
 impl EnrollmentView {
@@ -756,6 +867,7 @@ impl EnrollmentView {
                 iot_edge: g.capabilities.is_some_and(|c| c.iot_edge),
                 device_id: None,
                 keys: derive(symmetric_keys(&g.attestation)),
+                webhook_url: g.custom_allocation_definition.map(|d| d.webhook_url),
             })
         } else {
             let e: IndividualEnrollment = parse(doc)?;
@@ -772,6 +884,7 @@ impl EnrollmentView {
                     Secret::new(sym.primary_key.unwrap_or_default()),
                     Secret::new(sym.secondary_key.unwrap_or_default()),
                 ),
+                webhook_url: e.custom_allocation_definition.map(|d| d.webhook_url),
             })
         }
     }

@@ -269,6 +269,70 @@ impl HubClient for RestHubClient {
     }
 }
 
+/// The allocation webhook client: a JSON POST over HTTPS (system roots plus any configured CA) or
+/// plain HTTP on a trusted network. Function keys in the URL's query are never logged.
+pub struct ReqwestWebhookClient {
+    http: reqwest::Client,
+}
+
+impl ReqwestWebhookClient {
+    /// A client trusting the system roots and `extra_roots_pem`.
+    pub fn new(extra_roots_pem: &[Vec<u8>]) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder();
+        for pem in extra_roots_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("an extra CA is not PEM: {e}"))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Self {
+            http: builder
+                .build()
+                .map_err(|e| format!("building the webhook client: {e}"))?,
+        })
+    }
+}
+
+#[async_trait]
+impl dps_core::webhook::WebhookClient for ReqwestWebhookClient {
+    async fn post(
+        &self,
+        url: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<dps_core::webhook::WebhookReply, dps_core::webhook::WebhookError> {
+        use dps_core::webhook::WebhookError;
+        let response = self
+            .http
+            .post(url)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    WebhookError::Timeout(timeout)
+                } else {
+                    // reqwest's message names the URL: keep only its path.
+                    WebhookError::Network(error_chain(&e.without_url()))
+                }
+            })?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                WebhookError::Timeout(timeout)
+            } else {
+                WebhookError::Network(error_chain(&e.without_url()))
+            }
+        })?;
+        Ok(dps_core::webhook::WebhookReply {
+            status,
+            body: body.to_vec(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

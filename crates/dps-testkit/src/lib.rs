@@ -3,8 +3,10 @@
 //! on drop, so a failing test never leaves a server behind.
 
 mod fake_hub;
+mod fake_webhook;
 
 pub use fake_hub::FakeHub;
+pub use fake_webhook::FakeWebhook;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

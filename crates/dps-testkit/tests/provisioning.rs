@@ -17,7 +17,7 @@ use dps_core::sas;
 use dps_core::secret::Secret;
 use dps_core::store::{EnrollmentKind, Precondition, Store, StoredDoc};
 use dps_core::{ProvisioningError, ids::Etag};
-use dps_testkit::FakeHub;
+use dps_testkit::{FakeHub, FakeWebhook};
 use serde_json::json;
 
 const SCOPE: &str = "0ne00000042";
@@ -29,6 +29,7 @@ struct Bench {
     _dir: tempfile::TempDir,
     store: Arc<dyn Store>,
     hub: Arc<FakeHub>,
+    webhook: Arc<FakeWebhook>,
     clock: Arc<ManualClock>,
     dps: Provisioning,
 }
@@ -38,16 +39,21 @@ fn bench() -> Bench {
     let store: Arc<dyn Store> =
         Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
     let hub = Arc::new(FakeHub::default());
+    let webhook = Arc::new(FakeWebhook::default());
     let clock = Arc::new(ManualClock::new(
         jiff::Timestamp::from_second(NOW).expect("ts"),
     ));
     let settings = ProvisioningSettings {
         hub_retry_ms: 1000,
+        // Webhook retries as Azure spaces them would need minutes of simulated time.
+        webhook_first_retry_ms: 1000,
+        webhook_retry_increment_ms: 1000,
         ..ProvisioningSettings::default()
     };
     let dps = Provisioning::new(
         Arc::clone(&store),
         hub.clone(),
+        webhook.clone(),
         clock.clone(),
         IdScope::new(SCOPE),
         settings,
@@ -57,6 +63,7 @@ fn bench() -> Bench {
         _dir: dir,
         store,
         hub,
+        webhook,
         clock,
         dps,
     }
@@ -138,14 +145,23 @@ impl Bench {
 
     /// Registers with the derived key and runs the worker until the operation is terminal.
     async fn register(&self, rid: &str) -> dps_core::device::RegistrationOperationStatus {
+        self.register_with(rid, DeviceRegistration::default()).await
+    }
+
+    /// Registers with a body (a custom payload) and runs the worker until the operation is terminal.
+    async fn register_with(
+        &self,
+        rid: &str,
+        body: DeviceRegistration,
+    ) -> dps_core::device::RegistrationOperationStatus {
         let token = self.token(rid, &Self::device_key(rid), NOW + 3600);
         let accepted = self
             .dps
-            .register(SCOPE, rid, DeviceRegistration::default(), Some(&token))
+            .register(SCOPE, rid, body, Some(&token))
             .await
             .expect("accepted");
         assert_eq!(accepted.status, EnrollmentStatus::Assigning);
-        for _ in 0..10 {
+        for _ in 0..30 {
             self.drain().await;
             let status = self
                 .dps
@@ -532,4 +548,221 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
         assert_eq!(status.status, EnrollmentStatus::Assigned);
     }
     assert_eq!(b.hub.hubs_holding(rid).len(), 1);
+}
+
+const WEBHOOK: &str = "https://contoso-function-app.example/api/HttpTrigger1?code=s3cret";
+
+async fn custom_bench(reprovision: serde_json::Value) -> Bench {
+    let b = bench();
+    b.link("contoso-toasters-hub", 1).await;
+    b.link("contoso-heatpumps-hub", 1).await;
+    b.put_group(
+        "contoso-custom-allocated-devices",
+        json!({
+            "allocationPolicy": "custom",
+            "iotHubs": ["contoso-toasters-hub", "contoso-heatpumps-hub"],
+            "customAllocationDefinition": {"webhookUrl": WEBHOOK, "apiVersion": "2021-10-01"},
+            "reprovisionPolicy": reprovision,
+        }),
+    )
+    .await;
+    b
+}
+
+fn tutorial_payload() -> DeviceRegistration {
+    DeviceRegistration {
+        payload: Some(
+            json!({"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}),
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_decides_the_hub_twin_and_payload() {
+    let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
+    b.webhook.answer(200, r#"{"iotHubHostName":"contoso-heatpumps-hub","initialTwin":{"tags":{"deviceType":"heatpump"},"properties":{"desired":{"state":"on","temperatureSetting":"65"}}},"payload":{"hello":"device"}}"#);
+    let rid = "mainbuilding167-contoso-hpsd-088";
+    let done = b.register_with(rid, tutorial_payload()).await;
+    let state = done.registration_state.expect("state");
+    assert_eq!(state.status, EnrollmentStatus::Assigned);
+    assert_eq!(state.assigned_hub.as_deref(), Some("contoso-heatpumps-hub"));
+    assert_eq!(
+        state.payload,
+        Some(json!({"hello": "device"})),
+        "the webhook's payload reaches the device"
+    );
+    let twin = b
+        .hub
+        .device("contoso-heatpumps-hub", rid)
+        .expect("on the hub")
+        .1;
+    assert_eq!(
+        twin.tags["deviceType"], "heatpump",
+        "the webhook's twin replaces the enrollment's"
+    );
+    assert_eq!(twin.desired["temperatureSetting"], "65");
+
+    let (url, request) = b.webhook.requests().pop().expect("called");
+    assert_eq!(url, WEBHOOK);
+    assert_eq!(
+        request["enrollmentGroup"]["enrollmentGroupId"],
+        "contoso-custom-allocated-devices"
+    );
+    assert_eq!(
+        request["enrollmentGroup"]["attestation"],
+        json!({"type": "symmetricKey"}),
+        "no keys sent"
+    );
+    assert_eq!(request["deviceRuntimeContext"]["registrationId"], rid);
+    assert_eq!(
+        request["deviceRuntimeContext"]["payload"],
+        json!({"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"})
+    );
+    assert_eq!(request["deviceRuntimeContext"]["symmetricKey"], json!({}));
+    assert!(
+        request["deviceRuntimeContext"]
+            .get("currentIotHubHostName")
+            .is_none()
+    );
+    assert_eq!(
+        request["linkedHubs"],
+        json!(["contoso-toasters-hub", "contoso-heatpumps-hub"])
+    );
+}
+
+async fn outcome(answers: &[(u16, &str)]) -> (Bench, dps_core::device::DeviceRegistrationResult) {
+    let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
+    for (status, body) in answers {
+        b.webhook.answer(*status, body);
+    }
+    let state = b
+        .register("breakroom499-contoso-tstrsd-007")
+        .await
+        .registration_state
+        .expect("state");
+    (b, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_troubleshooting_table() {
+    let (_, empty) = outcome(&[(200, r#"{"iotHubHostName":""}"#)]).await;
+    assert_eq!(
+        (empty.status, empty.error_code),
+        (EnrollmentStatus::Failed, Some(400_208))
+    );
+    let (_, null) = outcome(&[(200, r#"{"iotHubHostName":null}"#)]).await;
+    assert_eq!(null.error_code, Some(400_208));
+    let (_, unauthorized) = outcome(&[(401, "")]).await;
+    assert_eq!(
+        (unauthorized.status, unauthorized.error_code),
+        (EnrollmentStatus::Failed, Some(400_209))
+    );
+    let (_, bad_request) = outcome(&[(400, "Unrecognized device registration.")]).await;
+    assert_eq!(bad_request.error_code, Some(400_207));
+    assert!(
+        bad_request
+            .error_message
+            .unwrap_or_default()
+            .contains("Unrecognized device registration.")
+    );
+    let (_, not_json) = outcome(&[(200, "<html>oops</html>")]).await;
+    assert_eq!(not_json.error_code, Some(400_207));
+    let (_, unknown_hub) = outcome(&[(200, r#"{"iotHubHostName":"somewhere-else"}"#)]).await;
+    assert_eq!(unknown_hub.error_code, Some(400_207));
+
+    let (b, retried) = outcome(&[
+        (429, "slow down"),
+        (503, "busy"),
+        (200, r#"{"iotHubHostName":"contoso-toasters-hub"}"#),
+    ])
+    .await;
+    assert_eq!(
+        retried.status,
+        EnrollmentStatus::Assigned,
+        "assigned after two retries"
+    );
+    assert_eq!(b.webhook.requests().len(), 3);
+
+    let (b, exhausted) = outcome(&[(500, "down")]).await;
+    assert_eq!(
+        (exhausted.status, exhausted.error_code),
+        (EnrollmentStatus::Failed, Some(400_207))
+    );
+    assert_eq!(
+        b.webhook.requests().len(),
+        11,
+        "the first call and 10 retries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_never_answers_fails_the_registration() {
+    let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
+    b.webhook.time_out();
+    let state = b
+        .register("breakroom499-contoso-tstrsd-007")
+        .await
+        .registration_state
+        .expect("state");
+    assert_eq!(
+        (state.status, state.error_code),
+        (EnrollmentStatus::Failed, Some(400_207))
+    );
+    assert!(
+        state
+            .error_message
+            .unwrap_or_default()
+            .contains("did not answer")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovisioning_tells_the_webhook_the_current_hub_and_reset_applies_its_twin() {
+    let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": false})).await;
+    let rid = "breakroom499-contoso-tstrsd-007";
+    b.webhook.answer(
+        200,
+        r#"{"iotHubHostName":"contoso-toasters-hub","initialTwin":{"tags":{"v":1}}}"#,
+    );
+    assert_eq!(b.register(rid).await.status, EnrollmentStatus::Assigned);
+    b.webhook.answer(
+        200,
+        r#"{"iotHubHostName":"contoso-heatpumps-hub","initialTwin":{"tags":{"v":2}}}"#,
+    );
+    b.webhook.answer(
+        200,
+        r#"{"iotHubHostName":"contoso-heatpumps-hub","initialTwin":{"tags":{"v":2}}}"#,
+    );
+    let moved = b.register(rid).await.registration_state.expect("state");
+    assert_eq!(moved.assigned_hub.as_deref(), Some("contoso-heatpumps-hub"));
+    assert_eq!(
+        moved.substatus,
+        Some(AssignedDeviceSubstatus::DeviceDataReset)
+    );
+    assert_eq!(
+        b.hub
+            .device("contoso-heatpumps-hub", rid)
+            .expect("moved")
+            .1
+            .tags["v"],
+        2,
+        "reset applies the webhook's twin"
+    );
+    assert_eq!(b.hub.hubs_holding(rid), ["contoso-heatpumps-hub"]);
+    let (_, second) = b.webhook.requests().pop().expect("called");
+    assert_eq!(
+        second["deviceRuntimeContext"]["currentIotHubHostName"],
+        "contoso-toasters-hub"
+    );
+    assert_eq!(second["deviceRuntimeContext"]["currentDeviceId"], rid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_enrollment_never_calls_the_webhook() {
+    let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
+    let rid = "dev-off";
+    b.put_individual(rid, json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": Bench::device_key(rid)}}})).await;
+    assert_eq!(b.register(rid).await.status, EnrollmentStatus::Disabled);
+    assert!(b.webhook.requests().is_empty());
 }

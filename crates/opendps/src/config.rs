@@ -171,6 +171,14 @@ pub struct ProvisioningConfig {
     pub hub_retry_ms: u64,
     /// Seconds to wait for a hub to answer one request.
     pub hub_timeout_secs: u64,
+    /// Milliseconds a custom allocation webhook may take to answer.
+    pub webhook_timeout_ms: u64,
+    /// Retries of a webhook that answers 429 or 5xx (Azure: 10).
+    pub webhook_retries: u32,
+    /// Delay before the first webhook retry, in milliseconds (Azure: 1000).
+    pub webhook_first_retry_ms: u64,
+    /// Added to the delay for each further retry, in milliseconds (Azure: 9000).
+    pub webhook_retry_increment_ms: u64,
 }
 
 impl Default for ProvisioningConfig {
@@ -182,6 +190,10 @@ impl Default for ProvisioningConfig {
             hub_attempts: 3,
             hub_retry_ms: 1000,
             hub_timeout_secs: 10,
+            webhook_timeout_ms: 30_000,
+            webhook_retries: 10,
+            webhook_first_retry_ms: 1000,
+            webhook_retry_increment_ms: 9000,
         }
     }
 }

@@ -18,7 +18,7 @@ use dps_core::store::LinkedHubStore as _;
 use dps_core::store::{IdentityStore as _, Store};
 use dps_http::AppState;
 use dps_mqtt::{DpsConnector, MqttLimits};
-use dps_outbound::{HubEndpoints, RestHubClient, RestHubSettings};
+use dps_outbound::{HubEndpoints, ReqwestWebhookClient, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
 use minihub::{HubMqtt, Minihub};
 use tokio::net::TcpListener;
@@ -80,9 +80,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!(e))?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
+    let webhooks = ReqwestWebhookClient::new(
+        &std::fs::read(data.ca_file())
+            .into_iter()
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let provisioning = Arc::new(Provisioning::new(
         Arc::clone(&shared),
         Arc::new(hub_client),
+        Arc::new(webhooks),
         Arc::clone(&clock),
         identity.id_scope.clone(),
         provisioning_settings(&config),
@@ -266,6 +273,10 @@ fn provisioning_settings(config: &Config) -> ProvisioningSettings {
         region: p.region.clone(),
         hub_attempts: p.hub_attempts,
         hub_retry_ms: i64::try_from(p.hub_retry_ms).unwrap_or(i64::MAX),
+        webhook_timeout: Duration::from_millis(p.webhook_timeout_ms),
+        webhook_retries: p.webhook_retries,
+        webhook_first_retry_ms: i64::try_from(p.webhook_first_retry_ms).unwrap_or(i64::MAX),
+        webhook_retry_increment_ms: i64::try_from(p.webhook_retry_increment_ms).unwrap_or(i64::MAX),
     }
 }
 
