@@ -4,9 +4,11 @@
 
 mod fake_hub;
 mod fake_webhook;
+mod webhook_server;
 
 pub use fake_hub::FakeHub;
 pub use fake_webhook::FakeWebhook;
+pub use webhook_server::{Scripted, WebhookServer};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

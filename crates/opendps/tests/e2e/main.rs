@@ -8,6 +8,7 @@ mod hubs;
 mod lifecycle;
 mod service_api;
 mod tls;
+mod webhook;
 
 use dps_testkit::TestServer;
 

@@ -1,0 +1,283 @@
+//! Custom allocation end to end: a real HTTP webhook, devices registering over HTTPS, and one test
+//! per row of the tutorial's troubleshooting table, plus a webhook that never answers and one that
+//! answers garbage.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dps_core::sas::{derive_device_key, generate_token};
+use dps_testkit::{Body, TestServer, WebhookServer, far_future};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const GROUP_KEY: &str =
+    "oiK77Oy7rBw8YB6IS6ukRChAw+Yq6GC61RMrPLSTiOOtdI+XDu0LmLuNm11p+qv2I+adqGUdZHm46zXAQdZoOA==";
+const TOASTERS: &str = "contoso-toasters-hub-1.azure-devices.net";
+const HEATPUMPS: &str = "contoso-heatpumps-hub-1.azure-devices.net";
+
+struct Setup {
+    server: TestServer,
+    webhook: WebhookServer,
+    _config: tempfile::TempDir,
+}
+
+/// opendps with two in-process hubs, fast webhook retries (2, 100 ms apart) and a 1 s webhook
+/// timeout, and the tutorial's group pointing at a scripted webhook.
+async fn setup() -> Setup {
+    let webhook = WebhookServer::start().await.expect("webhook");
+    let config = tempfile::tempdir().expect("tempdir");
+    let file = config.path().join("opendps.toml");
+    std::fs::write(
+        &file,
+        "[provisioning]\nwebhook_timeout_ms = 1000\nwebhook_retries = 2\nwebhook_first_retry_ms = 100\nwebhook_retry_increment_ms = 100\n",
+    )
+    .expect("config");
+    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let file = file.to_string_lossy().into_owned();
+    let server = TestServer::start_with(
+        bin,
+        &["--config", &file, "--hub", TOASTERS, "--hub", HEATPUMPS],
+    )
+    .await
+    .expect("start");
+    let group = json!({
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}},
+        "allocationPolicy": "custom",
+        "iotHubs": [TOASTERS, HEATPUMPS],
+        "customAllocationDefinition": {"webhookUrl": webhook.url(), "apiVersion": "2021-10-01"},
+    });
+    let reply = server
+        .api()
+        .expect("client")
+        .put(
+            "/enrollmentGroups/contoso-custom-allocated-devices",
+            group,
+            None,
+        )
+        .await
+        .expect("group");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    Setup {
+        server,
+        webhook,
+        _config: config,
+    }
+}
+
+/// Registers with the tutorial's payload and polls to the end.
+async fn register(setup: &Setup, rid: &str, key: &str) -> Value {
+    let scope = setup.server.info["idScope"]
+        .as_str()
+        .expect("scope")
+        .to_owned();
+    let token = generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        key,
+        Some("registration"),
+        far_future(),
+    )
+    .expect("token");
+    let device = setup.server.api().expect("client").with_auth(Some(token));
+    let body = json!({"registrationId": rid, "payload": {"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}});
+    let accepted = device
+        .send(
+            Method::PUT,
+            &format!("/{scope}/registrations/{rid}/register"),
+            &[],
+            Some(Body::Json(body)),
+        )
+        .await
+        .expect("register");
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    let op = accepted.body["operationId"]
+        .as_str()
+        .expect("op")
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = device
+            .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
+            .await
+            .expect("poll");
+        if reply.status == 200 {
+            return reply.body;
+        }
+        assert_eq!(
+            reply.body["status"], "assigning",
+            "the device sees assigning meanwhile: {reply:?}"
+        );
+        assert!(Instant::now() < deadline, "{rid} did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn toaster() -> (&'static str, String) {
+    let rid = "breakroom499-contoso-tstrsd-007";
+    (rid, derive_device_key(GROUP_KEY, rid).expect("derive"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assigned_with_the_webhook_twin_and_the_payload_round_trip() {
+    let s = setup().await;
+    s.webhook.answer(
+        200,
+        &json!({
+            "iotHubHostName": TOASTERS,
+            "initialTwin": {"tags": {"deviceType": "toaster"}, "properties": {"desired": {"state": "ready", "darknessSetting": "medium"}}},
+            "payload": {"welcome": "toaster"},
+        })
+        .to_string(),
+    );
+    let (rid, key) = toaster();
+    let done = register(&s, rid, &key).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(done["registrationState"]["assignedHub"], TOASTERS);
+    assert_eq!(
+        done["registrationState"]["payload"],
+        json!({"welcome": "toaster"}),
+        "the webhook's payload reaches the device"
+    );
+
+    let request = s.webhook.received().pop().expect("the webhook was called");
+    assert_eq!(
+        request["deviceRuntimeContext"]["payload"]["MyDeviceFirmwareVersion"], "12.0.2.5",
+        "the device's payload reaches the webhook"
+    );
+    assert_eq!(request["deviceRuntimeContext"]["registrationId"], rid);
+    assert_eq!(
+        request["enrollmentGroup"]["enrollmentGroupId"],
+        "contoso-custom-allocated-devices"
+    );
+    assert_eq!(
+        request["enrollmentGroup"]["attestation"],
+        json!({"type": "symmetricKey"}),
+        "no keys"
+    );
+    assert_eq!(request["linkedHubs"], json!([TOASTERS, HEATPUMPS]));
+
+    let twin = s
+        .server
+        .hub_api(TOASTERS)
+        .expect("hub")
+        .get(&format!("/twins/{rid}"))
+        .await
+        .expect("twin");
+    assert_eq!(twin.body["tags"]["deviceType"], "toaster");
+    assert_eq!(
+        twin.body["properties"]["desired"]["darknessSetting"],
+        "medium"
+    );
+    assert!(
+        !s.server.log().contains("function-key-s3cret"),
+        "the function key is never logged"
+    );
+}
+
+async fn failed_with(answers: &[(u16, &str)], code: u64) -> Value {
+    let s = setup().await;
+    for (status, body) in answers {
+        s.webhook.answer(*status, body);
+    }
+    let (rid, key) = toaster();
+    let done = register(&s, rid, &key).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["registrationState"]["errorCode"], code, "{done}");
+    assert!(
+        !s.server.log().contains("function-key-s3cret"),
+        "the function key is never logged"
+    );
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_or_null_hub_is_400208() {
+    failed_with(&[(200, r#"{"iotHubHostName":""}"#)], 400_208).await;
+    failed_with(&[(200, r#"{"iotHubHostName":null}"#)], 400_208).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_is_400209() {
+    failed_with(&[(401, "")], 400_209).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_statuses_and_garbage_are_400207_with_the_cause() {
+    let done = failed_with(&[(400, "Unrecognized device registration.")], 400_207).await;
+    let message = done["registrationState"]["errorMessage"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("400") && message.contains("Unrecognized device registration."),
+        "{message}"
+    );
+    failed_with(&[(200, "this is not JSON")], 400_207).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_never_answers_is_400207() {
+    let s = setup().await;
+    s.webhook.answer_after(
+        200,
+        &json!({"iotHubHostName": TOASTERS}).to_string(),
+        Duration::from_secs(5),
+    );
+    let (rid, key) = toaster();
+    let started = Instant::now();
+    let done = register(&s, rid, &key).await;
+    assert_eq!(done["registrationState"]["errorCode"], 400_207, "{done}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the configured 1 s timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_retried_then_assigned_or_400207() {
+    let s = setup().await;
+    s.webhook.answer(429, "slow down");
+    s.webhook.answer(429, "slow down");
+    s.webhook
+        .answer(200, &json!({"iotHubHostName": HEATPUMPS}).to_string());
+    let (rid, key) = toaster();
+    let done = register(&s, rid, &key).await;
+    assert_eq!(
+        done["status"], "assigned",
+        "assigned after two retries: {done}"
+    );
+    assert_eq!(done["registrationState"]["assignedHub"], HEATPUMPS);
+    assert_eq!(s.webhook.received().len(), 3);
+
+    let done = failed_with(&[(500, "down")], 400_207).await;
+    assert!(
+        done["registrationState"]["errorMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("500"),
+        "{done}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_individual_enrollment_is_disabled() {
+    let s = setup().await;
+    s.webhook
+        .answer(200, &json!({"iotHubHostName": TOASTERS}).to_string());
+    let (rid, key) = toaster();
+    let enrollment = json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key}}, "provisioningStatus": "disabled"});
+    assert_eq!(
+        s.server
+            .api()
+            .expect("client")
+            .put(&format!("/enrollments/{rid}"), enrollment, None)
+            .await
+            .expect("put")
+            .status,
+        200
+    );
+    let done = register(&s, rid, &key).await;
+    assert_eq!(done["status"], "disabled", "{done}");
+    assert!(
+        s.webhook.received().is_empty(),
+        "a disabled device never reaches the webhook"
+    );
+}
