@@ -38,14 +38,26 @@ if [ ! -x "$BIN" ]; then
     exit 1
 fi
 
+# --- The tutorial's allocation webhook (examples/contoso-allocator) ---------------
+if [ -n "${CONTOSO_ALLOCATOR_BIN:-}" ]; then
+    ALLOCATOR="$CONTOSO_ALLOCATOR_BIN"
+else
+    (cd "$ROOT" && cargo build --quiet -p contoso-allocator)
+    ALLOCATOR="${CARGO_TARGET_DIR:-$ROOT/target}/debug/contoso-allocator"
+    case "$ALLOCATOR" in /*) ;; *) ALLOCATOR="$ROOT/$ALLOCATOR" ;; esac
+fi
+
 # --- Start the server -----------------------------------------------------------
 DIR="$(mktemp -d)"
 PID=""
+APID=""
 cleanup() {
-    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-        kill -TERM "$PID" 2>/dev/null || true
-        wait "$PID" 2>/dev/null || true
-    fi
+    for p in "$PID" "$APID"; do
+        if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+            kill -TERM "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
     rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -90,6 +102,21 @@ sys.exit(0 if d.get("running") is not None else 1)' 2>/dev/null; then
     sleep 0.2
 done
 
+# --- Start the allocator ---------------------------------------------------------
+"$ALLOCATOR" --listen 127.0.0.1:0 >"$DIR/allocator.log" 2>&1 &
+APID=$!
+ALLOCATOR_URL=""
+for _ in $(seq 1 100); do
+    ALLOCATOR_URL="$(head -n 1 "$DIR/allocator.log" 2>/dev/null | grep '^http://' || true)"
+    [ -n "$ALLOCATOR_URL" ] && break
+    sleep 0.1
+done
+if [ -z "$ALLOCATOR_URL" ]; then
+    echo "the Contoso allocator did not start:" >&2
+    cat "$DIR/allocator.log" >&2
+    exit 1
+fi
+
 # --- Scenarios -------------------------------------------------------------------
 cd "$CONF"
 mapfile -t NAMES < <("$PY" "$CONF/scenarios.py" --list)
@@ -102,7 +129,7 @@ passed=0
 failed=0
 for name in "${NAMES[@]}"; do
     rc=0
-    output="$(OPENDPS_INFO="$INFO" CONFORMANCE_OPENDPS_BIN="$BIN" timeout "$SCENARIO_TIMEOUT" "$PY" "$CONF/scenarios.py" "$name" 2>&1)" || rc=$?
+    output="$(OPENDPS_INFO="$INFO" CONFORMANCE_OPENDPS_BIN="$BIN" CONFORMANCE_ALLOCATOR_URL="$ALLOCATOR_URL" timeout "$SCENARIO_TIMEOUT" "$PY" "$CONF/scenarios.py" "$name" 2>&1)" || rc=$?
     if [ "$rc" -eq 0 ]; then
         passed=$((passed + 1))
         echo "PASS $name"

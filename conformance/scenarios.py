@@ -593,6 +593,48 @@ def mqtt_individual_device_uses_its_hub(client, cleanup):
     keys = call("enrollment keys", client.enrollment.get_attestation_mechanism, rid)["symmetricKey"]
     provision_then_use_the_hub(rid, keys["primaryKey"], rid, common.HEATPUMPS_HUB)
 
+
+# ---------------------------------------------------------------------------
+# The tutorial: custom allocation through the Contoso allocator (examples/contoso-allocator)
+# ---------------------------------------------------------------------------
+
+
+@scenario("tutorial_devices_through_the_contoso_allocator")
+def tutorial_devices(client, cleanup):
+    group = unique_id("contoso-custom-allocated-devices")
+    cleanup.add(GROUP, group)
+    body = {
+        "enrollmentGroupId": group,
+        "attestation": {"type": "symmetricKey"},
+        "allocationPolicy": "custom",
+        "iotHubs": [common.TOASTERS_HUB, common.HEATPUMPS_HUB],
+        "customAllocationDefinition": {"webhookUrl": os.environ["CONFORMANCE_ALLOCATOR_URL"], "apiVersion": "2021-10-01"},
+    }
+    call("create the group", client.enrollment_group.create_or_update, group, body)
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    expected = [
+        ("-contoso-tstrsd-007", common.TOASTERS_HUB, {"deviceType": "toaster"}, {"state": "ready", "darknessSetting": "medium"}),
+        ("-contoso-hpsd-088", common.HEATPUMPS_HUB, {"deviceType": "heatpump"}, {"state": "on", "temperatureSetting": "65"}),
+    ]
+    for suffix, hub, tags, desired in expected:
+        rid = unique_id("device") + suffix
+        device = provisioning_client(rid, derived_key(keys["primaryKey"], rid))
+        device.provisioning_payload = {"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}
+        result = device.register()
+        check(result.status == "assigned", f"{rid}: status {result.status!r}: {result}")
+        check(result.registration_state.assigned_hub == hub, f"{rid}: assigned to {result.registration_state.assigned_hub!r}, want {hub!r}")
+        rm = common.registry_manager(hub)
+        twin = rm.get_twin(rid)
+        check(twin.tags == tags, f"{rid}: twin tags {twin.tags!r}")
+        got = {k: v for k, v in twin.properties.desired.items() if not k.startswith("$")}
+        check(got == desired, f"{rid}: desired {got!r}")
+        rm.delete_device(rid)
+    stranger = unique_id("elevator1") + "-contoso-elvtr-001"
+    register_expecting_failure(stranger, derived_key(keys["primaryKey"], stranger), "unknown suffix (the allocator answers 400)")
+    state = call("the stranger's registration state", client.device_registration_state.get, stranger)
+    check(state.get("errorCode") == 400207, f"the unknown device's state: {state}")
+    check("Unrecognized device registration." in (state.get("errorMessage") or ""), f"the allocator's message: {state}")
+
 # ---------------------------------------------------------------------------
 
 
