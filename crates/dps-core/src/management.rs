@@ -95,6 +95,12 @@ pub enum RegistrationRequest {
         /// `If-Match`.
         if_match: IfMatch,
     },
+    /// `GET /registrations/{id}/trace` (opendps extension): what the allocation webhook was asked
+    /// and answered for the device's last registration.
+    Trace {
+        /// Registration id.
+        id: String,
+    },
     /// `POST /registrations/{groupId}/query`.
     QueryGroup {
         /// Enrollment group id.
@@ -450,6 +456,23 @@ impl Management {
                     .await?
                     .ok_or_else(|| not_found(&id))?;
                 ServiceResponse::Json(to_json(&parse_doc::<DeviceRegistrationState>(&doc)?)?)
+            }
+            RegistrationRequest::Trace { id } => {
+                let key = RegistrationId::parse(&id)?.key();
+                let doc = self
+                    .store
+                    .get_registration(&key)
+                    .await?
+                    .ok_or_else(|| not_found(&id))?;
+                let record: Value = parse_doc(&doc)?;
+                match record.get("allocationTrace") {
+                    Some(trace) => ServiceResponse::Json(trace.clone()),
+                    None => {
+                        return Err(ProvisioningError::NotFound(format!(
+                            "The registration '{id}' has no allocation trace: its last registration did not use custom allocation."
+                        )));
+                    }
+                }
             }
             RegistrationRequest::Delete { id, if_match } => {
                 let key = RegistrationId::parse(&id)?.key();

@@ -32,7 +32,8 @@ use crate::secret::Secret;
 use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation};
 use crate::time::format_utc;
 use crate::webhook::{
-    self, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, Verdict, WebhookClient,
+    self, AllocationTrace, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, TraceAttempt, Verdict,
+    WebhookClient,
 };
 
 /// Error code of a registration whose enrollment disappeared while it was being processed.
@@ -116,6 +117,9 @@ pub struct Operation {
     /// Webhook retries made so far (after answers of 429 or 5xx).
     #[serde(default)]
     pub webhook_retries: u32,
+    /// What the webhook was asked and answered, across retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<AllocationTrace>,
     /// When the device asked.
     pub created_date_time_utc: String,
 }
@@ -133,6 +137,9 @@ pub struct RegistrationRecord {
     /// The group the device registered through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_group_id: Option<String>,
+    /// The allocation trace of the last registration that asked a webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_trace: Option<AllocationTrace>,
 }
 
 /// Device registration.
@@ -203,6 +210,7 @@ impl Provisioning {
             result: None,
             attempts: 0,
             webhook_retries: 0,
+            trace: None,
             created_date_time_utc: format_utc(now),
         };
         self.save_operation(&op, now.as_millisecond()).await?;
@@ -446,7 +454,7 @@ impl Provisioning {
             return Ok(op.status);
         }
         loop {
-            match self.attempt(&op).await {
+            match self.attempt(&mut op).await {
                 Ok(Outcome::Done(record)) => return self.finish(&mut op, &record).await,
                 Ok(Outcome::Raced) => continue,
                 Err(Failure::Retry(err)) if op.attempts + 1 < self.settings.hub_attempts => {
@@ -540,6 +548,15 @@ impl Provisioning {
         } else {
             EnrollmentStatus::Disabled
         };
+        record.allocation_trace = op.trace.clone().map(|mut trace| {
+            trace.decision = Some(match &error {
+                Some((code, message)) => {
+                    serde_json::json!({"errorCode": code, "errorMessage": message})
+                }
+                None => serde_json::json!({"status": "disabled"}),
+            });
+            trace
+        });
         record.state.error_code = error.as_ref().map(|(code, _)| *code);
         record.state.error_message = error.map(|(_, message)| message);
         record.state.substatus = None;
@@ -573,6 +590,7 @@ impl Provisioning {
             },
             initial_hub: None,
             enrollment_group_id: op.enrollment.group.then(|| op.enrollment.id.clone()),
+            allocation_trace: None,
         }
     }
 
@@ -594,7 +612,7 @@ impl Provisioning {
     }
 
     /// One pass: decide the hub, write the device there, record the state.
-    async fn attempt(&self, op: &Operation) -> Result<Outcome, Failure> {
+    async fn attempt(&self, op: &mut Operation) -> Result<Outcome, Failure> {
         let kind = if op.enrollment.group {
             EnrollmentKind::Group
         } else {
@@ -660,10 +678,20 @@ impl Provisioning {
                         code: CUSTOM_ALLOCATION_FAILED,
                         message: "The enrollment's custom allocation has no webhook URL.".into(),
                     })?;
+                    let called_at = format_utc(self.clock.now());
+                    let started = std::time::Instant::now();
                     let reply = self
                         .webhooks
                         .post(url, &request, self.settings.webhook_timeout)
                         .await;
+                    let trace = op.trace.get_or_insert_with(|| AllocationTrace {
+                        webhook_url: webhook::loggable_url(url).to_owned(),
+                        ..AllocationTrace::default()
+                    });
+                    trace.request = request.clone();
+                    trace
+                        .attempts
+                        .push(TraceAttempt::of(&reply, called_at, started.elapsed()));
                     tracing::info!(
                         registration_id = %op.registration_id,
                         webhook = webhook::loggable_url(url),
@@ -785,6 +813,10 @@ impl Provisioning {
         record.state.error_code = None;
         record.state.error_message = None;
         record.state.payload = payload;
+        record.allocation_trace = op.trace.clone().map(|mut trace| {
+            trace.decision = Some(serde_json::json!({"assignedHub": target.host_name}));
+            trace
+        });
         record.state.last_updated_date_time_utc = Some(now);
         record.initial_hub = Some(initial_hub);
         record.enrollment_group_id = op.enrollment.group.then(|| op.enrollment.id.clone());

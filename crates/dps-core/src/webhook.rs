@@ -94,6 +94,72 @@ pub enum Verdict {
     Retry(String),
 }
 
+/// Most bytes of a webhook's reply kept in the trace.
+const TRACED_BODY: usize = 1024;
+
+/// One call to the webhook, as the allocation trace shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceAttempt {
+    /// When the call was made.
+    pub time_utc: String,
+    /// The HTTP status, if an answer came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why no answer came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long the call took.
+    pub latency_ms: u64,
+    /// The start of the reply body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+impl TraceAttempt {
+    /// Records a call made at `time_utc` that took `latency`.
+    pub fn of(
+        reply: &Result<WebhookReply, WebhookError>,
+        time_utc: String,
+        latency: Duration,
+    ) -> Self {
+        let (status, error, body) = match reply {
+            Ok(r) => (
+                Some(r.status),
+                None,
+                Some(
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(TRACED_BODY)]).into_owned(),
+                ),
+            ),
+            Err(e) => (None, Some(e.to_string()), None),
+        };
+        Self {
+            time_utc,
+            status,
+            error,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            body,
+        }
+    }
+}
+
+/// What happened when a registration asked its webhook: shown by `opendps registration show --trace`
+/// and `GET /registrations/{id}/trace`. Secrets never enter it: the URL without its query, the
+/// enrollment without keys.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocationTrace {
+    /// The webhook, without its query (where function keys live).
+    pub webhook_url: String,
+    /// The AllocationRequest sent.
+    pub request: Value,
+    /// Every call, in order.
+    pub attempts: Vec<TraceAttempt>,
+    /// The outcome: the hub chosen, or the error code and message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Value>,
+}
+
 /// CustomAllocationFailed.
 pub const CUSTOM_ALLOCATION_FAILED: i32 = 400_207;
 /// CustomAllocationIotHubNotSpecified.
@@ -152,9 +218,15 @@ pub fn judge(reply: Result<WebhookReply, WebhookError>, linked_hubs: &[String]) 
     }
 }
 
-/// The enrollment as the service API shows it, for the webhook: never its keys or certificates.
+/// The enrollment as the service API shows it, for the webhook: never its keys or certificates,
+/// and the webhook URL's query (its function key) masked as Azure masks it (`?****`).
 pub fn redacted_enrollment(doc: &str) -> Value {
     let mut value: Value = serde_json::from_str(doc).unwrap_or(Value::Null);
+    if let Some(url) = value.pointer_mut("/customAllocationDefinition/webhookUrl")
+        && let Some((base, _)) = url.as_str().and_then(|u| u.split_once('?'))
+    {
+        *url = Value::String(format!("{base}?****"));
+    }
     if let Some(att) = value.get_mut("attestation").and_then(Value::as_object_mut) {
         att.remove("symmetricKey");
         if let Some(x509) = att.get_mut("x509").and_then(Value::as_object_mut) {
@@ -257,10 +329,17 @@ mod tests {
 
     #[test]
     fn secrets_stay_out() {
-        let doc = json!({"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "k"}}}).to_string();
+        let doc = json!({
+            "enrollmentGroupId": "g",
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "k"}},
+            "customAllocationDefinition": {"webhookUrl": "https://f.example/api/HttpTrigger1?code=s3cret", "apiVersion": "2021-10-01"},
+        })
+        .to_string();
+        let redacted = redacted_enrollment(&doc);
+        assert_eq!(redacted["attestation"], json!({"type": "symmetricKey"}));
         assert_eq!(
-            redacted_enrollment(&doc)["attestation"],
-            json!({"type": "symmetricKey"})
+            redacted["customAllocationDefinition"]["webhookUrl"],
+            "https://f.example/api/HttpTrigger1?****"
         );
         assert_eq!(
             loggable_url("https://f.example/api/alloc?code=s3cret"),

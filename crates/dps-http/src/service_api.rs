@@ -150,6 +150,9 @@ fn decode(
         (["registrations", _], &Method::GET) => {
             ServiceRequest::Registration(RegistrationRequest::Get { id: id(1) })
         }
+        (["registrations", _, "trace"], &Method::GET) => {
+            ServiceRequest::Registration(RegistrationRequest::Trace { id: id(1) })
+        }
         (["registrations", _], &Method::DELETE) => {
             ServiceRequest::Registration(RegistrationRequest::Delete {
                 id: id(1),

@@ -138,6 +138,9 @@ pub enum RegistrationCommand {
         /// Registration id.
         #[arg(long, visible_alias = "rid")]
         registration_id: String,
+        /// Show the custom allocation trace instead: what the webhook was asked and answered.
+        #[arg(long)]
+        trace: bool,
     },
     /// List the registration states of an enrollment group.
     List {
@@ -372,17 +375,20 @@ async fn delete(
 pub async fn registration(ctx: &CommandContext, cmd: RegistrationCommand) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     match cmd {
-        RegistrationCommand::Show { registration_id } => {
-            let (state, _) = client
-                .send(
-                    Method::GET,
-                    &format!("/registrations/{}", encode(&registration_id)),
-                    None,
-                    &[],
-                    None,
-                )
-                .await?;
-            ctx.output.print_item(&state);
+        RegistrationCommand::Show {
+            registration_id,
+            trace,
+        } => {
+            let path = format!(
+                "/registrations/{}{}",
+                encode(&registration_id),
+                if trace { "/trace" } else { "" }
+            );
+            let (state, _) = client.send(Method::GET, &path, None, &[], None).await?;
+            match (trace, ctx.output) {
+                (true, Output::Human) => println!("{}", serde_json::to_string_pretty(&state)?),
+                _ => ctx.output.print_item(&state),
+            }
         }
         RegistrationCommand::List { group_id } => {
             let items = client

@@ -247,6 +247,57 @@ async fn throttling_is_retried_then_assigned_or_400207() {
     assert_eq!(done["registrationState"]["assignedHub"], HEATPUMPS);
     assert_eq!(s.webhook.received().len(), 3);
 
+    // The allocation trace shows every call and the decision, without the function key.
+    let trace = s
+        .server
+        .api()
+        .expect("client")
+        .get(&format!("/registrations/{rid}/trace"))
+        .await
+        .expect("trace");
+    assert_eq!(trace.status, 200, "{trace:?}");
+    let statuses: Vec<u64> = trace.body["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, [429, 429, 200], "{}", trace.body);
+    assert!(
+        trace.body["attempts"][0]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("slow down")
+    );
+    assert_eq!(trace.body["decision"]["assignedHub"], HEATPUMPS);
+    assert_eq!(
+        trace.body["request"]["deviceRuntimeContext"]["registrationId"],
+        rid
+    );
+    assert!(
+        trace.body["webhookUrl"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/api/alloc")
+    );
+    assert!(
+        !trace.body.to_string().contains("function-key-s3cret"),
+        "no secrets in the trace"
+    );
+    assert!(
+        !trace.body.to_string().contains(GROUP_KEY),
+        "no keys in the trace"
+    );
+    let out = s
+        .server
+        .cli(&["registration", "show", "--registration-id", rid, "--trace"])
+        .expect("cli");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"decision\"") && stdout.contains("429"),
+        "{stdout}"
+    );
+
     let done = failed_with(&[(500, "down")], 400_207).await;
     assert!(
         done["registrationState"]["errorMessage"]
