@@ -332,3 +332,111 @@ async fn a_disabled_individual_enrollment_is_disabled() {
         "a disabled device never reaches the webhook"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_schedule_survives_a_crash() {
+    let webhook = WebhookServer::start().await.expect("webhook");
+    let config = tempfile::tempdir().expect("tempdir");
+    let file = config.path().join("opendps.toml");
+    // Retries 3 s apart: long enough to kill the server while one is scheduled.
+    std::fs::write(&file, "[provisioning]\nwebhook_retries = 3\nwebhook_first_retry_ms = 3000\nwebhook_retry_increment_ms = 0\n").expect("config");
+    let file = file.to_string_lossy().into_owned();
+    let mut server = TestServer::start_with(
+        Path::new(env!("CARGO_BIN_EXE_opendps")),
+        &["--config", &file, "--hub", TOASTERS],
+    )
+    .await
+    .expect("start");
+    let group = json!({
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}},
+        "allocationPolicy": "custom",
+        "customAllocationDefinition": {"webhookUrl": webhook.url(), "apiVersion": "2021-10-01"},
+    });
+    assert_eq!(
+        server
+            .api()
+            .expect("client")
+            .put("/enrollmentGroups/crashy", group, None)
+            .await
+            .expect("group")
+            .status,
+        200
+    );
+    webhook.answer(429, "busy");
+    let (rid, key) = toaster();
+    let scope = server.info["idScope"].as_str().expect("scope").to_owned();
+    let token = generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        &key,
+        Some("registration"),
+        far_future(),
+    )
+    .expect("token");
+    let accepted = server
+        .api()
+        .expect("client")
+        .with_auth(Some(token.clone()))
+        .send(
+            Method::PUT,
+            &format!("/{scope}/registrations/{rid}/register"),
+            &[],
+            None,
+        )
+        .await
+        .expect("register");
+    let op = accepted.body["operationId"]
+        .as_str()
+        .expect("op")
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while webhook.received().is_empty() {
+        assert!(Instant::now() < deadline, "the webhook was never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Killed while the retry is scheduled; the webhook recovers meanwhile.
+    server.kill();
+    webhook.answer(200, &json!({"iotHubHostName": TOASTERS}).to_string());
+    server.start_again().await.expect("restart");
+
+    let device = server.api().expect("client").with_auth(Some(token));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let reply = device
+            .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
+            .await
+            .expect("poll");
+        if reply.status == 200 {
+            break reply.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the registration did not finish after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(done["registrationState"]["assignedHub"], TOASTERS);
+    assert_eq!(
+        webhook.received().len(),
+        2,
+        "one call before the crash, one retry after it"
+    );
+    let trace = server
+        .api()
+        .expect("client")
+        .get(&format!("/registrations/{rid}/trace"))
+        .await
+        .expect("trace");
+    let statuses: Vec<u64> = trace.body["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["status"].as_u64())
+        .collect();
+    assert_eq!(
+        statuses,
+        [429, 200],
+        "the trace survives the crash too: {}",
+        trace.body
+    );
+}
