@@ -41,29 +41,7 @@ async fn register(api: &ServiceApi, server: &TestServer, rid: &str, body: Option
 
 /// Polls until the operation is terminal (the test does not wait out Retry-After).
 async fn poll(api: &ServiceApi, server: &TestServer, rid: &str, op: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let reply = api
-            .get(&format!(
-                "/{}/registrations/{rid}/operations/{op}",
-                scope(server)
-            ))
-            .await
-            .expect("poll");
-        match reply.status.as_u16() {
-            200 => return reply.body,
-            202 => {
-                assert!(
-                    reply.header("retry-after").is_some(),
-                    "202 carries Retry-After"
-                );
-                assert_eq!(reply.body["status"], "assigning");
-            }
-            _ => panic!("unexpected poll reply {reply:?}"),
-        }
-        assert!(Instant::now() < deadline, "operation {op} did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::poll_until_done(api, &scope(server), rid, op, Duration::from_secs(20)).await
 }
 
 async fn with_group(server: &TestServer, extra: Value) {

@@ -94,22 +94,7 @@ async fn provision_in(api: &ServiceApi, scope: &str, rid: &str, group_key: &str)
         .as_str()
         .expect("op")
         .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let reply = device
-            .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
-            .await
-            .expect("poll");
-        if reply.status == 200 {
-            return reply.body;
-        }
-        assert_eq!(reply.status, 202, "{reply:?}");
-        assert!(
-            Instant::now() < deadline,
-            "{rid} was not provisioned within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    crate::poll_until_done(&device, scope, rid, &op, Duration::from_secs(120)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -323,21 +308,7 @@ async fn a_crash_with_500_operations_in_flight_loses_none() {
     let mut assigned = BTreeMap::new();
     for (rid, token, op) in &accepted {
         let device = api.with_auth(Some(token.clone()));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let done = loop {
-            let reply = device
-                .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
-                .await
-                .expect("poll");
-            if reply.status == 200 {
-                break reply.body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{rid} never finished after the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let done = crate::poll_until_done(&device, &scope, rid, op, Duration::from_secs(120)).await;
         assert_eq!(done["status"], "assigned", "{rid}: {done}");
         assigned.insert(
             rid.clone(),

@@ -10,7 +10,9 @@ mod service_api;
 mod tls;
 mod webhook;
 
-use dps_testkit::TestServer;
+use std::time::{Duration, Instant};
+
+use dps_testkit::{ServiceApi, TestServer};
 
 /// Starts a fresh server from the binary under test.
 pub async fn server() -> TestServer {
@@ -51,4 +53,39 @@ pub fn assert_error(reply: &dps_testkit::Reply, status: u16) {
         reply.header("x-ms-error-code"),
         Some(code.to_string().as_str())
     );
+}
+
+/// Polls a device's registration operation until it is terminal and returns that answer. Tests do
+/// not wait out Retry-After, but every answer before the end must be a 202 `assigning` carrying it.
+pub async fn poll_until_done(
+    device: &ServiceApi,
+    scope: &str,
+    rid: &str,
+    op: &str,
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = device
+            .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
+            .await
+            .expect("poll");
+        if reply.status == 200 {
+            return reply.body;
+        }
+        assert_eq!(reply.status, 202, "unexpected poll reply {reply:?}");
+        assert_eq!(
+            reply.body["status"], "assigning",
+            "the device sees assigning meanwhile: {reply:?}"
+        );
+        assert!(
+            reply.header("retry-after").is_some(),
+            "202 carries Retry-After: {reply:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{rid}: operation {op} did not finish within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -93,22 +93,7 @@ async fn register(setup: &Setup, rid: &str, key: &str) -> Value {
         .as_str()
         .expect("op")
         .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = device
-            .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
-            .await
-            .expect("poll");
-        if reply.status == 200 {
-            return reply.body;
-        }
-        assert_eq!(
-            reply.body["status"], "assigning",
-            "the device sees assigning meanwhile: {reply:?}"
-        );
-        assert!(Instant::now() < deadline, "{rid} did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::poll_until_done(&device, &scope, rid, &op, Duration::from_secs(30)).await
 }
 
 fn toaster() -> (&'static str, String) {
@@ -399,21 +384,7 @@ async fn the_retry_schedule_survives_a_crash() {
     server.start_again().await.expect("restart");
 
     let device = server.api().expect("client").with_auth(Some(token));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let reply = device
-            .get(&format!("/{scope}/registrations/{rid}/operations/{op}"))
-            .await
-            .expect("poll");
-        if reply.status == 200 {
-            break reply.body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the registration did not finish after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = crate::poll_until_done(&device, &scope, rid, &op, Duration::from_secs(30)).await;
     assert_eq!(done["status"], "assigned", "{done}");
     assert_eq!(done["registrationState"]["assignedHub"], TOASTERS);
     assert_eq!(
