@@ -65,6 +65,148 @@ pub struct RegisterArgs {
     timeout: u64,
 }
 
+/// Where and how one simulated device provisions itself.
+pub struct Device {
+    /// Provisioning endpoint, `host[:port]` (HTTPS).
+    pub host: String,
+    /// MQTT port at the same host.
+    pub mqtt_port: u16,
+    /// ID scope.
+    pub scope: String,
+    /// CA to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Registration id.
+    pub registration_id: String,
+    /// Its symmetric key (derived, for a group device).
+    pub symmetric_key: String,
+    /// The custom payload for the allocation webhook.
+    pub payload: Option<Value>,
+    /// Transport.
+    pub transport: Transport,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+impl Device {
+    /// The host name alone, for MQTT (DPS and the hub gateway).
+    fn host_name(&self) -> &str {
+        self.host
+            .rsplit_once(':')
+            .map_or(self.host.as_str(), |(name, _)| name)
+    }
+
+    /// Registers and polls, honouring `Retry-After`, until the operation ends, reporting progress
+    /// through `say` in the C sample's words. Returns the final operation status (assigned, failed or
+    /// disabled); a refused request (401, 400, …) or a timeout is an error.
+    pub async fn provision(&self, say: &dyn Fn(&str)) -> anyhow::Result<Value> {
+        let resource = format!("{}/registrations/{}", self.scope, self.registration_id);
+        let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+        let token = dps_core::sas::generate_token(
+            &resource,
+            &self.symmetric_key,
+            Some("registration"),
+            expiry,
+        )
+        .map_err(|_| anyhow::anyhow!("the symmetric key is not base64"))?;
+        say(&format!(
+            "Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"
+        ));
+        let mut channel = match self.transport {
+            Transport::Https => Channel::https(
+                &self.host,
+                &self.scope,
+                &self.registration_id,
+                self.ca.as_deref(),
+                token,
+            )?,
+            Transport::Mqtt => Channel::Mqtt(Box::new(
+                DpsMqtt::connect(
+                    self.host_name(),
+                    self.mqtt_port,
+                    self.ca.as_deref(),
+                    &self.scope,
+                    &self.registration_id,
+                    &token,
+                )
+                .await?,
+            )),
+        };
+        let outcome = self.poll_to_end(&mut channel, say).await;
+        channel.close().await;
+        outcome
+    }
+
+    async fn poll_to_end(
+        &self,
+        channel: &mut Channel,
+        say: &dyn Fn(&str),
+    ) -> anyhow::Result<Value> {
+        let body =
+            serde_json::json!({"registrationId": self.registration_id, "payload": self.payload});
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let (status, mut retry_after, mut reply) = channel.register(&body).await?;
+        say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
+        if status != 202 {
+            bail!(failure(status, &reply));
+        }
+        let operation_id = reply["operationId"]
+            .as_str()
+            .context("the service sent no operationId")?
+            .to_owned();
+        while reply["status"] == "assigning" {
+            say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING");
+            if tokio::time::Instant::now() + Duration::from_secs(retry_after) > deadline {
+                bail!(
+                    "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
+                    self.timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(retry_after)).await;
+            let status;
+            (status, retry_after, reply) = channel.poll(&operation_id).await?;
+            if !(status == 200 || status == 202) {
+                bail!(failure(status, &reply));
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Connects to the assigned hub over MQTT (through this host, as a gateway) and reads the
+    /// device's twin.
+    pub async fn read_twin(&self, hub: &str, device_id: &str) -> anyhow::Result<Value> {
+        crate::mqtt_client::read_twin(
+            self.host_name(),
+            self.mqtt_port,
+            self.ca.as_deref(),
+            hub,
+            device_id,
+            &self.symmetric_key,
+        )
+        .await
+        .with_context(|| format!("while connecting to {hub} as {device_id}"))
+    }
+}
+
+/// The C SDK's result for a finished registration that is not `assigned`, and its error.
+pub fn failure_line(reply: &Value) -> String {
+    let state = &reply["registrationState"];
+    let status = reply["status"].as_str().unwrap_or_default();
+    let result = match (status, state["errorCode"].as_i64()) {
+        ("disabled", _) => "PROV_DEVICE_RESULT_DISABLED",
+        (_, Some(400_208)) => "PROV_DEVICE_RESULT_HUB_NOT_SPECIFIED",
+        (_, Some(400_209)) => "PROV_DEVICE_RESULT_UNAUTHORIZED",
+        _ => "PROV_DEVICE_RESULT_DEV_AUTH_ERROR",
+    };
+    format!(
+        "Failure registering device: {result} (status {status}, error {}: {})",
+        state["errorCode"]
+            .as_i64()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into()),
+        state["errorMessage"].as_str().unwrap_or("no message")
+    )
+}
+
 /// Registers the device; succeeds only when it is assigned.
 pub async fn register(
     args: RegisterArgs,
@@ -87,150 +229,58 @@ pub async fn register(
             .as_ref()
             .and_then(|i| i[field].as_str().map(str::to_owned))
     };
-    let host = args
-        .provisioning_host
-        .or_else(|| from_local("serviceHost"))
-        .context("give --provisioning-host (no local service found)")?;
-    let scope = args
-        .id_scope
-        .or_else(|| from_local("idScope"))
-        .context("give --id-scope (no local service found)")?;
-    let ca = ca_file.or_else(|| from_local("caFile").map(PathBuf::from));
-    let payload: Option<Value> = args
-        .payload
-        .as_deref()
-        .map(|p| serde_json::from_str(p).context("--payload is not valid JSON"))
-        .transpose()?;
-
-    let resource = format!("{scope}/registrations/{}", args.registration_id);
-    let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
-    let token =
-        dps_core::sas::generate_token(&resource, &args.symmetric_key, Some("registration"), expiry)
-            .map_err(|_| anyhow::anyhow!("--symmetric-key is not a base64 key"))?;
+    let device = Device {
+        host: args
+            .provisioning_host
+            .or_else(|| from_local("serviceHost"))
+            .context("give --provisioning-host (no local service found)")?,
+        mqtt_port: args.mqtt_port,
+        scope: args
+            .id_scope
+            .or_else(|| from_local("idScope"))
+            .context("give --id-scope (no local service found)")?,
+        ca: ca_file.or_else(|| from_local("caFile").map(PathBuf::from)),
+        registration_id: args.registration_id,
+        symmetric_key: args.symmetric_key,
+        payload: args
+            .payload
+            .as_deref()
+            .map(|p| serde_json::from_str(p).context("--payload is not valid JSON"))
+            .transpose()?,
+        transport: args.transport,
+        timeout: Duration::from_secs(args.timeout),
+    };
     let say = |line: &str| {
         if !json_output {
             println!("{line}");
         }
     };
-
-    say(&format!(
-        "Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"
-    ));
-    let mut channel = match args.transport {
-        Transport::Https => {
-            Channel::https(&host, &scope, &args.registration_id, ca.as_deref(), token)?
+    let mut reply = device.provision(&say).await?;
+    if reply["status"] != "assigned" {
+        if json_output {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
         }
-        Transport::Mqtt => {
-            let name = host
-                .rsplit_once(':')
-                .map_or(host.as_str(), |(name, _)| name);
-            let mqtt = DpsMqtt::connect(
-                name,
-                args.mqtt_port,
-                ca.as_deref(),
-                &scope,
-                &args.registration_id,
-                &token,
-            )
-            .await?;
-            Channel::Mqtt(Box::new(mqtt))
-        }
-    };
-    let body = serde_json::json!({"registrationId": args.registration_id, "payload": payload});
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
-    let (mut status, mut retry_after, mut reply) = channel.register(&body).await?;
-    say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
-    if status != 202 {
-        bail!(failure(status, &reply));
+        bail!(failure_line(&reply));
     }
-    let operation_id = reply["operationId"]
-        .as_str()
-        .context("the service sent no operationId")?
-        .to_owned();
-    let outcome = loop {
-        match reply["status"].as_str().unwrap_or_default() {
-            "assigning" => say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING"),
-            "assigned" => break Ok(reply),
-            other => {
-                if json_output {
-                    println!("{}", serde_json::to_string_pretty(&reply)?);
-                }
-                let state = &reply["registrationState"];
-                let result = match (other, state["errorCode"].as_i64()) {
-                    ("disabled", _) => "PROV_DEVICE_RESULT_DISABLED",
-                    (_, Some(400_208)) => "PROV_DEVICE_RESULT_HUB_NOT_SPECIFIED",
-                    (_, Some(400_209)) => "PROV_DEVICE_RESULT_UNAUTHORIZED",
-                    _ => "PROV_DEVICE_RESULT_DEV_AUTH_ERROR",
-                };
-                break Err(anyhow::anyhow!(
-                    "Failure registering device: {result} (status {other}, error {}: {})",
-                    state["errorCode"]
-                        .as_i64()
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    state["errorMessage"].as_str().unwrap_or("no message")
-                ));
-            }
-        }
-        if tokio::time::Instant::now() + Duration::from_secs(retry_after) > deadline {
-            break Err(anyhow::anyhow!(
-                "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
-                args.timeout
-            ));
-        }
-        tokio::time::sleep(Duration::from_secs(retry_after)).await;
-        (status, retry_after, reply) = channel.poll(&operation_id).await?;
-        if !(status == 200 || status == 202) {
-            break Err(anyhow::anyhow!(failure(status, &reply)));
-        }
-    };
-    channel.close().await;
-    let mut reply = outcome?;
+    let state = &reply["registrationState"];
+    let hub = state["assignedHub"].as_str().unwrap_or_default().to_owned();
+    let device_id = state["deviceId"].as_str().unwrap_or_default().to_owned();
     let twin = match args.connect {
-        true => {
-            let state = &reply["registrationState"];
-            let hub = state["assignedHub"]
-                .as_str()
-                .context("no assigned hub")?
-                .to_owned();
-            let device_id = state["deviceId"]
-                .as_str()
-                .context("no device id")?
-                .to_owned();
-            let gateway = host
-                .rsplit_once(':')
-                .map_or(host.as_str(), |(name, _)| name);
-            let twin = crate::mqtt_client::read_twin(
-                gateway,
-                args.mqtt_port,
-                ca.as_deref(),
-                &hub,
-                &device_id,
-                &args.symmetric_key,
-            )
-            .await
-            .with_context(|| format!("while connecting to {hub} as {device_id}"))?;
-            Some((hub, device_id, twin))
-        }
+        true => Some(device.read_twin(&hub, &device_id).await?),
         false => None,
     };
     if json_output {
-        if let Some((_, _, twin)) = &twin {
-            reply["twin"] = twin.clone();
+        if let Some(twin) = twin {
+            reply["twin"] = twin;
         }
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
     }
-    let state = &reply["registrationState"];
-    println!(
-        "\nRegistration Information received from service: {}, deviceId: {}",
-        state["assignedHub"].as_str().unwrap_or_default(),
-        state["deviceId"].as_str().unwrap_or_default()
-    );
-    if let Some(payload) = state.get("payload") {
+    println!("\nRegistration Information received from service: {hub}, deviceId: {device_id}");
+    if let Some(payload) = reply["registrationState"].get("payload") {
         println!("Payload from the allocation webhook: {payload}");
     }
-    if let Some((hub, device_id, twin)) = twin {
+    if let Some(twin) = twin {
         println!(
             "\nConnected to {hub} as {device_id}. Twin:\n{}",
             serde_json::to_string_pretty(&twin)?

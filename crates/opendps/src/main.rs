@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod datadir;
+mod demo;
 mod device;
 mod hub;
 mod info;
@@ -68,6 +69,9 @@ enum Command {
     LinkedHub(cli::LinkedHubCommand),
     /// Derive a device's symmetric key from its enrollment group's key.
     ComputeDeviceKey(cli::ComputeDeviceKeyArgs),
+    /// Run the Azure DPS custom allocation tutorial on this machine: two hubs, the Contoso
+    /// allocation function, two devices, in about ten seconds.
+    Demo(demo::DemoArgs),
     /// Simulate a device: register it and print the assignment.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -234,6 +238,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             eprintln!("The configuration is valid.");
             Ok(())
+        }
+        Command::Demo(args) => {
+            let mut config = Config::default();
+            config.log.filter = "warn".into();
+            init_tracing(&config);
+            demo::run(args).await
         }
         Command::EnrollmentGroup(cmd) => cli::group(&ctx, cmd).await,
         Command::Enrollment(cmd) => cli::enrollment(&ctx, cmd).await,

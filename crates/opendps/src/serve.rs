@@ -32,6 +32,61 @@ use crate::{pki, worker};
 
 /// Runs the service until a stop signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let service = start(config).await?;
+    tracing::info!(
+        https = %service.https,
+        id_scope = %service.id_scope,
+        data_dir = %service.data.root().display(),
+        "opendps is serving https://{}; run `opendps info --data-dir {}` for connection strings",
+        service.service_host,
+        service.data.root().display()
+    );
+    stop_signal().await;
+    tracing::info!("stopping: finishing requests in flight");
+    service.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A running service: its listeners, its in-process hubs and the tasks that serve them.
+pub struct Service {
+    /// The bound HTTPS address (DPS device and service APIs, in-process hubs).
+    pub https: SocketAddr,
+    /// The bound MQTT address, when MQTT is enabled.
+    pub mqtt: Option<SocketAddr>,
+    /// `host[:port]` clients use.
+    pub service_host: String,
+    /// The ID scope.
+    pub id_scope: String,
+    /// The in-process hubs, when any are configured.
+    pub minihub: Option<Arc<Minihub>>,
+    data: DataDir,
+    store: SqliteStore,
+    stop: watch::Sender<bool>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Service {
+    /// The CA file clients must trust.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.data.ca_file()
+    }
+
+    /// Stops accepting, finishes the requests in flight, and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for (name, task) in self.tasks {
+            if let Err(err) = task.await {
+                tracing::error!(%err, "the {name} task failed");
+            }
+        }
+        self.store.close();
+        self.data.remove_runtime();
+    }
+}
+
+/// Opens the store, binds the listeners and starts serving; returns once everything listens.
+pub async fn start(config: Config) -> anyhow::Result<Service> {
     let data = DataDir::new(&config.data_dir);
     data.create()?;
     let store = SqliteStore::open(config.database_path()).with_context(|| {
@@ -108,6 +163,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }));
 
     let minihub_for_mqtt = minihub.clone();
+    let minihub_handle = minihub.clone();
     let minihubs = match &minihub {
         Some(hub) => hub
             .hubs()
@@ -157,32 +213,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         service_host: service_host.clone(),
         minihubs,
     })?;
-    tracing::info!(
-        %https,
-        id_scope = %identity.id_scope,
-        data_dir = %data.root().display(),
-        "opendps is serving https://{service_host}; run `opendps info --data-dir {}` for connection strings",
-        data.root().display()
-    );
-
-    stop_signal().await;
-    tracing::info!("stopping: finishing requests in flight");
-    let _ = stop_tx.send(true);
-    if let Err(err) = server.await {
-        tracing::error!(%err, "the HTTPS server task failed");
-    }
-    if let Some((_, task)) = mqtt
-        && let Err(err) = task.await
-    {
-        tracing::error!(%err, "the MQTT server task failed");
-    }
-    if let Err(err) = worker.await {
-        tracing::error!(%err, "the registration worker failed");
-    }
-    store.close();
-    data.remove_runtime();
-    tracing::info!("stopped");
-    Ok(())
+    let mut tasks = vec![("HTTPS server", server)];
+    let mqtt = mqtt.map(|(addr, task)| {
+        tasks.push(("MQTT server", task));
+        addr
+    });
+    tasks.push(("registration worker", worker));
+    Ok(Service {
+        https,
+        mqtt,
+        service_host,
+        id_scope: identity.id_scope.to_string(),
+        minihub: minihub_handle,
+        data,
+        store,
+        stop: stop_tx,
+        tasks,
+    })
 }
 
 /// Opens the in-process hubs, if any are configured, creating each one (and its keys) once.

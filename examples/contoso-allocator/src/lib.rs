@@ -3,6 +3,8 @@
 //! `-heatpumps-` hub, each with its division's initial twin; anything else is refused. Messages are
 //! the original function's, so its troubleshooting advice applies unchanged.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::{StatusCode, header};
@@ -49,28 +51,41 @@ pub fn allocate(request: &Value) -> Result<Value, String> {
     }
 }
 
+/// Where the function's log lines go.
+pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A log line in the shape of the Azure Functions log the tutorial shows.
-fn log(message: &str) {
+fn line(message: &str) -> String {
     let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3f");
-    println!("{now} [Information] {message}");
+    format!("{now} [Information] {message}")
 }
 
-/// `POST /api/HttpTrigger1` (the tutorial's function name) and `POST /api/alloc`.
+/// `POST /api/HttpTrigger1` (the tutorial's function name) and `POST /api/alloc`, logging to
+/// standard output.
 pub fn router() -> Router {
-    Router::new()
-        .route("/api/HttpTrigger1", post(handle))
-        .route("/api/alloc", post(handle))
+    router_with_log(Arc::new(|l: &str| println!("{l}")))
 }
 
-async fn handle(body: Bytes) -> impl IntoResponse {
-    log("Contoso allocator processed a request.");
-    log("Request.Body:...");
-    log(&String::from_utf8_lossy(&body));
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+/// The same routes, logging each line to `log`.
+pub fn router_with_log(log: Log) -> Router {
+    let handler = move |body: Bytes| {
+        let log = Arc::clone(&log);
+        async move { handle(&*log, &body) }
+    };
+    Router::new()
+        .route("/api/HttpTrigger1", post(handler.clone()))
+        .route("/api/alloc", post(handler))
+}
+
+fn handle(log: &(dyn Fn(&str) + Send + Sync), body: &[u8]) -> impl IntoResponse + use<> {
+    log(&line("Contoso allocator processed a request."));
+    log(&line("Request.Body:..."));
+    log(&line(&String::from_utf8_lossy(body)));
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     match allocate(&request) {
         Ok(response) => {
-            log("Response");
-            log(&response.to_string());
+            log(&line("Response"));
+            log(&line(&response.to_string()));
             (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
@@ -78,7 +93,7 @@ async fn handle(body: Bytes) -> impl IntoResponse {
             )
         }
         Err(message) => {
-            log(&message);
+            log(&line(&message));
             (
                 StatusCode::BAD_REQUEST,
                 [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

@@ -335,3 +335,39 @@ async fn a_wrong_connection_string_is_explained() {
         "{stderr}"
     );
 }
+
+/// `opendps demo` reproduces the tutorial over both transports and leaves nothing behind.
+#[test]
+fn the_demo_reproduces_the_tutorial() {
+    for transport in ["mqtt", "https"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_opendps"))
+            .args(["demo", "--suffix", "1098", "--transport", transport])
+            .env("TMPDIR", tmp.path())
+            .output()
+            .expect("opendps demo runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "demo over {transport} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in [
+            "Registration Information received from service: contoso-toasters-hub-1098.azure-devices.net, deviceId: breakroom499-contoso-tstrsd-007",
+            "Registration Information received from service: contoso-heatpumps-hub-1098.azure-devices.net, deviceId: mainbuilding167-contoso-hpsd-088",
+            "Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING",
+            "error 400207: Custom allocation failed with status code: 400: Unrecognized device registration.",
+            "\"darknessSetting\": \"medium\"",
+            "\"temperatureSetting\": \"65\"",
+            "Everything happened as the tutorial says",
+        ] {
+            assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+        }
+        assert!(!stdout.contains("?code="), "the function key is not shown");
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("tmp")
+            .collect::<Result<_, _>>()
+            .expect("entries");
+        assert!(left.is_empty(), "the demo left {left:?} behind");
+    }
+}

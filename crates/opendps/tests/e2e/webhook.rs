@@ -411,3 +411,99 @@ async fn the_retry_schedule_survives_a_crash() {
         trace.body
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovisioning_sends_the_current_hub_and_reset_applies_the_webhook_twin() {
+    let s = setup().await;
+    let (rid, key) = toaster();
+    let answer = |hub: &str, device_type: &str| {
+        json!({
+            "iotHubHostName": hub,
+            "initialTwin": {"tags": {"deviceType": device_type}, "properties": {"desired": {"state": device_type}}},
+        })
+        .to_string()
+    };
+    let url = s.webhook.url().to_owned();
+    let set_policy = |migrate: bool| {
+        let api = s.server.api().expect("client");
+        let url = url.clone();
+        async move {
+            let group = json!({
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}},
+                "allocationPolicy": "custom",
+                "iotHubs": [TOASTERS, HEATPUMPS],
+                "customAllocationDefinition": {"webhookUrl": url, "apiVersion": "2021-10-01"},
+                "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": migrate},
+            });
+            let reply = api
+                .put(
+                    "/enrollmentGroups/contoso-custom-allocated-devices",
+                    group,
+                    Some("*"),
+                )
+                .await
+                .expect("group");
+            assert_eq!(reply.status, 200, "{reply:?}");
+        }
+    };
+    let twin_on = |hub: &'static str| {
+        let api = s.server.hub_api(hub).expect("hub");
+        async move { api.get(&format!("/twins/{rid}")).await.expect("twin") }
+    };
+
+    s.webhook.answer(200, &answer(TOASTERS, "toaster"));
+    let first = register(&s, rid, &key).await;
+    assert_eq!(
+        first["registrationState"]["assignedHub"], TOASTERS,
+        "{first}"
+    );
+    let request = s.webhook.received().pop().expect("first call");
+    assert!(
+        request["deviceRuntimeContext"]
+            .get("currentIotHubHostName")
+            .is_none(),
+        "a first registration has no current hub: {request}"
+    );
+
+    // Reset: the webhook moves the device, and its twin replaces the old one.
+    set_policy(false).await;
+    s.webhook.answer(200, &answer(HEATPUMPS, "reset"));
+    let reset = register(&s, rid, &key).await;
+    assert_eq!(reset["status"], "assigned", "{reset}");
+    assert_eq!(reset["registrationState"]["assignedHub"], HEATPUMPS);
+    assert_eq!(reset["registrationState"]["substatus"], "deviceDataReset");
+    let context = s.webhook.received().pop().expect("second call")["deviceRuntimeContext"].clone();
+    assert_eq!(context["currentIotHubHostName"], TOASTERS, "{context}");
+    assert_eq!(context["currentDeviceId"], rid);
+    let twin = twin_on(HEATPUMPS).await;
+    assert_eq!(twin.body["tags"]["deviceType"], "reset", "{twin:?}");
+    assert_eq!(twin.body["properties"]["desired"]["state"], "reset");
+    assert_eq!(twin_on(TOASTERS).await.status, 404, "gone from the old hub");
+
+    // Migrate: the twin travels with the device; the webhook's twin is not applied.
+    set_policy(true).await;
+    s.webhook.answer(200, &answer(TOASTERS, "ignored"));
+    let migrated = register(&s, rid, &key).await;
+    assert_eq!(
+        migrated["registrationState"]["assignedHub"], TOASTERS,
+        "{migrated}"
+    );
+    // Back on the hub of its first assignment, the substatus says so (and the data still moves).
+    assert_eq!(
+        migrated["registrationState"]["substatus"],
+        "reprovisionedToInitialAssignment"
+    );
+    let context = s.webhook.received().pop().expect("third call")["deviceRuntimeContext"].clone();
+    assert_eq!(context["currentIotHubHostName"], HEATPUMPS, "{context}");
+    assert_eq!(
+        twin_on(HEATPUMPS).await.status,
+        404,
+        "gone from the old hub"
+    );
+    let twin = twin_on(TOASTERS).await;
+    assert_eq!(
+        twin.body["tags"]["deviceType"], "reset",
+        "carried over: {twin:?}"
+    );
+    assert_eq!(twin.body["properties"]["desired"]["state"], "reset");
+}
