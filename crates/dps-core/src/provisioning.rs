@@ -33,7 +33,7 @@ use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, S
 use crate::time::format_utc;
 use crate::webhook::{
     self, AllocationTrace, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, TraceAttempt, Verdict,
-    WebhookClient,
+    WebhookClient, WebhookError,
 };
 
 /// Error code of a registration whose enrollment disappeared while it was being processed.
@@ -122,6 +122,33 @@ pub struct Operation {
     pub trace: Option<AllocationTrace>,
     /// When the device asked.
     pub created_date_time_utc: String,
+    /// How the device asked (for metrics).
+    #[serde(default)]
+    pub transport: Transport,
+    /// When the device asked, in milliseconds since the epoch (for the latency metric).
+    #[serde(default)]
+    pub created_ms: i64,
+}
+
+/// The device API a registration came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The device REST API over HTTPS.
+    #[default]
+    Https,
+    /// MQTT over TLS.
+    Mqtt,
+}
+
+impl Transport {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Https => "https",
+            Self::Mqtt => "mqtt",
+        }
+    }
 }
 
 /// The registration state as stored: the API view plus what reprovisioning needs.
@@ -186,6 +213,7 @@ impl Provisioning {
     /// an `assigning` operation before answering.
     pub async fn register(
         &self,
+        transport: Transport,
         scope: &str,
         registration_id: &str,
         body: DeviceRegistration,
@@ -199,7 +227,13 @@ impl Provisioning {
                 "The registrationId in the body ('{in_body}') differs from the one in the request ('{rid}')."
             )));
         }
-        let attested = self.authenticate(scope, &rid, sas).await?;
+        let attested = match self.authenticate(scope, &rid, sas).await {
+            Ok(attested) => attested,
+            Err(err) => {
+                metrics::counter!("opendps_registrations_total", "transport" => transport.as_str(), "outcome" => "refused").increment(1);
+                return Err(err);
+            }
+        };
         let now = self.clock.now();
         let op = Operation {
             operation_id: new_operation_id(),
@@ -212,8 +246,12 @@ impl Provisioning {
             webhook_retries: 0,
             trace: None,
             created_date_time_utc: format_utc(now),
+            transport,
+            created_ms: now.as_millisecond(),
         };
         self.save_operation(&op, now.as_millisecond()).await?;
+        metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
+            .increment(1);
         (self.wake)();
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
@@ -516,8 +554,20 @@ impl Provisioning {
     ) -> Result<EnrollmentStatus, ProvisioningError> {
         op.status = record.state.status;
         op.result = Some(result_of(record));
-        self.save_operation(op, self.clock.now().as_millisecond())
-            .await?;
+        let now = self.clock.now().as_millisecond();
+        self.save_operation(op, now).await?;
+        let outcome = match op.status {
+            EnrollmentStatus::Assigned => "assigned",
+            EnrollmentStatus::Disabled => "disabled",
+            _ => "failed",
+        };
+        let labels = [("transport", op.transport.as_str()), ("outcome", outcome)];
+        metrics::counter!("opendps_registrations_total", &labels).increment(1);
+        if op.created_ms > 0 {
+            #[allow(clippy::cast_precision_loss)]
+            let secs = (now - op.created_ms).max(0) as f64 / 1000.0;
+            metrics::histogram!("opendps_registration_duration_seconds", &labels).record(secs);
+        }
         tracing::info!(
             operation = %op.operation_id,
             registration_id = %op.registration_id,
@@ -689,9 +739,19 @@ impl Provisioning {
                         ..AllocationTrace::default()
                     });
                     trace.request = request.clone();
+                    let latency = started.elapsed();
+                    let status = match &reply {
+                        Ok(r) => r.status.to_string(),
+                        Err(WebhookError::Timeout(_)) => "timeout".to_owned(),
+                        Err(WebhookError::Network(_)) => "error".to_owned(),
+                    };
+                    metrics::counter!("opendps_webhook_calls_total", "status" => status.clone())
+                        .increment(1);
+                    metrics::histogram!("opendps_webhook_call_duration_seconds", "status" => status)
+                        .record(latency.as_secs_f64());
                     trace
                         .attempts
-                        .push(TraceAttempt::of(&reply, called_at, started.elapsed()));
+                        .push(TraceAttempt::of(&reply, called_at, latency));
                     tracing::info!(
                         registration_id = %op.registration_id,
                         webhook = webhook::loggable_url(url),

@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
 use dps_core::device::DeviceRegistration;
+use dps_core::provisioning::Transport;
 
 use crate::AppState;
 use crate::error::JSON_CONTENT_TYPE;
@@ -75,7 +76,13 @@ pub(crate) async fn handle(
         } => {
             let registration = DeviceRegistration::from_body(body)?;
             let status = provisioning
-                .register(&scope, &registration_id, registration, sas)
+                .register(
+                    Transport::Https,
+                    &scope,
+                    &registration_id,
+                    registration,
+                    sas,
+                )
                 .await?;
             Ok(json(StatusCode::ACCEPTED, &status, Some(retry_after)))
         }

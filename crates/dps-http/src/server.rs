@@ -51,14 +51,17 @@ pub async fn serve(
                 let _ = tcp.set_nodelay(true);
                 let (tls, app, builder, watcher) = (tls.clone(), app.clone(), builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
+                    let _open = OpenConnection::new("https");
                     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, %err, "TLS handshake failed");
+                            metrics::counter!("opendps_tls_handshake_failures_total", "listener" => "https").increment(1);
                             return;
                         }
                         Err(_) => {
                             tracing::debug!(%peer, "TLS handshake timed out");
+                            metrics::counter!("opendps_tls_handshake_failures_total", "listener" => "https").increment(1);
                             return;
                         }
                     };
@@ -78,5 +81,21 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some HTTPS connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// Counts a connection in `opendps_open_connections` while it lives.
+struct OpenConnection(&'static str);
+
+impl OpenConnection {
+    fn new(listener: &'static str) -> Self {
+        metrics::gauge!("opendps_open_connections", "listener" => listener).increment(1.0);
+        Self(listener)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("opendps_open_connections", "listener" => self.0).decrement(1.0);
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use dps_core::ProvisioningError;
 use dps_core::device::DeviceRegistration;
 use dps_core::model::ProvisioningServiceErrorDetails;
-use dps_core::provisioning::Provisioning;
+use dps_core::provisioning::{Provisioning, Transport};
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet};
 
 use crate::server::{Connection, Connector, Handled};
@@ -137,6 +137,7 @@ impl Connection for DpsConnection {
                         Ok(registration) => self
                             .provisioning
                             .register(
+                                Transport::Mqtt,
                                 &self.scope,
                                 &self.registration_id,
                                 registration,

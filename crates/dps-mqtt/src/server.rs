@@ -83,10 +83,12 @@ pub async fn serve(
                 let _ = tcp.set_nodelay(true);
                 let (tls, connector, stop) = (tls.clone(), Arc::clone(&connector), shutdown.clone());
                 tokio::spawn(async move {
+                    let _open = OpenConnection::new("mqtt");
                     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(tcp)).await {
                         Ok(Ok(stream)) => stream,
                         _ => {
                             tracing::debug!(%peer, "MQTT TLS handshake failed or timed out");
+                            metrics::counter!("opendps_tls_handshake_failures_total", "listener" => "mqtt").increment(1);
                             return;
                         }
                     };
@@ -205,6 +207,22 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Some(push) = connection.push() => framed.write(&[push]).await?,
             () = stopped(&mut stop) => return Ok(()),
         }
+    }
+}
+
+/// Counts a connection in `opendps_open_connections` while it lives.
+struct OpenConnection(&'static str);
+
+impl OpenConnection {
+    fn new(listener: &'static str) -> Self {
+        metrics::gauge!("opendps_open_connections", "listener" => listener).increment(1.0);
+        Self(listener)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("opendps_open_connections", "listener" => self.0).decrement(1.0);
     }
 }
 

@@ -117,9 +117,22 @@ impl RestHubClient {
             hub: hub.host_name.clone(),
             reason: error_chain(&e),
         };
-        let response = request.send().await.map_err(unreachable)?;
-        let status = response.status();
-        let text = response.text().await.map_err(unreachable)?;
+        let started = std::time::Instant::now();
+        let sent = async {
+            let response = request.send().await?;
+            let status = response.status();
+            Ok((status, response.text().await?))
+        }
+        .await;
+        let label = match &sent {
+            Ok((status, _)) => status.as_str().to_owned(),
+            Err(_) => "error".to_owned(),
+        };
+        let labels = [("operation", operation.to_owned()), ("status", label)];
+        metrics::counter!("opendps_hub_calls_total", &labels).increment(1);
+        metrics::histogram!("opendps_hub_call_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        let (status, text) = sent.map_err(unreachable)?;
         tracing::debug!(hub = %hub.host_name, operation, %status, "hub call");
         let value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT

@@ -12,7 +12,7 @@ use dps_core::linked_hub::LinkedHub;
 use dps_core::model::{
     AssignedDeviceSubstatus, EnrollmentGroup, EnrollmentStatus, IndividualEnrollment,
 };
-use dps_core::provisioning::{Provisioning, ProvisioningSettings};
+use dps_core::provisioning::{Provisioning, ProvisioningSettings, Transport};
 use dps_core::sas;
 use dps_core::secret::Secret;
 use dps_core::store::{EnrollmentKind, Precondition, Store, StoredDoc};
@@ -157,7 +157,7 @@ impl Bench {
         let token = self.token(rid, &Self::device_key(rid), NOW + 3600);
         let accepted = self
             .dps
-            .register(SCOPE, rid, body, Some(&token))
+            .register(Transport::Https, SCOPE, rid, body, Some(&token))
             .await
             .expect("accepted");
         assert_eq!(accepted.status, EnrollmentStatus::Assigning);
@@ -268,7 +268,13 @@ async fn authentication_outcomes() {
     assert!(
         refused(
             b.dps
-                .register(SCOPE, rid, body(), Some(&b.token(rid, &key, NOW - 3600)))
+                .register(
+                    Transport::Https,
+                    SCOPE,
+                    rid,
+                    body(),
+                    Some(&b.token(rid, &key, NOW - 3600))
+                )
                 .await
         ),
         "expired"
@@ -276,7 +282,13 @@ async fn authentication_outcomes() {
     assert!(
         refused(
             b.dps
-                .register(SCOPE, rid, body(), Some(&b.token("dev-2", &key, NOW + 60)))
+                .register(
+                    Transport::Https,
+                    SCOPE,
+                    rid,
+                    body(),
+                    Some(&b.token("dev-2", &key, NOW + 60))
+                )
                 .await
         ),
         "another registration id"
@@ -284,7 +296,13 @@ async fn authentication_outcomes() {
     assert!(
         refused(
             b.dps
-                .register(SCOPE, rid, body(), Some(&b.token(rid, GROUP_KEY, NOW + 60)))
+                .register(
+                    Transport::Https,
+                    SCOPE,
+                    rid,
+                    body(),
+                    Some(&b.token(rid, GROUP_KEY, NOW + 60))
+                )
                 .await
         ),
         "the group key itself"
@@ -293,6 +311,7 @@ async fn authentication_outcomes() {
         refused(
             b.dps
                 .register(
+                    Transport::Https,
                     SCOPE,
                     rid,
                     body(),
@@ -303,13 +322,18 @@ async fn authentication_outcomes() {
         "wrong key"
     );
     assert!(
-        refused(b.dps.register(SCOPE, rid, body(), None).await),
+        refused(
+            b.dps
+                .register(Transport::Https, SCOPE, rid, body(), None)
+                .await
+        ),
         "no token"
     );
     assert!(
         refused(
             b.dps
                 .register(
+                    Transport::Https,
                     "0ne99999999",
                     rid,
                     body(),
@@ -325,12 +349,20 @@ async fn authentication_outcomes() {
     };
     assert!(matches!(
         b.dps
-            .register(SCOPE, rid, mismatch, Some(&b.token(rid, &key, NOW + 60)))
+            .register(
+                Transport::Https,
+                SCOPE,
+                rid,
+                mismatch,
+                Some(&b.token(rid, &key, NOW + 60))
+            )
             .await,
         Err(ProvisioningError::InvalidArgument(_))
     ));
     assert!(matches!(
-        b.dps.register(SCOPE, "bad id", body(), None).await,
+        b.dps
+            .register(Transport::Https, SCOPE, "bad id", body(), None)
+            .await,
         Err(ProvisioningError::InvalidArgument(_))
     ));
     assert!(
@@ -512,7 +544,13 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
     for _ in 0..20 {
         ops.push(
             b.dps
-                .register(SCOPE, rid, DeviceRegistration::default(), Some(&token))
+                .register(
+                    Transport::Https,
+                    SCOPE,
+                    rid,
+                    DeviceRegistration::default(),
+                    Some(&token),
+                )
                 .await
                 .expect("accepted")
                 .operation_id,

@@ -2,13 +2,14 @@
 //! listeners, and serve until SIGTERM or SIGINT.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::header;
+use axum::routing::get;
 use dps_core::access::{Authorizer, ServiceIdentity};
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::linked_hub::{LinkedHub, LinkedHubRequest};
@@ -20,6 +21,7 @@ use dps_http::AppState;
 use dps_mqtt::{DpsConnector, MqttLimits};
 use dps_outbound::{HubEndpoints, ReqwestWebhookClient, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use minihub::{HubMqtt, Minihub};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -173,7 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
             .collect(),
         None => Vec::new(),
     };
-    let app = with_minihub(app, minihub);
+    let app = with_metrics(with_minihub(app, minihub));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt = match config.mqtt.enabled {
         true => {
@@ -309,6 +311,60 @@ fn with_minihub(dps: Router, hub: Option<Arc<Minihub>>) -> Router {
         };
         async move { target.oneshot(request).await }
     }))
+}
+
+/// The process's Prometheus recorder, installed on first use.
+fn prometheus() -> &'static Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        const BUCKETS: &[f64] = &[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .ok()?
+            .build_recorder();
+        let handle = recorder.handle();
+        match metrics::set_global_recorder(recorder) {
+            Ok(()) => Some(handle),
+            Err(err) => {
+                tracing::warn!(%err, "metrics are not recorded");
+                None
+            }
+        }
+    })
+}
+
+/// `GET /metrics`: the Prometheus text format (no secrets; served without a token, like /healthz).
+fn with_metrics(app: Router) -> Router {
+    let Some(handle) = prometheus().clone() else {
+        return app;
+    };
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = handle.render();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .fallback_service(app)
 }
 
 fn provisioning_settings(config: &Config) -> ProvisioningSettings {

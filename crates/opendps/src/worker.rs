@@ -71,9 +71,12 @@ pub async fn run(
             let provisioning = Arc::clone(&provisioning);
             tasks.spawn(async move {
                 for op in ops {
+                    let in_progress = metrics::gauge!("opendps_operations_in_progress");
+                    in_progress.increment(1.0);
                     if let Err(err) = provisioning.process(&op).await {
                         tracing::error!(operation = %op.operation_id, %err, "processing failed; the operation will be retried when its lease expires");
                     }
+                    in_progress.decrement(1.0);
                 }
             });
         }

@@ -199,8 +199,13 @@ impl SqliteStore {
             .ok_or_else(|| StoreError::Backend("the store is closed or read-only".into()))?
             .send(job)
             .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Backend("the writer thread dropped a write".into()))?
+        let started = std::time::Instant::now();
+        let result = rx
+            .await
+            .map_err(|_| StoreError::Backend("the writer thread dropped a write".into()))?;
+        metrics::histogram!("opendps_store_duration_seconds", "kind" => "write")
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Runs `f` on a reader connection on the blocking pool.
@@ -209,7 +214,8 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
             let pooled = inner
                 .readers
                 .lock()
@@ -227,7 +233,10 @@ impl SqliteStore {
             result
         })
         .await
-        .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?
+        .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?;
+        metrics::histogram!("opendps_store_duration_seconds", "kind" => "read")
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 }
 

@@ -269,3 +269,60 @@ async fn an_operation_is_only_visible_to_its_device() {
         .expect("poll");
     assert_error(&stolen, 404);
 }
+
+/// The value of one Prometheus sample, 0 when it is absent.
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_registrations_by_transport_and_outcome() {
+    let server = server().await;
+    with_group(&server, json!({})).await;
+    let rid = "metered-device";
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    let api = device(&server, rid, &key, far_future());
+    let reply = register(&api, &server, rid, None).await;
+    let op = reply.body["operationId"].as_str().expect("operationId");
+    assert_eq!(poll(&api, &server, rid, op).await["status"], "failed");
+    let wrong = device(&server, rid, GROUP_KEY, far_future());
+    assert_eq!(register(&wrong, &server, rid, None).await.status, 401);
+
+    let metrics = server
+        .api()
+        .expect("client")
+        .with_auth(None)
+        .get("/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{metrics:?}"
+    );
+    let text = metrics.body.as_str().expect("text");
+    let https_failed = r#"opendps_registrations_total{transport="https",outcome="failed"}"#;
+    let https_refused = r#"opendps_registrations_total{transport="https",outcome="refused"}"#;
+    assert_eq!(sample(text, https_failed), 1.0, "{text}");
+    assert_eq!(sample(text, https_refused), 1.0, "{text}");
+    assert_eq!(
+        sample(
+            text,
+            r#"opendps_registration_duration_seconds_count{transport="https",outcome="failed"}"#
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            text,
+            r#"opendps_store_duration_seconds_count{kind="write"}"#
+        ) >= 2.0
+    );
+    assert!(sample(text, r#"opendps_open_connections{listener="https"}"#) >= 1.0);
+    assert!(!text.contains(GROUP_KEY) && !text.contains("SharedAccessSignature"));
+}
