@@ -3,6 +3,7 @@
 //! The binary wires the pieces together: configuration, TLS, the store, the HTTPS front end, and the
 //! admin commands that talk to a running service.
 
+mod bench;
 mod cli;
 mod client;
 mod config;
@@ -72,6 +73,9 @@ enum Command {
     /// Run the Azure DPS custom allocation tutorial on this machine: two hubs, the Contoso
     /// allocation function, two devices, in about ten seconds.
     Demo(demo::DemoArgs),
+    /// Measure registrations per second and latency against a running service, next to the rate of
+    /// bare TLS connections the machine allows.
+    Bench(bench::BenchArgs),
     /// Simulate a device: register it and print the assignment.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -244,6 +248,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.log.filter = "warn".into();
             init_tracing(&config);
             demo::run(args).await
+        }
+        Command::Bench(args) => {
+            let settings = client::ClientSettings {
+                login: ctx.connection.login.clone(),
+                ca_file: ctx.connection.ca_file.clone(),
+                data_dir: ctx.data_dir.clone(),
+            };
+            bench::run(args, settings, ctx.output == Output::Json).await
         }
         Command::EnrollmentGroup(cmd) => cli::group(&ctx, cmd).await,
         Command::Enrollment(cmd) => cli::enrollment(&ctx, cmd).await,

@@ -81,6 +81,31 @@ pub async fn read_twin(
     Ok(twin)
 }
 
+/// A TLS client configuration trusting `ca`, or the platform's roots without one.
+pub fn tls_client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let config = match ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("while reading {}", ca.display()))?
+            {
+                roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
+            }
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+        }
+        None => {
+            use rustls_platform_verifier::ConfigVerifierExt as _;
+            rustls::ClientConfig::with_platform_verifier()?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 impl DpsMqtt {
     /// Connects to DPS at `host:port`, logs in as the device and subscribes to the response topic.
     pub async fn connect(
@@ -91,20 +116,8 @@ impl DpsMqtt {
         registration_id: &str,
         sas: &str,
     ) -> anyhow::Result<Self> {
-        let username = format!(
-            "{scope}/registrations/{registration_id}/api-version=2019-03-31&ClientVersion=opendps-device%2F{}",
-            env!("CARGO_PKG_VERSION")
-        );
-        Self::open(
-            host,
-            port,
-            ca,
-            registration_id,
-            &username,
-            sas,
-            "$dps/registrations/res/#",
-        )
-        .await
+        let config = tls_client_config(ca)?;
+        Self::connect_with(&config, host, port, scope, registration_id, sas).await
     }
 
     /// TLS, CONNECT (clean session, the SAS as password), SUBSCRIBE to `filter` at QoS 1.
@@ -117,33 +130,51 @@ impl DpsMqtt {
         sas: &str,
         filter: &str,
     ) -> anyhow::Result<Self> {
-        let config = match ca {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in CertificateDer::pem_file_iter(ca)
-                    .with_context(|| format!("while reading {}", ca.display()))?
-                {
-                    roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
-                }
-                rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::aws_lc_rs::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-            }
-            None => {
-                use rustls_platform_verifier::ConfigVerifierExt as _;
-                rustls::ClientConfig::with_platform_verifier()?
-            }
-        };
+        let config = tls_client_config(ca)?;
+        Self::open_with(&config, host, port, client_id, username, sas, filter).await
+    }
+
+    /// Connects to DPS with a TLS client configuration made once (see [`tls_client_config`]).
+    pub async fn connect_with(
+        config: &Arc<rustls::ClientConfig>,
+        host: &str,
+        port: u16,
+        scope: &str,
+        registration_id: &str,
+        sas: &str,
+    ) -> anyhow::Result<Self> {
+        let username = format!(
+            "{scope}/registrations/{registration_id}/api-version=2019-03-31&ClientVersion=opendps-device%2F{}",
+            env!("CARGO_PKG_VERSION")
+        );
+        Self::open_with(
+            config,
+            host,
+            port,
+            registration_id,
+            &username,
+            sas,
+            "$dps/registrations/res/#",
+        )
+        .await
+    }
+
+    async fn open_with(
+        config: &Arc<rustls::ClientConfig>,
+        host: &str,
+        port: u16,
+        client_id: &str,
+        username: &str,
+        sas: &str,
+        filter: &str,
+    ) -> anyhow::Result<Self> {
         let tcp = tokio::time::timeout(ANSWER_TIMEOUT, TcpStream::connect((host, port)))
             .await
             .context("connecting timed out")?
             .with_context(|| format!("could not reach {host}:{port} (MQTT)"))?;
         let name =
             ServerName::try_from(host.to_owned()).context("the host is not a valid TLS name")?;
-        let stream = TlsConnector::from(Arc::new(config))
+        let stream = TlsConnector::from(Arc::clone(config))
             .connect(name, tcp)
             .await
             .context("the TLS handshake failed")?;

@@ -371,3 +371,65 @@ fn the_demo_reproduces_the_tutorial() {
         assert!(left.is_empty(), "the demo left {left:?} behind");
     }
 }
+
+/// `opendps bench` over both transports: every device assigned, a baseline and a ratio reported,
+/// its own group removed afterwards. (The figures themselves belong in docs/performance.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_registers_every_device_and_reports_the_baseline() {
+    let server = dps_testkit::TestServer::start_with(
+        std::path::Path::new(env!("CARGO_BIN_EXE_opendps")),
+        &[
+            "--hub",
+            "bench-a.azure-devices.net",
+            "--hub",
+            "bench-b.azure-devices.net",
+        ],
+    )
+    .await
+    .expect("start");
+    for transport in ["https", "mqtt"] {
+        let report = json_ok(
+            &server,
+            &[
+                "bench",
+                "--devices",
+                "40",
+                "--concurrency",
+                "8",
+                "--transport",
+                transport,
+                "--poll-interval-ms",
+                "10",
+            ],
+        );
+        let registrations = &report["registrations"];
+        assert_eq!(registrations["assigned"], 40, "{report}");
+        assert_eq!(registrations["errors"], serde_json::json!({}), "{report}");
+        assert!(report["baseline"]["connectionsPerSec"].as_f64() > Some(0.0));
+        assert!(report["ratioToBaseline"].as_f64() > Some(0.0));
+        for q in ["p50", "p95", "p99", "max"] {
+            assert!(
+                registrations["latencyMs"][q].as_f64() > Some(0.0),
+                "{report}"
+            );
+        }
+        assert!(
+            registrations["serviceLatencyMs"]["p99"].as_f64()
+                <= registrations["latencyMs"]["p99"].as_f64()
+        );
+        let groups = json_ok(&server, &["enrollment-group", "list"]);
+        assert_eq!(groups, serde_json::json!([]), "the bench removes its group");
+    }
+    let refused = run(
+        &server,
+        &[
+            "bench",
+            "--devices",
+            "1",
+            "--transport",
+            "mqtt",
+            "--reuse-connections",
+        ],
+    );
+    assert!(!refused.0 && refused.2.contains("--reuse-connections is for HTTPS"));
+}

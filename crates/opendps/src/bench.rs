@@ -1,0 +1,676 @@
+//! `opendps bench`: simulated devices against a running service, and the baseline that says how
+//! close it gets to what the machine allows.
+//!
+//! Each simulated device does what a real one does: a new TCP and TLS connection, the register
+//! request with its group-derived SAS token, polls until the operation ends, and a close. The
+//! baseline phase opens and closes as many TLS connections against the same port and does nothing
+//! else, so the report can state registrations/s ÷ connections/s measured in the same run.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::client::{ClientSettings, ServiceClient};
+use crate::device::Transport;
+use crate::mqtt_client::{DpsMqtt, tls_client_config};
+
+/// Device API version sent.
+const API_VERSION: &str = "2021-06-01";
+
+/// `opendps bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Number of simulated devices (each registers once).
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Devices registering at the same time.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Device transport.
+    #[arg(long, value_enum, default_value_t = Transport::Https)]
+    transport: Transport,
+    /// Keep one connection per concurrent client across devices instead of a new TLS connection
+    /// per device (HTTPS only; an MQTT connection belongs to one device).
+    #[arg(long)]
+    reuse_connections: bool,
+    /// Poll every N milliseconds instead of waiting the `Retry-After` the service sends (as SDKs do).
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
+    /// Use this existing enrollment group instead of creating one (give --group-key too).
+    #[arg(long, requires = "group_key")]
+    group_id: Option<String>,
+    /// The primary key of --group-id.
+    #[arg(long)]
+    group_key: Option<String>,
+    /// Create the group with custom allocation through this webhook (for example the Contoso
+    /// allocator) instead of hashed allocation over all linked hubs.
+    #[arg(long)]
+    webhook_url: Option<String>,
+    /// Registration id suffixes, used in turn (for example `-contoso-tstrsd-007,-contoso-hpsd-088`
+    /// for the Contoso allocator).
+    #[arg(long, value_delimiter = ',')]
+    id_suffix: Vec<String>,
+    /// Connections of the baseline phase [default: --devices].
+    #[arg(long)]
+    baseline_connections: Option<usize>,
+    /// Skip the baseline phase.
+    #[arg(long, conflicts_with = "baseline_only")]
+    no_baseline: bool,
+    /// Run only the baseline phase.
+    #[arg(long)]
+    baseline_only: bool,
+    /// Give a device up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Keep the enrollment group the bench created.
+    #[arg(long)]
+    keep_group: bool,
+}
+
+/// Where the service is.
+struct Target {
+    addr: SocketAddr,
+    host_header: String,
+    server_name: ServerName<'static>,
+    scope: String,
+    tls: TlsConnector,
+}
+
+/// What one device saw.
+struct DeviceResult {
+    /// From the first byte (TCP connect) to the terminal answer.
+    total: Duration,
+    /// `total` less the time the device chose to wait before polling.
+    service: Duration,
+    /// `assigned`, or the error (a DPS code, an HTTP status or a transport failure).
+    outcome: Result<(), String>,
+}
+
+/// Runs the bench against the service of `data_dir` (or the one `--login` names).
+pub async fn run(
+    args: BenchArgs,
+    settings: ClientSettings,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    if args.reuse_connections && args.transport == Transport::Mqtt {
+        bail!("--reuse-connections is for HTTPS; an MQTT connection is one device's session");
+    }
+    if args.devices == 0 || args.concurrency == 0 {
+        bail!("--devices and --concurrency must be at least 1");
+    }
+    let data_dir = settings.data_dir.clone();
+    let info = crate::info::collect(&crate::config::Config {
+        data_dir: data_dir.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("no local service found; start `opendps serve` or give --data-dir")?;
+    if info["running"].is_null() {
+        bail!(
+            "the service of {} is not running; start it with `opendps serve`",
+            data_dir.display()
+        );
+    }
+    let ca = info["caFile"].as_str().map(PathBuf::from);
+    let tls = TlsConnector::from(tls_client_config(ca.as_deref())?);
+    let port = match args.transport {
+        Transport::Https => info["listen"]["https"].as_str(),
+        Transport::Mqtt => info["listen"]["mqtt"].as_str(),
+    }
+    .and_then(|a| a.parse::<SocketAddr>().ok())
+    .map(|a| a.port())
+    .context("the service does not listen on that transport")?;
+    let host = info["serviceHost"].as_str().unwrap_or("localhost");
+    let name = host.rsplit_once(':').map_or(host, |(n, _)| n).to_owned();
+    let addr = tokio::net::lookup_host((name.as_str(), port))
+        .await?
+        .next()
+        .with_context(|| format!("{name} does not resolve"))?;
+    let target = Arc::new(Target {
+        addr,
+        host_header: host.to_owned(),
+        server_name: ServerName::try_from(name.clone())?,
+        scope: info["idScope"].as_str().unwrap_or_default().to_owned(),
+        tls,
+    });
+
+    let mut report = json!({
+        "transport": match args.transport { Transport::Https => "https", Transport::Mqtt => "mqtt" },
+        "devices": args.devices,
+        "concurrency": args.concurrency,
+        "newConnectionPerDevice": !args.reuse_connections,
+        "target": addr.to_string(),
+    });
+    let baseline = match args.no_baseline {
+        true => None,
+        false => {
+            let n = args.baseline_connections.unwrap_or(args.devices);
+            let (rate, failures) = baseline(&target, n, args.concurrency, json_output).await;
+            report["baseline"] =
+                json!({"connections": n, "connectionsPerSec": round(rate), "failures": failures});
+            Some(rate)
+        }
+    };
+    if args.baseline_only {
+        return print(&report, json_output);
+    }
+
+    let client = ServiceClient::connect(settings).await?;
+    let (group_id, group_key, created) = match (&args.group_id, &args.group_key) {
+        (Some(id), Some(key)) => (id.clone(), key.clone(), false),
+        _ => {
+            let id = format!("bench-{}", random_hex(4));
+            let key = dps_core::sas::generate_key();
+            let mut group = json!({
+                "enrollmentGroupId": id,
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
+                "allocationPolicy": "hashed",
+            });
+            if let Some(url) = &args.webhook_url {
+                group["allocationPolicy"] = json!("custom");
+                group["customAllocationDefinition"] =
+                    json!({"webhookUrl": url, "apiVersion": "2021-10-01"});
+            }
+            client
+                .send(
+                    Method::PUT,
+                    &format!("/enrollmentGroups/{id}"),
+                    None,
+                    &[],
+                    Some(&group),
+                )
+                .await
+                .context("while creating the bench's enrollment group")?;
+            (id, key, true)
+        }
+    };
+    let run_id = random_hex(4);
+    let suffixes = match args.id_suffix.is_empty() {
+        true => vec![String::new()],
+        false => args.id_suffix.clone(),
+    };
+    let devices: Arc<Vec<(String, String)>> = Arc::new(
+        (0..args.devices)
+            .map(|i| {
+                let rid = format!("bench-{run_id}-{i}{}", suffixes[i % suffixes.len()]);
+                let key = dps_core::sas::derive_device_key(&group_key, &rid).unwrap_or_default();
+                (rid, key)
+            })
+            .collect(),
+    );
+    let results = register_all(&target, &args, devices, json_output).await;
+    if created && !args.keep_group {
+        let _ = client
+            .send(
+                Method::DELETE,
+                &format!("/enrollmentGroups/{group_id}"),
+                Some("*"),
+                &[],
+                None,
+            )
+            .await;
+    }
+    summarize(&mut report, &results.0, results.1, baseline);
+    report["group"] = json!(group_id);
+    print(&report, json_output)
+}
+
+/// Opens and closes `n` TLS connections, `concurrency` at a time; returns connections/s and
+/// failures.
+async fn baseline(target: &Arc<Target>, n: usize, concurrency: usize, quiet: bool) -> (f64, usize) {
+    let bar = progress(n, "baseline: TLS connections", quiet);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(n) {
+        let (target, next, bar) = (Arc::clone(target), Arc::clone(&next), bar.clone());
+        tasks.spawn(async move {
+            let mut failures = 0;
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                match tls_connect(&target).await {
+                    Ok(mut stream) => {
+                        let _ = stream.shutdown().await;
+                    }
+                    Err(_) => failures += 1,
+                }
+                bar.inc(1);
+            }
+            failures
+        });
+    }
+    let mut failures = 0;
+    while let Some(done) = tasks.join_next().await {
+        failures += done.unwrap_or(0);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    #[allow(clippy::cast_precision_loss)]
+    let rate = (n - failures.min(n)) as f64 / elapsed;
+    (rate, failures)
+}
+
+async fn tls_connect(
+    target: &Target,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(target.addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(target.tls.connect(target.server_name.clone(), tcp).await?)
+}
+
+/// Registers every device, `concurrency` at a time; returns each device's result and the wall time.
+async fn register_all(
+    target: &Arc<Target>,
+    args: &BenchArgs,
+    devices: Arc<Vec<(String, String)>>,
+    quiet: bool,
+) -> (Vec<DeviceResult>, Duration) {
+    let bar = progress(devices.len(), "registering", quiet);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let settings = Arc::new(DeviceSettings {
+        transport: args.transport,
+        reuse: args.reuse_connections,
+        poll_interval: args.poll_interval_ms.map(Duration::from_millis),
+        timeout: Duration::from_secs(args.timeout),
+    });
+    for _ in 0..args.concurrency.min(devices.len()) {
+        let (target, next, bar, devices, settings) = (
+            Arc::clone(target),
+            Arc::clone(&next),
+            bar.clone(),
+            Arc::clone(&devices),
+            Arc::clone(&settings),
+        );
+        tasks.spawn(async move {
+            let mut results = Vec::new();
+            let mut kept: Option<SendRequest<Full<Bytes>>> = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((rid, key)) = devices.get(i) else {
+                    break;
+                };
+                let result = match settings.transport {
+                    Transport::Https => https_device(&target, &settings, rid, key, &mut kept).await,
+                    Transport::Mqtt => mqtt_device(&target, &settings, rid, key).await,
+                };
+                if let Err(err) = &result.outcome {
+                    bar.set_message(format!("last error: {err}"));
+                }
+                results.push(result);
+                bar.inc(1);
+            }
+            results
+        });
+    }
+    let mut results = Vec::with_capacity(devices.len());
+    while let Some(done) = tasks.join_next().await {
+        results.extend(done.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    (results, elapsed)
+}
+
+struct DeviceSettings {
+    transport: Transport,
+    reuse: bool,
+    poll_interval: Option<Duration>,
+    timeout: Duration,
+}
+
+fn device_token(scope: &str, rid: &str, key: &str) -> String {
+    let expiry = jiff::Timestamp::now().as_second() + 3600;
+    dps_core::sas::generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        key,
+        Some("registration"),
+        expiry,
+    )
+    .unwrap_or_default()
+}
+
+/// One device over HTTPS: register, poll until the end.
+async fn https_device(
+    target: &Target,
+    settings: &DeviceSettings,
+    rid: &str,
+    key: &str,
+    kept: &mut Option<SendRequest<Full<Bytes>>>,
+) -> DeviceResult {
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let outcome = tokio::time::timeout(settings.timeout, async {
+        let mut sender = match kept.take().filter(|s| !s.is_closed()) {
+            Some(sender) => sender,
+            None => http_connect(target).await?,
+        };
+        let token = device_token(&target.scope, rid, key);
+        let base = format!("/{}/registrations/{rid}", target.scope);
+        let body = json!({"registrationId": rid}).to_string();
+        let (status, mut retry_after, mut reply) = http_call(
+            &mut sender,
+            target,
+            "PUT",
+            &format!("{base}/register?api-version={API_VERSION}"),
+            &token,
+            Some(body),
+        )
+        .await?;
+        if status != 202 {
+            return Err(error_of(status, &reply));
+        }
+        let operation = reply["operationId"].as_str().unwrap_or_default().to_owned();
+        while reply["status"] == "assigning" {
+            let wait = settings
+                .poll_interval
+                .unwrap_or(Duration::from_secs(retry_after));
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            let status;
+            (status, retry_after, reply) = http_call(
+                &mut sender,
+                target,
+                "GET",
+                &format!("{base}/operations/{operation}?api-version={API_VERSION}"),
+                &token,
+                None,
+            )
+            .await?;
+            if status != 200 && status != 202 {
+                return Err(error_of(status, &reply));
+            }
+        }
+        if settings.reuse {
+            *kept = Some(sender);
+        }
+        terminal(&reply)
+    })
+    .await
+    .unwrap_or_else(|_| Err("timeout".to_owned()));
+    finished(started, waited, outcome)
+}
+
+async fn http_connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, String> {
+    let tls = tls_connect(target)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// One request; (status, Retry-After, JSON body).
+async fn http_call(
+    sender: &mut SendRequest<Full<Bytes>>,
+    target: &Target,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<String>,
+) -> Result<(u16, u64, Value), String> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", &target.host_header)
+        .header("Authorization", token)
+        .header("Content-Type", "application/json; charset=utf-8")
+        .header("Accept", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| e.to_string())?;
+    sender.ready().await.map_err(|e| format!("http: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("http: {e}"))?
+        .to_bytes();
+    Ok((
+        status,
+        retry_after,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// One device over MQTT: connect, register, poll until the end, disconnect.
+async fn mqtt_device(
+    target: &Target,
+    settings: &DeviceSettings,
+    rid: &str,
+    key: &str,
+) -> DeviceResult {
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let outcome = tokio::time::timeout(settings.timeout, async {
+        let token = device_token(&target.scope, rid, key);
+        let name = match &target.server_name {
+            ServerName::DnsName(name) => name.as_ref().to_owned(),
+            other => format!("{other:?}"),
+        };
+        let mut link = DpsMqtt::connect_with(
+            &tls_config_of(target),
+            &name,
+            target.addr.port(),
+            &target.scope,
+            rid,
+            &token,
+        )
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+        let body = json!({"registrationId": rid});
+        let (status, mut retry_after, mut reply) = link
+            .register(&body)
+            .await
+            .map_err(|e| format!("mqtt: {e}"))?;
+        if status != 202 {
+            return Err(error_of(status, &reply));
+        }
+        let operation = reply["operationId"].as_str().unwrap_or_default().to_owned();
+        while reply["status"] == "assigning" {
+            let wait = settings
+                .poll_interval
+                .unwrap_or(Duration::from_secs(retry_after));
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            let status;
+            (status, retry_after, reply) = link
+                .poll(&operation)
+                .await
+                .map_err(|e| format!("mqtt: {e}"))?;
+            if status != 200 && status != 202 {
+                return Err(error_of(status, &reply));
+            }
+        }
+        link.disconnect().await;
+        terminal(&reply)
+    })
+    .await
+    .unwrap_or_else(|_| Err("timeout".to_owned()));
+    finished(started, waited, outcome)
+}
+
+fn tls_config_of(target: &Target) -> Arc<rustls::ClientConfig> {
+    Arc::clone(target.tls.config())
+}
+
+fn finished(started: Instant, waited: Duration, outcome: Result<(), String>) -> DeviceResult {
+    let total = started.elapsed();
+    DeviceResult {
+        total,
+        service: total.saturating_sub(waited),
+        outcome,
+    }
+}
+
+/// `assigned`, or the registration's error code.
+fn terminal(reply: &Value) -> Result<(), String> {
+    match reply["status"].as_str() {
+        Some("assigned") => Ok(()),
+        Some(status) => Err(format!(
+            "{status} {}",
+            reply["registrationState"]["errorCode"]
+                .as_i64()
+                .map(|c| c.to_string())
+                .unwrap_or_default()
+        )
+        .trim()
+        .to_owned()),
+        None => Err("no status".to_owned()),
+    }
+}
+
+fn error_of(status: u16, reply: &Value) -> String {
+    match reply["errorCode"].as_i64() {
+        Some(code) => code.to_string(),
+        None => format!("HTTP {status}"),
+    }
+}
+
+fn summarize(report: &mut Value, results: &[DeviceResult], wall: Duration, baseline: Option<f64>) {
+    let assigned: Vec<&DeviceResult> = results.iter().filter(|r| r.outcome.is_ok()).collect();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for r in results {
+        if let Err(e) = &r.outcome {
+            *errors.entry(e.clone()).or_default() += 1;
+        }
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let rate = assigned.len() as f64 / wall.as_secs_f64();
+    report["registrations"] = json!({
+        "assigned": assigned.len(),
+        "errors": errors,
+        "seconds": round(wall.as_secs_f64()),
+        "perSec": round(rate),
+        "latencyMs": percentiles(assigned.iter().map(|r| r.total)),
+        "serviceLatencyMs": percentiles(assigned.iter().map(|r| r.service)),
+    });
+    if let Some(base) = baseline.filter(|b| *b > 0.0) {
+        report["ratioToBaseline"] = json!((rate / base * 1000.0).round() / 1000.0);
+    }
+}
+
+fn percentiles(latencies: impl Iterator<Item = Duration>) -> Value {
+    let mut all: Vec<Duration> = latencies.collect();
+    if all.is_empty() {
+        return Value::Null;
+    }
+    all.sort_unstable();
+    let at = |q: f64| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let i = ((all.len() as f64 * q).ceil() as usize).clamp(1, all.len()) - 1;
+        round(all[i].as_secs_f64() * 1000.0)
+    };
+    json!({"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": at(1.0)})
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    dps_core::sas::fill_random(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn progress(n: usize, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{per_sec}} {{elapsed}} {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn print(report: &Value, json_output: bool) -> anyhow::Result<()> {
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "transport {}, {} devices, {} at a time, {}",
+        report["transport"].as_str().unwrap_or_default(),
+        report["devices"],
+        report["concurrency"],
+        if report["newConnectionPerDevice"] == true {
+            "a new TLS connection per device"
+        } else {
+            "connections reused"
+        }
+    );
+    if let Some(b) = report.get("baseline") {
+        println!(
+            "baseline:      {} TLS connections/s (connect, handshake, close; {} failed)",
+            b["connectionsPerSec"], b["failures"]
+        );
+    }
+    if let Some(r) = report.get("registrations") {
+        println!(
+            "registrations: {} assigned in {} s = {}/s",
+            r["assigned"], r["seconds"], r["perSec"]
+        );
+        if let Some(ratio) = report.get("ratioToBaseline") {
+            println!("ratio:         {ratio} of the baseline connection rate");
+        }
+        for (name, key) in [
+            ("latency", "latencyMs"),
+            ("service time", "serviceLatencyMs"),
+        ] {
+            let l = &r[key];
+            println!(
+                "{:<14} p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
+                format!("{name}:"),
+                l["p50"],
+                l["p95"],
+                l["p99"],
+                l["max"]
+            );
+        }
+        if let Some(errors) = r["errors"].as_object().filter(|e| !e.is_empty()) {
+            println!("errors:");
+            for (code, n) in errors {
+                println!("  {code}: {n}");
+            }
+        }
+    }
+    Ok(())
+}
