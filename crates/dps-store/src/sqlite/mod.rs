@@ -134,7 +134,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path, true).backend()?;
         let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .query_row_cached("PRAGMA user_version", [], |r| r.get(0))
             .backend()?;
         if usize::try_from(version).unwrap_or(0) < migrations::current_version() {
             return Err(StoreError::Backend("the database is still being created or needs a newer schema; start `opendps serve` on it".into()));
@@ -208,32 +208,30 @@ impl SqliteStore {
         result
     }
 
-    /// Runs `f` on a reader connection on the blocking pool.
+    /// Runs `f` on a reader connection, on the calling thread: reads are point lookups and short
+    /// scans of a WAL database whose pages are cached, cheaper than a hop to the blocking pool.
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let inner = Arc::clone(&self.inner);
+        let inner = &self.inner;
         let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let pooled = inner
-                .readers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
-            let conn = match pooled {
-                Some(conn) => conn,
-                None => open_connection(&inner.path, inner.read_only).backend()?,
-            };
-            let result = f(&conn);
+        let pooled = inner
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open_connection(&inner.path, inner.read_only).backend()?,
+        };
+        let result = f(&conn);
+        {
             let mut readers = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
             if readers.len() < MAX_IDLE_READERS {
                 readers.push(conn);
             }
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?;
+        }
         metrics::histogram!("opendps_store_duration_seconds", "kind" => "read")
             .record(started.elapsed().as_secs_f64());
         result
@@ -357,7 +355,7 @@ impl EnrollmentStore for SqliteStore {
         let key = key.to_owned();
         self.write(move |conn| {
             let current = conn
-                .query_row(
+                .query_row_cached(
                     "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
                     params![kind_tag(kind), key],
                     |r| r.get(0),
@@ -365,7 +363,7 @@ impl EnrollmentStore for SqliteStore {
                 .optional()
                 .backend()?;
             check(&cond, current, &format!("{} '{key}'", kind.label()))?;
-            conn.execute(
+            conn.execute_cached(
                 "INSERT INTO enrollments (kind, id_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (kind, id_key) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
                 params![kind_tag(kind), key, doc.etag.as_str(), doc.doc],
@@ -383,7 +381,7 @@ impl EnrollmentStore for SqliteStore {
     ) -> Result<Option<StoredDoc>, StoreError> {
         let key = key.to_owned();
         self.read(move |conn| {
-            conn.query_row(
+            conn.query_row_cached(
                 "SELECT id_key, etag, doc FROM enrollments WHERE kind = ?1 AND id_key = ?2",
                 params![kind_tag(kind), key],
                 doc_row,
@@ -405,7 +403,7 @@ impl EnrollmentStore for SqliteStore {
         self.write(move |conn| {
             let what = format!("{} '{key}'", kind.label());
             let current: Option<String> = conn
-                .query_row(
+                .query_row_cached(
                     "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
                     params![kind_tag(kind), key],
                     |r| r.get(0),
@@ -416,7 +414,7 @@ impl EnrollmentStore for SqliteStore {
                 return Err(StoreError::NotFound(what));
             }
             check(&cond, current, &what)?;
-            conn.execute(
+            conn.execute_cached(
                 "DELETE FROM enrollments WHERE kind = ?1 AND id_key = ?2",
                 params![kind_tag(kind), key],
             )
@@ -462,11 +460,11 @@ impl RegistrationStore for SqliteStore {
         let (key, group_key) = (key.to_owned(), group_key.map(str::to_owned));
         self.write(move |conn| {
             let current = conn
-                .query_row("SELECT etag FROM registrations WHERE id_key = ?1", params![key], |r| r.get(0))
+                .query_row_cached("SELECT etag FROM registrations WHERE id_key = ?1", params![key], |r| r.get(0))
                 .optional()
                 .backend()?;
             check(&cond, current, &format!("registration '{key}'"))?;
-            conn.execute(
+            conn.execute_cached(
                 "INSERT INTO registrations (id_key, group_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id_key) DO UPDATE SET group_key = excluded.group_key, etag = excluded.etag, doc = excluded.doc",
                 params![key, group_key, doc.etag.as_str(), doc.doc],
@@ -480,7 +478,7 @@ impl RegistrationStore for SqliteStore {
     async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
         let key = key.to_owned();
         self.read(move |conn| {
-            conn.query_row(
+            conn.query_row_cached(
                 "SELECT id_key, etag, doc FROM registrations WHERE id_key = ?1",
                 params![key],
                 doc_row,
@@ -497,7 +495,7 @@ impl RegistrationStore for SqliteStore {
         self.write(move |conn| {
             let what = format!("registration '{key}'");
             let current: Option<String> = conn
-                .query_row(
+                .query_row_cached(
                     "SELECT etag FROM registrations WHERE id_key = ?1",
                     params![key],
                     |r| r.get(0),
@@ -508,7 +506,7 @@ impl RegistrationStore for SqliteStore {
                 return Err(StoreError::NotFound(what));
             }
             check(&cond, current, &what)?;
-            conn.execute("DELETE FROM registrations WHERE id_key = ?1", params![key])
+            conn.execute_cached("DELETE FROM registrations WHERE id_key = ?1", params![key])
                 .backend()?;
             Ok(())
         })
@@ -553,7 +551,7 @@ impl LinkedHubStore for SqliteStore {
     async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<(), StoreError> {
         let (host, doc) = (hub.host_name.clone(), to_json(hub)?);
         self.write(move |conn| {
-            conn.execute(
+            conn.execute_cached(
                 "INSERT INTO linked_hubs (host_name, doc) VALUES (?1, ?2)
                  ON CONFLICT (host_name) DO UPDATE SET doc = excluded.doc",
                 params![host, doc],
@@ -583,7 +581,7 @@ impl LinkedHubStore for SqliteStore {
         let host = host_name.to_owned();
         self.write(move |conn| {
             match conn
-                .execute(
+                .execute_cached(
                     "DELETE FROM linked_hubs WHERE host_name = ?1",
                     params![host],
                 )
@@ -606,9 +604,9 @@ impl IdentityStore for SqliteStore {
         let doc = to_json(candidate)?;
         let stored: String = self
             .write(move |conn| {
-                conn.execute("INSERT INTO service_identity (id, doc) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING", params![doc])
+                conn.execute_cached("INSERT INTO service_identity (id, doc) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING", params![doc])
                     .backend()?;
-                conn.query_row("SELECT doc FROM service_identity WHERE id = 1", [], |r| r.get(0)).backend()
+                conn.query_row_cached("SELECT doc FROM service_identity WHERE id = 1", [], |r| r.get(0)).backend()
             })
             .await?;
         from_json(&stored)
@@ -617,7 +615,7 @@ impl IdentityStore for SqliteStore {
     async fn identity(&self) -> Result<Option<ServiceIdentity>, StoreError> {
         let doc: Option<String> = self
             .read(|conn| {
-                conn.query_row("SELECT doc FROM service_identity WHERE id = 1", [], |r| {
+                conn.query_row_cached("SELECT doc FROM service_identity WHERE id = 1", [], |r| {
                     r.get(0)
                 })
                 .optional()
@@ -647,7 +645,7 @@ impl OperationStore for SqliteStore {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
         let op = op.clone();
         self.write(move |conn| {
-            conn.execute(
+            conn.execute_cached(
                 "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
                  VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5, ?6)
                  ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
@@ -666,7 +664,7 @@ impl OperationStore for SqliteStore {
     ) -> Result<Option<StoredOperation>, StoreError> {
         let id = operation_id.to_owned();
         self.read(move |conn| {
-            conn.query_row(
+            conn.query_row_cached(
                 "SELECT operation_id, registration_key, pending, next_attempt_ms, doc FROM operations WHERE operation_id = ?1",
                 params![id],
                 operation_row,
@@ -712,13 +710,40 @@ impl OperationStore for SqliteStore {
 
     async fn prune_operations(&self, before_ms: i64) -> Result<usize, StoreError> {
         self.write(move |conn| {
-            conn.execute(
+            conn.execute_cached(
                 "DELETE FROM operations WHERE pending = 0 AND updated_ms < ?1",
                 params![before_ms],
             )
             .backend()
         })
         .await
+    }
+}
+
+/// `execute` and `query_row` through the connection's prepared-statement cache, so a hot statement
+/// is parsed once per connection rather than once per call.
+trait CachedStatements {
+    fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize>;
+    fn query_row_cached<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl CachedStatements for Connection {
+    fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn query_row_cached<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
     }
 }
 
