@@ -172,6 +172,8 @@ impl DpsMqtt {
             .await
             .context("connecting timed out")?
             .with_context(|| format!("could not reach {host}:{port} (MQTT)"))?;
+        // Small request packets must not wait for the previous one's ACK (Nagle).
+        tcp.set_nodelay(true)?;
         let name =
             ServerName::try_from(host.to_owned()).context("the host is not a valid TLS name")?;
         let stream = TlsConnector::from(Arc::clone(config))
