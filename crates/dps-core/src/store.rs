@@ -176,6 +176,27 @@ pub struct StoredOperation {
     pub doc: String,
 }
 
+/// Who holds an operation's lease: a node (stable across restarts) in one incarnation (one process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseOwner {
+    /// The node's stable name.
+    pub node: String,
+    /// This run of it.
+    pub incarnation: String,
+}
+
+impl LeaseOwner {
+    /// `node` in a fresh incarnation.
+    pub fn new(node: impl Into<String>) -> Self {
+        let mut bytes = [0u8; 8];
+        crate::sas::fill_random(&mut bytes);
+        Self {
+            node: node.into(),
+            incarnation: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+}
+
 /// Durable registration operations, claimed by workers with leases so that any node can finish what
 /// another started.
 #[async_trait]
@@ -187,13 +208,14 @@ pub trait OperationStore: Send + Sync {
         &self,
         operation_id: &str,
     ) -> Result<Option<StoredOperation>, StoreError>;
-    /// Leases up to `limit` pending operations that are due at `now_ms` and not leased by anyone
-    /// else (or whose lease expired), oldest first, to `owner` until `now_ms + lease_ms`. Leases
-    /// already held by `owner` are taken again: a node restarted under the same name resumes at once
-    /// what it held when it died.
+    /// Leases up to `limit` pending operations that are due at `now_ms`, oldest first, to `owner`
+    /// until `now_ms + lease_ms`. An operation is free when it was never leased, its lease expired,
+    /// or an earlier incarnation of the same node holds it: a node restarted under the same name
+    /// resumes at once what it held when it died. Leases of `owner` itself are never returned again,
+    /// so a worker can claim more while it still works on what it claimed before.
     async fn claim_operations(
         &self,
-        owner: &str,
+        owner: &LeaseOwner,
         now_ms: i64,
         lease_ms: i64,
         limit: usize,

@@ -11,7 +11,7 @@ use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::secret::Secret;
 use dps_core::store::{
-    EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation,
+    EnrollmentKind, LeaseOwner, Precondition, Store, StoreError, StoredDoc, StoredOperation,
 };
 
 /// A document with a fresh etag.
@@ -420,8 +420,10 @@ pub async fn operations_are_leased(store: Arc<dyn Store>) {
         .await
         .expect("put");
 
+    let node_a = LeaseOwner::new("node-a");
+    let node_b = LeaseOwner::new("node-b");
     let claimed = store
-        .claim_operations("node-a", now, 30_000, 10)
+        .claim_operations(&node_a, now, 30_000, 10)
         .await
         .expect("claim");
     let ids: Vec<_> = claimed.iter().map(|o| o.operation_id.as_str()).collect();
@@ -429,19 +431,35 @@ pub async fn operations_are_leased(store: Arc<dyn Store>) {
     assert_eq!(claimed[0], operation("op-1", true, now - 10));
     assert!(
         store
-            .claim_operations("node-b", now + 1, 30_000, 10)
+            .claim_operations(&node_b, now + 1, 30_000, 10)
             .await
             .expect("claim")
             .is_empty(),
         "leased elsewhere"
     );
+    assert!(
+        store
+            .claim_operations(&node_a, now + 2, 30_000, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "a worker never gets its own leases back while it holds them"
+    );
 
-    // node-a dies; after its lease expires node-b takes over.
-    let taken = store
-        .claim_operations("node-b", now + 30_001, 30_000, 1)
+    // node-a restarts under the same name: the new incarnation resumes its leases at once.
+    let node_a_again = LeaseOwner::new("node-a");
+    let resumed = store
+        .claim_operations(&node_a_again, now + 3, 30_000, 1)
         .await
         .expect("claim");
-    assert_eq!(taken.len(), 1);
+    assert_eq!(resumed.len(), 1);
+
+    // node-a dies again; after its lease expires node-b takes over.
+    let taken = store
+        .claim_operations(&node_b, now + 30_004, 30_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(taken.len(), 2);
 
     // Finishing an operation releases it for good.
     store
@@ -454,7 +472,7 @@ pub async fn operations_are_leased(store: Arc<dyn Store>) {
         .expect("finish");
     assert!(
         store
-            .claim_operations("node-c", now + 120_000, 30_000, 10)
+            .claim_operations(&LeaseOwner::new("node-c"), now + 120_000, 30_000, 10)
             .await
             .expect("claim")
             .iter()

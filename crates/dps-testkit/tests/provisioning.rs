@@ -15,7 +15,7 @@ use dps_core::model::{
 use dps_core::provisioning::{Provisioning, ProvisioningSettings, Transport};
 use dps_core::sas;
 use dps_core::secret::Secret;
-use dps_core::store::{EnrollmentKind, Precondition, Store, StoredDoc};
+use dps_core::store::{EnrollmentKind, LeaseOwner, Precondition, Store, StoredDoc};
 use dps_core::{ProvisioningError, ids::Etag};
 use dps_testkit::{FakeHub, FakeWebhook};
 use serde_json::json;
@@ -189,7 +189,7 @@ impl Bench {
         let now = self.clock_now().as_millisecond();
         for op in self
             .store
-            .claim_operations("test", now, 60_000, 1000)
+            .claim_operations(&LeaseOwner::new("test"), now, 60_000, 1000)
             .await
             .expect("claim")
         {
@@ -367,7 +367,7 @@ async fn authentication_outcomes() {
     ));
     assert!(
         b.store
-            .claim_operations("t", NOW * 1000 + 1, 1, 100)
+            .claim_operations(&LeaseOwner::new("t"), NOW * 1000 + 1, 1, 100)
             .await
             .expect("claim")
             .is_empty(),
@@ -559,7 +559,7 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
     // Two workers race over the same operations.
     let claimed = b
         .store
-        .claim_operations("w", NOW * 1000, 60_000, 100)
+        .claim_operations(&LeaseOwner::new("w"), NOW * 1000, 60_000, 100)
         .await
         .expect("claim");
     let (left, right) = claimed.split_at(claimed.len() / 2);

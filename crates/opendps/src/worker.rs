@@ -1,27 +1,32 @@
 //! The registration worker: claims due operations from the store (with a lease, so another node can
 //! take over if this one dies), drives each to a terminal state, and prunes old finished ones.
-//! Operations of different devices run concurrently; those of one device run in order.
+//!
+//! Claiming is continuous: whenever a registration is recorded (or every scan interval, for retries
+//! that come due) the worker claims what fits under its limit, while earlier operations are still in
+//! progress, so a new operation never waits for a slow one. Operations of different devices run
+//! concurrently; those of one device run in order, one at a time.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dps_core::clock::Clock;
 use dps_core::provisioning::Provisioning;
-use dps_core::store::{Store, StoredOperation};
+use dps_core::store::{LeaseOwner, Store, StoredOperation};
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
+use tokio::task::{Id, JoinSet};
 
-/// Operations claimed per round.
-const BATCH: usize = 256;
+/// Operations held at once (running, or queued behind another of the same device).
+const MAX_HELD: usize = 512;
 /// How long a claim is exclusive; an operation still leased after that is taken over.
 const LEASE_MS: i64 = 60_000;
 /// How often the store is scanned when nothing wakes the worker (retries that come due).
-const IDLE_SCAN: Duration = Duration::from_millis(250);
+const SCAN: Duration = Duration::from_millis(250);
 /// Finished operations are kept this long, so devices can still poll them.
 const KEEP_FINISHED_MS: i64 = 24 * 3600 * 1000;
 
-/// Runs until `stop` turns true, then finishes the round in progress.
+/// Runs until `stop` turns true, then finishes the operations in progress. Operations claimed but
+/// not started keep their lease; this node takes them again when it restarts.
 pub async fn run(
     provisioning: Arc<Provisioning>,
     store: Arc<dyn Store>,
@@ -30,11 +35,13 @@ pub async fn run(
     node: String,
     mut stop: watch::Receiver<bool>,
 ) {
+    let owner = LeaseOwner::new(node);
+    let mut work = Work::new(provisioning);
+    let mut scan = tokio::time::interval(SCAN);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut claim = true;
     let mut last_prune = 0;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
+    while !*stop.borrow() {
         let now = clock.now().as_millisecond();
         if now - last_prune > 600_000 {
             last_prune = now;
@@ -44,46 +51,116 @@ pub async fn run(
                 Err(err) => tracing::warn!(%err, "pruning operations failed"),
             }
         }
-        let claimed = match store.claim_operations(&node, now, LEASE_MS, BATCH).await {
-            Ok(claimed) => claimed,
-            Err(err) => {
-                tracing::error!(%err, "claiming operations failed; retrying");
-                Vec::new()
+        let room = MAX_HELD.saturating_sub(work.held());
+        if claim && room > 0 {
+            match store.claim_operations(&owner, now, LEASE_MS, room).await {
+                Ok(claimed) => {
+                    // A full claim may have left due operations behind: claim again at once.
+                    claim = claimed.len() == room;
+                    for op in claimed {
+                        work.add(op);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(%err, "claiming operations failed; retrying");
+                    claim = false;
+                }
             }
-        };
-        if claimed.is_empty() {
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(IDLE_SCAN) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
         }
-        let mut by_device: BTreeMap<String, Vec<StoredOperation>> = BTreeMap::new();
-        for op in claimed {
-            by_device
+        tokio::select! {
+            Some(done) = work.tasks.join_next_with_id(), if !work.tasks.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(err) => {
+                        tracing::error!(%err, "a registration task panicked; its lease will expire and it will be retried");
+                        err.id()
+                    }
+                };
+                work.finished(id);
+            }
+            () = wake.notified() => claim = true,
+            _ = scan.tick() => claim = true,
+            _ = stop.changed() => {}
+        }
+    }
+    while let Some(done) = work.tasks.join_next().await {
+        if let Err(err) = done {
+            tracing::error!(%err, "a registration task panicked");
+        }
+    }
+}
+
+/// The operations this worker holds.
+struct Work {
+    provisioning: Arc<Provisioning>,
+    tasks: JoinSet<()>,
+    /// The device each running task works for.
+    running: HashMap<Id, String>,
+    /// Per device with a running task, its operations waiting their turn.
+    queued: HashMap<String, VecDeque<StoredOperation>>,
+    queued_count: usize,
+}
+
+impl Work {
+    fn new(provisioning: Arc<Provisioning>) -> Self {
+        Self {
+            provisioning,
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            queued: HashMap::new(),
+            queued_count: 0,
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.running.len() + self.queued_count
+    }
+
+    /// Starts `op`, or queues it behind its device's running operation.
+    fn add(&mut self, op: StoredOperation) {
+        if let Some(queue) = self.queued.get_mut(&op.registration_key) {
+            queue.push_back(op);
+            self.queued_count += 1;
+        } else if self.running.values().any(|k| *k == op.registration_key) {
+            self.queued
                 .entry(op.registration_key.clone())
                 .or_default()
-                .push(op);
+                .push_back(op);
+            self.queued_count += 1;
+        } else {
+            self.start(op);
         }
-        let mut tasks = JoinSet::new();
-        for (_, ops) in by_device {
-            let provisioning = Arc::clone(&provisioning);
-            tasks.spawn(async move {
-                for op in ops {
-                    let in_progress = metrics::gauge!("opendps_operations_in_progress");
-                    in_progress.increment(1.0);
-                    if let Err(err) = provisioning.process(&op).await {
-                        tracing::error!(operation = %op.operation_id, %err, "processing failed; the operation will be retried when its lease expires");
-                    }
-                    in_progress.decrement(1.0);
-                }
-            });
+    }
+
+    /// A task ended: start its device's next operation, if one waits.
+    fn finished(&mut self, id: Id) {
+        let Some(key) = self.running.remove(&id) else {
+            return;
+        };
+        let Some(queue) = self.queued.get_mut(&key) else {
+            return;
+        };
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.queued.remove(&key);
         }
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(err) = joined {
-                tracing::error!(%err, "a registration task panicked");
+        if let Some(op) = next {
+            self.queued_count -= 1;
+            self.start(op);
+        }
+    }
+
+    fn start(&mut self, op: StoredOperation) {
+        let key = op.registration_key.clone();
+        let provisioning = Arc::clone(&self.provisioning);
+        let handle = self.tasks.spawn(async move {
+            let in_progress = metrics::gauge!("opendps_operations_in_progress");
+            in_progress.increment(1.0);
+            if let Err(err) = provisioning.process(&op).await {
+                tracing::error!(operation = %op.operation_id, %err, "processing failed; the operation will be retried when its lease expires");
             }
-        }
+            in_progress.decrement(1.0);
+        });
+        self.running.insert(handle.id(), key);
     }
 }

@@ -24,6 +24,8 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      CREATE INDEX operations_due ON operations (pending, next_attempt_ms);
      CREATE INDEX operations_finished ON operations (pending, updated_ms);",
+    // 3: leases held per process incarnation, so a worker never re-claims its own leases.
+    "ALTER TABLE operations ADD COLUMN lease_incarnation TEXT;",
 ];
 
 /// The schema version this build writes.

@@ -16,8 +16,8 @@ use dps_core::access::ServiceIdentity;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
-    EnrollmentKind, EnrollmentStore, IdentityStore, LinkedHubStore, OperationStore, Page,
-    Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
+    EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore, OperationStore,
+    Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -649,7 +649,7 @@ impl OperationStore for SqliteStore {
                 "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
                  VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5, ?6)
                  ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
-                     lease_owner = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
+                     lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
                 params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, now_ms(), op.doc],
             )
             .backend()?;
@@ -677,27 +677,28 @@ impl OperationStore for SqliteStore {
 
     async fn claim_operations(
         &self,
-        owner: &str,
+        owner: &LeaseOwner,
         now: i64,
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<StoredOperation>, StoreError> {
-        let owner = owner.to_owned();
+        let owner = owner.clone();
         self.write(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "UPDATE operations SET lease_owner = ?1, lease_until_ms = ?2
+                    "UPDATE operations SET lease_owner = ?1, lease_incarnation = ?5, lease_until_ms = ?2
                      WHERE operation_id IN (
                          SELECT operation_id FROM operations
                          WHERE pending = 1 AND next_attempt_ms <= ?3
-                           AND (lease_until_ms IS NULL OR lease_until_ms < ?3 OR lease_owner = ?1)
+                           AND (lease_until_ms IS NULL OR lease_until_ms < ?3
+                                OR (lease_owner = ?1 AND lease_incarnation IS NOT ?5))
                          ORDER BY next_attempt_ms LIMIT ?4)
                      RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
                 )
                 .backend()?;
             let rows = stmt
                 .query_map(
-                    params![owner, now + lease_ms, now, limit as i64],
+                    params![owner.node, now + lease_ms, now, limit as i64, owner.incarnation],
                     operation_row,
                 )
                 .backend()?

@@ -293,11 +293,16 @@ async fn a_crash_with_500_operations_in_flight_loses_none() {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_millis() as i64;
-        let pending =
-            dps_core::store::OperationStore::claim_operations(&store, "inspector", now, 0, 1000)
-                .await
-                .expect("claim")
-                .len();
+        let pending = dps_core::store::OperationStore::claim_operations(
+            &store,
+            &dps_core::store::LeaseOwner::new("inspector"),
+            now,
+            0,
+            1000,
+        )
+        .await
+        .expect("claim")
+        .len();
         store.close();
         pending
     };
