@@ -82,6 +82,13 @@ pub struct BenchArgs {
     /// Keep the enrollment group the bench created.
     #[arg(long)]
     keep_group: bool,
+    /// Instead of registering: open this many MQTT device connections (TLS, CONNECT with the
+    /// device's SAS, SUBSCRIBE), hold them idle, and report the service's resident memory.
+    #[arg(long, conflicts_with_all = ["baseline_only", "reuse_connections"])]
+    idle_connections: Option<usize>,
+    /// How long to hold the idle connections before measuring.
+    #[arg(long, default_value_t = 10)]
+    hold_secs: u64,
 }
 
 /// Where the service is.
@@ -201,6 +208,15 @@ pub async fn run(
             (id, key, true)
         }
     };
+    if let Some(n) = args.idle_connections {
+        let pid = info["running"]["pid"].as_u64().unwrap_or_default();
+        let idle = idle(&target, &args, n, pid, &group_key, json_output).await;
+        if created && !args.keep_group {
+            delete_group(&client, &group_id).await;
+        }
+        report["idle"] = idle?;
+        return print(&report, json_output);
+    }
     let run_id = random_hex(4);
     let suffixes = match args.id_suffix.is_empty() {
         true => vec![String::new()],
@@ -217,19 +233,127 @@ pub async fn run(
     );
     let results = register_all(&target, &args, devices, json_output).await;
     if created && !args.keep_group {
-        let _ = client
-            .send(
-                Method::DELETE,
-                &format!("/enrollmentGroups/{group_id}"),
-                Some("*"),
-                &[],
-                None,
-            )
-            .await;
+        delete_group(&client, &group_id).await;
     }
     summarize(&mut report, &results.0, results.1, baseline);
     report["group"] = json!(group_id);
     print(&report, json_output)
+}
+
+async fn delete_group(client: &ServiceClient, group_id: &str) {
+    let deleted = client
+        .send(
+            Method::DELETE,
+            &format!("/enrollmentGroups/{group_id}"),
+            Some("*"),
+            &[],
+            None,
+        )
+        .await;
+    if let Err(err) = deleted {
+        eprintln!("warning: could not delete the bench's group {group_id}: {err:#}");
+    }
+}
+
+/// Opens `n` MQTT device sessions, `concurrency` at a time, holds them, and reads the service's
+/// resident memory before and after (from /proc, so the service must run on this machine).
+async fn idle(
+    target: &Arc<Target>,
+    args: &BenchArgs,
+    n: usize,
+    pid: u64,
+    group_key: &str,
+    quiet: bool,
+) -> anyhow::Result<Value> {
+    if args.transport != Transport::Mqtt {
+        bail!("--idle-connections holds MQTT sessions; add --transport mqtt");
+    }
+    let rss = move || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .context("cannot read the service's memory from /proc; run the bench on its machine")
+    };
+    let before_kib = rss()?;
+    let key = group_key.to_owned();
+    let run_id = random_hex(4);
+    let bar = progress(n, "opening idle MQTT connections", quiet);
+    let next = Arc::new(AtomicUsize::new(0));
+    let tls = tls_config_of(target);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.min(n) {
+        let (target, next, bar, key, run_id, tls) = (
+            Arc::clone(target),
+            Arc::clone(&next),
+            bar.clone(),
+            key.clone(),
+            run_id.clone(),
+            Arc::clone(&tls),
+        );
+        tasks.spawn(async move {
+            let mut held = Vec::new();
+            let mut failures = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let rid = format!("idle-{run_id}-{i}");
+                let device_key = dps_core::sas::derive_device_key(&key, &rid).unwrap_or_default();
+                let token = device_token(&target.scope, &rid, &device_key);
+                let name = server_name_text(&target.server_name);
+                match DpsMqtt::connect_with(
+                    &tls,
+                    &name,
+                    target.addr.port(),
+                    &target.scope,
+                    &rid,
+                    &token,
+                )
+                .await
+                {
+                    Ok(link) => held.push(link),
+                    Err(_) => failures += 1,
+                }
+                bar.inc(1);
+            }
+            (held, failures)
+        });
+    }
+    let mut held = Vec::with_capacity(n);
+    let mut failures = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (links, failed) = done.unwrap_or_default();
+        held.extend(links);
+        failures += failed;
+    }
+    bar.finish_and_clear();
+    tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    let after_kib = rss()?;
+    let open = held.len();
+    drop(held);
+    #[allow(clippy::cast_precision_loss)]
+    let per_connection = (after_kib.saturating_sub(before_kib)) as f64 / open.max(1) as f64;
+    Ok(json!({
+        "connections": open,
+        "failures": failures,
+        "heldSecs": args.hold_secs,
+        "serviceRssMiBBefore": round(before_kib as f64 / 1024.0),
+        "serviceRssMiB": round(after_kib as f64 / 1024.0),
+        "kibPerConnection": round(per_connection),
+    }))
+}
+
+fn server_name_text(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(name) => name.as_ref().to_owned(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Opens and closes `n` TLS connections, `concurrency` at a time; returns connections/s and
@@ -473,10 +597,7 @@ async fn mqtt_device(
     let mut waited = Duration::ZERO;
     let outcome = tokio::time::timeout(settings.timeout, async {
         let token = device_token(&target.scope, rid, key);
-        let name = match &target.server_name {
-            ServerName::DnsName(name) => name.as_ref().to_owned(),
-            other => format!("{other:?}"),
-        };
+        let name = server_name_text(&target.server_name);
         let mut link = DpsMqtt::connect_with(
             &tls_config_of(target),
             &name,
@@ -626,21 +747,34 @@ fn print(report: &Value, json_output: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    println!(
-        "transport {}, {} devices, {} at a time, {}",
-        report["transport"].as_str().unwrap_or_default(),
-        report["devices"],
-        report["concurrency"],
-        if report["newConnectionPerDevice"] == true {
-            "a new TLS connection per device"
-        } else {
-            "connections reused"
-        }
-    );
+    if report.get("idle").is_none() {
+        println!(
+            "transport {}, {} devices, {} at a time, {}",
+            report["transport"].as_str().unwrap_or_default(),
+            report["devices"],
+            report["concurrency"],
+            if report["newConnectionPerDevice"] == true {
+                "a new TLS connection per device"
+            } else {
+                "connections reused"
+            }
+        );
+    }
     if let Some(b) = report.get("baseline") {
         println!(
             "baseline:      {} TLS connections/s (connect, handshake, close; {} failed)",
             b["connectionsPerSec"], b["failures"]
+        );
+    }
+    if let Some(idle) = report.get("idle") {
+        println!(
+            "idle MQTT:     {} connections held {} s ({} failed); service resident memory {} MiB (was {} MiB), {} KiB per connection",
+            idle["connections"],
+            idle["heldSecs"],
+            idle["failures"],
+            idle["serviceRssMiB"],
+            idle["serviceRssMiBBefore"],
+            idle["kibPerConnection"]
         );
     }
     if let Some(r) = report.get("registrations") {

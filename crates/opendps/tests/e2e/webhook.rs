@@ -373,11 +373,23 @@ async fn the_retry_schedule_survives_a_crash() {
         .as_str()
         .expect("op")
         .to_owned();
+    // Wait until the 429 is on disk with its retry scheduled (reading the service's database
+    // beside it), so the kill lands in the retry's wait rather than before the answer was saved.
+    let store = dps_store::SqliteStore::open_read_only(server.data_dir().join("opendps.db"))
+        .expect("open the database");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while webhook.received().is_empty() {
-        assert!(Instant::now() < deadline, "the webhook was never called");
+    loop {
+        let stored = dps_core::store::OperationStore::get_operation(&store, &op)
+            .await
+            .expect("read");
+        if stored.is_some_and(|o| o.doc.contains("\"webhookRetries\":1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retry was never scheduled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(webhook.received().len(), 1);
+    drop(store);
     // Killed while the retry is scheduled; the webhook recovers meanwhile.
     server.kill();
     webhook.answer(200, &json!({"iotHubHostName": TOASTERS}).to_string());
