@@ -21,7 +21,7 @@ use dps_http::AppState;
 use dps_mqtt::{DpsConnector, MqttLimits};
 use dps_outbound::{HubEndpoints, ReqwestWebhookClient, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use minihub::{HubMqtt, Minihub};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -323,6 +323,11 @@ fn prometheus() -> &'static Option<PrometheusHandle> {
         ];
         let recorder = PrometheusBuilder::new()
             .set_buckets(BUCKETS)
+            .ok()?
+            .set_buckets_for_metric(
+                Matcher::Full("opendps_store_commit_writes".into()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            )
             .ok()?
             .build_recorder();
         let handle = recorder.handle();

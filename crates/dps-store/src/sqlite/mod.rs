@@ -247,24 +247,27 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        #[allow(clippy::cast_precision_loss)]
+        metrics::histogram!("opendps_store_commit_writes").record(batch.len() as f64);
         let mut completions = Vec::with_capacity(batch.len());
-        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {
+        // Parsed once: these run twice per write.
+        let commit = match conn.execute_cached("BEGIN IMMEDIATE", []) {
+            Ok(_) => {
                 for job in batch {
-                    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                    if let Err(e) = conn.execute_cached("SAVEPOINT job", []) {
                         completions.push((Err(StoreError::Backend(e.to_string())), None));
                         continue;
                     }
                     let (ok, done) = job(&conn);
-                    let end = if ok {
-                        "RELEASE job"
+                    let ended = if ok {
+                        conn.execute_cached("RELEASE job", [])
                     } else {
-                        "ROLLBACK TO job; RELEASE job"
+                        conn.execute_cached("ROLLBACK TO job", [])
+                            .and_then(|_| conn.execute_cached("RELEASE job", []))
                     };
-                    let ended = conn.execute_batch(end).backend();
-                    completions.push((ended, Some(done)));
+                    completions.push((ended.map(|_| ()).backend(), Some(done)));
                 }
-                conn.execute_batch("COMMIT").backend()
+                conn.execute_cached("COMMIT", []).map(|_| ()).backend()
             }
             Err(e) => {
                 let err = StoreError::Backend(e.to_string());
