@@ -554,6 +554,8 @@ impl Provisioning {
     ) -> Result<EnrollmentStatus, ProvisioningError> {
         op.status = record.state.status;
         op.result = Some(result_of(record));
+        // The trace now lives in the registration record; polls need only the result.
+        op.trace = None;
         let now = self.clock.now().as_millisecond();
         self.save_operation(op, now).await?;
         let outcome = match op.status {

@@ -128,7 +128,11 @@ impl RestHubClient {
             Ok((status, _)) => status.as_str().to_owned(),
             Err(_) => "error".to_owned(),
         };
-        let labels = [("operation", operation.to_owned()), ("status", label)];
+        let labels = [
+            ("operation", operation.to_owned()),
+            ("status", label),
+            ("via", "rest".to_owned()),
+        ];
         metrics::counter!("opendps_hub_calls_total", &labels).increment(1);
         metrics::histogram!("opendps_hub_call_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());

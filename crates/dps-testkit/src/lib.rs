@@ -36,7 +36,29 @@ impl TestServer {
 
     /// Starts `bin serve` with extra flags (for example `--tls-name`).
     pub async fn start_with(bin: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(tempfile::tempdir()?, bin, extra_args).await
+    }
+
+    /// Starts `bin serve` with `config` (TOML) as its configuration file, and `extra_args`.
+    pub async fn start_with_config(
+        bin: &Path,
+        config: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let file = dir.path().join("opendps.toml");
+        std::fs::write(&file, config)?;
+        let file = file.to_string_lossy().into_owned();
+        let mut args = vec!["--config", file.as_str()];
+        args.extend_from_slice(extra_args);
+        Self::start_in(dir, bin, &args).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        bin: &Path,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut server = Self {
             bin: bin.to_owned(),
             extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),

@@ -8,6 +8,7 @@ mod auth;
 mod error;
 mod etag;
 mod http;
+mod hub_client;
 mod model;
 pub mod mqtt;
 mod query;
@@ -29,6 +30,7 @@ use tokio::sync::broadcast;
 pub use error::{JSON_CONTENT_TYPE, MinihubError};
 pub use etag::IfMatch;
 pub use http::router;
+pub use hub_client::DirectHubClient;
 pub use model::{
     AccessRight, AuthenticationMechanism, AuthenticationRequest, AuthenticationType, Device,
     DeviceCapabilities, DeviceMessage, DeviceRequest, DeviceStatus, HubInfo, HubPolicy,

@@ -207,6 +207,9 @@ pub struct MinihubConfig {
     pub hubs: Vec<String>,
     /// Link each of these hubs to the service (weight 1) if it is not linked yet.
     pub link: bool,
+    /// Write identities and twins of devices assigned to these hubs directly into minihub
+    /// instead of over the IoT Hub REST API.
+    pub direct: bool,
 }
 
 impl Default for MinihubConfig {
@@ -214,6 +217,7 @@ impl Default for MinihubConfig {
         Self {
             hubs: Vec::new(),
             link: true,
+            direct: true,
         }
     }
 }

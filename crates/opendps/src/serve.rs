@@ -12,6 +12,7 @@ use axum::http::header;
 use axum::routing::get;
 use dps_core::access::{Authorizer, ServiceIdentity};
 use dps_core::clock::{Clock, SystemClock};
+use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
 use dps_core::linked_hub::{LinkedHub, LinkedHubRequest};
 use dps_core::management::Management;
 use dps_core::provisioning::{Provisioning, ProvisioningSettings};
@@ -22,7 +23,7 @@ use dps_mqtt::{DpsConnector, MqttLimits};
 use dps_outbound::{HubEndpoints, ReqwestWebhookClient, RestHubClient, RestHubSettings};
 use dps_store::SqliteStore;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use minihub::{HubMqtt, Minihub};
+use minihub::{DirectHubClient, HubMqtt, Minihub};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
@@ -143,6 +144,13 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
             .collect::<Vec<_>>(),
     )
     .map_err(|e| anyhow::anyhow!(e))?;
+    let hub_client = RoutedHubClient {
+        direct: minihub
+            .as_ref()
+            .filter(|_| config.minihub.direct)
+            .map(|hub| DirectHubClient::new(Arc::clone(hub))),
+        rest: hub_client,
+    };
     let provisioning = Arc::new(Provisioning::new(
         Arc::clone(&shared),
         Arc::new(hub_client),
@@ -248,6 +256,50 @@ async fn open_minihub(config: &Config, data: &DataDir) -> anyhow::Result<Option<
         tracing::info!(hub = %name, "serving an in-process IoT hub (minihub)");
     }
     Ok(Some(Arc::new(hub)))
+}
+
+/// Devices assigned to an in-process hub are written into it directly (unless `minihub.direct` is
+/// off); every other hub is written through its REST API.
+struct RoutedHubClient {
+    direct: Option<DirectHubClient>,
+    rest: RestHubClient,
+}
+
+impl RoutedHubClient {
+    fn route(&self, hub: &LinkedHub) -> &dyn HubClient {
+        match &self.direct {
+            Some(direct) if direct.serves(&hub.host_name) => direct,
+            _ => &self.rest,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl HubClient for RoutedHubClient {
+    async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
+        self.route(hub).upsert_device(hub, device).await
+    }
+
+    async fn update_twin(
+        &self,
+        hub: &LinkedHub,
+        device_id: &str,
+        twin: &HubTwin,
+    ) -> Result<(), HubError> {
+        self.route(hub).update_twin(hub, device_id, twin).await
+    }
+
+    async fn get_twin(
+        &self,
+        hub: &LinkedHub,
+        device_id: &str,
+    ) -> Result<Option<HubTwin>, HubError> {
+        self.route(hub).get_twin(hub, device_id).await
+    }
+
+    async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError> {
+        self.route(hub).delete_device(hub, device_id).await
+    }
 }
 
 /// Links each in-process hub that is not linked yet, with weight 1.

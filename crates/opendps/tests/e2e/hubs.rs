@@ -20,11 +20,31 @@ const HEATPUMPS: &str = "contoso-heatpumps-hub-1.azure-devices.net";
 const IDLE: &str = "contoso-idle-hub-1.azure-devices.net";
 
 async fn server_with_hubs() -> TestServer {
+    server_with_hubs_written(Written::Directly).await
+}
+
+/// How the service writes to its in-process hubs.
+#[derive(Clone, Copy)]
+enum Written {
+    /// Straight into minihub (the default).
+    Directly,
+    /// Over the IoT Hub REST API, as to a real IoT hub (`minihub.direct = false`).
+    OverRest,
+}
+
+async fn server_with_hubs_written(written: Written) -> TestServer {
     let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
-    let server =
-        TestServer::start_with(bin, &["--hub", TOASTERS, "--hub", HEATPUMPS, "--hub", IDLE])
-            .await
-            .expect("start");
+    let config = match written {
+        Written::Directly => "",
+        Written::OverRest => "[minihub]\ndirect = false\n",
+    };
+    let server = TestServer::start_with_config(
+        bin,
+        config,
+        &["--hub", TOASTERS, "--hub", HEATPUMPS, "--hub", IDLE],
+    )
+    .await
+    .expect("start");
     let api = server.api().expect("client");
     let hubs = server.info["minihubs"]
         .as_array()
@@ -187,7 +207,33 @@ async fn weighted_allocation_over_4000_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_exists_on_its_hub_with_its_keys_and_initial_twin() {
-    let server = server_with_hubs().await;
+    device_on_its_hub(Written::Directly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_exists_on_its_hub_written_over_the_rest_api() {
+    device_on_its_hub(Written::OverRest).await;
+}
+
+async fn device_on_its_hub(written: Written) {
+    let server = server_with_hubs_written(written).await;
+    check_device_on_its_hub(&server).await;
+    let metrics = server
+        .api()
+        .expect("client")
+        .get("/metrics")
+        .await
+        .expect("metrics");
+    let text = metrics.body.as_str().expect("text");
+    let rest = text.contains(r#"operation="create device",status="200",via="rest"}"#);
+    let direct = text.contains(r#"operation="create device",status="200",via="direct"}"#);
+    match written {
+        Written::Directly => assert!(direct && !rest, "{text}"),
+        Written::OverRest => assert!(rest && !direct, "{text}"),
+    }
+}
+
+async fn check_device_on_its_hub(server: &TestServer) {
     let api = server.api().expect("client");
     let scope = server.info["idScope"].as_str().expect("scope").to_owned();
     let rid = "breakroom499-contoso-tstrsd-007";
@@ -488,7 +534,16 @@ async fn move_between_hubs(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reprovision_policies_move_devices_between_real_hubs() {
-    let server = server_with_hubs().await;
+    reprovision_policies(Written::Directly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_policies_over_the_rest_api() {
+    reprovision_policies(Written::OverRest).await;
+}
+
+async fn reprovision_policies(written: Written) {
+    let server = server_with_hubs_written(written).await;
     let gone_from_toasters = |rid: &'static str| {
         let hub = server.hub_api(TOASTERS).expect("hub");
         async move {
