@@ -124,6 +124,12 @@ impl IntoResponse for MinihubError {
     }
 }
 
+impl From<dps_store::group_commit::CommitError> for MinihubError {
+    fn from(err: dps_store::group_commit::CommitError) -> Self {
+        Self::Storage(err.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::secret::Secret;
+use dps_store::group_commit::GroupCommit;
 use rusqlite::Connection;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
@@ -50,6 +51,8 @@ const MAX_MESSAGES: usize = 100;
 const MAX_DEVICE_ID: usize = 128;
 /// Most devices one list call returns, and the default page of a query.
 const MAX_PAGE: usize = 1000;
+/// Reader connections kept open.
+const MAX_IDLE_READERS: usize = 4;
 /// .NET ticks (100 ns since 0001-01-01) at the Unix epoch; IoT Hub's generation ids are ticks.
 const UNIX_EPOCH_TICKS: i128 = 621_355_968_000_000_000;
 
@@ -60,8 +63,12 @@ pub struct Minihub {
 }
 
 struct Inner {
-    /// One connection: writes are few and small, and one writer keeps If-Match checks atomic.
-    db: Mutex<Connection>,
+    /// The database file.
+    path: std::path::PathBuf,
+    /// The only writer (a thread committing writes in groups), so If-Match checks stay atomic.
+    writer: GroupCommit,
+    /// Reader connections, used on the calling thread.
+    readers: Mutex<Vec<Connection>>,
     /// Every hub by lower-case host name; hubs and their keys never change once created, so the
     /// request path reads them without touching the database.
     hubs: RwLock<HashMap<String, HubInfo>>,
@@ -253,7 +260,10 @@ impl Minihub {
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                db: Mutex::new(conn),
+                path: db_path.to_path_buf(),
+                writer: GroupCommit::start(conn, "minihub-writer")
+                    .map_err(|e| MinihubError::Storage(format!("starting the writer: {e}")))?,
+                readers: Mutex::new(Vec::new()),
                 hubs: RwLock::new(hubs),
                 messages: Mutex::new(HashMap::new()),
                 desired: Mutex::new(HashMap::new()),
@@ -262,21 +272,35 @@ impl Minihub {
         })
     }
 
-    /// Runs `f` in a transaction on the blocking pool; commits when it succeeds.
+    /// Runs `f` in the writer's next group commit; resolves once it is on disk.
     async fn db<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R, MinihubError> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<R, MinihubError> + Send + 'static,
     ) -> Result<R, MinihubError> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.db.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = conn.transaction()?;
-            let result = f(&tx)?;
-            tx.commit()?;
-            Ok(result)
-        })
-        .await
-        .map_err(|e| MinihubError::Storage(format!("database task failed: {e}")))?
+        self.inner.writer.write(f).await
+    }
+
+    /// Runs `f` on a reader connection, on the calling thread (point lookups and short scans).
+    fn read<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, MinihubError>,
+    ) -> Result<R, MinihubError> {
+        let pooled = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => store::open_reader(&self.inner.path)?,
+        };
+        let result = f(&conn);
+        let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if readers.len() < MAX_IDLE_READERS {
+            readers.push(conn);
+        }
+        result
     }
 
     fn now(&self) -> jiff::Timestamp {
@@ -320,7 +344,7 @@ impl Minihub {
 
     /// Every hub, by host name.
     pub async fn hubs(&self) -> Result<Vec<HubInfo>, MinihubError> {
-        self.db(|tx| store::hubs(tx)).await
+        self.read(store::hubs)
     }
 
     /// Which hub serves a request with this `Host` header (port and case ignored), if any.
@@ -387,7 +411,7 @@ impl Minihub {
     ) -> Result<Option<(Device, TwinState)>, MinihubError> {
         let hub = self.hub(hub)?.host_name;
         let device_id = device_id.to_owned();
-        self.db(move |tx| store::device(tx, &hub, &device_id)).await
+        self.read(|conn| store::device(conn, &hub, &device_id))
     }
 
     /// Up to `top` devices (at most 1000), in id order.
@@ -398,9 +422,7 @@ impl Minihub {
     ) -> Result<Vec<Device>, MinihubError> {
         let hub = self.hub(hub)?.host_name;
         let limit = top.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-        let rows = self
-            .db(move |tx| store::devices(tx, &hub, None, limit))
-            .await?;
+        let rows = self.read(|conn| store::devices(conn, &hub, None, limit))?;
         Ok(rows.into_iter().map(|(d, _)| d).collect())
     }
 
@@ -673,9 +695,8 @@ impl Minihub {
         let mut page = Vec::new();
         loop {
             let (scan_hub, scan_after) = (hub.clone(), after.clone());
-            let rows = self
-                .db(move |tx| store::devices(tx, &scan_hub, scan_after.as_deref(), MAX_PAGE))
-                .await?;
+            let rows =
+                self.read(|conn| store::devices(conn, &scan_hub, scan_after.as_deref(), MAX_PAGE))?;
             let exhausted = rows.len() < MAX_PAGE;
             for (device, twin) in rows {
                 after = Some(device.device_id.clone());

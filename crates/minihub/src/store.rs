@@ -42,6 +42,13 @@ pub(crate) fn open(path: &Path) -> Result<Connection, MinihubError> {
     }
 }
 
+/// Another connection to a database [`open`] has created and migrated, for reading.
+pub(crate) fn open_reader(path: &Path) -> Result<Connection, MinihubError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
 fn try_open(path: &Path) -> rusqlite::Result<(Connection, Result<(), usize>)> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;

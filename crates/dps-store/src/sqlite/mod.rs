@@ -8,7 +8,7 @@
 mod migrations;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use async_trait::async_trait;
@@ -20,15 +20,11 @@ use dps_core::store::{
     Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use tokio::sync::oneshot;
 
-/// Most writes committed in one transaction.
-const MAX_BATCH: usize = 512;
+use crate::group_commit::{CommitError, GroupCommit};
+
 /// Reader connections kept open.
 const MAX_IDLE_READERS: usize = 4;
-
-type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
 
 /// A SQLite-backed store.
 #[derive(Clone)]
@@ -39,8 +35,7 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     read_only: bool,
-    writer: Mutex<Option<mpsc::Sender<Job>>>,
-    writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
+    writer: Option<GroupCommit>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -112,17 +107,13 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let conn = open_writer(&path)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        let handle = thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+        let writer = GroupCommit::start(conn, "sqlite-writer")
             .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
                 read_only: false,
-                writer: Mutex::new(Some(tx)),
-                writer_thread: Mutex::new(Some(handle)),
+                writer: Some(writer),
                 readers: Mutex::new(Vec::new()),
             }),
         })
@@ -143,8 +134,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 read_only: true,
-                writer: Mutex::new(None),
-                writer_thread: Mutex::new(None),
+                writer: None,
                 readers: Mutex::new(vec![conn]),
             }),
         })
@@ -157,21 +147,8 @@ impl SqliteStore {
 
     /// Stops the writer after it has committed everything queued. Later writes fail.
     pub fn close(&self) {
-        let sender = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        drop(sender);
-        if let Some(handle) = self
-            .inner
-            .writer_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let _ = handle.join();
+        if let Some(writer) = &self.inner.writer {
+            writer.close();
         }
     }
 
@@ -180,29 +157,13 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let done: Completion = Box::new(move |commit| {
-                let _ = tx.send(commit.and(result));
-            });
-            (ok, done)
-        });
-        let sender = self
+        let writer = self
             .inner
             .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        sender
-            .ok_or_else(|| StoreError::Backend("the store is closed or read-only".into()))?
-            .send(job)
-            .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("the store is read-only".into()))?;
         let started = std::time::Instant::now();
-        let result = rx
-            .await
-            .map_err(|_| StoreError::Backend("the writer thread dropped a write".into()))?;
+        let result = writer.write(f).await;
         metrics::histogram!("opendps_store_duration_seconds", "kind" => "write")
             .record(started.elapsed().as_secs_f64());
         result
@@ -238,69 +199,9 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        #[allow(clippy::cast_precision_loss)]
-        metrics::histogram!("opendps_store_commit_writes").record(batch.len() as f64);
-        let mut completions = Vec::with_capacity(batch.len());
-        // Parsed once: these run twice per write.
-        let commit = match conn.execute_cached("BEGIN IMMEDIATE", []) {
-            Ok(_) => {
-                for job in batch {
-                    if let Err(e) = conn.execute_cached("SAVEPOINT job", []) {
-                        completions.push((Err(StoreError::Backend(e.to_string())), None));
-                        continue;
-                    }
-                    let (ok, done) = job(&conn);
-                    let ended = if ok {
-                        conn.execute_cached("RELEASE job", [])
-                    } else {
-                        conn.execute_cached("ROLLBACK TO job", [])
-                            .and_then(|_| conn.execute_cached("RELEASE job", []))
-                    };
-                    completions.push((ended.map(|_| ()).backend(), Some(done)));
-                }
-                conn.execute_cached("COMMIT", []).map(|_| ()).backend()
-            }
-            Err(e) => {
-                let err = StoreError::Backend(e.to_string());
-                for job in batch {
-                    let (_, done) = job(&conn);
-                    completions.push((Err(err.clone()), Some(done)));
-                }
-                Err(err)
-            }
-        };
-        if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-            tracing::error!(error = ?commit, "SQLite commit failed; the batch was rolled back");
-        }
-        for (own, done) in completions {
-            if let Some(done) = done {
-                done(own.and(commit.clone()));
-            }
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = self
-            .writer_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let _ = handle.join();
-        }
+impl From<CommitError> for StoreError {
+    fn from(err: CommitError) -> Self {
+        StoreError::Backend(err.0)
     }
 }
 
