@@ -30,9 +30,10 @@ impl GroupCommit {
     /// Starts a thread called `name` writing through `conn`.
     pub fn start(conn: Connection, name: &str) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let label = name.to_owned();
         let handle = thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || writer_loop(&conn, &rx))?;
+            .spawn(move || writer_loop(&conn, &rx, &label))?;
         Ok(Self {
             sender: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(handle)),
@@ -94,7 +95,9 @@ fn run(conn: &Connection, sql: &str) -> Result<(), CommitError> {
         .map_err(|e| CommitError(e.to_string()))
 }
 
-fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>) {
+fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, name: &str) {
+    let batch_sizes =
+        metrics::histogram!("opendps_store_commit_writes", "writer" => name.to_owned());
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -104,7 +107,7 @@ fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>) {
             }
         }
         #[allow(clippy::cast_precision_loss)]
-        metrics::histogram!("opendps_store_commit_writes").record(batch.len() as f64);
+        batch_sizes.record(batch.len() as f64);
         let mut completions = Vec::with_capacity(batch.len());
         let commit = match run(conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
