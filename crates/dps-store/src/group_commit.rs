@@ -96,8 +96,6 @@ fn run(conn: &Connection, sql: &str) -> Result<(), CommitError> {
 }
 
 fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, name: &str) {
-    let batch_sizes =
-        metrics::histogram!("opendps_store_commit_writes", "writer" => name.to_owned());
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -107,7 +105,9 @@ fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, name: &str) {
             }
         }
         #[allow(clippy::cast_precision_loss)]
-        batch_sizes.record(batch.len() as f64);
+        // Looked up per batch: the recorder may be installed after the store is opened.
+        metrics::histogram!("opendps_store_commit_writes", "writer" => name.to_owned())
+            .record(batch.len() as f64);
         let mut completions = Vec::with_capacity(batch.len());
         let commit = match run(conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
