@@ -237,7 +237,25 @@ pub async fn run(
     }
     summarize(&mut report, &results.0, results.1, baseline);
     report["group"] = json!(group_id);
-    print(&report, json_output)
+    print(&report, json_output)?;
+    let failed = results.0.iter().filter(|r| r.outcome.is_err()).count();
+    if failed > 0 {
+        let hint = if results.0.iter().any(|r| {
+            r.outcome
+                .as_ref()
+                .err()
+                .is_some_and(|e| e.ends_with("400211"))
+        }) {
+            " 400211 means no hub could be chosen: link one (`opendps linked-hub create`) or serve one in-process (`opendps serve --hub NAME`)."
+        } else {
+            ""
+        };
+        bail!(
+            "{failed} of {} devices were not assigned.{hint}",
+            results.0.len()
+        );
+    }
+    Ok(())
 }
 
 async fn delete_group(client: &ServiceClient, group_id: &str) {
@@ -790,6 +808,9 @@ fn print(report: &Value, json_output: bool) -> anyhow::Result<()> {
             ("service time", "serviceLatencyMs"),
         ] {
             let l = &r[key];
+            if l.is_null() {
+                continue;
+            }
             println!(
                 "{:<14} p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
                 format!("{name}:"),

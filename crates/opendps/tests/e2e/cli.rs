@@ -433,3 +433,27 @@ async fn bench_registers_every_device_and_reports_the_baseline() {
     );
     assert!(!refused.0 && refused.2.contains("--reuse-connections is for HTTPS"));
 }
+
+#[tokio::test]
+async fn bench_without_a_hub_fails_and_says_what_to_do() {
+    let server = server().await;
+    let (ok, stdout, stderr) = run(
+        &server,
+        &[
+            "bench",
+            "--devices",
+            "4",
+            "--concurrency",
+            "2",
+            "--poll-interval-ms",
+            "10",
+            "--no-baseline",
+        ],
+    );
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("failed 400211: 4"), "{stdout}");
+    assert!(
+        stderr.contains("4 of 4 devices were not assigned") && stderr.contains("linked-hub create"),
+        "{stderr}"
+    );
+}
