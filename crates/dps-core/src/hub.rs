@@ -75,6 +75,48 @@ pub enum HubError {
     BadConnectionString(String),
 }
 
+impl HubDevice {
+    /// The device identity as the IoT Hub REST API takes it (`PUT /devices/{id}`).
+    pub fn identity_document(&self) -> serde_json::Value {
+        serde_json::json!({
+            "deviceId": self.device_id,
+            "status": "enabled",
+            "authentication": {
+                "type": "sas",
+                "symmetricKey": {"primaryKey": self.primary_key.expose(), "secondaryKey": self.secondary_key.expose()},
+            },
+            "capabilities": {"iotEdge": self.iot_edge},
+        })
+    }
+}
+
+impl HubTwin {
+    /// The twin patch as the IoT Hub REST API takes it (`PATCH /twins/{id}`).
+    pub fn patch_document(&self) -> serde_json::Value {
+        serde_json::json!({"tags": self.tags, "properties": {"desired": self.desired}})
+    }
+
+    /// A twin's user-visible tags and desired properties, from the hub's `tags` and
+    /// `properties.desired` (leaving out the service's `$metadata` and `$version`).
+    pub fn from_hub(tags: &serde_json::Value, desired: &serde_json::Value) -> Self {
+        let user = |value: &serde_json::Value| -> TwinCollection {
+            value
+                .as_object()
+                .map(|map| {
+                    map.iter()
+                        .filter(|(k, _)| !k.starts_with('$'))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Self {
+            tags: user(tags),
+            desired: user(desired),
+        }
+    }
+}
+
 /// Writes to IoT hubs.
 #[async_trait]
 pub trait HubClient: Send + Sync {
@@ -92,4 +134,26 @@ pub trait HubClient: Send + Sync {
     -> Result<Option<HubTwin>, HubError>;
     /// Deletes the device; succeeds if it is already gone.
     async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bookkeeping_is_stripped_from_twins() {
+        let twin = HubTwin::from_hub(
+            &json!({"deviceType": "toaster", "$etag": "x"}),
+            &json!({"state": "ready", "$version": 4, "$metadata": {"x": 1}}),
+        );
+        assert_eq!(
+            serde_json::Value::Object(twin.desired),
+            json!({"state": "ready"})
+        );
+        assert_eq!(
+            serde_json::Value::Object(twin.tags),
+            json!({"deviceType": "toaster"})
+        );
+    }
 }

@@ -9,10 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
 use dps_core::linked_hub::{ConnectionString, LinkedHub};
-use dps_core::model::TwinCollection;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// The IoT Hub service API version used, as the Azure service SDKs send it.
 const API_VERSION: &str = "2021-04-12";
@@ -176,31 +175,10 @@ fn refused(hub: &LinkedHub, operation: &'static str, status: StatusCode, body: &
     }
 }
 
-/// Desired properties without the service's bookkeeping (`$metadata`, `$version`).
-fn user_properties(value: &Value) -> TwinCollection {
-    value
-        .as_object()
-        .map(|map| {
-            map.iter()
-                .filter(|(k, _)| !k.starts_with('$'))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[async_trait]
 impl HubClient for RestHubClient {
     async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
-        let body = json!({
-            "deviceId": device.device_id,
-            "status": "enabled",
-            "authentication": {
-                "type": "sas",
-                "symmetricKey": {"primaryKey": device.primary_key.expose(), "secondaryKey": device.secondary_key.expose()},
-            },
-            "capabilities": {"iotEdge": device.iot_edge},
-        });
+        let body = device.identity_document();
         let path = format!("/devices/{}", device_path(&device.device_id));
         // Create first (what a new device needs); replace the identity when it already exists.
         let (status, reply) = self
@@ -235,7 +213,7 @@ impl HubClient for RestHubClient {
         device_id: &str,
         twin: &HubTwin,
     ) -> Result<(), HubError> {
-        let body = json!({"tags": twin.tags, "properties": {"desired": twin.desired}});
+        let body = twin.patch_document();
         let path = format!("/twins/{}", device_path(device_id));
         let (status, reply) = self
             .call(
@@ -265,10 +243,10 @@ impl HubClient for RestHubClient {
             .await?;
         match status {
             StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(Some(HubTwin {
-                tags: user_properties(&twin["tags"]),
-                desired: user_properties(&twin["properties"]["desired"]),
-            })),
+            s if s.is_success() => Ok(Some(HubTwin::from_hub(
+                &twin["tags"],
+                &twin["properties"]["desired"],
+            ))),
             other => Err(refused(hub, "read twin", other, &twin)),
         }
     }
@@ -353,13 +331,6 @@ impl dps_core::webhook::WebhookClient for ReqwestWebhookClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bookkeeping_is_stripped_from_twins() {
-        let desired = json!({"state": "ready", "$version": 4, "$metadata": {"x": 1}});
-        let user = user_properties(&desired);
-        assert_eq!(Value::Object(user), json!({"state": "ready"}));
-    }
 
     #[test]
     fn device_ids_are_escaped() {

@@ -1,8 +1,11 @@
-//! `GroupCommit`: one thread owns a SQLite connection and commits the writes of many callers
-//! together. Each write runs in its own savepoint (a failing write is rolled back alone); one
+//! How opendps uses SQLite, shared by the DPS store and minihub. `GroupCommit`: one thread owns
+//! a SQLite connection and commits the writes of many callers together. Each write runs in its own savepoint (a failing write is rolled back alone); one
 //! `COMMIT`, one fsync, covers every write that queued while the previous commit was on disk; each
-//! caller is answered only after that commit. Used by the DPS store and by minihub.
+//! caller is answered only after that commit. `ReaderPool`: reads run on the calling thread over a few
+//! pooled connections (point lookups and short scans of a WAL database whose pages are cached are
+//! cheaper than a hop to a blocking thread).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
 use std::thread;
 
@@ -11,6 +14,55 @@ use tokio::sync::oneshot;
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// Reader connections kept open.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Reader connections of one database file, opened on demand.
+pub struct ReaderPool {
+    path: PathBuf,
+    open: fn(&Path) -> rusqlite::Result<Connection>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    /// A pool over `path` whose connections `open` makes; `first`, if given, is kept for reuse.
+    pub fn new(
+        path: &Path,
+        open: fn(&Path) -> rusqlite::Result<Connection>,
+        first: Option<Connection>,
+    ) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            open,
+            idle: Mutex::new(first.into_iter().collect()),
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a pooled connection, on the calling thread; `open_failed` says why no
+    /// connection could be opened.
+    pub fn read<R, E>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, E>,
+        open_failed: impl FnOnce(rusqlite::Error) -> E,
+    ) -> Result<R, E> {
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => (self.open)(&self.path).map_err(open_failed)?,
+        };
+        let result = f(&conn);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+}
 
 /// Why a write did not reach the disk.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
 use dps_core::linked_hub::LinkedHub;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use crate::{IfMatch, Minihub, MinihubError};
 
@@ -38,13 +38,6 @@ fn refused(hub: &LinkedHub, operation: &'static str, err: &MinihubError) -> HubE
     }
 }
 
-/// Properties without the service's bookkeeping (`$metadata`, `$version`).
-fn user_properties(map: Map<String, Value>) -> Map<String, Value> {
-    map.into_iter()
-        .filter(|(k, _)| !k.starts_with('$'))
-        .collect()
-}
-
 /// Records the call like the REST client does.
 fn measured<T>(
     operation: &'static str,
@@ -68,15 +61,7 @@ fn measured<T>(
 #[async_trait]
 impl HubClient for DirectHubClient {
     async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
-        let body = json!({
-            "deviceId": device.device_id,
-            "status": "enabled",
-            "authentication": {
-                "type": "sas",
-                "symmetricKey": {"primaryKey": device.primary_key.expose(), "secondaryKey": device.secondary_key.expose()},
-            },
-            "capabilities": {"iotEdge": device.iot_edge},
-        });
+        let body = device.identity_document();
         let request = serde_json::from_value(body).map_err(|e| {
             refused(
                 hub,
@@ -102,7 +87,7 @@ impl HubClient for DirectHubClient {
         device_id: &str,
         twin: &HubTwin,
     ) -> Result<(), HubError> {
-        let body = json!({"tags": twin.tags, "properties": {"desired": twin.desired}});
+        let body = twin.patch_document();
         let started = std::time::Instant::now();
         let result = self
             .hub
@@ -125,10 +110,10 @@ impl HubClient for DirectHubClient {
         let Some(twin) = result.map_err(|e| refused(hub, "read twin", &e))? else {
             return Ok(None);
         };
-        Ok(Some(HubTwin {
-            tags: user_properties(twin.tags),
-            desired: user_properties(twin.properties.desired),
-        }))
+        Ok(Some(HubTwin::from_hub(
+            &Value::Object(twin.tags),
+            &Value::Object(twin.properties.desired),
+        )))
     }
 
     async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError> {

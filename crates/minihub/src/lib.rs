@@ -23,7 +23,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::secret::Secret;
-use dps_store::group_commit::GroupCommit;
+use dps_store::group_commit::{GroupCommit, ReaderPool};
 use rusqlite::Connection;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
@@ -51,8 +51,6 @@ const MAX_MESSAGES: usize = 100;
 const MAX_DEVICE_ID: usize = 128;
 /// Most devices one list call returns, and the default page of a query.
 const MAX_PAGE: usize = 1000;
-/// Reader connections kept open.
-const MAX_IDLE_READERS: usize = 4;
 /// .NET ticks (100 ns since 0001-01-01) at the Unix epoch; IoT Hub's generation ids are ticks.
 const UNIX_EPOCH_TICKS: i128 = 621_355_968_000_000_000;
 
@@ -63,12 +61,10 @@ pub struct Minihub {
 }
 
 struct Inner {
-    /// The database file.
-    path: std::path::PathBuf,
     /// The only writer (a thread committing writes in groups), so If-Match checks stay atomic.
     writer: GroupCommit,
     /// Reader connections, used on the calling thread.
-    readers: Mutex<Vec<Connection>>,
+    readers: ReaderPool,
     /// Every hub by lower-case host name; hubs and their keys never change once created, so the
     /// request path reads them without touching the database.
     hubs: RwLock<HashMap<String, HubInfo>>,
@@ -260,10 +256,9 @@ impl Minihub {
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                path: db_path.to_path_buf(),
                 writer: GroupCommit::start(conn, "minihub-writer")
                     .map_err(|e| MinihubError::Storage(format!("starting the writer: {e}")))?,
-                readers: Mutex::new(Vec::new()),
+                readers: ReaderPool::new(db_path, store::open_reader, None),
                 hubs: RwLock::new(hubs),
                 messages: Mutex::new(HashMap::new()),
                 desired: Mutex::new(HashMap::new()),
@@ -285,22 +280,7 @@ impl Minihub {
         &self,
         f: impl FnOnce(&Connection) -> Result<R, MinihubError>,
     ) -> Result<R, MinihubError> {
-        let pooled = self
-            .inner
-            .readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => store::open_reader(&self.inner.path)?,
-        };
-        let result = f(&conn);
-        let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
-        if readers.len() < MAX_IDLE_READERS {
-            readers.push(conn);
-        }
-        result
+        self.inner.readers.read(f, MinihubError::from)
     }
 
     fn now(&self) -> jiff::Timestamp {

@@ -43,7 +43,7 @@ pub(crate) fn open(path: &Path) -> Result<Connection, MinihubError> {
 }
 
 /// Another connection to a database [`open`] has created and migrated, for reading.
-pub(crate) fn open_reader(path: &Path) -> Result<Connection, MinihubError> {
+pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     Ok(conn)

@@ -7,8 +7,8 @@
 
 mod migrations;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::thread;
 
 use async_trait::async_trait;
@@ -21,10 +21,7 @@ use dps_core::store::{
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::group_commit::{CommitError, GroupCommit};
-
-/// Reader connections kept open.
-const MAX_IDLE_READERS: usize = 4;
+use crate::group_commit::{CommitError, GroupCommit, ReaderPool};
 
 /// A SQLite-backed store.
 #[derive(Clone)]
@@ -33,10 +30,8 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    path: PathBuf,
-    read_only: bool,
     writer: Option<GroupCommit>,
-    readers: Mutex<Vec<Connection>>,
+    readers: ReaderPool,
 }
 
 trait SqlResultExt<T> {
@@ -59,6 +54,14 @@ fn is_busy(err: &rusqlite::Error) -> bool {
         err.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
+}
+
+fn open_for_reading(path: &Path) -> rusqlite::Result<Connection> {
+    open_connection(path, false)
+}
+
+fn open_read_only_connection(path: &Path) -> rusqlite::Result<Connection> {
+    open_connection(path, true)
 }
 
 fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
@@ -111,10 +114,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                path,
-                read_only: false,
                 writer: Some(writer),
-                readers: Mutex::new(Vec::new()),
+                readers: ReaderPool::new(&path, open_for_reading, None),
             }),
         })
     }
@@ -132,17 +133,15 @@ impl SqliteStore {
         }
         Ok(Self {
             inner: Arc::new(Inner {
-                path,
-                read_only: true,
                 writer: None,
-                readers: Mutex::new(vec![conn]),
+                readers: ReaderPool::new(&path, open_read_only_connection, Some(conn)),
             }),
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        self.inner.readers.path()
     }
 
     /// Stops the writer after it has committed everything queued. Later writes fail.
@@ -175,24 +174,11 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let inner = &self.inner;
         let started = std::time::Instant::now();
-        let pooled = inner
+        let result = self
+            .inner
             .readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => open_connection(&inner.path, inner.read_only).backend()?,
-        };
-        let result = f(&conn);
-        {
-            let mut readers = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
-            if readers.len() < MAX_IDLE_READERS {
-                readers.push(conn);
-            }
-        }
+            .read(f, |e| StoreError::Backend(e.to_string()));
         metrics::histogram!("opendps_store_duration_seconds", "kind" => "read")
             .record(started.elapsed().as_secs_f64());
         result
