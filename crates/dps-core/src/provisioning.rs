@@ -493,8 +493,11 @@ impl Provisioning {
         }
         loop {
             match self.attempt(&mut op).await {
-                Ok(Outcome::Done(record)) => return self.finish(&mut op, &record).await,
-                Ok(Outcome::Raced) => continue,
+                Ok(write) => match self.finish(&mut op, write).await? {
+                    Some(status) => return Ok(status),
+                    // Another registration of the same device finished first: decide again.
+                    None => continue,
+                },
                 Err(Failure::Retry(err)) if op.attempts + 1 < self.settings.hub_attempts => {
                     op.attempts += 1;
                     let delay = self
@@ -507,14 +510,14 @@ impl Provisioning {
                     return Ok(EnrollmentStatus::Assigning);
                 }
                 Err(Failure::Retry(err)) => {
-                    let record = self
+                    let write = self
                         .unassigned_record(&op, Some((HUB_WRITE_FAILED, err.to_string())))
                         .await?;
-                    return self.finish(&mut op, &record).await;
+                    return self.finish_unassigned(&mut op, write).await;
                 }
                 Err(Failure::Final { code, message }) => {
-                    let record = self.unassigned_record(&op, Some((code, message))).await?;
-                    return self.finish(&mut op, &record).await;
+                    let write = self.unassigned_record(&op, Some((code, message))).await?;
+                    return self.finish_unassigned(&mut op, write).await;
                 }
                 Err(Failure::WebhookRetry(reason))
                     if op.webhook_retries < self.settings.webhook_retries =>
@@ -533,31 +536,109 @@ impl Provisioning {
                         "Custom allocation failed after {} retries: {reason}",
                         op.webhook_retries
                     );
-                    let record = self
+                    let write = self
                         .unassigned_record(&op, Some((CUSTOM_ALLOCATION_FAILED, message)))
                         .await?;
-                    return self.finish(&mut op, &record).await;
+                    return self.finish_unassigned(&mut op, write).await;
                 }
                 Err(Failure::Disabled) => {
-                    let record = self.unassigned_record(&op, None).await?;
-                    return self.finish(&mut op, &record).await;
+                    let write = self.unassigned_record(&op, None).await?;
+                    return self.finish_unassigned(&mut op, write).await;
                 }
                 Err(Failure::Store(err)) => return Err(err),
             }
         }
     }
 
+    /// A failed or disabled registration: its state is recorded with the operation, unless a
+    /// concurrent registration of the device recorded a newer outcome, which is kept.
+    async fn finish_unassigned(
+        &self,
+        op: &mut Operation,
+        write: RecordWrite,
+    ) -> Result<EnrollmentStatus, ProvisioningError> {
+        let (done, stored_op) = self.finished(op, &write.record)?;
+        match self.record(&stored_op, &write).await {
+            Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => {
+                self.store.put_operation(&stored_op).await?;
+            }
+            written => written?,
+        }
+        Ok(self.complete(op, done, &write.record))
+    }
+
+    /// An assigned registration: its state and the finished operation in one store write. `None`
+    /// when the state lost a race with another registration of the device (nothing was written):
+    /// the caller decides again from the winner's result.
     async fn finish(
         &self,
         op: &mut Operation,
+        write: RecordWrite,
+    ) -> Result<Option<EnrollmentStatus>, ProvisioningError> {
+        let (done, stored_op) = self.finished(op, &write.record)?;
+        match self.record(&stored_op, &write).await {
+            Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => Ok(None),
+            written => {
+                written?;
+                Ok(Some(self.complete(op, done, &write.record)))
+            }
+        }
+    }
+
+    /// The operation as it is once `record` is its outcome, and its stored form.
+    fn finished(
+        &self,
+        op: &Operation,
         record: &RegistrationRecord,
-    ) -> Result<EnrollmentStatus, ProvisioningError> {
-        op.status = record.state.status;
-        op.result = Some(result_of(record));
+    ) -> Result<(Operation, StoredOperation), ProvisioningError> {
+        let mut done = op.clone();
+        done.status = record.state.status;
+        done.result = Some(result_of(record));
         // The trace now lives in the registration record; polls need only the result.
-        op.trace = None;
+        done.trace = None;
+        let stored = StoredOperation {
+            operation_id: done.operation_id.clone(),
+            registration_key: done.registration_id.to_ascii_lowercase(),
+            pending: false,
+            next_attempt_ms: self.clock.now().as_millisecond(),
+            doc: serde_json::to_string(&done)
+                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+        };
+        Ok((done, stored))
+    }
+
+    /// Writes the registration state under its precondition together with the operation.
+    async fn record(&self, op: &StoredOperation, write: &RecordWrite) -> Result<(), StoreError> {
+        let doc =
+            serde_json::to_string(&write.record).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let group_key = write
+            .record
+            .enrollment_group_id
+            .as_deref()
+            .map(str::to_ascii_lowercase);
+        self.store
+            .put_registration_and_operation(
+                &op.registration_key,
+                group_key.as_deref(),
+                StoredDoc {
+                    etag: write.etag.clone(),
+                    doc,
+                },
+                write.cond.clone(),
+                op,
+            )
+            .await
+    }
+
+    /// The operation is finished: metrics and the log line.
+    fn complete(
+        &self,
+        op: &mut Operation,
+        done: Operation,
+        record: &RegistrationRecord,
+    ) -> EnrollmentStatus {
+        *op = done;
         let now = self.clock.now().as_millisecond();
-        self.save_operation(op, now).await?;
         let outcome = match op.status {
             EnrollmentStatus::Assigned => "assigned",
             EnrollmentStatus::Disabled => "disabled",
@@ -578,7 +659,7 @@ impl Provisioning {
             error_code = record.state.error_code.unwrap_or(0),
             "registration finished"
         );
-        Ok(op.status)
+        op.status
     }
 
     /// A `failed` (with the error) or `disabled` (without) registration state, keeping what the
@@ -587,7 +668,7 @@ impl Provisioning {
         &self,
         op: &Operation,
         error: Option<(i32, String)>,
-    ) -> Result<RegistrationRecord, ProvisioningError> {
+    ) -> Result<RecordWrite, ProvisioningError> {
         let key = op.registration_id.to_ascii_lowercase();
         let previous = self.registration(&key).await?;
         let now = format_utc(self.clock.now());
@@ -618,11 +699,7 @@ impl Provisioning {
         let etag = Etag::generate();
         record.state.etag = Some(etag.as_str().to_owned());
         let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
-        // A concurrent writer already recorded a newer outcome: keep theirs.
-        match self.write_record(&key, &record, etag, cond).await {
-            Ok(()) | Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => Ok(record),
-            Err(other) => Err(other.into()),
-        }
+        Ok(RecordWrite { record, etag, cond })
     }
 
     fn new_record(&self, op: &Operation, now: &str) -> RegistrationRecord {
@@ -646,25 +723,8 @@ impl Provisioning {
         }
     }
 
-    async fn write_record(
-        &self,
-        key: &str,
-        record: &RegistrationRecord,
-        etag: Etag,
-        cond: Precondition,
-    ) -> Result<(), StoreError> {
-        let doc = serde_json::to_string(record).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let group_key = record
-            .enrollment_group_id
-            .as_deref()
-            .map(str::to_ascii_lowercase);
-        self.store
-            .put_registration(key, group_key.as_deref(), StoredDoc { etag, doc }, cond)
-            .await
-    }
-
     /// One pass: decide the hub, write the device there, record the state.
-    async fn attempt(&self, op: &mut Operation) -> Result<Outcome, Failure> {
+    async fn attempt(&self, op: &mut Operation) -> Result<RecordWrite, Failure> {
         let kind = if op.enrollment.group {
             EnrollmentKind::Group
         } else {
@@ -885,18 +945,16 @@ impl Provisioning {
         let etag = Etag::generate();
         record.state.etag = Some(etag.as_str().to_owned());
         let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
-        match self.write_record(&key, &record, etag, cond).await {
-            Ok(()) => Ok(Outcome::Done(Box::new(record))),
-            // Another registration of the same device finished first: decide again from its result.
-            Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => Ok(Outcome::Raced),
-            Err(other) => Err(Failure::Store(other.into())),
-        }
+        Ok(RecordWrite { record, etag, cond })
     }
 }
 
-enum Outcome {
-    Done(Box<RegistrationRecord>),
-    Raced,
+/// A registration state to record, with the precondition that keeps racing registrations of one
+/// device from both winning.
+struct RecordWrite {
+    record: RegistrationRecord,
+    etag: Etag,
+    cond: Precondition,
 }
 
 enum Failure {

@@ -220,6 +220,17 @@ pub trait OperationStore: Send + Sync {
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<StoredOperation>, StoreError>;
+    /// Writes a device's registration state (under `cond`, as
+    /// [`RegistrationStore::put_registration`]) and an operation (as
+    /// [`OperationStore::put_operation`]) together, in one transaction: both or neither.
+    async fn put_registration_and_operation(
+        &self,
+        key: &str,
+        group_key: Option<&str>,
+        doc: StoredDoc,
+        cond: Precondition,
+        op: &StoredOperation,
+    ) -> Result<(), StoreError>;
     /// Deletes finished operations last written before `before_ms`; returns how many.
     async fn prune_operations(&self, before_ms: i64) -> Result<usize, StoreError>;
 }

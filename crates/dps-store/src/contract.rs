@@ -489,6 +489,49 @@ pub async fn operations_are_leased(store: Arc<dyn Store>) {
     assert_eq!(store.get_operation("missing").await.expect("get"), None);
 }
 
+/// A registration state and its finished operation are written together or not at all.
+pub async fn registration_and_operation_together(store: Arc<dyn Store>) {
+    let first = doc("\"first\"");
+    store
+        .put_registration_and_operation(
+            "dev",
+            Some("g"),
+            first.clone(),
+            Precondition::MustNotExist,
+            &operation("op-a", false, 1),
+        )
+        .await
+        .expect("both written");
+    assert_eq!(
+        store.get_registration("dev").await.expect("get"),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.get_operation("op-a").await.expect("get"),
+        Some(operation("op-a", false, 1))
+    );
+
+    // A stale precondition writes neither.
+    let stale = store
+        .put_registration_and_operation(
+            "dev",
+            Some("g"),
+            doc("\"second\""),
+            Precondition::EtagIs(Etag::generate()),
+            &operation("op-b", false, 2),
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::EtagMismatch(_))),
+        "{stale:?}"
+    );
+    assert_eq!(
+        store.get_registration("dev").await.expect("get"),
+        Some(first)
+    );
+    assert_eq!(store.get_operation("op-b").await.expect("get"), None);
+}
+
 /// Pruning removes finished operations only.
 pub async fn pruning_keeps_pending_operations(store: Arc<dyn Store>) {
     store
@@ -519,7 +562,7 @@ macro_rules! contract_tests {
         $crate::contract_tests!(@cases $make;
             enrollment_lifecycle, kinds_are_separate, listing_pages_in_key_order, registrations_by_group,
             linked_hubs, identity_is_created_once, concurrent_creates_have_one_winner, failed_write_spoils_nothing_else,
-            operations_are_leased, pruning_keeps_pending_operations);
+            operations_are_leased, pruning_keeps_pending_operations, registration_and_operation_together);
     };
     (@cases $make:expr; $($case:ident),*) => {
         mod contract {

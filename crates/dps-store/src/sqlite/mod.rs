@@ -185,6 +185,45 @@ impl SqliteStore {
     }
 }
 
+/// Inserts or replaces a registration state if `cond` holds.
+fn write_registration(
+    conn: &Connection,
+    key: &str,
+    group_key: Option<&str>,
+    doc: &StoredDoc,
+    cond: &Precondition,
+) -> Result<(), StoreError> {
+    let current = conn
+        .query_row_cached(
+            "SELECT etag FROM registrations WHERE id_key = ?1",
+            params![key],
+            |r| r.get(0),
+        )
+        .optional()
+        .backend()?;
+    check(cond, current, &format!("registration '{key}'"))?;
+    conn.execute_cached(
+        "INSERT INTO registrations (id_key, group_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (id_key) DO UPDATE SET group_key = excluded.group_key, etag = excluded.etag, doc = excluded.doc",
+        params![key, group_key, doc.etag.as_str(), doc.doc],
+    )
+    .backend()?;
+    Ok(())
+}
+
+/// Inserts or replaces an operation, releasing any lease on it.
+fn write_operation(conn: &Connection, op: &StoredOperation) -> Result<(), StoreError> {
+    conn.execute_cached(
+        "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
+         VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5, ?6)
+         ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
+             lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
+        params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, now_ms(), op.doc],
+    )
+    .backend()?;
+    Ok(())
+}
+
 impl From<CommitError> for StoreError {
     fn from(err: CommitError) -> Self {
         StoreError::Backend(err.0)
@@ -348,21 +387,8 @@ impl RegistrationStore for SqliteStore {
         cond: Precondition,
     ) -> Result<(), StoreError> {
         let (key, group_key) = (key.to_owned(), group_key.map(str::to_owned));
-        self.write(move |conn| {
-            let current = conn
-                .query_row_cached("SELECT etag FROM registrations WHERE id_key = ?1", params![key], |r| r.get(0))
-                .optional()
-                .backend()?;
-            check(&cond, current, &format!("registration '{key}'"))?;
-            conn.execute_cached(
-                "INSERT INTO registrations (id_key, group_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id_key) DO UPDATE SET group_key = excluded.group_key, etag = excluded.etag, doc = excluded.doc",
-                params![key, group_key, doc.etag.as_str(), doc.doc],
-            )
-            .backend()?;
-            Ok(())
-        })
-        .await
+        self.write(move |conn| write_registration(conn, &key, group_key.as_deref(), &doc, &cond))
+            .await
     }
 
     async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
@@ -534,16 +560,21 @@ fn now_ms() -> i64 {
 impl OperationStore for SqliteStore {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
         let op = op.clone();
+        self.write(move |conn| write_operation(conn, &op)).await
+    }
+
+    async fn put_registration_and_operation(
+        &self,
+        key: &str,
+        group_key: Option<&str>,
+        doc: StoredDoc,
+        cond: Precondition,
+        op: &StoredOperation,
+    ) -> Result<(), StoreError> {
+        let (key, group_key, op) = (key.to_owned(), group_key.map(str::to_owned), op.clone());
         self.write(move |conn| {
-            conn.execute_cached(
-                "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
-                 VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5, ?6)
-                 ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
-                     lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
-                params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, now_ms(), op.doc],
-            )
-            .backend()?;
-            Ok(())
+            write_registration(conn, &key, group_key.as_deref(), &doc, &cond)?;
+            write_operation(conn, &op)
         })
         .await
     }
