@@ -5,7 +5,8 @@
 //! Failures before authentication completes are errors (401, 400, 404). Failures after it are data:
 //! a terminal `failed` status with an error code, read by polling.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -178,7 +179,19 @@ pub struct Provisioning {
     id_scope: IdScope,
     settings: ProvisioningSettings,
     wake: Box<dyn Fn() + Send + Sync>,
+    /// Parsed enrollment groups by etag, for authentication.
+    group_auth: Mutex<HashMap<String, Arc<GroupAuth>>>,
 }
+
+/// An enrollment group as authentication sees it: its id and decoded symmetric keys (none for
+/// other attestation types).
+struct GroupAuth {
+    id: String,
+    keys: Vec<Vec<u8>>,
+}
+
+/// Versions of groups kept parsed; the cache starts over past this many.
+const GROUP_AUTH_CACHE: usize = 4096;
 
 impl Provisioning {
     /// Registration for `id_scope`, writing to hubs through `hubs` and asking custom-allocation
@@ -201,6 +214,7 @@ impl Provisioning {
             id_scope,
             settings,
             wake,
+            group_auth: Mutex::new(HashMap::new()),
         }
     }
 
@@ -339,16 +353,31 @@ impl Provisioning {
     }
 
     /// Whether `token` was signed with a key of the group, derived for this device.
-    fn signed_by_group(token: &SasToken, group: &EnrollmentGroup, rid: &RegistrationId) -> bool {
-        let Some(group_keys) = symmetric_keys(&group.attestation) else {
-            return false;
-        };
-        let derived: Vec<Vec<u8>> = group_keys
+    fn signed_by_group(token: &SasToken, group: &GroupAuth, rid: &RegistrationId) -> bool {
+        let derived: Vec<Vec<u8>> = group
+            .keys
             .iter()
-            .filter_map(|k| sas::derive_device_key(&B64.encode(k), rid.as_str()).ok())
-            .filter_map(|k| B64.decode(k).ok())
+            .map(|k| sas::derive_device_key_bytes(k, rid.as_str()))
             .collect();
-        verify(token, &derived).is_ok()
+        !derived.is_empty() && verify(token, &derived).is_ok()
+    }
+
+    /// What authentication needs of a stored group, parsed once per version of it (its etag).
+    fn group_auth(&self, doc: &StoredDoc) -> Result<Arc<GroupAuth>, ProvisioningError> {
+        let mut cache = self.group_auth.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = cache.get(doc.etag.as_str()) {
+            return Ok(Arc::clone(hit));
+        }
+        let group: EnrollmentGroup = parse(&doc.doc)?;
+        let auth = Arc::new(GroupAuth {
+            id: group.enrollment_group_id,
+            keys: symmetric_keys(&group.attestation).unwrap_or_default(),
+        });
+        if cache.len() >= GROUP_AUTH_CACHE {
+            cache.clear();
+        }
+        cache.insert(doc.etag.as_str().to_owned(), Arc::clone(&auth));
+        Ok(auth)
     }
 
     /// Finds the enrollment the device's token was signed for. An individual enrollment takes
@@ -389,20 +418,20 @@ impl Provisioning {
                 .store
                 .list_enrollments(EnrollmentKind::Group, after.as_deref(), 1000)
                 .await?;
-            let mut groups: Vec<EnrollmentGroup> = page
+            let mut groups: Vec<Arc<GroupAuth>> = page
                 .items
                 .iter()
-                .map(|d| parse(&d.doc))
+                .map(|d| self.group_auth(d))
                 .collect::<Result<_, _>>()?;
             // The group the device used last time first: it is almost always the one.
-            groups.sort_by_key(|g| Some(&g.enrollment_group_id) != hint.as_ref());
+            groups.sort_by_key(|g| Some(&g.id) != hint.as_ref());
             if let Some(group) = groups
                 .into_iter()
                 .find(|g| Self::signed_by_group(&token, g, rid))
             {
                 return Ok(EnrollmentRef {
                     group: true,
-                    id: group.enrollment_group_id,
+                    id: group.id.clone(),
                 });
             }
             match page.next {
@@ -443,7 +472,7 @@ impl Provisioning {
                     .get_enrollment(EnrollmentKind::Individual, &rid.key())
                     .await?
                     .is_some();
-                !overridden && Self::signed_by_group(&token, &parse(&doc.doc)?, rid)
+                !overridden && Self::signed_by_group(&token, &*self.group_auth(&doc)?, rid)
             } else {
                 let e: IndividualEnrollment = parse(&doc.doc)?;
                 symmetric_keys(&e.attestation).is_some_and(|keys| verify(&token, &keys).is_ok())

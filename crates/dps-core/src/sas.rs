@@ -168,6 +168,14 @@ pub fn derive_device_key(group_key_b64: &str, registration_id: &str) -> Result<S
     Ok(sign(&key, registration_id.as_bytes()))
 }
 
+/// [`derive_device_key`] on a decoded group key, returning the decoded device key.
+pub fn derive_device_key_bytes(group_key: &[u8], registration_id: &str) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(group_key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(registration_id.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// A new random 64-byte key, base64-encoded, as DPS generates them.
 pub fn generate_key() -> String {
     let mut bytes = [0u8; 64];
@@ -210,6 +218,14 @@ mod tests {
                 .ok()
                 .as_deref(),
             Some("6uejA9PfkQgmYylj8Zerp3kcbeVrGZ172YLa7VSnJzg=")
+        );
+        let group_key = B64.decode(TUTORIAL_GROUP_KEY).expect("base64");
+        assert_eq!(
+            B64.encode(derive_device_key_bytes(
+                &group_key,
+                "breakroom499-contoso-tstrsd-007"
+            )),
+            "JC8F96eayuQwwz+PkE7IzjH2lIAjCUnAa61tDigBnSs="
         );
     }
 
