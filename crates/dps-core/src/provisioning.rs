@@ -362,13 +362,19 @@ impl Provisioning {
         !derived.is_empty() && verify(token, &derived).is_ok()
     }
 
+    /// The parsed group with this etag, if it was seen before.
+    fn cached_group(&self, etag: &Etag) -> Option<Arc<GroupAuth>> {
+        let cache = self.group_auth.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(etag.as_str()).map(Arc::clone)
+    }
+
     /// What authentication needs of a stored group, parsed once per version of it (its etag).
     fn group_auth(&self, doc: &StoredDoc) -> Result<Arc<GroupAuth>, ProvisioningError> {
-        let mut cache = self.group_auth.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hit) = cache.get(doc.etag.as_str()) {
-            return Ok(Arc::clone(hit));
+        if let Some(hit) = self.cached_group(&doc.etag) {
+            return Ok(hit);
         }
         let group: EnrollmentGroup = parse(&doc.doc)?;
+        let mut cache = self.group_auth.lock().unwrap_or_else(|e| e.into_inner());
         let auth = Arc::new(GroupAuth {
             id: group.enrollment_group_id,
             keys: symmetric_keys(&group.attestation).unwrap_or_default(),
@@ -412,36 +418,35 @@ impl Provisioning {
             .registration(&key)
             .await?
             .and_then(|(r, _)| r.enrollment_group_id);
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
+        let mut groups = Vec::new();
+        for (key, etag) in self
+            .store
+            .enrollment_versions(EnrollmentKind::Group)
+            .await?
+        {
+            if let Some(known) = self.cached_group(&etag) {
+                groups.push(known);
+            } else if let Some(doc) = self
                 .store
-                .list_enrollments(EnrollmentKind::Group, after.as_deref(), 1000)
-                .await?;
-            let mut groups: Vec<Arc<GroupAuth>> = page
-                .items
-                .iter()
-                .map(|d| self.group_auth(d))
-                .collect::<Result<_, _>>()?;
-            // The group the device used last time first: it is almost always the one.
-            groups.sort_by_key(|g| Some(&g.id) != hint.as_ref());
-            if let Some(group) = groups
-                .into_iter()
-                .find(|g| Self::signed_by_group(&token, g, rid))
+                .get_enrollment(EnrollmentKind::Group, &key)
+                .await?
             {
-                return Ok(EnrollmentRef {
-                    group: true,
-                    id: group.id.clone(),
-                });
+                groups.push(self.group_auth(&doc)?);
             }
-            match page.next {
-                Some(next) => after = Some(next),
-                None => {
-                    return Err(unauthorized(
-                        "no enrollment matches this registration id and key",
-                    ));
-                }
-            }
+        }
+        // The group the device used last time first: it is almost always the one.
+        groups.sort_by_key(|g| Some(&g.id) != hint.as_ref());
+        match groups
+            .into_iter()
+            .find(|g| Self::signed_by_group(&token, g, rid))
+        {
+            Some(group) => Ok(EnrollmentRef {
+                group: true,
+                id: group.id.clone(),
+            }),
+            None => Err(unauthorized(
+                "no enrollment matches this registration id and key",
+            )),
         }
     }
 

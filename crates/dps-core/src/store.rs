@@ -112,6 +112,12 @@ pub trait EnrollmentStore: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<StoredDoc>, StoreError>;
+    /// The key and current etag of every enrollment of `kind`, in key order: what a caller
+    /// keeping parsed copies needs to tell which are stale, without reading the documents.
+    async fn enrollment_versions(
+        &self,
+        kind: EnrollmentKind,
+    ) -> Result<Vec<(String, Etag)>, StoreError>;
 }
 
 /// Device registration states, keyed by lower-cased registration id.

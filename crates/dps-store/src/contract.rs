@@ -142,10 +142,25 @@ pub async fn kinds_are_separate(store: Arc<dyn Store>) {
         .expect("get")
         .expect("exists");
     assert_eq!((individual.doc.as_str(), group.doc.as_str()), ("1", "2"));
+    assert_eq!(
+        store
+            .enrollment_versions(EnrollmentKind::Group)
+            .await
+            .expect("versions"),
+        vec![("same".to_owned(), group.etag.clone())],
+        "each kind lists its own keys and current etags"
+    );
     store
         .delete_enrollment(EnrollmentKind::Group, "same", Precondition::None)
         .await
         .expect("delete");
+    assert!(
+        store
+            .enrollment_versions(EnrollmentKind::Group)
+            .await
+            .expect("versions")
+            .is_empty()
+    );
     assert!(
         store
             .get_enrollment(EnrollmentKind::Individual, "same")

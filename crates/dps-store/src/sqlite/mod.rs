@@ -375,6 +375,31 @@ impl EnrollmentStore for SqliteStore {
         })
         .await
     }
+
+    async fn enrollment_versions(
+        &self,
+        kind: EnrollmentKind,
+    ) -> Result<Vec<(String, Etag)>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id_key, etag FROM enrollments WHERE kind = ?1 ORDER BY id_key",
+                )
+                .backend()?;
+            let rows = stmt
+                .query_map(params![kind_tag(kind)], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            Ok(rows
+                .into_iter()
+                .map(|(key, etag)| (key, Etag::new(etag)))
+                .collect())
+        })
+        .await
+    }
 }
 
 #[async_trait]
