@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::client::{ClientSettings, ServiceClient};
-use crate::device::Transport;
+use crate::device::{DeviceExchange, Ended, Transport, register_and_poll};
 use crate::mqtt_client::{DpsMqtt, tls_client_config};
 
 /// Device API version sent.
@@ -500,108 +500,25 @@ async fn https_device(
     let started = Instant::now();
     let mut waited = Duration::ZERO;
     let outcome = tokio::time::timeout(settings.timeout, async {
-        let mut sender = match kept.take().filter(|s| !s.is_closed()) {
+        let sender = match kept.take().filter(|s| !s.is_closed()) {
             Some(sender) => sender,
             None => http_connect(target).await?,
         };
-        let token = device_token(&target.scope, rid, key);
-        let base = format!("/{}/registrations/{rid}", target.scope);
-        let body = json!({"registrationId": rid}).to_string();
-        let (status, mut retry_after, mut reply) = http_call(
-            &mut sender,
+        let mut link = HttpsLink {
+            sender,
             target,
-            "PUT",
-            &format!("{base}/register?api-version={API_VERSION}"),
-            &token,
-            Some(body),
-        )
-        .await?;
-        if status != 202 {
-            return Err(error_of(status, &reply));
-        }
-        let operation = reply["operationId"].as_str().unwrap_or_default().to_owned();
-        while reply["status"] == "assigning" {
-            let wait = settings
-                .poll_interval
-                .unwrap_or(Duration::from_secs(retry_after));
-            tokio::time::sleep(wait).await;
-            waited += wait;
-            let status;
-            (status, retry_after, reply) = http_call(
-                &mut sender,
-                target,
-                "GET",
-                &format!("{base}/operations/{operation}?api-version={API_VERSION}"),
-                &token,
-                None,
-            )
-            .await?;
-            if status != 200 && status != 202 {
-                return Err(error_of(status, &reply));
-            }
-        }
+            base: format!("/{}/registrations/{rid}", target.scope),
+            token: device_token(&target.scope, rid, key),
+        };
+        let ended = provision(&mut link, settings, rid, &mut waited).await;
         if settings.reuse {
-            *kept = Some(sender);
+            *kept = Some(link.sender);
         }
-        terminal(&reply)
+        ended
     })
     .await
     .unwrap_or_else(|_| Err("timeout".to_owned()));
     finished(started, waited, outcome)
-}
-
-async fn http_connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, String> {
-    let tls = tls_connect(target)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
-/// One request; (status, Retry-After, JSON body).
-async fn http_call(
-    sender: &mut SendRequest<Full<Bytes>>,
-    target: &Target,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<String>,
-) -> Result<(u16, u64, Value), String> {
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("Host", &target.host_header)
-        .header("Authorization", token)
-        .header("Content-Type", "application/json; charset=utf-8")
-        .header("Accept", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| e.to_string())?;
-    sender.ready().await.map_err(|e| format!("http: {e}"))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("http: {e}"))?
-        .to_bytes();
-    Ok((
-        status,
-        retry_after,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
 }
 
 /// One device over MQTT: connect, register, poll until the end, disconnect.
@@ -626,36 +543,101 @@ async fn mqtt_device(
         )
         .await
         .map_err(|e| format!("connect: {e}"))?;
-        let body = json!({"registrationId": rid});
-        let (status, mut retry_after, mut reply) = link
-            .register(&body)
-            .await
-            .map_err(|e| format!("mqtt: {e}"))?;
-        if status != 202 {
-            return Err(error_of(status, &reply));
-        }
-        let operation = reply["operationId"].as_str().unwrap_or_default().to_owned();
-        while reply["status"] == "assigning" {
-            let wait = settings
-                .poll_interval
-                .unwrap_or(Duration::from_secs(retry_after));
-            tokio::time::sleep(wait).await;
-            waited += wait;
-            let status;
-            (status, retry_after, reply) = link
-                .poll(&operation)
-                .await
-                .map_err(|e| format!("mqtt: {e}"))?;
-            if status != 200 && status != 202 {
-                return Err(error_of(status, &reply));
-            }
-        }
+        let ended = provision(&mut link, settings, rid, &mut waited).await;
         link.disconnect().await;
-        terminal(&reply)
+        ended
     })
     .await
     .unwrap_or_else(|_| Err("timeout".to_owned()));
     finished(started, waited, outcome)
+}
+
+/// Registers and polls as the device simulator does; `assigned`, or the error by its code.
+async fn provision(
+    link: &mut impl DeviceExchange,
+    settings: &DeviceSettings,
+    rid: &str,
+    waited: &mut Duration,
+) -> Result<(), String> {
+    let body = json!({"registrationId": rid});
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    let (ended, wait) = register_and_poll(link, &body, settings.poll_interval, deadline, &|_| {})
+        .await
+        .map_err(|e| format!("transport: {e}"))?;
+    *waited = wait;
+    match ended {
+        Ended::Finished(reply) => terminal(&reply),
+        Ended::Refused { status, reply } => Err(error_of(status, &reply)),
+        Ended::TimedOut => Err("timeout".to_owned()),
+    }
+}
+
+async fn http_connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, String> {
+    let tls = tls_connect(target)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// The device REST API over one kept HTTP/1.1 connection.
+struct HttpsLink<'a> {
+    sender: SendRequest<Full<Bytes>>,
+    target: &'a Target,
+    base: String,
+    token: String,
+}
+
+impl HttpsLink<'_> {
+    /// One request; (status, Retry-After, JSON body).
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<(u16, u64, Value)> {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("Host", &self.target.host_header)
+            .header("Authorization", &self.token)
+            .header("Content-Type", "application/json; charset=utf-8")
+            .header("Accept", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let bytes = response.into_body().collect().await?.to_bytes();
+        Ok((
+            status,
+            retry_after,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+}
+
+impl DeviceExchange for HttpsLink<'_> {
+    async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
+        let path = format!("{}/register?api-version={API_VERSION}", self.base);
+        self.call("PUT", &path, Some(body.to_string())).await
+    }
+
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
+        let path = format!(
+            "{}/operations/{operation_id}?api-version={API_VERSION}",
+            self.base
+        );
+        self.call("GET", &path, None).await
+    }
 }
 
 fn tls_config_of(target: &Target) -> Arc<rustls::ClientConfig> {

@@ -98,7 +98,7 @@ impl Device {
     /// Registers and polls, honouring `Retry-After`, until the operation ends, reporting progress
     /// through `say` in the C sample's words. Returns the final operation status (assigned, failed or
     /// disabled); a refused request (401, 400, …) or a timeout is an error.
-    pub async fn provision(&self, say: &dyn Fn(&str)) -> anyhow::Result<Value> {
+    pub async fn provision(&self, say: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Value> {
         let resource = format!("{}/registrations/{}", self.scope, self.registration_id);
         let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
         let token = dps_core::sas::generate_token(
@@ -139,36 +139,22 @@ impl Device {
     async fn poll_to_end(
         &self,
         channel: &mut Channel,
-        say: &dyn Fn(&str),
+        say: &(dyn Fn(&str) + Sync),
     ) -> anyhow::Result<Value> {
         let body =
             serde_json::json!({"registrationId": self.registration_id, "payload": self.payload});
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let (status, mut retry_after, mut reply) = channel.register(&body).await?;
-        say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
-        if status != 202 {
-            bail!(failure(status, &reply));
+        match register_and_poll(channel, &body, None, deadline, say)
+            .await?
+            .0
+        {
+            Ended::Finished(reply) => Ok(reply),
+            Ended::Refused { status, reply } => bail!(failure(status, &reply)),
+            Ended::TimedOut => bail!(
+                "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
+                self.timeout.as_secs()
+            ),
         }
-        let operation_id = reply["operationId"]
-            .as_str()
-            .context("the service sent no operationId")?
-            .to_owned();
-        while reply["status"] == "assigning" {
-            say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING");
-            if tokio::time::Instant::now() + Duration::from_secs(retry_after) > deadline {
-                bail!(
-                    "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
-                    self.timeout.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_secs(retry_after)).await;
-            let status;
-            (status, retry_after, reply) = channel.poll(&operation_id).await?;
-            if !(status == 200 || status == 202) {
-                bail!(failure(status, &reply));
-            }
-        }
-        Ok(reply)
     }
 
     /// Connects to the assigned hub over MQTT (through this host, as a gateway) and reads the
@@ -289,6 +275,62 @@ pub async fn register(
     Ok(())
 }
 
+/// A device's two requests to DPS over one transport, each answered with its status, its
+/// `Retry-After` in seconds, and its JSON body.
+pub(crate) trait DeviceExchange {
+    /// The register request.
+    async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)>;
+    /// A poll of the operation.
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)>;
+}
+
+/// How a registration ended for the device.
+pub(crate) enum Ended {
+    /// The operation finished (assigned, failed or disabled): its final status.
+    Finished(Value),
+    /// A request was refused (401, 400, …): its status and body.
+    Refused { status: u16, reply: Value },
+    /// Waiting for the next poll would pass the deadline.
+    TimedOut,
+}
+
+/// Registers and polls until the operation ends, as the SDKs do: between polls it waits
+/// `poll_every`, or else the `Retry-After` the service sent. Reports progress through `say` in
+/// the C sample's words. Returns how it ended and how long the device waited between polls.
+pub(crate) async fn register_and_poll(
+    link: &mut impl DeviceExchange,
+    body: &Value,
+    poll_every: Option<Duration>,
+    deadline: tokio::time::Instant,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<(Ended, Duration)> {
+    let mut waited = Duration::ZERO;
+    let (status, mut retry_after, mut reply) = link.register(body).await?;
+    say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
+    if status != 202 {
+        return Ok((Ended::Refused { status, reply }, waited));
+    }
+    let operation_id = reply["operationId"]
+        .as_str()
+        .context("the service sent no operationId")?
+        .to_owned();
+    while reply["status"] == "assigning" {
+        say("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING");
+        let wait = poll_every.unwrap_or(Duration::from_secs(retry_after));
+        if tokio::time::Instant::now() + wait > deadline {
+            return Ok((Ended::TimedOut, waited));
+        }
+        tokio::time::sleep(wait).await;
+        waited += wait;
+        let status;
+        (status, retry_after, reply) = link.poll(&operation_id).await?;
+        if !(status == 200 || status == 202) {
+            return Ok((Ended::Refused { status, reply }, waited));
+        }
+    }
+    Ok((Ended::Finished(reply), waited))
+}
+
 /// The way requests reach the service.
 enum Channel {
     Https {
@@ -320,6 +362,14 @@ impl Channel {
         })
     }
 
+    async fn close(self) {
+        if let Self::Mqtt(mqtt) = self {
+            mqtt.disconnect().await;
+        }
+    }
+}
+
+impl DeviceExchange for Channel {
     async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
         match self {
             Self::Https { http, base, token } => {
@@ -351,12 +401,6 @@ impl Channel {
                 read(response).await
             }
             Self::Mqtt(mqtt) => mqtt.poll(operation_id).await,
-        }
-    }
-
-    async fn close(self) {
-        if let Self::Mqtt(mqtt) = self {
-            mqtt.disconnect().await;
         }
     }
 }

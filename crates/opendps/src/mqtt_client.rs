@@ -106,6 +106,29 @@ pub fn tls_client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::Client
     Ok(Arc::new(config))
 }
 
+impl crate::device::DeviceExchange for DpsMqtt {
+    /// Publishes the register request; returns (status, retry-after, body).
+    async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
+        let rid = self.packet_id();
+        let payload = serde_json::to_vec(body)?;
+        self.request(
+            DPS_RESPONSES,
+            format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
+            payload,
+        )
+        .await
+    }
+
+    /// Publishes a poll of `operation_id`.
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
+        let rid = self.packet_id();
+        let topic = format!(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"
+        );
+        self.request(DPS_RESPONSES, topic, b" ".to_vec()).await
+    }
+}
+
 impl DpsMqtt {
     /// Connects to DPS at `host:port`, logs in as the device and subscribes to the response topic.
     pub async fn connect(
@@ -207,27 +230,6 @@ impl DpsMqtt {
             Packet::SubAck(ack) if ack.pkid == pkid => Ok(link),
             other => bail!("expected SUBACK, got {other:?}"),
         }
-    }
-
-    /// Publishes the register request; returns (status, retry-after, body).
-    pub async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
-        let rid = self.packet_id();
-        let payload = serde_json::to_vec(body)?;
-        self.request(
-            DPS_RESPONSES,
-            format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
-            payload,
-        )
-        .await
-    }
-
-    /// Publishes a poll of `operation_id`.
-    pub async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
-        let rid = self.packet_id();
-        let topic = format!(
-            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"
-        );
-        self.request(DPS_RESPONSES, topic, b" ".to_vec()).await
     }
 
     /// Says goodbye.
