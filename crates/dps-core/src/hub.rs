@@ -1,6 +1,8 @@
 //! The IoT hub seam: what provisioning needs from a hub (create the device identity, set its twin,
 //! read it back for migration, delete it). The REST implementation lives in `dps-outbound`.
 
+use std::time::Instant;
+
 use async_trait::async_trait;
 
 use crate::linked_hub::LinkedHub;
@@ -73,6 +75,20 @@ pub enum HubError {
     /// The hub's connection string cannot be used.
     #[error("the connection string of linked hub {0} is not usable")]
     BadConnectionString(String),
+}
+
+/// Counts one call to a hub in `opendps_hub_calls_total` and its duration in
+/// `opendps_hub_call_duration_seconds`: `via` is `rest` or `direct`, `status` the HTTP status (or
+/// `error` when there was none).
+pub fn record_call(via: &'static str, operation: &'static str, status: &str, started: Instant) {
+    let labels = [
+        ("operation", operation.to_owned()),
+        ("status", status.to_owned()),
+        ("via", via.to_owned()),
+    ];
+    metrics::counter!("opendps_hub_calls_total", &labels).increment(1);
+    metrics::histogram!("opendps_hub_call_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
 }
 
 impl HubDevice {

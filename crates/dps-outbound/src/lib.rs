@@ -123,18 +123,8 @@ impl RestHubClient {
             Ok((status, response.text().await?))
         }
         .await;
-        let label = match &sent {
-            Ok((status, _)) => status.as_str().to_owned(),
-            Err(_) => "error".to_owned(),
-        };
-        let labels = [
-            ("operation", operation.to_owned()),
-            ("status", label),
-            ("via", "rest".to_owned()),
-        ];
-        metrics::counter!("opendps_hub_calls_total", &labels).increment(1);
-        metrics::histogram!("opendps_hub_call_duration_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
+        let status = sent.as_ref().map_or("error", |(status, _)| status.as_str());
+        dps_core::hub::record_call("rest", operation, status, started);
         let (status, text) = sent.map_err(unreachable)?;
         tracing::debug!(hub = %hub.host_name, operation, %status, "hub call");
         let value = serde_json::from_str(&text).unwrap_or(Value::Null);

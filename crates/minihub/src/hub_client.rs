@@ -44,18 +44,10 @@ fn measured<T>(
     started: std::time::Instant,
     result: &Result<T, MinihubError>,
 ) {
-    let status = match result {
-        Ok(_) => "200".to_owned(),
-        Err(err) => err.http_status().as_str().to_owned(),
-    };
-    let labels = [
-        ("operation", operation.to_owned()),
-        ("status", status),
-        ("via", "direct".to_owned()),
-    ];
-    metrics::counter!("opendps_hub_calls_total", &labels).increment(1);
-    metrics::histogram!("opendps_hub_call_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
+    let status = result
+        .as_ref()
+        .map_or_else(|e| e.http_status(), |_| http::StatusCode::OK);
+    dps_core::hub::record_call("direct", operation, status.as_str(), started);
 }
 
 #[async_trait]

@@ -185,6 +185,32 @@ impl SqliteStore {
     }
 }
 
+/// The current etag of an enrollment, if it exists.
+fn enrollment_etag(
+    conn: &Connection,
+    kind: EnrollmentKind,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    conn.query_row_cached(
+        "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
+        params![kind_tag(kind), key],
+        |r| r.get(0),
+    )
+    .optional()
+    .backend()
+}
+
+/// The current etag of a registration state, if it exists.
+fn registration_etag(conn: &Connection, key: &str) -> Result<Option<String>, StoreError> {
+    conn.query_row_cached(
+        "SELECT etag FROM registrations WHERE id_key = ?1",
+        params![key],
+        |r| r.get(0),
+    )
+    .optional()
+    .backend()
+}
+
 /// Inserts or replaces a registration state if `cond` holds.
 fn write_registration(
     conn: &Connection,
@@ -193,14 +219,7 @@ fn write_registration(
     doc: &StoredDoc,
     cond: &Precondition,
 ) -> Result<(), StoreError> {
-    let current = conn
-        .query_row_cached(
-            "SELECT etag FROM registrations WHERE id_key = ?1",
-            params![key],
-            |r| r.get(0),
-        )
-        .optional()
-        .backend()?;
+    let current = registration_etag(conn, key)?;
     check(cond, current, &format!("registration '{key}'"))?;
     conn.execute_cached(
         "INSERT INTO registrations (id_key, group_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
@@ -283,14 +302,7 @@ impl EnrollmentStore for SqliteStore {
     ) -> Result<(), StoreError> {
         let key = key.to_owned();
         self.write(move |conn| {
-            let current = conn
-                .query_row_cached(
-                    "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
-                    params![kind_tag(kind), key],
-                    |r| r.get(0),
-                )
-                .optional()
-                .backend()?;
+            let current = enrollment_etag(conn, kind, &key)?;
             check(&cond, current, &format!("{} '{key}'", kind.label()))?;
             conn.execute_cached(
                 "INSERT INTO enrollments (kind, id_key, etag, doc) VALUES (?1, ?2, ?3, ?4)
@@ -331,14 +343,7 @@ impl EnrollmentStore for SqliteStore {
         let key = key.to_owned();
         self.write(move |conn| {
             let what = format!("{} '{key}'", kind.label());
-            let current: Option<String> = conn
-                .query_row_cached(
-                    "SELECT etag FROM enrollments WHERE kind = ?1 AND id_key = ?2",
-                    params![kind_tag(kind), key],
-                    |r| r.get(0),
-                )
-                .optional()
-                .backend()?;
+            let current: Option<String> = enrollment_etag(conn, kind, &key)?;
             if current.is_none() {
                 return Err(StoreError::NotFound(what));
             }
@@ -435,14 +440,7 @@ impl RegistrationStore for SqliteStore {
         let key = key.to_owned();
         self.write(move |conn| {
             let what = format!("registration '{key}'");
-            let current: Option<String> = conn
-                .query_row_cached(
-                    "SELECT etag FROM registrations WHERE id_key = ?1",
-                    params![key],
-                    |r| r.get(0),
-                )
-                .optional()
-                .backend()?;
+            let current: Option<String> = registration_etag(conn, &key)?;
             if current.is_none() {
                 return Err(StoreError::NotFound(what));
             }
