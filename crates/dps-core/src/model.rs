@@ -571,6 +571,18 @@ pub struct ProvisioningServiceErrorDetails {
 }
 
 impl ProvisioningServiceErrorDetails {
+    /// The body a client gets for `err`, under a new tracking id. An internal cause is logged
+    /// under that id (and never sent); a refusal is logged at debug level.
+    pub fn report(err: &crate::ProvisioningError, now: jiff::Timestamp) -> Self {
+        let tracking_id = uuid::Uuid::new_v4().to_string();
+        let code = err.error_code();
+        match err.internal_cause() {
+            Some(cause) => tracing::error!(tracking_id, code, cause, "request failed"),
+            None => tracing::debug!(tracking_id, code, message = %err, "request refused"),
+        }
+        Self::from_error(err, tracking_id, now)
+    }
+
     /// The body for `err`, logged under `tracking_id`.
     pub fn from_error(
         err: &crate::ProvisioningError,

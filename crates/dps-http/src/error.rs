@@ -25,13 +25,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let tracking_id = uuid::Uuid::new_v4().to_string();
         let code = self.error.error_code();
-        match self.error.internal_cause() {
-            Some(cause) => tracing::error!(tracking_id, code, cause, "request failed"),
-            None => tracing::debug!(tracking_id, code, message = %self.error, "request refused"),
-        }
-        let body = ProvisioningServiceErrorDetails::from_error(&self.error, tracking_id, self.now);
+        let body = ProvisioningServiceErrorDetails::report(&self.error, self.now);
         let status = StatusCode::from_u16(self.error.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let text =

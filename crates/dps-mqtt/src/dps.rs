@@ -93,15 +93,7 @@ impl DpsConnection {
                 (status, retry, serde_json::to_vec(&body).unwrap_or_default())
             }
             Err(err) => {
-                let tracking_id = format!("{:016x}", rand_u64());
-                if let Some(cause) = err.internal_cause() {
-                    tracing::error!(tracking_id, cause, "MQTT request failed");
-                }
-                let body = ProvisioningServiceErrorDetails::from_error(
-                    &err,
-                    tracking_id,
-                    jiff::Timestamp::now(),
-                );
+                let body = ProvisioningServiceErrorDetails::report(&err, jiff::Timestamp::now());
                 (
                     err.http_status(),
                     None,
@@ -110,12 +102,6 @@ impl DpsConnection {
             }
         }
     }
-}
-
-fn rand_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    dps_core::sas::fill_random(&mut bytes);
-    u64::from_be_bytes(bytes)
 }
 
 #[async_trait]

@@ -130,20 +130,17 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
         authorizer,
     ));
 
+    // Hubs and webhooks may use certificates from the development CA as well as public ones.
+    let dev_ca: Vec<Vec<u8>> = std::fs::read(data.ca_file()).into_iter().collect();
     let hub_client = RestHubClient::new(RestHubSettings {
         timeout: Duration::from_secs(config.provisioning.hub_timeout_secs),
-        extra_roots_pem: std::fs::read(data.ca_file()).into_iter().collect(),
+        extra_roots_pem: dev_ca.clone(),
         endpoints: hub_endpoints(&config, https),
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
-    let webhooks = ReqwestWebhookClient::new(
-        &std::fs::read(data.ca_file())
-            .into_iter()
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let webhooks = ReqwestWebhookClient::new(&dev_ca).map_err(|e| anyhow::anyhow!(e))?;
     let hub_client = RoutedHubClient {
         direct: minihub
             .as_ref()
