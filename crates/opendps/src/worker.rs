@@ -96,8 +96,8 @@ struct Work {
     tasks: JoinSet<()>,
     /// The device each running task works for.
     running: HashMap<Id, String>,
-    /// Per device with a running task, its operations waiting their turn.
-    queued: HashMap<String, VecDeque<StoredOperation>>,
+    /// Every device with a running task, and its operations waiting their turn.
+    devices: HashMap<String, VecDeque<StoredOperation>>,
     queued_count: usize,
 }
 
@@ -107,7 +107,7 @@ impl Work {
             provisioning,
             tasks: JoinSet::new(),
             running: HashMap::new(),
-            queued: HashMap::new(),
+            devices: HashMap::new(),
             queued_count: 0,
         }
     }
@@ -118,17 +118,16 @@ impl Work {
 
     /// Starts `op`, or queues it behind its device's running operation.
     fn add(&mut self, op: StoredOperation) {
-        if let Some(queue) = self.queued.get_mut(&op.registration_key) {
-            queue.push_back(op);
-            self.queued_count += 1;
-        } else if self.running.values().any(|k| *k == op.registration_key) {
-            self.queued
-                .entry(op.registration_key.clone())
-                .or_default()
-                .push_back(op);
-            self.queued_count += 1;
-        } else {
-            self.start(op);
+        match self.devices.get_mut(&op.registration_key) {
+            Some(queue) => {
+                queue.push_back(op);
+                self.queued_count += 1;
+            }
+            None => {
+                self.devices
+                    .insert(op.registration_key.clone(), VecDeque::new());
+                self.start(op);
+            }
         }
     }
 
@@ -137,16 +136,14 @@ impl Work {
         let Some(key) = self.running.remove(&id) else {
             return;
         };
-        let Some(queue) = self.queued.get_mut(&key) else {
-            return;
-        };
-        let next = queue.pop_front();
-        if queue.is_empty() {
-            self.queued.remove(&key);
-        }
-        if let Some(op) = next {
-            self.queued_count -= 1;
-            self.start(op);
+        match self.devices.get_mut(&key).and_then(VecDeque::pop_front) {
+            Some(op) => {
+                self.queued_count -= 1;
+                self.start(op);
+            }
+            None => {
+                self.devices.remove(&key);
+            }
         }
     }
 
