@@ -126,9 +126,6 @@ pub struct Operation {
     /// How the device asked (for metrics).
     #[serde(default)]
     pub transport: Transport,
-    /// When the device asked, in milliseconds since the epoch (for the latency metric).
-    #[serde(default)]
-    pub created_ms: i64,
 }
 
 /// The device API a registration came through.
@@ -261,7 +258,6 @@ impl Provisioning {
             trace: None,
             created_date_time_utc: format_utc(now),
             transport,
-            created_ms: now.as_millisecond(),
         };
         self.save_operation(&op, now.as_millisecond()).await?;
         metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
@@ -672,7 +668,6 @@ impl Provisioning {
         record: &RegistrationRecord,
     ) -> EnrollmentStatus {
         *op = done;
-        let now = self.clock.now().as_millisecond();
         let outcome = match op.status {
             EnrollmentStatus::Assigned => "assigned",
             EnrollmentStatus::Disabled => "disabled",
@@ -680,10 +675,10 @@ impl Provisioning {
         };
         let labels = [("transport", op.transport.as_str()), ("outcome", outcome)];
         metrics::counter!("opendps_registrations_total", &labels).increment(1);
-        if op.created_ms > 0 {
-            #[allow(clippy::cast_precision_loss)]
-            let secs = (now - op.created_ms).max(0) as f64 / 1000.0;
-            metrics::histogram!("opendps_registration_duration_seconds", &labels).record(secs);
+        if let Ok(created) = op.created_date_time_utc.parse::<jiff::Timestamp>() {
+            let took = self.clock.now().duration_since(created);
+            metrics::histogram!("opendps_registration_duration_seconds", &labels)
+                .record(took.as_secs_f64().max(0.0));
         }
         tracing::info!(
             operation = %op.operation_id,
