@@ -803,74 +803,18 @@ impl Provisioning {
                             .filter(|h| h.apply_allocation_policy)
                             .collect(),
                     };
-                    let names: Vec<String> = offered.iter().map(|h| h.host_name.clone()).collect();
-                    let request = serde_json::json!({
-                        (if op.enrollment.group { "enrollmentGroup" } else { "individualEnrollment" }): webhook::redacted_enrollment(&doc.doc),
-                        "deviceRuntimeContext": DeviceRuntimeContext {
-                            registration_id: op.registration_id.clone(),
-                            current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
-                            current_device_id: current_hub.and(previous.as_ref()).and_then(|(r, _)| r.state.device_id.clone()),
-                            symmetric_key: serde_json::Map::new(),
-                            payload: op.payload.clone(),
-                        },
-                        "linkedHubs": names,
-                    });
-                    let url = view.webhook_url.as_deref().ok_or_else(|| Failure::Final {
-                        code: CUSTOM_ALLOCATION_FAILED,
-                        message: "The enrollment's custom allocation has no webhook URL.".into(),
-                    })?;
-                    let called_at = format_utc(self.clock.now());
-                    let started = std::time::Instant::now();
-                    let reply = self
-                        .webhooks
-                        .post(url, &request, self.settings.webhook_timeout)
-                        .await;
-                    let trace = op.trace.get_or_insert_with(|| AllocationTrace {
-                        webhook_url: webhook::loggable_url(url).to_owned(),
-                        ..AllocationTrace::default()
-                    });
-                    trace.request = request.clone();
-                    let latency = started.elapsed();
-                    let status = match &reply {
-                        Ok(r) => r.status.to_string(),
-                        Err(WebhookError::Timeout(_)) => "timeout".to_owned(),
-                        Err(WebhookError::Network(_)) => "error".to_owned(),
+                    let current_device_id = current_hub
+                        .and(previous.as_ref())
+                        .and_then(|(r, _)| r.state.device_id.clone());
+                    let context = DeviceRuntimeContext {
+                        registration_id: op.registration_id.clone(),
+                        current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
+                        current_device_id,
+                        symmetric_key: serde_json::Map::new(),
+                        payload: op.payload.clone(),
                     };
-                    metrics::counter!("opendps_webhook_calls_total", "status" => status.clone())
-                        .increment(1);
-                    metrics::histogram!("opendps_webhook_call_duration_seconds", "status" => status)
-                        .record(latency.as_secs_f64());
-                    trace
-                        .attempts
-                        .push(TraceAttempt::of(&reply, called_at, latency));
-                    tracing::info!(
-                        registration_id = %op.registration_id,
-                        webhook = webhook::loggable_url(url),
-                        status = reply.as_ref().map(|r| r.status).unwrap_or(0),
-                        "allocation webhook answered"
-                    );
-                    match webhook::judge(reply, &names) {
-                        Verdict::Allocate(response) => {
-                            let chosen = response
-                                .iot_hub_host_name
-                                .as_deref()
-                                .unwrap_or_default()
-                                .trim();
-                            let hub = offered
-                                .iter()
-                                .copied()
-                                .find(|h| h.host_name.eq_ignore_ascii_case(chosen))
-                                .ok_or_else(|| Failure::Final {
-                                    code: CUSTOM_ALLOCATION_FAILED,
-                                    message: format!("the webhook chose '{chosen}'"),
-                                })?;
-                            (hub, response.initial_twin.clone(), response.payload.clone())
-                        }
-                        Verdict::Fail { code, message } => {
-                            return Err(Failure::Final { code, message });
-                        }
-                        Verdict::Retry(reason) => return Err(Failure::WebhookRetry(reason)),
-                    }
+                    self.ask_webhook(op, &doc.doc, view.webhook_url.as_deref(), context, offered)
+                        .await?
                 }
                 (_, Some(hub)) => (hub, None, None),
                 (_, None) => {
@@ -975,6 +919,83 @@ impl Provisioning {
         record.state.etag = Some(etag.as_str().to_owned());
         let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
         Ok(RecordWrite { record, etag, cond })
+    }
+
+    /// Custom allocation: asks the enrollment's webhook to choose among `offered`, recording the
+    /// call in the operation's allocation trace. Returns the chosen hub, the webhook's initial twin
+    /// and its payload for the device.
+    async fn ask_webhook<'h>(
+        &self,
+        op: &mut Operation,
+        enrollment_doc: &str,
+        webhook_url: Option<&str>,
+        context: DeviceRuntimeContext,
+        offered: Vec<&'h LinkedHub>,
+    ) -> Result<(&'h LinkedHub, Option<InitialTwin>, Option<Value>), Failure> {
+        let url = webhook_url.ok_or_else(|| Failure::Final {
+            code: CUSTOM_ALLOCATION_FAILED,
+            message: "The enrollment's custom allocation has no webhook URL.".into(),
+        })?;
+        let names: Vec<String> = offered.iter().map(|h| h.host_name.clone()).collect();
+        let kind = if op.enrollment.group {
+            "enrollmentGroup"
+        } else {
+            "individualEnrollment"
+        };
+        let request = serde_json::json!({
+            kind: webhook::redacted_enrollment(enrollment_doc),
+            "deviceRuntimeContext": context,
+            "linkedHubs": names,
+        });
+        let called_at = format_utc(self.clock.now());
+        let started = std::time::Instant::now();
+        let reply = self
+            .webhooks
+            .post(url, &request, self.settings.webhook_timeout)
+            .await;
+        let latency = started.elapsed();
+        let status = match &reply {
+            Ok(r) => r.status.to_string(),
+            Err(WebhookError::Timeout(_)) => "timeout".to_owned(),
+            Err(WebhookError::Network(_)) => "error".to_owned(),
+        };
+        metrics::counter!("opendps_webhook_calls_total", "status" => status.clone()).increment(1);
+        metrics::histogram!("opendps_webhook_call_duration_seconds", "status" => status)
+            .record(latency.as_secs_f64());
+        tracing::info!(
+            registration_id = %op.registration_id,
+            webhook = webhook::loggable_url(url),
+            status = reply.as_ref().map(|r| r.status).unwrap_or(0),
+            "allocation webhook answered"
+        );
+        let trace = op.trace.get_or_insert_with(|| AllocationTrace {
+            webhook_url: webhook::loggable_url(url).to_owned(),
+            ..AllocationTrace::default()
+        });
+        trace
+            .attempts
+            .push(TraceAttempt::of(&reply, called_at, latency));
+        trace.request = request;
+        match webhook::judge(reply, &names) {
+            Verdict::Allocate(response) => {
+                let chosen = response
+                    .iot_hub_host_name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim();
+                let hub = offered
+                    .iter()
+                    .copied()
+                    .find(|h| h.host_name.eq_ignore_ascii_case(chosen))
+                    .ok_or_else(|| Failure::Final {
+                        code: CUSTOM_ALLOCATION_FAILED,
+                        message: format!("the webhook chose '{chosen}'"),
+                    })?;
+                Ok((hub, response.initial_twin, response.payload))
+            }
+            Verdict::Fail { code, message } => Err(Failure::Final { code, message }),
+            Verdict::Retry(reason) => Err(Failure::WebhookRetry(reason)),
+        }
     }
 }
 
