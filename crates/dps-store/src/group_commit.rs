@@ -70,7 +70,10 @@ impl ReaderPool {
 pub struct CommitError(pub String);
 
 type Completion = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+/// A queued write: given the connection (inside the batch's transaction) it runs and says whether
+/// it succeeded; given `None` (the batch could not start) it does not run at all. Either way it
+/// hands back how to answer its caller.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
 
 /// The writer thread of one database.
 pub struct GroupCommit {
@@ -104,10 +107,18 @@ impl GroupCommit {
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
+            let result = conn.map(f);
+            let ok = matches!(result, Some(Ok(_)));
             let done: Completion = Box::new(move |commit| {
-                let _ = tx.send(commit.map_err(E::from).and(result));
+                let answer = match result {
+                    Some(result) => commit.map_err(E::from).and(result),
+                    None => {
+                        Err(E::from(commit.err().unwrap_or_else(|| {
+                            CommitError("the write was not run".into())
+                        })))
+                    }
+                };
+                let _ = tx.send(answer);
             });
             (ok, done)
         });
@@ -165,23 +176,26 @@ fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, name: &str) {
             Ok(()) => {
                 for job in batch {
                     if let Err(e) = run(conn, "SAVEPOINT job") {
-                        completions.push((Err(e), None));
+                        let (_, done) = job(None);
+                        completions.push((Err(e), done));
                         continue;
                     }
-                    let (ok, done) = job(conn);
+                    let (ok, done) = job(Some(conn));
                     let ended = if ok {
                         run(conn, "RELEASE job")
                     } else {
                         run(conn, "ROLLBACK TO job").and_then(|()| run(conn, "RELEASE job"))
                     };
-                    completions.push((ended, Some(done)));
+                    completions.push((ended, done));
                 }
                 run(conn, "COMMIT")
             }
+            // Without a transaction nothing may run: in autocommit mode each write would be
+            // committed on its own while its caller is told that it failed.
             Err(err) => {
                 for job in batch {
-                    let (_, done) = job(conn);
-                    completions.push((Err(err.clone()), Some(done)));
+                    let (_, done) = job(None);
+                    completions.push((Err(err.clone()), done));
                 }
                 Err(err)
             }
@@ -191,9 +205,56 @@ fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, name: &str) {
             tracing::error!(error = ?commit, "SQLite commit failed; the batch was rolled back");
         }
         for (own, done) in completions {
-            if let Some(done) = done {
-                done(own.and(commit.clone()));
-            }
+            done(own.and(commit.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(path: &Path) -> Connection {
+        let conn = Connection::open(path).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL;")
+            .expect("wal");
+        conn
+    }
+
+    /// A batch whose `BEGIN` fails runs none of its writes. The write below goes to a TEMP table:
+    /// it needs no lock on the database file, so in autocommit mode it would succeed and stay
+    /// written while its caller is told that it failed.
+    #[tokio::test]
+    async fn a_batch_that_cannot_begin_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let writer = open(&path);
+        writer
+            .busy_timeout(std::time::Duration::ZERO)
+            .expect("timeout");
+        writer
+            .execute_batch("CREATE TEMP TABLE t (x INTEGER)")
+            .expect("temp table");
+        let commit = GroupCommit::start(writer, "test-writer").expect("start");
+
+        let other = open(&path);
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let refused = commit
+            .write(|conn: &Connection| {
+                conn.execute("INSERT INTO t VALUES (1)", [])
+                    .map_err(|e| CommitError(e.to_string()))
+            })
+            .await;
+        assert!(refused.is_err(), "the caller hears that BEGIN failed");
+        other.execute_batch("ROLLBACK").expect("unlock");
+
+        let rows: i64 = commit
+            .write(|conn: &Connection| {
+                conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                    .map_err(|e| CommitError(e.to_string()))
+            })
+            .await
+            .expect("count");
+        assert_eq!(rows, 0, "the refused write must not have run");
     }
 }

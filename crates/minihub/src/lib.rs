@@ -247,6 +247,11 @@ impl Minihub {
         Self::open_with_clock(db_path, Arc::new(SystemClock))
     }
 
+    /// The hubs recorded in the database at `db_path`, read only: no writer, no migration, no lock.
+    pub fn read_hubs(db_path: &Path) -> Result<Vec<HubInfo>, MinihubError> {
+        store::read_hubs(db_path)
+    }
+
     /// Opens the database with `clock` deciding token expiry and timestamps.
     pub fn open_with_clock(db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self, MinihubError> {
         let conn = store::open(db_path)?;

@@ -49,6 +49,24 @@ pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The hubs of an existing database, read without a writer, a migration or any lock that could get
+/// in the way of the service that owns the file (`opendps info`).
+pub(crate) fn read_hubs(path: &Path) -> Result<Vec<HubInfo>, MinihubError> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if usize::try_from(version).ok() != Some(MIGRATIONS.len()) {
+        return Err(MinihubError::Storage(format!(
+            "the minihub database has schema version {version}, this build reads {}; start `opendps serve` on it",
+            MIGRATIONS.len()
+        )));
+    }
+    hubs(&conn)
+}
+
 fn try_open(path: &Path) -> rusqlite::Result<(Connection, Result<(), usize>)> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
@@ -65,7 +83,12 @@ fn is_busy(err: &rusqlite::Error) -> bool {
 }
 
 /// Brings the schema up to date; `Ok(Err(version))` when the file is newer than this build.
+/// A database already up to date is only read: the write lock is taken only to migrate.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<Result<(), usize>> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if usize::try_from(version).ok() == Some(MIGRATIONS.len()) {
+        return Ok(Ok(()));
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
@@ -181,6 +204,20 @@ pub(crate) fn delete_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_up_to_date_database_is_not_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).expect("open");
+        migrate(&mut conn).expect("create").expect("known");
+        let other = Connection::open(&path).expect("open");
+        other
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("hold the write lock");
+        conn.busy_timeout(Duration::ZERO).expect("timeout");
+        assert!(matches!(migrate(&mut conn), Ok(Ok(()))));
+    }
 
     #[test]
     fn migrating_twice_is_a_no_op_and_newer_schemas_are_refused() {

@@ -14,6 +14,12 @@ pub struct DataDir {
     root: PathBuf,
 }
 
+/// The exclusive hold of a data directory ([`DataDir::lock`]); released when dropped.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
 /// Written once the listeners are bound, removed on a clean stop: how scripts find a running service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -45,6 +51,43 @@ impl DataDir {
         })?;
         restrict(&self.root)?;
         restrict(&self.tls_dir())
+    }
+
+    /// Takes the directory for this process: an exclusive OS lock on `lock`, held until the
+    /// returned guard is dropped or the process ends (even by `kill -9`). A second server on the
+    /// same directory is refused with the pid of the one that holds it.
+    pub fn lock(&self, what: &str) -> anyhow::Result<DataDirLock> {
+        let path = self.root.join("lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("while opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another opendps process".to_owned()
+                } else {
+                    format!("another opendps process (pid {holder})")
+                };
+                anyhow::bail!(
+                    "{who} is using the data directory {}; stop it first, or give this {what} its own --data-dir",
+                    self.root.display()
+                );
+            }
+            Err(fs::TryLockError::Error(err)) => {
+                return Err(err).with_context(|| format!("while locking {}", path.display()));
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
+            .with_context(|| format!("while writing {}", path.display()))?;
+        Ok(DataDirLock { _file: file })
     }
 
     /// The root.

@@ -22,23 +22,22 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
             config.data_dir.display()
         );
     }
-    let store =
-        SqliteStore::open(&db).with_context(|| format!("while opening {}", db.display()))?;
+    // Read only: `info` (and every CLI command that finds its service through it) must never take
+    // the write lock or migrate the file of a service that may be running.
+    let store = SqliteStore::open_read_only(&db)
+        .with_context(|| format!("while opening {}", db.display()))?;
     let identity = store
         .identity()
         .await?
         .context("the database has no service identity yet; start `opendps serve` once")?;
     let hubs = store.list_linked_hubs().await?;
-    store.close();
     let runtime = data.read_runtime();
     let minihub_db = data.root().join("minihub.db");
     let minihubs: Vec<Value> = if let Some(running) = &runtime {
         running.minihubs.clone()
     } else if minihub_db.exists() {
-        let hub = minihub::Minihub::open(&minihub_db)
-            .with_context(|| format!("while opening {}", minihub_db.display()))?;
-        hub.hubs()
-            .await?
+        minihub::Minihub::read_hubs(&minihub_db)
+            .with_context(|| format!("while opening {}", minihub_db.display()))?
             .iter()
             .map(|h| json!({"hostName": h.host_name, "connectionString": h.connection_string()}))
             .collect()

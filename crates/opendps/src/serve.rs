@@ -30,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 use crate::config::Config;
-use crate::datadir::{DataDir, Runtime};
+use crate::datadir::{DataDir, DataDirLock, Runtime};
 use crate::{pki, worker};
 
 /// Runs the service until a stop signal.
@@ -64,6 +64,8 @@ pub struct Service {
     /// The in-process hubs, when any are configured.
     pub minihub: Option<Arc<Minihub>>,
     data: DataDir,
+    /// Held while the service runs: no second server on the same data directory.
+    _lock: DataDirLock,
     store: SqliteStore,
     stop: watch::Sender<bool>,
     tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
@@ -92,6 +94,7 @@ impl Service {
 pub async fn start(config: Config) -> anyhow::Result<Service> {
     let data = DataDir::new(&config.data_dir);
     data.create()?;
+    let lock = data.lock("service")?;
     let store = SqliteStore::open(config.database_path()).with_context(|| {
         format!(
             "while opening the database {}",
@@ -233,6 +236,7 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
         id_scope: identity.id_scope.to_string(),
         minihub: minihub_handle,
         data,
+        _lock: lock,
         store,
         stop: stop_tx,
         tasks,

@@ -60,7 +60,12 @@ impl From<MigrateError> for StoreError {
 }
 
 /// Brings the schema up to date in one transaction. Refuses a database newer than this binary.
+/// A database already up to date is only read: the write lock is taken only to migrate.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if usize::try_from(version).ok() == Some(MIGRATIONS.len()) {
+        return Ok(());
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
@@ -88,6 +93,24 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
         assert_eq!(version as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn an_up_to_date_database_is_not_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).expect("open");
+        migrate(&mut conn).expect("create");
+        let other = Connection::open(&path).expect("open");
+        other
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("hold the write lock");
+        conn.busy_timeout(std::time::Duration::ZERO)
+            .expect("timeout");
+        assert!(
+            migrate(&mut conn).is_ok(),
+            "nothing to migrate, so the held lock is not needed"
+        );
     }
 
     #[test]

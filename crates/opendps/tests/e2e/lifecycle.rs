@@ -126,3 +126,45 @@ async fn registration_states_are_served_and_deleted() {
     };
     assert!(ok && stdout.contains("hub-a.example"), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused() {
+    let server = server().await;
+    let pid = server.info["running"]["pid"].as_u64().expect("pid");
+    let second = server
+        .cli(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .expect("run");
+    assert!(!second.status.success(), "the second server must not start");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("pid {pid}")) && stderr.contains("--data-dir"),
+        "the refusal names the holder and what to do: {stderr}"
+    );
+    assert!(
+        server.data_dir().join("runtime.json").exists(),
+        "the first server's runtime.json is left alone"
+    );
+    let info = server.cli(&["info", "--json"]).expect("info");
+    assert!(info.status.success());
+}
+
+#[tokio::test]
+async fn info_reads_the_data_directory_without_the_write_lock() {
+    let server = server().await;
+    // Another process holds both databases' write locks for as long as `info` runs.
+    let dps = rusqlite::Connection::open(server.data_dir().join("opendps.db")).expect("open");
+    dps.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let info = server.cli(&["info", "--json"]).expect("info");
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    dps.execute_batch("ROLLBACK").expect("unlock");
+}
