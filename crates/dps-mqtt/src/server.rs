@@ -107,6 +107,53 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Whether `byte` can open a packet a client sends: its type and the fixed flags that type must
+/// carry (MQTT 3.1.1 §2.2). Anything else is not MQTT, and waiting for more of it would only keep a
+/// dead connection open until its keep-alive runs out.
+fn opens_client_packet(byte: u8) -> bool {
+    let flags = byte & 0x0F;
+    match byte >> 4 {
+        // CONNECT, PUBACK, PUBREC, PUBCOMP, PINGREQ, DISCONNECT
+        1 | 4 | 5 | 7 | 12 | 14 => flags == 0,
+        // PUBLISH: DUP and RETAIN free, QoS 0, 1 or 2
+        3 => (flags >> 1) & 0b11 != 0b11,
+        // PUBREL, SUBSCRIBE, UNSUBSCRIBE
+        6 | 8 | 10 => flags == 0b0010,
+        _ => false,
+    }
+}
+
+/// The remaining length a fixed-size packet must declare, if the packet type has one.
+fn fixed_remaining_length(byte: u8) -> Option<u8> {
+    match byte >> 4 {
+        4..=7 => Some(2),
+        12 | 14 => Some(0),
+        _ => None,
+    }
+}
+
+/// Why no packet could be read.
+#[derive(Debug)]
+enum ReadError {
+    /// The bytes are not MQTT 3.1.1.
+    Malformed(String),
+    /// A CONNECT for another protocol level or name (answered with CONNACK 0x01).
+    UnsupportedProtocol(String),
+    /// The socket failed or the client closed it.
+    Closed(String),
+}
+
+impl From<ReadError> for String {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::Malformed(why) | ReadError::UnsupportedProtocol(why) => {
+                format!("malformed packet: {why}")
+            }
+            ReadError::Closed(why) => why,
+        }
+    }
+}
+
 /// Framing over any byte stream.
 struct Framed<S> {
     stream: S,
@@ -115,20 +162,50 @@ struct Framed<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
-    async fn read(&mut self) -> Result<Packet, String> {
+    async fn read(&mut self) -> Result<Packet, ReadError> {
         loop {
+            if let Some(&first) = self.buffer.first() {
+                if !opens_client_packet(first) {
+                    return Err(ReadError::Malformed(format!(
+                        "0x{first:02x} does not start a client packet"
+                    )));
+                }
+                if let (Some(expected), Some(&length)) =
+                    (fixed_remaining_length(first), self.buffer.get(1))
+                    && length != expected
+                {
+                    return Err(ReadError::Malformed(format!(
+                        "packet 0x{first:02x} declares {length} bytes, not {expected}"
+                    )));
+                }
+            }
             match Packet::read(&mut self.buffer, self.max) {
+                Ok(Packet::Connect(connect)) if connect.protocol != mqttbytes::Protocol::V4 => {
+                    return Err(ReadError::UnsupportedProtocol(
+                        "protocol level 5; only MQTT 3.1.1 (level 4) is served".into(),
+                    ));
+                }
                 Ok(packet) => return Ok(packet),
                 Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(err) => return Err(format!("malformed packet: {err}")),
+                Err(err @ mqttbytes::Error::InvalidProtocolLevel(_)) => {
+                    return Err(ReadError::UnsupportedProtocol(format!(
+                        "{err}; only MQTT 3.1.1 (level 4) is served"
+                    )));
+                }
+                Err(err @ mqttbytes::Error::InvalidProtocol) => {
+                    return Err(ReadError::UnsupportedProtocol(format!(
+                        "{err}; only MQTT 3.1.1 is served"
+                    )));
+                }
+                Err(err) => return Err(ReadError::Malformed(err.to_string())),
             }
             let read = self
                 .stream
                 .read_buf(&mut self.buffer)
                 .await
-                .map_err(|e| format!("read failed: {e}"))?;
+                .map_err(|e| ReadError::Closed(format!("read failed: {e}")))?;
             if read == 0 {
-                return Err("the client closed the connection".into());
+                return Err(ReadError::Closed("the client closed the connection".into()));
             }
         }
     }
@@ -165,7 +242,17 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let connect = match tokio::time::timeout(CONNECT_TIMEOUT, framed.read()).await {
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(_)) => return Err("the first packet was not CONNECT".into()),
-        Ok(Err(err)) => return Err(err),
+        // MQTT 3.1.1 §3.1.2.2: an unsupported protocol level is answered with CONNACK 0x01.
+        Ok(Err(ReadError::UnsupportedProtocol(why))) => {
+            framed
+                .write(&[Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    false,
+                ))])
+                .await?;
+            return Err(format!("CONNECT refused: {why}"));
+        }
+        Ok(Err(err)) => return Err(err.into()),
         Err(_) => return Err("no CONNECT in time".into()),
     };
     let mut connection = match connector.connect(&connect).await {
@@ -192,8 +279,9 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             match idle {
                 Some(limit) => tokio::time::timeout(limit, framed.read())
                     .await
-                    .map_err(|_| "keep-alive expired".to_owned())?,
-                None => framed.read().await,
+                    .map_err(|_| "keep-alive expired".to_owned())?
+                    .map_err(String::from),
+                None => framed.read().await.map_err(String::from),
             }
         };
         tokio::select! {
@@ -353,5 +441,83 @@ mod tests {
         assert_eq!(out.len(), 1, "only the CONNACK");
         let (result, _) = exchange(encode(&[Packet::PingReq])).await;
         assert_eq!(result, Err("the first packet was not CONNECT".into()));
+    }
+
+    /// A CONNECT with protocol name `name` and level `level`, otherwise valid.
+    fn connect_with_level(name: &str, level: u8) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&u16::try_from(name.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(&[level, 0b1100_0010, 0, 60]);
+        for field in ["client", "alice", "secret"] {
+            body.extend_from_slice(&u16::try_from(field.len()).expect("short").to_be_bytes());
+            body.extend_from_slice(field.as_bytes());
+        }
+        let mut packet = vec![0x10, u8::try_from(body.len()).expect("short")];
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    #[tokio::test]
+    async fn protocol_levels_other_than_4_get_connack_1() {
+        let mut accepted = connect_with_level("MQTT", 4);
+        accepted.extend_from_slice(&encode(&[Packet::Disconnect]));
+        let (result, out) = exchange(accepted).await;
+        assert_eq!(
+            out,
+            vec![Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::Success,
+                false
+            ))],
+            "{result:?}"
+        );
+        for (name, level) in [("MQTT", 5), ("MQTT", 3), ("MQIsdp", 3), ("MQTT", 99)] {
+            let (result, out) = exchange(connect_with_level(name, level)).await;
+            assert!(result.is_err(), "{name} level {level}");
+            assert_eq!(
+                out,
+                vec![Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    false
+                ))],
+                "{name} level {level}: CONNACK 0x01, then close"
+            );
+        }
+    }
+
+    /// Garbage after a CONNECT closes the connection at once, even with the client's side still
+    /// open and no keep-alive to end it: with paused time, a connection that waited for more bytes
+    /// would run into the timeout below instead.
+    #[tokio::test(start_paused = true)]
+    async fn garbage_after_connect_closes_at_once() {
+        for garbage in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            &[0x00, 0x00],
+            &[0xf0, 0x10],
+            &[0x62, 0x05],
+            &[0xc0, 0x01],
+            &[0x36, 0x02],
+        ] {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let (_tx, rx) = watch::channel(false);
+            let task = tokio::spawn(run_connection(
+                server,
+                Arc::new(OnlyAlice),
+                MqttLimits::default(),
+                rx,
+            ));
+            let (_read, mut write) = tokio::io::split(client);
+            let mut input = encode(&[connect("alice")]);
+            input.extend_from_slice(garbage);
+            write.write_all(&input).await.expect("write");
+            let result = tokio::time::timeout(Duration::from_secs(3600), task)
+                .await
+                .unwrap_or_else(|_| panic!("{garbage:02x?} left the connection open"))
+                .expect("join");
+            assert!(
+                result.as_ref().is_err_and(|why| why.contains("malformed")),
+                "{garbage:02x?}: {result:?}"
+            );
+        }
     }
 }
