@@ -12,23 +12,40 @@ use crate::AppState;
 use crate::error::JSON_CONTENT_TYPE;
 
 /// A device API request, decoded from method and path segments.
-pub(crate) enum DeviceRequest {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// `PUT /{idScope}/registrations/{registrationId}/register`.
     Register {
+        /// The ID scope, percent-decoded.
         scope: String,
+        /// The registration id, percent-decoded.
         registration_id: String,
     },
+    /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
     Operation {
+        /// The ID scope, percent-decoded.
         scope: String,
+        /// The registration id, percent-decoded.
         registration_id: String,
+        /// The operation id, percent-decoded.
         operation_id: String,
     },
+    /// `POST /{idScope}/registrations/{registrationId}`.
     Status {
+        /// The ID scope, percent-decoded.
         scope: String,
+        /// The registration id, percent-decoded.
         registration_id: String,
     },
 }
 
 impl DeviceRequest {
+    /// The device API's path decoder, also the fuzz entry point: `None` when method and URI path
+    /// (still percent-encoded) are not a device request.
+    pub fn from_path(method: &Method, path: &str) -> Option<Self> {
+        Self::decode(method, &crate::service_api::segments(path))
+    }
+
     /// Matches `/{scope}/registrations/{id}[/register | /operations/{op}]`. `segments` are percent-decoded.
     pub(crate) fn decode(method: &Method, segments: &[String]) -> Option<Self> {
         let word = |i: usize| segments.get(i).map(|s| s.to_ascii_lowercase());

@@ -20,8 +20,10 @@ use dps_core::clock::Clock;
 use dps_core::management::Management;
 use dps_core::provisioning::Provisioning;
 
+pub use device_api::DeviceRequest;
 pub use error::ApiError;
-pub use server::serve;
+pub use server::{DEFAULT_MAX_CONNECTIONS, serve};
+pub use service_api::decode_service_request;
 
 /// The OpenAPI document of the service API.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");

@@ -96,6 +96,18 @@ async fn handle(
         .map(render)
 }
 
+/// The service API decoder, also the fuzz entry point: method, URI path (still percent-encoded),
+/// headers and body to a typed request, or the error the client would get. Device API paths are
+/// not its to decode (see [`crate::DeviceRequest::from_path`]).
+pub fn decode_service_request(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<ServiceRequest, ProvisioningError> {
+    decode(method, path, &segments(path), headers, body)
+}
+
 /// Turns method, path, headers and body into a typed request.
 fn decode(
     method: &Method,

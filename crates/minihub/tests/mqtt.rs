@@ -88,6 +88,7 @@ impl Server {
             https_listener,
             acceptor,
             minihub::router(Arc::clone(&minihub)),
+            dps_http::DEFAULT_MAX_CONNECTIONS,
             stopped,
         ));
         Self {

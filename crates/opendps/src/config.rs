@@ -77,6 +77,8 @@ pub struct HttpConfig {
     pub public_host: String,
     /// Largest request body accepted, in bytes (DPS allows 96 KB messages).
     pub max_body_bytes: usize,
+    /// Most connections open at once; more are closed before their TLS handshake.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -85,6 +87,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             public_host: "localhost".into(),
             max_body_bytes: 96 * 1024,
+            max_connections: dps_http::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct MqttConfig {
     pub enabled: bool,
     /// Address of the MQTT/TLS listener. Devices dial 8883 (the Python SDK cannot be told otherwise).
     pub listen: SocketAddr,
+    /// Most connections open at once; more are closed before their TLS handshake.
+    pub max_connections: usize,
 }
 
 impl Default for MqttConfig {
@@ -104,6 +109,7 @@ impl Default for MqttConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            max_connections: dps_mqtt::MqttLimits::default().max_connections,
         }
     }
 }

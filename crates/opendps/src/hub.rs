@@ -72,6 +72,7 @@ pub async fn run(settings: HubSettings) -> anyhow::Result<()> {
         listener,
         acceptor,
         minihub::router(hub),
+        dps_http::DEFAULT_MAX_CONNECTIONS,
         stop_rx,
     ));
     stop_signal().await;

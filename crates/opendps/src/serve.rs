@@ -199,14 +199,23 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
                 mqtt_listener,
                 mqtt_tls,
                 connector,
-                MqttLimits::default(),
+                MqttLimits {
+                    max_connections: config.mqtt.max_connections,
+                    ..MqttLimits::default()
+                },
                 stop_rx.clone(),
             ));
             Some((bound, task))
         }
         false => None,
     };
-    let server = tokio::spawn(dps_http::serve(listener, tls, app, stop_rx.clone()));
+    let server = tokio::spawn(dps_http::serve(
+        listener,
+        tls,
+        app,
+        config.http.max_connections,
+        stop_rx.clone(),
+    ));
     let node = data.node_id()?;
     let worker = tokio::spawn(worker::run(
         provisioning,

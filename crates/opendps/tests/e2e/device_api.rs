@@ -271,7 +271,7 @@ async fn an_operation_is_only_visible_to_its_device() {
 }
 
 /// The value of one Prometheus sample, 0 when it is absent.
-fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+pub fn sample(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())

@@ -2,6 +2,7 @@
 //! the names given with --tls-name.
 
 use std::path::Path;
+use std::time::Duration;
 
 use dps_testkit::TestServer;
 use reqwest::tls::Version;
@@ -72,4 +73,66 @@ async fn certificate_covers_extra_names() {
         other.is_err(),
         "a name outside the certificate must fail verification"
     );
+}
+
+/// Each listener serves at most `max_connections` at once; the excess is closed before its TLS
+/// handshake and counted, and a freed slot serves again.
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_and_counted() {
+    use tokio::io::AsyncReadExt as _;
+    use tokio::net::TcpStream;
+
+    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server = TestServer::start_with_config(
+        bin,
+        "[http]\nmax_connections = 2\n[mqtt]\nmax_connections = 1\n",
+        &[],
+    )
+    .await
+    .expect("start");
+    let https = server.https_addr().expect("https");
+    let mqtt: std::net::SocketAddr = server.info["listen"]["mqtt"]
+        .as_str()
+        .expect("mqtt")
+        .parse()
+        .expect("addr");
+    // Connections that never start TLS hold their slots until the handshake times out.
+    let refused_after = |held: Vec<TcpStream>, addr| async move {
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut byte))
+            .await
+            .expect("the extra connection is closed, not left waiting");
+        assert!(matches!(read, Ok(0) | Err(_)), "closed without a reply");
+        held
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(TcpStream::connect(https).await.expect("connect"));
+    }
+    let held = refused_after(held, https).await;
+    drop(held);
+    let mqtt_held = vec![TcpStream::connect(mqtt).await.expect("connect")];
+    let mqtt_held = refused_after(mqtt_held, mqtt).await;
+
+    let api = server.api().expect("client").with_auth(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        match api.get("/metrics").await {
+            Ok(reply) if reply.status == 200 => break reply,
+            _ if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("a freed slot serves again: {other:?}"),
+        }
+    };
+    let text = metrics.body.as_str().expect("text");
+    for listener in ["https", "mqtt"] {
+        let refused = crate::device_api::sample(
+            text,
+            &format!("opendps_connections_refused_total{{listener=\"{listener}\"}}"),
+        );
+        assert!(refused >= 1.0, "{listener}: {text}");
+    }
+    drop(mqtt_held);
 }
