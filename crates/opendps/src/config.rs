@@ -167,6 +167,8 @@ impl Default for ServiceApiConfig {
 pub struct ProvisioningConfig {
     /// `Retry-After` (seconds) sent to devices while their registration is assigning.
     pub retry_after_secs: u32,
+    /// Seconds of clock difference tolerated when checking a device token's expiry.
+    pub device_sas_clock_skew_secs: i64,
     /// Allocation policy of enrollments that set none: `hashed`, `geoLatency` or `static`.
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label; `geoLatency` prefers linked hubs with the same `location`.
@@ -191,6 +193,7 @@ impl Default for ProvisioningConfig {
     fn default() -> Self {
         Self {
             retry_after_secs: 2,
+            device_sas_clock_skew_secs: 300,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
             hub_attempts: 3,
@@ -339,6 +342,9 @@ impl Config {
         }
         if self.service_api.sas_clock_skew_secs < 0 {
             bail!("service_api.sas_clock_skew_secs must not be negative");
+        }
+        if self.provisioning.device_sas_clock_skew_secs < 0 {
+            bail!("provisioning.device_sas_clock_skew_secs must not be negative");
         }
         Ok(())
     }

@@ -438,7 +438,7 @@ fn provisioning_settings(config: &Config) -> ProvisioningSettings {
     let p = &config.provisioning;
     ProvisioningSettings {
         retry_after_secs: p.retry_after_secs,
-        sas_clock_skew_secs: config.service_api.sas_clock_skew_secs,
+        sas_clock_skew_secs: p.device_sas_clock_skew_secs,
         default_allocation_policy: p.default_allocation_policy,
         region: p.region.clone(),
         hub_attempts: p.hub_attempts,

@@ -326,3 +326,47 @@ async fn metrics_count_registrations_by_transport_and_outcome() {
     assert!(sample(text, r#"opendps_open_connections{listener="https"}"#) >= 1.0);
     assert!(!text.contains(GROUP_KEY) && !text.contains("SharedAccessSignature"));
 }
+
+/// Device tokens have their own clock-skew setting: with `device_sas_clock_skew_secs = 0` a device
+/// token that expired a minute ago is refused, while a service token as old still passes under the
+/// service API's default of 300 s.
+#[tokio::test]
+async fn device_token_skew_is_its_own_setting() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server = TestServer::start_with_config(
+        bin,
+        "[provisioning]\ndevice_sas_clock_skew_secs = 0\n",
+        &[],
+    )
+    .await
+    .expect("start");
+    with_group(&server, json!({})).await;
+    let a_minute_ago = far_future() - 3600 - 60;
+    let rid = "skewed-device";
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    let late = device(&server, rid, &key, a_minute_ago);
+    let refused = register(&late, &server, rid, None).await;
+    assert_error(&refused, 401);
+    let fresh = device(&server, rid, &key, far_future());
+    assert_eq!(register(&fresh, &server, rid, None).await.status, 202);
+
+    let service_token = generate_token(
+        &server.service_host(),
+        &server.policy_key("provisioningserviceowner"),
+        Some("provisioningserviceowner"),
+        a_minute_ago,
+    )
+    .expect("token");
+    let service = server
+        .api()
+        .expect("client")
+        .with_auth(Some(service_token));
+    assert_eq!(
+        service
+            .get("/enrollmentGroups/grp")
+            .await
+            .expect("get")
+            .status,
+        200
+    );
+}
