@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::Value;
 
-use crate::access::{Authorizer, Right};
+use crate::access::{Authorizer, Caller, Right};
 use crate::certificate;
 use crate::clock::Clock;
 use crate::error::ProvisioningError;
@@ -199,16 +199,23 @@ impl Management {
         }
     }
 
-    /// Authorizes and carries out one request. `authorization` is the `Authorization` header and
-    /// `host` the host the request was addressed to.
-    pub async fn handle(
+    /// Who is calling: `authorization` is the `Authorization` header and `host` the host the
+    /// request was addressed to. Front ends call this first, before they decode the request.
+    pub fn authenticate(
         &self,
         authorization: Option<&str>,
         host: &str,
+    ) -> Result<Caller, ProvisioningError> {
+        self.authorizer.authenticate(authorization, host)
+    }
+
+    /// Carries out one request of `caller`, if its policy grants the right the request needs.
+    pub async fn handle(
+        &self,
+        caller: &Caller,
         request: ServiceRequest,
     ) -> Result<ServiceResponse, ProvisioningError> {
-        self.authorizer
-            .authorize(authorization, host, request.required_right())?;
+        caller.require(request.required_right())?;
         match request {
             ServiceRequest::Enrollment(req) => self.enrollment_op(req).await,
             ServiceRequest::Group(req) => self.enrollment_op(req).await,

@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
@@ -23,29 +24,19 @@ use crate::error::{ApiError, JSON_CONTENT_TYPE};
 /// Every request that is not `/healthz` or `/openapi.json` lands here.
 pub(crate) async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|_| ProvisioningError::PayloadTooLarge {
-            limit: state.max_body_bytes,
-        });
-    let result = match body {
-        Ok(body) => {
-            handle(
-                &state,
-                &parts.method,
-                parts.uri.path(),
-                &parts.headers,
-                parts.uri.authority().map(|a| a.as_str()),
-                body,
-            )
-            .await
-        }
-        Err(err) => Err(err),
-    };
-    match result {
+    match handle(&state, &parts, body).await {
         Ok(response) => response,
         Err(err) => ApiError::new(err, state.clock.now()).into_response(),
     }
+}
+
+/// The body, up to the configured limit.
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ProvisioningError> {
+    axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| ProvisioningError::PayloadTooLarge {
+            limit: state.max_body_bytes,
+        })
 }
 
 /// The path's segments, percent-decoded.
@@ -68,32 +59,32 @@ pub(crate) fn is_service_collection(segment: &str) -> bool {
     .any(|c| segment.eq_ignore_ascii_case(c))
 }
 
+/// Device requests go to the device API; service requests are authenticated from their headers
+/// before anything else of them (body, paging headers, even the route) is looked at, so an
+/// unsigned caller gets 401 and learns nothing about the request's shape.
 async fn handle(
     state: &AppState,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    authority: Option<&str>,
-    body: Bytes,
+    parts: &Parts,
+    body: Body,
 ) -> Result<Response, ProvisioningError> {
+    let (method, path, headers) = (&parts.method, parts.uri.path(), &parts.headers);
     let segments = segments(path);
     if let Some(device) = crate::device_api::DeviceRequest::decode(method, &segments) {
+        let body = read_body(state, body).await?;
         return crate::device_api::handle(state, device, headers, &body).await;
     }
-    let request = decode(method, path, &segments, headers, &body)?;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or(authority)
+        .or(parts.uri.authority().map(|a| a.as_str()))
         .unwrap_or_default();
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok());
-    state
-        .management
-        .handle(authorization, host, request)
-        .await
-        .map(render)
+    let caller = state.management.authenticate(authorization, host)?;
+    let body = read_body(state, body).await?;
+    let request = decode(method, path, &segments, headers, &body)?;
+    state.management.handle(&caller, request).await.map(render)
 }
 
 /// The service API decoder, also the fuzz entry point: method, URI path (still percent-encoded),

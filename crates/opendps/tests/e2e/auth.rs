@@ -163,3 +163,61 @@ async fn health_and_openapi_need_no_token() {
     assert_eq!(openapi.status, 200);
     assert!(openapi.body["paths"]["/enrollmentGroups/{id}"]["put"].is_object());
 }
+
+/// Credentials are checked before anything else of a request: an unsigned caller gets 401 for a
+/// malformed body, bad paging headers, an oversized body or an unknown route alike, never a parser
+/// message.
+#[tokio::test]
+async fn unsigned_requests_learn_nothing_about_their_shape() {
+    use dps_testkit::Body;
+    use reqwest::Method;
+
+    let server = server().await;
+    let anonymous = server.api().expect("client").with_auth(None);
+    type Case<'a> = (&'a str, Method, &'a str, Vec<(&'a str, &'a str)>, Option<Body>);
+    let cases: [Case; 5] = [
+        (
+            "malformed JSON",
+            Method::PUT,
+            "/enrollmentGroups/g1",
+            vec![],
+            Some(Body::Raw(b"{not json".to_vec())),
+        ),
+        (
+            "a body of the wrong shape",
+            Method::PUT,
+            "/enrollments/d1",
+            vec![],
+            Some(Body::Json(json!({"attestation": ["symmetricKey"]}))),
+        ),
+        (
+            "bad paging header",
+            Method::POST,
+            "/enrollmentGroups/query",
+            vec![("x-ms-max-item-count", "lots")],
+            Some(Body::Json(json!({"query": "*"}))),
+        ),
+        (
+            "oversized body",
+            Method::PUT,
+            "/enrollmentGroups/g1",
+            vec![],
+            Some(Body::Raw(vec![b' '; 200 * 1024])),
+        ),
+        (
+            "unknown route",
+            Method::PATCH,
+            "/nothing/here",
+            vec![],
+            None,
+        ),
+    ];
+    for (what, method, path, headers, body) in cases {
+        let reply = anonymous
+            .send(method, path, &headers, body)
+            .await
+            .expect(what);
+        assert_error(&reply, 401);
+        assert_eq!(reply.body["errorCode"], 401_002, "{what}: {reply:?}");
+    }
+}
