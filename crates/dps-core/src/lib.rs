@@ -15,6 +15,7 @@ pub mod linked_hub;
 pub mod management;
 pub mod model;
 pub mod provisioning;
+pub mod request_body;
 pub mod sas;
 pub mod secret;
 pub mod store;

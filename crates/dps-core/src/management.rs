@@ -558,9 +558,19 @@ fn parse_doc<T: serde::de::DeserializeOwned>(doc: &StoredDoc) -> Result<T, Provi
 
 fn page_size(paging: &Paging) -> Result<usize, ProvisioningError> {
     match paging.max_item_count {
-        None | Some(0) => Ok(DEFAULT_PAGE_SIZE),
-        Some(n) => Ok(n.min(MAX_PAGE_SIZE)),
+        None => Ok(DEFAULT_PAGE_SIZE),
+        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
+        Some(n) => Err(ProvisioningError::InvalidArgument(page_size_message(
+            &n.to_string(),
+        ))),
     }
+}
+
+/// Why an `x-ms-max-item-count` of `value` is refused.
+pub fn page_size_message(value: &str) -> String {
+    format!(
+        "x-ms-max-item-count must be an integer from 1 to {MAX_PAGE_SIZE}, not '{value}'; leave it out for pages of {DEFAULT_PAGE_SIZE}."
+    )
 }
 
 fn decode_continuation(paging: &Paging) -> Result<Option<String>, ProvisioningError> {

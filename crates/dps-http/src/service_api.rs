@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
 use dps_core::ids::IfMatch;
 use dps_core::management::{
-    EnrollmentRequest, LinkedHubOp, Paging, RegistrationRequest, ServiceRequest, ServiceResponse,
+    EnrollmentRequest, LinkedHubOp, MAX_PAGE_SIZE, Paging, RegistrationRequest, ServiceRequest,
+    ServiceResponse, page_size_message,
 };
 use dps_core::model::{BulkEnrollmentGroupOperation, BulkEnrollmentOperation};
 use percent_encoding::percent_decode_str;
@@ -197,12 +198,7 @@ fn single<T: DeserializeOwned>(
 }
 
 fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProvisioningError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ProvisioningError::InvalidBody(
-            "the body is empty; send a JSON object".into(),
-        ));
-    }
-    serde_json::from_slice(body).map_err(|e| ProvisioningError::InvalidBody(e.to_string()))
+    dps_core::request_body::read(body)
 }
 
 fn paging(headers: &HeaderMap) -> Result<Paging, ProvisioningError> {
@@ -213,13 +209,14 @@ fn paging(headers: &HeaderMap) -> Result<Paging, ProvisioningError> {
             .map(str::trim)
             .filter(|v| !v.is_empty())
     };
+    // Anything but an integer from 1 to the largest page (0, negative, huge, not a number) is
+    // refused alike; the core checks the range again.
     let max_item_count = text("x-ms-max-item-count")
         .map(|v| {
-            v.parse::<usize>().map_err(|_| {
-                ProvisioningError::InvalidArgument(format!(
-                    "x-ms-max-item-count must be a positive integer, not '{v}'."
-                ))
-            })
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+                .ok_or_else(|| ProvisioningError::InvalidArgument(page_size_message(v)))
         })
         .transpose()?;
     Ok(Paging {
@@ -318,6 +315,28 @@ mod tests {
             paging(&headers),
             Err(ProvisioningError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn page_sizes_outside_1_to_1000_are_refused_alike() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-ms-max-item-count", HeaderValue::from_static(value));
+            paging(&headers)
+        };
+        for value in ["0", "-1", "1001", "99999999999999999999999", "1.5", "ten"] {
+            assert!(
+                matches!(with(value), Err(ProvisioningError::InvalidArgument(ref m)) if m.contains("from 1 to 1000")),
+                "{value}"
+            );
+        }
+        for (value, size) in [("1", 1), ("1000", 1000), (" 7 ", 7)] {
+            assert_eq!(with(value).expect(value).max_item_count, Some(size));
+        }
+        assert_eq!(
+            paging(&HeaderMap::new()).expect("none").max_item_count,
+            None
+        );
     }
 
     #[test]

@@ -174,7 +174,13 @@ async fn unsigned_requests_learn_nothing_about_their_shape() {
 
     let server = server().await;
     let anonymous = server.api().expect("client").with_auth(None);
-    type Case<'a> = (&'a str, Method, &'a str, Vec<(&'a str, &'a str)>, Option<Body>);
+    type Case<'a> = (
+        &'a str,
+        Method,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Option<Body>,
+    );
     let cases: [Case; 5] = [
         (
             "malformed JSON",

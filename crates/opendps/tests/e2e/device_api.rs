@@ -333,13 +333,10 @@ async fn metrics_count_registrations_by_transport_and_outcome() {
 #[tokio::test]
 async fn device_token_skew_is_its_own_setting() {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_opendps"));
-    let server = TestServer::start_with_config(
-        bin,
-        "[provisioning]\ndevice_sas_clock_skew_secs = 0\n",
-        &[],
-    )
-    .await
-    .expect("start");
+    let server =
+        TestServer::start_with_config(bin, "[provisioning]\ndevice_sas_clock_skew_secs = 0\n", &[])
+            .await
+            .expect("start");
     with_group(&server, json!({})).await;
     let a_minute_ago = far_future() - 3600 - 60;
     let rid = "skewed-device";
@@ -357,10 +354,7 @@ async fn device_token_skew_is_its_own_setting() {
         a_minute_ago,
     )
     .expect("token");
-    let service = server
-        .api()
-        .expect("client")
-        .with_auth(Some(service_token));
+    let service = server.api().expect("client").with_auth(Some(service_token));
     assert_eq!(
         service
             .get("/enrollmentGroups/grp")

@@ -628,3 +628,58 @@ async fn linked_hubs_keep_their_keys_secret() {
         404,
     );
 }
+
+/// Strict where a client is wrong, lenient where it only echoes the server: an array where an
+/// object belongs is a 400, read-only fields sent back are ignored, and every page size outside
+/// 1 to 1000 is refused the same way.
+#[tokio::test]
+async fn body_shapes_read_only_fields_and_page_sizes() {
+    let server = server().await;
+    let api = server.api().expect("client");
+    for body in [
+        json!({"attestation": ["symmetricKey"]}),
+        json!({"attestation": {"type": "symmetricKey"}, "reprovisionPolicy": [false, false]}),
+    ] {
+        let reply = api
+            .put("/enrollmentGroups/shapes", body.clone(), None)
+            .await
+            .expect("put");
+        assert_error(&reply, 400);
+        assert_eq!(reply.body["errorCode"], 400_001, "{body}: {reply:?}");
+    }
+    let created = api
+        .put(
+            "/enrollments/echoer",
+            json!({"registrationId": "echoer", "attestation": {"type": "symmetricKey"}}),
+            None,
+        )
+        .await
+        .expect("create");
+    assert_eq!(created.status, 200, "{created:?}");
+    let mut echoed = created.body.clone();
+    echoed["registrationState"] = json!({"status": ["bogus"], "registrationId": 7});
+    let etag = created.body["etag"].as_str().expect("etag").to_owned();
+    let replaced = api
+        .put("/enrollments/echoer", echoed, Some(&etag))
+        .await
+        .expect("replace");
+    assert_eq!(
+        replaced.status, 200,
+        "read-only fields are ignored: {replaced:?}"
+    );
+    assert!(replaced.body.get("registrationState").is_none());
+
+    for size in ["0", "-5", "1001", "18446744073709551616"] {
+        let reply = api
+            .send(
+                Method::POST,
+                "/enrollments/query",
+                &[("x-ms-max-item-count", size)],
+                Some(dps_testkit::Body::Json(json!({"query": "*"}))),
+            )
+            .await
+            .expect("query");
+        assert_error(&reply, 400);
+        assert_eq!(reply.body["errorCode"], 400_004, "{size}: {reply:?}");
+    }
+}
