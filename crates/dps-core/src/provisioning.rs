@@ -49,6 +49,8 @@ pub struct ProvisioningSettings {
     pub retry_after_secs: u32,
     /// Clock difference tolerated on device token expiry, in seconds.
     pub sas_clock_skew_secs: i64,
+    /// Largest custom payload a device may send, in bytes of JSON.
+    pub max_payload_bytes: usize,
     /// The policy of enrollments that set none.
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label, for `geoLatency`.
@@ -72,6 +74,7 @@ impl Default for ProvisioningSettings {
         Self {
             retry_after_secs: 2,
             sas_clock_skew_secs: 300,
+            max_payload_bytes: 64 * 1024,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
             hub_attempts: 3,
@@ -245,12 +248,24 @@ impl Provisioning {
                 return Err(err);
             }
         };
+        let payload = body.payload.filter(|p| !p.is_null());
+        if let Some(size) = payload
+            .as_ref()
+            .map(|p| p.to_string().len())
+            .filter(|size| *size > self.settings.max_payload_bytes)
+        {
+            metrics::counter!("opendps_registrations_total", "transport" => transport.as_str(), "outcome" => "refused").increment(1);
+            return Err(ProvisioningError::InvalidArgument(format!(
+                "The payload is {size} bytes of JSON; this service takes at most {} (provisioning.max_payload_bytes).",
+                self.settings.max_payload_bytes
+            )));
+        }
         let now = self.clock.now();
         let op = Operation {
             operation_id: new_operation_id(),
             registration_id: rid.as_str().to_owned(),
             enrollment: attested,
-            payload: body.payload.filter(|p| !p.is_null()),
+            payload,
             status: EnrollmentStatus::Assigning,
             result: None,
             attempts: 0,
@@ -958,6 +973,8 @@ impl Provisioning {
             Ok(r) => r.status.to_string(),
             Err(WebhookError::Timeout(_)) => "timeout".to_owned(),
             Err(WebhookError::Network(_)) => "error".to_owned(),
+            Err(WebhookError::TooLarge { .. }) => "too_large".to_owned(),
+            Err(WebhookError::Redirect { status, .. }) => status.to_string(),
         };
         metrics::counter!("opendps_webhook_calls_total", "status" => status.clone()).increment(1);
         metrics::histogram!("opendps_webhook_call_duration_seconds", "status" => status)

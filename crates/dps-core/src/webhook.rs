@@ -30,6 +30,25 @@ pub enum WebhookError {
     /// Connecting or sending failed.
     #[error("An error occurred while sending the request: {0}")]
     Network(String),
+    /// The answer's body was larger than the configured limit; it was not read further.
+    #[error(
+        "the webhook's answer is larger than {limit} bytes (provisioning.webhook_max_response_bytes)"
+    )]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The webhook answered with a redirect, which is never followed: the allocation request
+    /// carries the device's details and must go only to the URL on the enrollment.
+    #[error(
+        "the webhook answered {status}, a redirect to '{location}'; redirects are not followed, so set webhookUrl to the final URL"
+    )]
+    Redirect {
+        /// The 3xx status.
+        status: u16,
+        /// Where it pointed (scheme, host and path only: a query may hold a key).
+        location: String,
+    },
 }
 
 /// Calls allocation webhooks.

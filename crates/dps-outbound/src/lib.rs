@@ -258,12 +258,14 @@ impl HubClient for RestHubClient {
 /// plain HTTP on a trusted network. Function keys in the URL's query are never logged.
 pub struct ReqwestWebhookClient {
     http: reqwest::Client,
+    max_response_bytes: usize,
 }
 
 impl ReqwestWebhookClient {
-    /// A client trusting the system roots and `extra_roots_pem`.
-    pub fn new(extra_roots_pem: &[Vec<u8>]) -> Result<Self, String> {
-        let mut builder = reqwest::Client::builder();
+    /// A client trusting the system roots and `extra_roots_pem`, reading at most
+    /// `max_response_bytes` of an answer and never following a redirect.
+    pub fn new(extra_roots_pem: &[Vec<u8>], max_response_bytes: usize) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
         for pem in extra_roots_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| format!("an extra CA is not PEM: {e}"))?
@@ -275,6 +277,7 @@ impl ReqwestWebhookClient {
             http: builder
                 .build()
                 .map_err(|e| format!("building the webhook client: {e}"))?,
+            max_response_bytes,
         })
     }
 }
@@ -288,7 +291,7 @@ impl dps_core::webhook::WebhookClient for ReqwestWebhookClient {
         timeout: Duration,
     ) -> Result<dps_core::webhook::WebhookReply, dps_core::webhook::WebhookError> {
         use dps_core::webhook::WebhookError;
-        let response = self
+        let mut response = self
             .http
             .post(url)
             .timeout(timeout)
@@ -303,17 +306,42 @@ impl dps_core::webhook::WebhookClient for ReqwestWebhookClient {
                     WebhookError::Network(error_chain(&e.without_url()))
                 }
             })?;
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|e| {
+        let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or_default();
+            return Err(WebhookError::Redirect {
+                status: status.as_u16(),
+                location: dps_core::webhook::loggable_url(location).to_owned(),
+            });
+        }
+        let limit = self.max_response_bytes;
+        let too_large = WebhookError::TooLarge { limit };
+        if response
+            .content_length()
+            .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+        {
+            return Err(too_large);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
             if e.is_timeout() {
                 WebhookError::Timeout(timeout)
             } else {
                 WebhookError::Network(error_chain(&e.without_url()))
             }
-        })?;
+        })? {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large);
+            }
+            body.extend_from_slice(&chunk);
+        }
         Ok(dps_core::webhook::WebhookReply {
-            status,
-            body: body.to_vec(),
+            status: status.as_u16(),
+            body,
         })
     }
 }

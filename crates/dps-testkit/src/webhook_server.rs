@@ -22,6 +22,8 @@ pub struct Scripted {
     pub body: String,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -73,6 +75,18 @@ impl WebhookServer {
             status,
             body: body.to_owned(),
             delay,
+            headers: Vec::new(),
+        });
+    }
+
+    /// Queues a redirect (`status`, `Location: location`).
+    pub fn redirect(&self, status: u16, location: &str) {
+        let mut script = self.shared.script.lock().unwrap_or_else(|e| e.into_inner());
+        script.0.push_back(Scripted {
+            status,
+            body: String::new(),
+            delay: Duration::ZERO,
+            headers: vec![("location".to_owned(), location.to_owned())],
         });
     }
 
@@ -92,7 +106,7 @@ impl Drop for WebhookServer {
     }
 }
 
-async fn answer(State(shared): State<Arc<Shared>>, body: Bytes) -> impl IntoResponse {
+async fn answer(State(shared): State<Arc<Shared>>, body: Bytes) -> axum::response::Response {
     shared
         .received
         .lock()
@@ -112,11 +126,23 @@ async fn answer(State(shared): State<Arc<Shared>>, body: Bytes) -> impl IntoResp
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             "no scripted answer".to_owned(),
-        );
+        )
+            .into_response();
     };
     tokio::time::sleep(next.delay).await;
+    let mut headers = axum::http::HeaderMap::new();
+    for (name, value) in &next.headers {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(name.as_bytes()),
+            axum::http::HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
     (
         StatusCode::from_u16(next.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        headers,
         next.body,
     )
+        .into_response()
 }

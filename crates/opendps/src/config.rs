@@ -169,6 +169,8 @@ pub struct ProvisioningConfig {
     pub retry_after_secs: u32,
     /// Seconds of clock difference tolerated when checking a device token's expiry.
     pub device_sas_clock_skew_secs: i64,
+    /// Largest custom payload a device may send with its registration, in bytes of JSON.
+    pub max_payload_bytes: usize,
     /// Allocation policy of enrollments that set none: `hashed`, `geoLatency` or `static`.
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label; `geoLatency` prefers linked hubs with the same `location`.
@@ -187,6 +189,8 @@ pub struct ProvisioningConfig {
     pub webhook_first_retry_ms: u64,
     /// Added to the delay for each further retry, in milliseconds (Azure: 9000).
     pub webhook_retry_increment_ms: u64,
+    /// Largest webhook answer read, in bytes; a larger one fails the registration (400207).
+    pub webhook_max_response_bytes: usize,
 }
 
 impl Default for ProvisioningConfig {
@@ -194,6 +198,7 @@ impl Default for ProvisioningConfig {
         Self {
             retry_after_secs: 2,
             device_sas_clock_skew_secs: 300,
+            max_payload_bytes: 64 * 1024,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
             hub_attempts: 3,
@@ -203,6 +208,7 @@ impl Default for ProvisioningConfig {
             webhook_retries: 10,
             webhook_first_retry_ms: 1000,
             webhook_retry_increment_ms: 9000,
+            webhook_max_response_bytes: 64 * 1024,
         }
     }
 }

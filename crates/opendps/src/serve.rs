@@ -143,7 +143,9 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
     .map_err(|e| anyhow::anyhow!(e))?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
-    let webhooks = ReqwestWebhookClient::new(&dev_ca).map_err(|e| anyhow::anyhow!(e))?;
+    let webhooks =
+        ReqwestWebhookClient::new(&dev_ca, config.provisioning.webhook_max_response_bytes)
+            .map_err(|e| anyhow::anyhow!(e))?;
     let hub_client = RoutedHubClient {
         direct: minihub
             .as_ref()
@@ -439,6 +441,7 @@ fn provisioning_settings(config: &Config) -> ProvisioningSettings {
     ProvisioningSettings {
         retry_after_secs: p.retry_after_secs,
         sas_clock_skew_secs: p.device_sas_clock_skew_secs,
+        max_payload_bytes: p.max_payload_bytes,
         default_allocation_policy: p.default_allocation_policy,
         region: p.region.clone(),
         hub_attempts: p.hub_attempts,

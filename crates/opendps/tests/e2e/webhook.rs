@@ -519,3 +519,83 @@ async fn reprovisioning_sends_the_current_hub_and_reset_applies_the_webhook_twin
     );
     assert_eq!(twin.body["properties"]["desired"]["state"], "reset");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_is_400207_and_not_stored() {
+    let huge = format!(
+        r#"{{"iotHubHostName":"{TOASTERS}","payload":"{}"}}"#,
+        "x".repeat(1024 * 1024)
+    );
+    let done = failed_with(&[(200, &huge)], 400_207).await;
+    let message = done["registrationState"]["errorMessage"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("larger than 65536 bytes"),
+        "the message names the cause: {message}"
+    );
+    assert!(
+        done.to_string().len() < 4096,
+        "nothing of the body reaches the device"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_400207_and_not_followed() {
+    let elsewhere = WebhookServer::start().await.expect("webhook");
+    elsewhere.answer(200, &format!(r#"{{"iotHubHostName":"{TOASTERS}"}}"#));
+    let s = setup().await;
+    s.webhook.redirect(302, elsewhere.url());
+    let (rid, key) = toaster();
+    let done = register(&s, rid, &key).await;
+    assert_eq!(done["registrationState"]["errorCode"], 400_207, "{done}");
+    let message = done["registrationState"]["errorMessage"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("302") && message.contains("redirects are not followed"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("function-key-s3cret"),
+        "the Location's query is not repeated"
+    );
+    assert!(
+        elsewhere.received().is_empty(),
+        "the device's details never reach the redirect's target"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_device_payload_is_refused() {
+    let s = setup().await;
+    let scope = s.server.info["idScope"].as_str().expect("scope").to_owned();
+    let (rid, key) = toaster();
+    let token = generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        &key,
+        Some("registration"),
+        far_future(),
+    )
+    .expect("token");
+    let device = s.server.api().expect("client").with_auth(Some(token));
+    let body = json!({"registrationId": rid, "payload": {"blob": "y".repeat(70 * 1024)}});
+    let refused = device
+        .send(
+            Method::PUT,
+            &format!("/{scope}/registrations/{rid}/register"),
+            &[],
+            Some(Body::Json(body)),
+        )
+        .await
+        .expect("register");
+    crate::assert_error(&refused, 400);
+    assert_eq!(refused.body["errorCode"], 400_004, "{refused:?}");
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_payload_bytes")),
+        "{refused:?}"
+    );
+    assert!(s.webhook.received().is_empty());
+}
