@@ -4,7 +4,10 @@
 //! - `hashed`: weighted rendezvous hashing of the lower-cased registration id over the candidate
 //!   hubs. Deterministic (a device re-registering lands on the same hub), proportional to
 //!   `allocationWeight`, and adding a hub moves only the devices that now belong to it.
-//! - `static`: the one hub named on the enrollment.
+//! - `static`: the one hub named on the enrollment (in `iotHubs`, or the legacy `iotHubHostName`).
+//!   An enrollment that names none, as Microsoft's own SDK tests create them, gets the linked hub
+//!   that accepts allocation and comes first by host name: with one such hub, that hub; with several,
+//!   the same one for every device until the set of linked hubs changes.
 //! - `geoLatency`: self-hosted, the latency a device sees is the latency to the node it reached, so
 //!   the candidates are the hubs whose `location` equals this node's region; hashed among them, and
 //!   over all candidates when none is in the region.
@@ -26,9 +29,6 @@ pub enum AllocationError {
     /// The enrollment names a hub that is not linked.
     #[error("the enrollment names IoT hub '{0}', which is not linked to this service")]
     UnknownHub(String),
-    /// `static` without exactly one hub.
-    #[error("the static allocation policy needs exactly one hub in the enrollment's iotHubs")]
-    StaticNeedsOneHub,
     /// `custom` is decided by the enrollment's webhook (see `webhook`), never by [`allocate`].
     #[error("the custom allocation policy is decided by the enrollment's webhook")]
     CustomNeedsWebhook,
@@ -39,12 +39,13 @@ impl AllocationError {
     pub fn error_code(&self) -> i32 {
         match self {
             Self::CustomNeedsWebhook => 400_207,
-            Self::NoHubs | Self::UnknownHub(_) | Self::StaticNeedsOneHub => 400_211,
+            Self::NoHubs | Self::UnknownHub(_) => 400_211,
         }
     }
 }
 
-/// The candidate hubs of an enrollment: its `iotHubs` (each must be linked), else every linked hub.
+/// The candidate hubs of an enrollment: the hubs it names (each must be linked; see
+/// [`crate::model::Enrollment::allocation`]), else every linked hub.
 pub fn candidates<'h>(
     linked: &'h [LinkedHub],
     enrollment_hubs: Option<&[String]>,
@@ -73,7 +74,12 @@ pub fn allocate<'h>(
     match policy {
         AllocationPolicy::Static => match candidates {
             [only] => Ok(only),
-            _ => Err(AllocationError::StaticNeedsOneHub),
+            several => several
+                .iter()
+                .copied()
+                .filter(|hub| hub.apply_allocation_policy)
+                .min_by_key(|hub| hub.host_name.to_ascii_lowercase())
+                .ok_or(AllocationError::NoHubs),
         },
         AllocationPolicy::Hashed => hashed(registration_id, candidates),
         AllocationPolicy::GeoLatency => {
@@ -211,10 +217,29 @@ mod tests {
             allocate(AllocationPolicy::Static, "d", &only_b, None).map(|h| h.host_name.as_str()),
             Ok("b")
         );
-        let both: Vec<&LinkedHub> = hubs.iter().collect();
+    }
+
+    #[test]
+    fn static_without_a_named_hub_takes_the_first_hub_accepting_allocation() {
+        let hubs = [
+            hub("c", 1, true, None),
+            hub("A", 1, false, None),
+            hub("b", 1, true, None),
+        ];
+        let all: Vec<&LinkedHub> = hubs.iter().collect();
+        for device in ["d1", "d2", "d3"] {
+            assert_eq!(
+                allocate(AllocationPolicy::Static, device, &all, None)
+                    .map(|h| h.host_name.as_str()),
+                Ok("b"),
+                "the same hub for every device; 'A' refuses allocation"
+            );
+        }
+        let refusing = [hub("a", 1, false, None), hub("z", 1, false, None)];
+        let refusing: Vec<&LinkedHub> = refusing.iter().collect();
         assert_eq!(
-            allocate(AllocationPolicy::Static, "d", &both, None),
-            Err(AllocationError::StaticNeedsOneHub)
+            allocate(AllocationPolicy::Static, "d", &refusing, None),
+            Err(AllocationError::NoHubs)
         );
     }
 

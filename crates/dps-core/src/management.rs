@@ -772,9 +772,9 @@ fn validate_allocation<T: Enrollment>(enrollment: &T) -> Result<(), Provisioning
         return invalid("iotHubs must not contain empty host names.");
     }
     match policy {
-        Some(AllocationPolicy::Static) if hubs.map_or(0, <[String]>::len) != 1 => {
-            invalid("The static allocation policy needs exactly one hub in iotHubs.")
-        }
+        Some(AllocationPolicy::Static) if hubs.map_or(0, <[String]>::len) > 1 => invalid(
+            "The static allocation policy takes one hub: name it in iotHubs, or name none for the first linked hub that accepts allocation.",
+        ),
         Some(AllocationPolicy::Custom) => match custom {
             None => invalid(
                 "The custom allocation policy needs customAllocationDefinition with webhookUrl and apiVersion.",

@@ -401,7 +401,8 @@ pub trait Enrollment:
     fn attestation(&self) -> &AttestationMechanism;
     /// The attestation, mutably.
     fn attestation_mut(&mut self) -> &mut AttestationMechanism;
-    /// The allocation settings that must be checked together.
+    /// The allocation settings that must be checked together: the policy, the hubs the
+    /// enrollment names (see [`named_hubs`]) and the webhook.
     fn allocation(
         &self,
     ) -> (
@@ -418,6 +419,23 @@ pub trait Enrollment:
     /// Fills what DPS fills when the client leaves it out: enabled, migrate-data reprovisioning,
     /// no IoT Edge.
     fn fill_defaults(&mut self);
+}
+
+/// The hubs an enrollment names: `iotHubs` when it lists any, else the legacy single-hub
+/// `iotHubHostName`, else none (every linked hub is a candidate).
+pub fn named_hubs<'a>(
+    iot_hubs: &'a Option<Vec<String>>,
+    iot_hub_host_name: &'a Option<String>,
+) -> Option<&'a [String]> {
+    iot_hubs
+        .as_deref()
+        .filter(|hubs| !hubs.is_empty())
+        .or_else(|| {
+            iot_hub_host_name
+                .as_ref()
+                .filter(|h| !h.trim().is_empty())
+                .map(std::slice::from_ref)
+        })
 }
 
 macro_rules! impl_enrollment {
@@ -445,7 +463,7 @@ macro_rules! impl_enrollment {
             ) {
                 (
                     self.allocation_policy,
-                    self.iot_hubs.as_deref(),
+                    named_hubs(&self.iot_hubs, &self.iot_hub_host_name),
                     self.custom_allocation_definition.as_ref(),
                 )
             }

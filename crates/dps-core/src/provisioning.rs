@@ -1080,7 +1080,8 @@ impl EnrollmentView {
             Ok(Self {
                 status: g.provisioning_status.unwrap_or_default(),
                 policy: g.allocation_policy,
-                iot_hubs: g.iot_hubs,
+                iot_hubs: crate::model::named_hubs(&g.iot_hubs, &g.iot_hub_host_name)
+                    .map(<[String]>::to_vec),
                 initial_twin: g.initial_twin,
                 reprovision: g.reprovision_policy.unwrap_or_default(),
                 iot_edge: g.capabilities.is_some_and(|c| c.iot_edge),
@@ -1094,7 +1095,8 @@ impl EnrollmentView {
             Ok(Self {
                 status: e.provisioning_status.unwrap_or_default(),
                 policy: e.allocation_policy,
-                iot_hubs: e.iot_hubs,
+                iot_hubs: crate::model::named_hubs(&e.iot_hubs, &e.iot_hub_host_name)
+                    .map(<[String]>::to_vec),
                 initial_twin: e.initial_twin,
                 reprovision: e.reprovision_policy.unwrap_or_default(),
                 iot_edge: e.capabilities.is_some_and(|c| c.iot_edge),

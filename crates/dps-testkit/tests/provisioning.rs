@@ -804,3 +804,34 @@ async fn a_disabled_enrollment_never_calls_the_webhook() {
     assert_eq!(b.register(rid).await.status, EnrollmentStatus::Disabled);
     assert!(b.webhook.requests().is_empty());
 }
+
+/// `static` without `iotHubs` (as Microsoft's SDK tests create groups) lands on the first linked
+/// hub that accepts allocation; the legacy `iotHubHostName` names the hub as `iotHubs` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_allocation_without_iot_hubs_and_with_the_legacy_field() {
+    let b = bench();
+    b.link("hub-b", 1).await;
+    b.link("hub-a", 1).await;
+    b.put_group("static-any", json!({"allocationPolicy": "static"}))
+        .await;
+    for rid in ["static-dev-1", "static-dev-2"] {
+        let state = b.register(rid).await.registration_state.expect("state");
+        assert_eq!(state.status, EnrollmentStatus::Assigned, "{state:?}");
+        assert_eq!(state.assigned_hub.as_deref(), Some("hub-a"));
+    }
+    let legacy = bench();
+    legacy.link("hub-b", 1).await;
+    legacy.link("hub-a", 1).await;
+    legacy
+        .put_group(
+            "legacy",
+            json!({"allocationPolicy": "static", "iotHubHostName": "hub-b"}),
+        )
+        .await;
+    let state = legacy
+        .register("legacy-dev")
+        .await
+        .registration_state
+        .expect("state");
+    assert_eq!(state.assigned_hub.as_deref(), Some("hub-b"), "{state:?}");
+}

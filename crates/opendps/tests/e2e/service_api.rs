@@ -683,3 +683,33 @@ async fn body_shapes_read_only_fields_and_page_sizes() {
         assert_eq!(reply.body["errorCode"], 400_004, "{size}: {reply:?}");
     }
 }
+
+/// Azure accepts `static` without `iotHubs` (Microsoft's SDK tests create such groups) and honours
+/// the legacy `iotHubHostName`; more than one hub is still refused.
+#[tokio::test]
+async fn static_groups_may_name_no_hub_or_use_the_legacy_field() {
+    let server = server().await;
+    let api = server.api().expect("client");
+    for (id, body) in [
+        (
+            "static-any",
+            json!({"attestation": {"type": "symmetricKey"}, "allocationPolicy": "static"}),
+        ),
+        (
+            "static-legacy",
+            json!({"attestation": {"type": "symmetricKey"}, "allocationPolicy": "static", "iotHubHostName": "hub-a.example"}),
+        ),
+    ] {
+        let reply = api
+            .put(&format!("/enrollmentGroups/{id}"), body, None)
+            .await
+            .expect("put");
+        assert_eq!(reply.status, 200, "{id}: {reply:?}");
+    }
+    let two = json!({"attestation": {"type": "symmetricKey"}, "allocationPolicy": "static", "iotHubs": ["a.example", "b.example"]});
+    let refused = api
+        .put("/enrollmentGroups/static-two", two, None)
+        .await
+        .expect("put");
+    assert_error(&refused, 400);
+}
