@@ -854,10 +854,20 @@ impl Provisioning {
             .and_then(|(r, _)| r.initial_hub.clone())
             .unwrap_or_else(|| target.host_name.clone());
         let back_home = initial_hub.eq_ignore_ascii_case(&target.host_name);
+        let previous_device_id = previous
+            .as_ref()
+            .and_then(|(r, _)| r.state.device_id.clone());
         let device = HubDevice {
+            // Registration ids are case-insensitive: a device keeps the device id of its first
+            // assignment whatever case it registers with now, so it never has two identities.
             device_id: view
                 .device_id
                 .clone()
+                .or_else(|| {
+                    previous_device_id
+                        .clone()
+                        .filter(|d| d.eq_ignore_ascii_case(&op.registration_id))
+                })
                 .unwrap_or_else(|| op.registration_id.clone()),
             primary_key: view.keys.0.clone(),
             secondary_key: view.keys.1.clone(),
@@ -875,7 +885,10 @@ impl Provisioning {
             (true, Some(old)) if view.reprovision.migrate_device_data => {
                 let carried = self
                     .hubs
-                    .get_twin(old, &device.device_id)
+                    .get_twin(
+                        old,
+                        previous_device_id.as_ref().unwrap_or(&device.device_id),
+                    )
                     .await
                     .map_err(Failure::Retry)?;
                 let substatus = if back_home {
@@ -905,10 +918,22 @@ impl Provisioning {
                 .await
                 .map_err(Failure::Retry)?;
         }
-        if let Some(old) = moved_from
-            && let Err(err) = self.hubs.delete_device(old, &device.device_id).await
+        // The identity the device had before, if it is not the one just written: on the hub it
+        // left, or on this hub under a device id the enrollment has since changed. Left behind, it
+        // would still accept the device's earlier credentials.
+        let stale = match (moved_from, current_hub, &previous_device_id) {
+            (Some(old), _, previous_id) => {
+                Some((old, previous_id.as_ref().unwrap_or(&device.device_id)))
+            }
+            (None, Some(same), Some(previous_id)) if *previous_id != device.device_id => {
+                Some((same, previous_id))
+            }
+            _ => None,
+        };
+        if let Some((hub, stale_id)) = stale
+            && let Err(err) = self.hubs.delete_device(hub, stale_id).await
         {
-            tracing::warn!(registration_id = %op.registration_id, %err, "the device moved but could not be deleted from its old hub");
+            tracing::warn!(registration_id = %op.registration_id, %err, hub = %hub.host_name, "the device's previous identity could not be deleted");
         }
 
         let now = format_utc(self.clock.now());
@@ -916,6 +941,7 @@ impl Provisioning {
             .as_ref()
             .map(|(r, _)| r.clone())
             .unwrap_or_else(|| self.new_record(op, &now));
+        record.state.registration_id.clone_from(&op.registration_id);
         record.state.status = EnrollmentStatus::Assigned;
         record.state.assigned_hub = Some(target.host_name.clone());
         record.state.device_id = Some(device.device_id.clone());

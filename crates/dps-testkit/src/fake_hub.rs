@@ -40,6 +40,16 @@ impl FakeHub {
             .cloned()
     }
 
+    /// Every device id on `hub`.
+    pub fn device_ids(&self, hub: &str) -> Vec<String> {
+        self.lock()
+            .devices
+            .keys()
+            .filter(|(h, _)| h == hub)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
     /// Every hub holding `device_id`.
     pub fn hubs_holding(&self, device_id: &str) -> Vec<String> {
         self.lock()

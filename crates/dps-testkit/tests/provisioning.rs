@@ -835,3 +835,77 @@ async fn static_allocation_without_iot_hubs_and_with_the_legacy_field() {
         .expect("state");
     assert_eq!(state.assigned_hub.as_deref(), Some("hub-b"), "{state:?}");
 }
+
+/// Registration ids are case-insensitive: registering as `Case-Dev-1`, then `case-dev-1`, then
+/// `CASE-DEV-1` is one registration and one hub identity, which keeps the first device id and
+/// carries only the keys of the latest spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_id_in_another_case_is_the_same_device() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    for (i, rid) in ["Case-Dev-1", "case-dev-1", "CASE-DEV-1"]
+        .iter()
+        .enumerate()
+    {
+        let state = b.register(rid).await.registration_state.expect("state");
+        assert_eq!(state.status, EnrollmentStatus::Assigned, "{rid}: {state:?}");
+        assert_eq!(state.device_id.as_deref(), Some("Case-Dev-1"), "{rid}");
+        assert_eq!(
+            state.registration_id, *rid,
+            "the state shows the id as last sent"
+        );
+        if i == 0 {
+            assert_eq!(
+                state.substatus,
+                Some(AssignedDeviceSubstatus::InitialAssignment)
+            );
+        }
+        assert_eq!(
+            b.hub.device_ids("hub-a"),
+            vec!["Case-Dev-1".to_owned()],
+            "one identity after registering as {rid}"
+        );
+    }
+    let (device, _) = b.hub.device("hub-a", "Case-Dev-1").expect("on the hub");
+    assert_eq!(
+        device.primary_key.expose(),
+        Bench::device_key("CASE-DEV-1"),
+        "the earlier spellings' keys no longer open the identity"
+    );
+}
+
+/// A device whose enrollment changes its `deviceId` between registrations ends with the new
+/// identity only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_device_id_leaves_no_identity_behind() {
+    let b = bench();
+    b.link("hub-a", 1).await;
+    let rid = "renamed-device";
+    b.put_individual(rid, json!({"deviceId": "first-name"}))
+        .await;
+    let token = b.token(rid, GROUP_KEY, NOW + 3600);
+    for (name, expected) in [("first-name", "first-name"), ("second-name", "second-name")] {
+        b.put_individual(rid, json!({"deviceId": name})).await;
+        let accepted = b
+            .dps
+            .register(
+                Transport::Https,
+                SCOPE,
+                rid,
+                DeviceRegistration::default(),
+                Some(&token),
+            )
+            .await
+            .expect("accepted");
+        b.drain().await;
+        let status = b
+            .dps
+            .operation_status(SCOPE, rid, &accepted.operation_id, Some(&token))
+            .await
+            .expect("poll");
+        let state = status.registration_state.expect("state");
+        assert_eq!(state.device_id.as_deref(), Some(expected), "{state:?}");
+        assert_eq!(b.hub.device_ids("hub-a"), vec![expected.to_owned()]);
+    }
+}

@@ -719,3 +719,51 @@ async fn the_device_simulator_registers_over_https_and_mqtt() {
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(stderr.contains("401002"), "{stderr}");
 }
+
+/// Registration ids are case-insensitive: the same device registering in three spellings has one
+/// identity on its hub, named as it first registered, and only the latest spelling's key opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_id_in_another_case_leaves_no_orphan_on_the_hub() {
+    let server = server_with_hubs().await;
+    let api = server.api().expect("client");
+    let scope = server.info["idScope"].as_str().expect("scope").to_owned();
+    let mut hub = String::new();
+    for rid in ["Case-Dev-1", "case-dev-1", "CASE-DEV-1"] {
+        let done = provision(&api, &scope, rid).await;
+        assert_eq!(done["status"], "assigned", "{done}");
+        assert_eq!(
+            done["registrationState"]["deviceId"], "Case-Dev-1",
+            "{done}"
+        );
+        hub = done["registrationState"]["assignedHub"]
+            .as_str()
+            .expect("hub")
+            .to_owned();
+    }
+    let devices = server
+        .hub_api(&hub)
+        .expect("hub")
+        .get("/devices")
+        .await
+        .expect("list");
+    let ids: Vec<&str> = devices
+        .body
+        .as_array()
+        .expect("devices")
+        .iter()
+        .filter_map(|d| d["deviceId"].as_str())
+        .filter(|d| d.eq_ignore_ascii_case("case-dev-1"))
+        .collect();
+    assert_eq!(ids, vec!["Case-Dev-1"], "{devices:?}");
+    let identity = server
+        .hub_api(&hub)
+        .expect("hub")
+        .get("/devices/Case-Dev-1")
+        .await
+        .expect("get");
+    assert_eq!(
+        identity.body["authentication"]["symmetricKey"]["primaryKey"],
+        derive_device_key(GROUP_KEY, "CASE-DEV-1").expect("derive"),
+        "the earlier spellings' keys no longer work: {identity:?}"
+    );
+}
