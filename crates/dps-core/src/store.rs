@@ -237,8 +237,9 @@ pub trait OperationStore: Send + Sync {
         cond: Precondition,
         op: &StoredOperation,
     ) -> Result<(), StoreError>;
-    /// Deletes finished operations last written before `before_ms`; returns how many.
-    async fn prune_operations(&self, before_ms: i64) -> Result<usize, StoreError>;
+    /// Deletes up to `limit` finished operations last written before `before_ms`; returns how many
+    /// (fewer than `limit`: none are left to prune).
+    async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError>;
 }
 
 /// Everything a backend provides.

@@ -557,8 +557,24 @@ pub async fn pruning_keeps_pending_operations(store: Arc<dyn Store>) {
         .put_operation(&operation("pending", true, 0))
         .await
         .expect("put");
+    store
+        .put_operation(&operation("finished-too", false, 0))
+        .await
+        .expect("put");
     let far_future = jiff::Timestamp::now().as_millisecond() + 1_000_000;
-    assert_eq!(store.prune_operations(far_future).await.expect("prune"), 1);
+    assert_eq!(
+        store.prune_operations(far_future, 1).await.expect("prune"),
+        1,
+        "at most the limit at once"
+    );
+    assert_eq!(
+        store.prune_operations(far_future, 10).await.expect("prune"),
+        1
+    );
+    assert_eq!(
+        store.prune_operations(far_future, 10).await.expect("prune"),
+        0
+    );
     assert!(
         store
             .get_operation("finished")

@@ -171,6 +171,8 @@ pub struct ProvisioningConfig {
     pub device_sas_clock_skew_secs: i64,
     /// Largest custom payload a device may send with its registration, in bytes of JSON.
     pub max_payload_bytes: usize,
+    /// Seconds a finished registration operation is kept for devices to poll; then it is deleted.
+    pub operation_retention_secs: u64,
     /// Allocation policy of enrollments that set none: `hashed`, `geoLatency` or `static`.
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label; `geoLatency` prefers linked hubs with the same `location`.
@@ -199,6 +201,7 @@ impl Default for ProvisioningConfig {
             retry_after_secs: 2,
             device_sas_clock_skew_secs: 300,
             max_payload_bytes: 64 * 1024,
+            operation_retention_secs: 3600,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
             hub_attempts: 3,
@@ -348,6 +351,11 @@ impl Config {
         }
         if self.service_api.sas_clock_skew_secs < 0 {
             bail!("service_api.sas_clock_skew_secs must not be negative");
+        }
+        if self.provisioning.operation_retention_secs == 0 {
+            bail!(
+                "provisioning.operation_retention_secs must be at least 1: devices poll an operation after it finishes"
+            );
         }
         if self.provisioning.device_sas_clock_skew_secs < 0 {
             bail!("provisioning.device_sas_clock_skew_secs must not be negative");

@@ -225,6 +225,9 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
         clock,
         wake,
         node,
+        i64::try_from(config.provisioning.operation_retention_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000),
         stop_rx,
     ));
     data.write_runtime(&Runtime {

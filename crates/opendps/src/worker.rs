@@ -22,19 +22,25 @@ const MAX_HELD: usize = 512;
 const LEASE_MS: i64 = 60_000;
 /// How often the store is scanned when nothing wakes the worker (retries that come due).
 const SCAN: Duration = Duration::from_millis(250);
-/// Finished operations are kept this long, so devices can still poll them.
-const KEEP_FINISHED_MS: i64 = 24 * 3600 * 1000;
+/// Finished operations deleted in one store write; more wait for the next write.
+const PRUNE_BATCH: usize = 5000;
+/// How often finished operations are looked for, at most.
+const PRUNE_EVERY_MS: i64 = 60_000;
 
 /// Runs until `stop` turns true, then finishes the operations in progress. Operations claimed but
-/// not started keep their lease; this node takes them again when it restarts.
+/// not started keep their lease; this node takes them again when it restarts. Finished operations
+/// are deleted once `retention_ms` has passed since they finished (a device polling one later gets
+/// the answer for an operation that does not exist); the registration states stay.
 pub async fn run(
     provisioning: Arc<Provisioning>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
     node: String,
+    retention_ms: i64,
     mut stop: watch::Receiver<bool>,
 ) {
+    let prune_every = (retention_ms / 2).clamp(250, PRUNE_EVERY_MS);
     let owner = LeaseOwner::new(node);
     let mut work = Work::new(provisioning);
     let mut scan = tokio::time::interval(SCAN);
@@ -43,11 +49,23 @@ pub async fn run(
     let mut last_prune = 0;
     while !*stop.borrow() {
         let now = clock.now().as_millisecond();
-        if now - last_prune > 600_000 {
+        if now - last_prune >= prune_every {
             last_prune = now;
-            match store.prune_operations(now - KEEP_FINISHED_MS).await {
+            match store
+                .prune_operations(now - retention_ms, PRUNE_BATCH)
+                .await
+            {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(pruned = n, "removed finished operations older than a day"),
+                Ok(n) => {
+                    tracing::debug!(
+                        pruned = n,
+                        "removed finished operations past their retention"
+                    );
+                    if n == PRUNE_BATCH {
+                        // More are due: prune again on the next turn.
+                        last_prune = i64::MIN / 2;
+                    }
+                }
                 Err(err) => tracing::warn!(%err, "pruning operations failed"),
             }
         }

@@ -653,11 +653,14 @@ impl OperationStore for SqliteStore {
         .await
     }
 
-    async fn prune_operations(&self, before_ms: i64) -> Result<usize, StoreError> {
+    async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |conn| {
             conn.execute_cached(
-                "DELETE FROM operations WHERE pending = 0 AND updated_ms < ?1",
-                params![before_ms],
+                "DELETE FROM operations WHERE operation_id IN (
+                     SELECT operation_id FROM operations WHERE pending = 0 AND updated_ms < ?1 LIMIT ?2
+                 )",
+                params![before_ms, limit],
             )
             .backend()
         })

@@ -364,3 +364,49 @@ async fn device_token_skew_is_its_own_setting() {
         200
     );
 }
+
+/// A finished operation is deleted after `operation_retention_secs`; polling it then gets what an
+/// operation that never existed gets, while the registration state stays.
+#[tokio::test]
+async fn finished_operations_are_pruned_after_their_retention() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server =
+        TestServer::start_with_config(bin, "[provisioning]\noperation_retention_secs = 1\n", &[])
+            .await
+            .expect("start");
+    with_group(&server, json!({})).await;
+    let rid = "short-lived-operation";
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    let api = device(&server, rid, &key, far_future());
+    let accepted = register(&api, &server, rid, None).await;
+    let op = accepted.body["operationId"]
+        .as_str()
+        .expect("op")
+        .to_owned();
+    let done = poll(&api, &server, rid, &op).await;
+    assert_eq!(done["status"], "failed", "no hub is linked: {done}");
+
+    let path = |op: &str| format!("/{}/registrations/{rid}/operations/{op}", scope(&server));
+    let unknown = api
+        .get(&path("00000000-0000-0000-0000-000000000000"))
+        .await
+        .expect("poll");
+    assert_error(&unknown, 404);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expired = loop {
+        let reply = api.get(&path(&op)).await.expect("poll");
+        if reply.status != 200 || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_error(&expired, 404);
+    assert_eq!(expired.body["errorCode"], unknown.body["errorCode"]);
+    let state = server
+        .api()
+        .expect("client")
+        .get(&format!("/registrations/{rid}"))
+        .await
+        .expect("state");
+    assert_eq!(state.status, 200, "the registration state stays: {state:?}");
+}
