@@ -21,7 +21,7 @@ use crate::model::{
     X509Certificates,
 };
 use crate::sas;
-use crate::store::{EnrollmentKind, Precondition, Store, StoredDoc};
+use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc};
 use crate::time::format_utc;
 
 /// Most items a bulk operation may carry.
@@ -537,8 +537,11 @@ impl Management {
                 self.store
                     .delete_linked_hub(&name.to_ascii_lowercase())
                     .await
-                    .map_err(|_| {
-                        ProvisioningError::NotFound(format!("No linked hub is named '{name}'."))
+                    .map_err(|err| match err {
+                        StoreError::NotFound(_) => {
+                            ProvisioningError::NotFound(format!("No linked hub is named '{name}'."))
+                        }
+                        other => other.into(),
                     })?;
                 ServiceResponse::NoContent
             }
