@@ -53,9 +53,10 @@ pub struct RegisterArgs {
     /// Transport.
     #[arg(long, value_enum, default_value_t = Transport::Https)]
     transport: Transport,
-    /// MQTT port (devices dial 8883).
-    #[arg(long, default_value_t = 8883)]
-    mqtt_port: u16,
+    /// MQTT port at the provisioning host, for --transport mqtt and --connect [default: the local
+    /// service's MQTT listener, from --data-dir; else 8883, the port Azure's devices dial].
+    #[arg(long)]
+    mqtt_port: Option<u16>,
     /// After assignment, connect to the hub over MQTT (at the provisioning host, as a gateway) and
     /// print the device's twin.
     #[arg(long)]
@@ -200,7 +201,10 @@ pub async fn register(
     ca_file: Option<PathBuf>,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let local = if args.provisioning_host.is_none() || args.id_scope.is_none() || ca_file.is_none()
+    let local = if args.provisioning_host.is_none()
+        || args.id_scope.is_none()
+        || ca_file.is_none()
+        || args.mqtt_port.is_none()
     {
         let config = crate::config::Config {
             data_dir,
@@ -210,6 +214,13 @@ pub async fn register(
     } else {
         None
     };
+    // The local service's MQTT port only when the device talks to the local service.
+    let local_mqtt_port = local
+        .as_ref()
+        .filter(|_| args.provisioning_host.is_none())
+        .and_then(|i| i["listen"]["mqtt"].as_str())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port());
     let from_local = |field: &str| {
         local
             .as_ref()
@@ -220,7 +231,7 @@ pub async fn register(
             .provisioning_host
             .or_else(|| from_local("serviceHost"))
             .context("give --provisioning-host (no local service found)")?,
-        mqtt_port: args.mqtt_port,
+        mqtt_port: args.mqtt_port.or(local_mqtt_port).unwrap_or(8883),
         scope: args
             .id_scope
             .or_else(|| from_local("idScope"))

@@ -718,6 +718,28 @@ async fn the_device_simulator_registers_over_https_and_mqtt() {
     assert!(!wrong.status.success());
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(stderr.contains("401002"), "{stderr}");
+
+    // Without --mqtt-port the simulator uses the local service's MQTT listener (here not 8883).
+    let rid = "sim-mqtt-3";
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    let found = server
+        .cli(&[
+            "device",
+            "register",
+            "--registration-id",
+            rid,
+            "--symmetric-key",
+            &key,
+            "--transport",
+            "mqtt",
+            "--connect",
+        ])
+        .expect("run");
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
 }
 
 /// Registration ids are case-insensitive: the same device registering in three spellings has one
