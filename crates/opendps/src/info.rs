@@ -85,6 +85,10 @@ pub fn print_human(info: &Value) {
         "HTTPS listener:      {}",
         info["listen"]["https"].as_str().unwrap_or("-")
     );
+    println!(
+        "MQTT listener:       {}",
+        info["listen"]["mqtt"].as_str().unwrap_or("off")
+    );
     match info["running"]["pid"].as_u64() {
         Some(pid) => println!("Running:             yes (pid {pid})"),
         None => println!("Running:             no"),

@@ -36,11 +36,15 @@ use crate::{pki, worker};
 /// Runs the service until a stop signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let service = start(config).await?;
+    let mqtt = service
+        .mqtt
+        .map_or_else(|| "MQTT off".to_owned(), |addr| format!("MQTT on {addr}"));
     tracing::info!(
         https = %service.https,
+        mqtt = %service.mqtt.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
         id_scope = %service.id_scope,
         data_dir = %service.data.root().display(),
-        "opendps is serving https://{}; run `opendps info --data-dir {}` for connection strings",
+        "opendps is serving https://{} ({mqtt}); run `opendps info --data-dir {}` for connection strings",
         service.service_host,
         service.data.root().display()
     );

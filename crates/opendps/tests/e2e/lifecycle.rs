@@ -168,3 +168,23 @@ async fn info_reads_the_data_directory_without_the_write_lock() {
     );
     dps.execute_batch("ROLLBACK").expect("unlock");
 }
+
+/// The startup line and `info` name both listeners; a log that goes to a file has no colour codes.
+#[tokio::test]
+async fn startup_log_and_info_name_the_mqtt_listener() {
+    let server = server().await;
+    let mqtt = server.info["listen"]["mqtt"]
+        .as_str()
+        .expect("mqtt")
+        .to_owned();
+    let log = server.log();
+    assert!(log.contains(&format!("MQTT on {mqtt}")), "{log}");
+    assert!(!log.contains('\u{1b}'), "no terminal colour codes: {log:?}");
+    let info = server.cli(&["info"]).expect("info");
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("MQTT listener:") && l.ends_with(&mqtt)),
+        "{text}"
+    );
+}
