@@ -199,8 +199,9 @@ impl Default for ReprovisionPolicy {
     }
 }
 
-/// `AllocationPolicy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `AllocationPolicy`. Read in any letter case (`geoLatency`, `geolatency`), as Azure reads it and
+/// as the CLI and configuration accept it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum AllocationPolicy {
     /// Weighted hash of the registration id over the candidate hubs.
@@ -211,6 +212,20 @@ pub enum AllocationPolicy {
     Static,
     /// Decided by a webhook.
     Custom,
+}
+
+impl<'de> Deserialize<'de> for AllocationPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const NAMES: &[&str] = &["hashed", "geoLatency", "static", "custom"];
+        let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        match text.to_ascii_lowercase().as_str() {
+            "hashed" => Ok(Self::Hashed),
+            "geolatency" => Ok(Self::GeoLatency),
+            "static" => Ok(Self::Static),
+            "custom" => Ok(Self::Custom),
+            _ => Err(serde::de::Error::unknown_variant(&text, NAMES)),
+        }
+    }
 }
 
 /// `CustomAllocationDefinition`.

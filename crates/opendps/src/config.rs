@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use dps_core::model::AllocationPolicy;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -72,6 +72,7 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address and port to listen on. Port 0 picks a free port (see `opendps info`).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Host name clients use to reach the service; goes into connection strings (with the port).
     pub public_host: String,
@@ -99,6 +100,7 @@ pub struct MqttConfig {
     /// Serve MQTT at all.
     pub enabled: bool,
     /// Address of the MQTT/TLS listener. Devices dial 8883 (the Python SDK cannot be told otherwise).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Most connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
@@ -322,9 +324,12 @@ impl Config {
                     .split("__"),
             )
             .merge(Serialized::defaults(flags));
-        let mut config: Config = figment
-            .extract()
-            .context("while reading the configuration")?;
+        let mut config: Config = figment.extract().map_err(|err| {
+            anyhow::anyhow!(
+                "the configuration is not valid: {}",
+                describe_config_errors(err)
+            )
+        })?;
         config.tls.names.extend(extra_tls_names.iter().cloned());
         config.validate()?;
         Ok(config)
@@ -372,6 +377,84 @@ impl Config {
     }
 }
 
+/// `host:port` or `ip:port` (`localhost:8443`, `0.0.0.0:443`, `[::1]:8883`); a host name is
+/// resolved once, preferring IPv4.
+fn listen_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    use std::net::ToSocketAddrs as _;
+    let text = String::deserialize(deserializer)?;
+    let expected = || {
+        serde::de::Error::custom(format!(
+            "'{text}' is not an address to listen on; give host:port, such as 127.0.0.1:8443, 0.0.0.0:443 or localhost:8443"
+        ))
+    };
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let resolved: Vec<SocketAddr> = text.to_socket_addrs().map_err(|_| expected())?.collect();
+    resolved
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| resolved.first())
+        .copied()
+        .ok_or_else(expected)
+}
+
+/// Flags that set configuration keys, for error messages that name what the user typed.
+const FLAG_KEYS: &[(&str, &str)] = &[
+    ("data_dir", "--data-dir"),
+    ("http.listen", "--listen"),
+    ("http.public_host", "--public-host"),
+    ("mqtt.listen", "--mqtt-listen"),
+    ("tls.names", "--tls-name"),
+    ("minihub.hubs", "--hub"),
+];
+
+/// One line per configuration error: where the value came from (the flag, the environment
+/// variable, or the file and key, as the user wrote them) and what is wrong with it.
+fn describe_config_errors(errors: figment::Error) -> String {
+    use figment::Source;
+    use figment::error::Kind;
+    errors
+        .into_iter()
+        .map(|err| {
+            let key = err.path.join(".");
+            let provider = err.metadata.as_ref();
+            let origin = match provider.and_then(|m| m.source.as_ref()) {
+                Some(Source::File(file)) => format!("{} (key {key})", file.display()),
+                _ if provider.is_some_and(|m| m.name.contains("FlagOverrides")) => FLAG_KEYS
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or_else(|| key.clone(), |(_, flag)| format!("the flag {flag}")),
+                _ if provider.is_some_and(|m| m.name.contains("environment")) => format!(
+                    "the environment variable OPENDPS_{}",
+                    err.path.join("__").to_ascii_uppercase()
+                ),
+                _ => key.clone(),
+            };
+            let what = match &err.kind {
+                Kind::Message(message) => message.clone(),
+                Kind::UnknownVariant(found, expected) => {
+                    format!("'{found}' is not one of {}", expected.join(", "))
+                }
+                Kind::UnknownField(found, expected) => {
+                    format!(
+                        "unknown key '{found}'; the known keys are {}",
+                        expected.join(", ")
+                    )
+                }
+                Kind::InvalidType(found, expected) | Kind::InvalidValue(found, expected) => {
+                    format!("expected {expected}, found {found}")
+                }
+                other => other.to_string(),
+            };
+            format!("{origin}: {}", what.replace('`', "'"))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn warn_unknown_env() {
     for (key, _) in std::env::vars() {
         let Some(rest) = key.strip_prefix("OPENDPS_") else {
@@ -405,6 +488,59 @@ mod tests {
         let err =
             Figment::from(Toml::string("[http]\nlisten_on = \"1.2.3.4:5\"")).extract::<Config>();
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn listen_addresses_take_host_names_and_errors_name_the_flag() {
+        let mut flags = FlagOverrides::default();
+        flags.http.insert("listen".into(), "localhost:19443".into());
+        let config = Config::load(None, flags, &[]).expect("a host name is fine");
+        assert_eq!(config.http.listen.port(), 19443);
+        assert!(config.http.listen.ip().is_loopback());
+
+        let mut flags = FlagOverrides::default();
+        flags.mqtt.insert("listen".into(), "nonsense".into());
+        let message = format!("{:#}", Config::load(None, flags, &[]).expect_err("refused"));
+        assert!(message.contains("the flag --mqtt-listen"), "{message}");
+        assert!(message.contains("host:port"), "{message}");
+        assert!(
+            !message.contains(".rs") && !message.contains('`'),
+            "no source locations or nested backticks: {message}"
+        );
+    }
+
+    #[test]
+    fn enum_values_in_any_case_and_file_errors_name_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        for spelling in ["geoLatency", "geolatency", "GeoLatency"] {
+            std::fs::write(
+                &file,
+                format!("[provisioning]\ndefault_allocation_policy = \"{spelling}\"\n"),
+            )
+            .expect("write");
+            let config = Config::load(Some(&file), FlagOverrides::default(), &[]).expect(spelling);
+            assert_eq!(
+                config.provisioning.default_allocation_policy,
+                AllocationPolicy::GeoLatency
+            );
+        }
+        std::fs::write(
+            &file,
+            "[provisioning]\ndefault_allocation_policy = \"nearest\"\n",
+        )
+        .expect("write");
+        let message = format!(
+            "{:#}",
+            Config::load(Some(&file), FlagOverrides::default(), &[]).expect_err("refused")
+        );
+        assert!(
+            message.contains(&file.display().to_string())
+                && message.contains("provisioning.default_allocation_policy")
+                && message.contains("'nearest' is not one of hashed, geoLatency"),
+            "{message}"
+        );
+        assert!(!message.contains('`'), "{message}");
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub enum AllocationArg {
     Hashed,
     /// Lowest latency (region labels when self-hosted).
     Geolatency,
-    /// The one hub in --iot-hubs.
+    /// The one hub in --iot-hubs (none: the first linked hub accepting allocation).
     Static,
     /// Ask the webhook in --webhook-url.
     Custom,
@@ -99,7 +99,7 @@ pub enum ReprovisionArg {
 #[derive(Debug, Clone, Default, Args)]
 pub struct EnrollmentSettings {
     /// How devices attest [default on create: symmetrickey].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub attestation_type: Option<AttestationArg>,
     /// Primary symmetric key (base64, 16-64 bytes); generated when omitted.
     #[arg(long)]
@@ -126,10 +126,10 @@ pub struct EnrollmentSettings {
     #[arg(long)]
     pub device_id: Option<String>,
     /// Whether devices may register.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub provisioning_status: Option<ProvisioningStatusArg>,
     /// How to choose the hub.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub allocation_policy: Option<AllocationArg>,
     /// Hub host names devices may be assigned to (space-separated).
     #[arg(long, num_args = 1.., value_delimiter = ' ')]
@@ -147,7 +147,7 @@ pub struct EnrollmentSettings {
     #[arg(long)]
     pub initial_twin_properties: Option<String>,
     /// What happens when a device registers again.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub reprovision_policy: Option<ReprovisionArg>,
     /// Whether devices are IoT Edge devices.
     #[arg(long, action = clap::ArgAction::Set)]
