@@ -95,6 +95,36 @@ impl ServiceClient {
         extra_headers: &[(&str, String)],
         body: Option<&Value>,
     ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
+        let (status, text, headers) = self
+            .exchange(method, path, if_match, extra_headers, body)
+            .await?;
+        if !status.is_success() {
+            bail!(describe_error(status, &text));
+        }
+        Ok((parse_body(&text)?, headers))
+    }
+
+    /// `GET {path}`: the item, or `None` when the service answers 404.
+    pub async fn get_if_found(&self, path: &str) -> anyhow::Result<Option<Value>> {
+        let (status, text, _) = self.exchange(Method::GET, path, None, &[], None).await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            bail!(describe_error(status, &text));
+        }
+        parse_body(&text).map(Some)
+    }
+
+    /// Sends one request; the status, body text and headers, whatever the status.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        if_match: Option<&str>,
+        extra_headers: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> anyhow::Result<(reqwest::StatusCode, String, reqwest::header::HeaderMap)> {
         let url = format!(
             "{}{path}{}api-version=2021-10-01",
             self.base,
@@ -122,15 +152,7 @@ impl ServiceClient {
             .text()
             .await
             .context("while reading the response")?;
-        if !status.is_success() {
-            bail!(describe_error(status, &text));
-        }
-        let value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).context("the service sent invalid JSON")?
-        };
-        Ok((value, headers))
+        Ok((status, text, headers))
     }
 
     /// One page of `POST {path}` (a query).
@@ -225,4 +247,13 @@ fn read_ca(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
         bail!("{} holds no certificate", path.display());
     }
     Ok(certs)
+}
+
+/// A response body as JSON (`null` when empty).
+fn parse_body(text: &str) -> anyhow::Result<Value> {
+    if text.trim().is_empty() {
+        Ok(Value::Null)
+    } else {
+        serde_json::from_str(text).context("the service sent invalid JSON")
+    }
 }

@@ -379,15 +379,31 @@ pub async fn registration(ctx: &CommandContext, cmd: RegistrationCommand) -> any
             registration_id,
             trace,
         } => {
-            let path = format!(
-                "/registrations/{}{}",
-                encode(&registration_id),
-                if trace { "/trace" } else { "" }
-            );
+            let path = format!("/registrations/{}", encode(&registration_id));
+            if !trace {
+                let (state, _) = client.send(Method::GET, &path, None, &[], None).await?;
+                ctx.output.print_item(&state);
+                return Ok(());
+            }
+            // The trace exists only when a webhook was asked; the registration is shown either way.
+            let allocation_trace = client.get_if_found(&format!("{path}/trace")).await?;
             let (state, _) = client.send(Method::GET, &path, None, &[], None).await?;
-            match (trace, ctx.output) {
-                (true, Output::Human) => println!("{}", serde_json::to_string_pretty(&state)?),
-                _ => ctx.output.print_item(&state),
+            match (allocation_trace, ctx.output) {
+                (Some(found), Output::Human) => {
+                    ctx.output.print_item(&state);
+                    println!("Allocation trace:");
+                    println!("{}", serde_json::to_string_pretty(&found)?);
+                }
+                (None, Output::Human) => {
+                    ctx.output.print_item(&state);
+                    println!(
+                        "No allocation webhook was involved: its last registration was allocated without custom allocation."
+                    );
+                }
+                (found, Output::Json) => ctx.output.print_item(&serde_json::json!({
+                    "registration": state,
+                    "allocationTrace": found,
+                })),
             }
         }
         RegistrationCommand::List { group_id } => {

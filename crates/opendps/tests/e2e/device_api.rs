@@ -410,3 +410,48 @@ async fn finished_operations_are_pruned_after_their_retention() {
         .expect("state");
     assert_eq!(state.status, 200, "the registration state stays: {state:?}");
 }
+
+/// `registration show --trace` on a registration that used no webhook still shows the registration,
+/// and says that no webhook was involved.
+#[tokio::test]
+async fn trace_of_a_registration_without_a_webhook() {
+    let server = server().await;
+    with_group(&server, json!({})).await;
+    let rid = "no-webhook-device";
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    let api = device(&server, rid, &key, far_future());
+    let accepted = register(&api, &server, rid, None).await;
+    let op = accepted.body["operationId"]
+        .as_str()
+        .expect("op")
+        .to_owned();
+    poll(&api, &server, rid, &op).await;
+    let out = server
+        .cli(&["registration", "show", "--registration-id", rid, "--trace"])
+        .expect("cli");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(rid), "the registration is shown: {stdout}");
+    assert!(
+        stdout.contains("No allocation webhook was involved"),
+        "{stdout}"
+    );
+    let json = server
+        .cli(&[
+            "registration",
+            "show",
+            "--registration-id",
+            rid,
+            "--trace",
+            "--output",
+            "json",
+        ])
+        .expect("cli");
+    let value: Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert_eq!(value["registration"]["registrationId"], rid);
+    assert!(value["allocationTrace"].is_null());
+}
