@@ -23,7 +23,7 @@ use crate::model::AllocationPolicy;
 pub enum AllocationError {
     /// No linked hub is a candidate.
     #[error(
-        "no linked IoT hub is available for this enrollment; link one with `opendps linked-hub create`"
+        "no linked IoT hub is available for this enrollment; link one with `opendps linked-hub create`, or serve one in-process with `opendps serve --hub NAME`"
     )]
     NoHubs,
     /// The enrollment names a hub that is not linked.

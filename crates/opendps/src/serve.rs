@@ -171,6 +171,7 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
     {
         link_minihubs(hub, &config.minihub.hubs, &store).await?;
     }
+    warn_about_unserved_hubs(&config, &data, &store).await;
     let app = dps_http::router(Arc::new(AppState {
         management,
         provisioning: Arc::clone(&provisioning),
@@ -259,6 +260,35 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
         stop: stop_tx,
         tasks,
     })
+}
+
+/// Linked hubs that an earlier `serve --hub` served in-process and this one does not: every device
+/// allocated to them would fail, so say so at startup, with the two ways out.
+async fn warn_about_unserved_hubs(config: &Config, data: &DataDir, store: &SqliteStore) {
+    let path = data.root().join("minihub.db");
+    if !path.exists() {
+        return;
+    }
+    let (Ok(in_process), Ok(linked)) = (Minihub::read_hubs(&path), store.list_linked_hubs().await)
+    else {
+        return;
+    };
+    for hub in linked.iter().filter(|linked| {
+        in_process
+            .iter()
+            .any(|h| h.host_name.eq_ignore_ascii_case(&linked.host_name))
+            && !config
+                .minihub
+                .hubs
+                .iter()
+                .any(|served| served.eq_ignore_ascii_case(&linked.host_name))
+    }) {
+        tracing::warn!(
+            hub = %hub.host_name,
+            "linked hub {0} was served in-process by an earlier `opendps serve --hub {0}` and is not served now, so registrations allocated to it will fail; start with `--hub {0}`, or unlink it with `opendps linked-hub delete --linked-hub {0}`",
+            hub.host_name
+        );
+    }
 }
 
 /// Opens the in-process hubs, if any are configured, creating each one (and its keys) once.

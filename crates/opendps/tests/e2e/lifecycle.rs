@@ -188,3 +188,50 @@ async fn startup_log_and_info_name_the_mqtt_listener() {
         "{text}"
     );
 }
+
+/// A hub served in-process by an earlier `serve --hub` stays linked; a later `serve` without it
+/// warns at startup, naming both ways out.
+#[tokio::test]
+async fn a_linked_hub_no_longer_served_in_process_is_warned_about() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let mut server = dps_testkit::TestServer::start_with(bin, &["--hub", "gone-hub.example"])
+        .await
+        .expect("start");
+    assert!(server.stop().await.expect("stop"));
+    let log = server.data_dir().join("plain.log");
+    let mut plain = std::process::Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(
+            std::fs::File::options()
+                .append(true)
+                .open(&log)
+                .expect("log"),
+        )
+        .spawn()
+        .expect("serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("opendps is serving") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let _ = plain.kill();
+    let _ = plain.wait();
+    assert!(
+        text.contains("gone-hub.example")
+            && text.contains("--hub gone-hub.example")
+            && text.contains("linked-hub delete --linked-hub gone-hub.example"),
+        "{text}"
+    );
+}
