@@ -54,6 +54,9 @@ struct Expected {
 /// Runs the tutorial; fails if anything differs from it.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Listen for Ctrl-C from the start, so an interrupt at any point still reaches the cleanup
+    // below: the data directory holds keys.
+    let mut interrupted = tokio::spawn(serve::stop_signal());
     let suffix = args.suffix.unwrap_or_else(|| {
         let mut bytes = [0u8; 2];
         dps_core::sas::fill_random(&mut bytes);
@@ -94,8 +97,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         log,
         transport: args.transport,
     };
-    let outcome = tutorial.run().await;
+    // Ctrl-C (or SIGTERM) stops the tutorial, but not the cleanup: the data directory holds keys.
+    let outcome = tokio::select! {
+        outcome = tutorial.run() => outcome.context("the demo did not go as the tutorial says"),
+        _ = &mut interrupted => {
+            println!("\nInterrupted: stopping the service and removing what the demo created.");
+            Err(anyhow::anyhow!("interrupted before the demo finished"))
+        }
+    };
     allocator.abort();
+    interrupted.abort();
     service.shutdown().await;
     if args.keep {
         println!(
@@ -107,7 +118,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else if let Err(err) = std::fs::remove_dir_all(&data_dir) {
         eprintln!("warning: could not remove {}: {err}", data_dir.display());
     }
-    outcome.context("the demo did not go as the tutorial says")?;
+    outcome?;
     println!(
         "\nEverything happened as the tutorial says, in {:.1} s.",
         started.elapsed().as_secs_f64()
@@ -168,6 +179,9 @@ impl Tutorial<'_> {
             .split_once('?')
             .map_or(self.webhook_url.as_str(), |(url, _)| url);
         println!("Started the Contoso allocation function: {shown_url}");
+        println!(
+            "  It routes each device by the end of its registration id: -contoso-tstrsd-007 to the\n  toasters hub, -contoso-hpsd-088 to the heat pumps hub; any other device is refused."
+        );
 
         let client = ServiceClient::connect(ClientSettings {
             login: None,
@@ -361,7 +375,9 @@ impl Tutorial<'_> {
 
     /// A device the function does not know: the tutorial's last troubleshooting row.
     async fn unrecognized_device(&self, key: &str) -> anyhow::Result<String> {
-        println!("\n── An unrecognized device: {UNRECOGNIZED}\n");
+        println!(
+            "\n── An unrecognized device: {UNRECOGNIZED} (expected to fail: its id ends in neither suffix)\n"
+        );
         let reply = self
             .device(UNRECOGNIZED, key)?
             .provision(&|line| println!("{line}"))
@@ -381,7 +397,7 @@ impl Tutorial<'_> {
             );
         }
         Ok(format!(
-            "{UNRECOGNIZED:<34} failed: 400207 CustomAllocationFailed, \"Unrecognized device registration.\""
+            "{UNRECOGNIZED:<34} failed as expected: 400207 CustomAllocationFailed, \"Unrecognized device registration.\""
         ))
     }
 }

@@ -457,3 +457,42 @@ async fn bench_without_a_hub_fails_and_says_what_to_do() {
         "{stderr}"
     );
 }
+
+/// Ctrl-C during `opendps demo` still stops its service and removes its data directory (keys).
+#[test]
+fn an_interrupted_demo_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_opendps"))
+        .args(["demo", "--suffix", "1099"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("opendps demo runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(tmp.path()).expect("tmp").next().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let out = demo.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.contains("Everything happened as the tutorial says") {
+        // Finished before the signal landed: nothing to test, and nothing may be left either.
+    } else {
+        assert!(!out.status.success(), "{stdout}");
+        assert!(stdout.contains("Interrupted"), "{stdout}");
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("tmp")
+        .collect::<Result<_, _>>()
+        .expect("entries");
+    assert!(left.is_empty(), "the demo left {left:?} behind:\n{stdout}");
+}
