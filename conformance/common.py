@@ -149,29 +149,66 @@ def out(msg):
 
 
 # ---------------------------------------------------------------------------
-# In-process IoT hubs (minihub)
+# Where the server is: the suite's own host name and address
 # ---------------------------------------------------------------------------
 
-TOASTERS_HUB = "contoso-toasters-hub-1.azure-devices.net"
-HEATPUMPS_HUB = "contoso-heatpumps-hub-1.azure-devices.net"
+
+def service_hostname():
+    """The host name clients use for the service (`serviceHost` without its port): run.sh makes it
+    the suite's own name, dps.opendps-conformance.test. Device clients dial it on port 8883."""
+    host = info()["serviceHost"]
+    if host.startswith("["):
+        return host[1 : host.index("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def route_hubs_to_loopback():
-    """The in-process hubs answer on the server's listener, but their names do not resolve here:
-    send those names to 127.0.0.1, as a hosts file would. The SDKs themselves are untouched."""
+def suite_address():
+    """The IP address the server listens on (run.sh gives each run a loopback address of its own,
+    e.g. 127.77.3.41, HTTPS and MQTT alike), or 127.0.0.1 for a wildcard listener."""
+    import ipaddress
+
+    host = info()["listen"]["https"].rsplit(":", 1)[0].strip("[]")
+    return "127.0.0.1" if ipaddress.ip_address(host).is_unspecified else host
+
+
+def _route_suite_names():
+    """Resolve the names the suite uses, and only those, to the server's address, as a hosts file
+    would: the service host name (which the service SDK, ProvisioningDeviceClient and the hub
+    device client's GatewayHostName dial) and the in-process hubs' names (which the registry
+    client dials). Neither resolves on a test machine, and the Python device SDK always dials
+    port 8883 of the name it is given, so a name of the suite's own pointing at an address of its
+    own is what lets the suite run beside a default `opendps serve` (127.0.0.1:8883) or another
+    run. Done once, at import, in the scenario process; the SDKs themselves are untouched, and
+    TLS still checks those names against the server's certificate."""
     import socket
 
-    hubs = {h["hostName"].lower() for h in info().get("minihubs", [])}
+    if not os.environ.get("OPENDPS_INFO"):
+        return  # `scenarios.py --list`
+    names = {service_hostname().lower()} | {h["hostName"].lower() for h in info().get("minihubs", [])}
+    address = suite_address()
     real = socket.getaddrinfo
 
     def getaddrinfo(host, *args, **kwargs):
-        if isinstance(host, str) and host.lower() in hubs:
-            host = "127.0.0.1"
+        if isinstance(host, (str, bytes)):
+            name = host.decode() if isinstance(host, bytes) else host
+            if name.lower().rstrip(".") in names:
+                host = address
         return real(host, *args, **kwargs)
 
     socket.getaddrinfo = getaddrinfo
     # requests (under the registry client) reads the CA bundle from the environment.
     os.environ["REQUESTS_CA_BUNDLE"] = info()["caFile"]
+
+
+_route_suite_names()
+
+
+# ---------------------------------------------------------------------------
+# In-process IoT hubs (minihub)
+# ---------------------------------------------------------------------------
+
+TOASTERS_HUB = "contoso-toasters-hub-1.azure-devices.net"
+HEATPUMPS_HUB = "contoso-heatpumps-hub-1.azure-devices.net"
 
 
 def listen_port():
@@ -189,7 +226,6 @@ def hub_connection_string(host):
 def registry_manager(host):
     from azure.iot.hub import IoTHubRegistryManager
 
-    route_hubs_to_loopback()
     return IoTHubRegistryManager.from_connection_string(hub_connection_string(host))
 
 
@@ -213,7 +249,6 @@ def hub_telemetry(host, device_id):
     """The telemetry the in-process hub recorded for a device (opendps extension of the hub API)."""
     import requests
 
-    route_hubs_to_loopback()
     url = f"https://{host}:{listen_port()}/devices/{device_id}/messages/events?api-version=2021-04-12"
     reply = requests.get(url, headers={"Authorization": hub_sas(host)}, verify=info()["caFile"], timeout=10)
     check(reply.status_code == 200, f"reading telemetry: HTTP {reply.status_code} {reply.text[:200]}")

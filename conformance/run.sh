@@ -5,6 +5,7 @@
 #
 #   conformance/run.sh                 build with cargo, then test target/debug/opendps
 #   OPENDPS_BIN=/path/opendps conformance/run.sh
+#   CONFORMANCE_ADDRESS=127.0.0.1 conformance/run.sh   listen there, not on 127.77.X.Y
 #
 # The last line is `N passed, N failed`; the exit status is non-zero when
 # anything failed.
@@ -18,16 +19,14 @@ SCENARIO_TIMEOUT=60
 START_TIMEOUT=30
 
 # --- Python SDKs --------------------------------------------------------------
-if [ ! -x "$PY" ] || ! "$PY" -c 'import azure.iot.deviceprovisioning' >/dev/null 2>&1; then
-    echo "creating $VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-        azure-iot-device==2.14.0 azure-iot-hub==2.7.0 azure-iot-deviceprovisioning==1.0.0b1 six==1.17.0
-fi
+"$CONF/venv.sh"
 
 # --- Server binary ------------------------------------------------------------
+# A relative OPENDPS_BIN (or CONTOSO_ALLOCATOR_BIN) is relative to where run.sh was started; the
+# scenarios run in conformance/, so it is made absolute here.
 if [ -n "${OPENDPS_BIN:-}" ]; then
     BIN="$OPENDPS_BIN"
+    case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
 else
     (cd "$ROOT" && cargo build -p opendps)
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/opendps"
@@ -41,6 +40,7 @@ fi
 # --- The tutorial's allocation webhook (examples/contoso-allocator) ---------------
 if [ -n "${CONTOSO_ALLOCATOR_BIN:-}" ]; then
     ALLOCATOR="$CONTOSO_ALLOCATOR_BIN"
+    case "$ALLOCATOR" in /*) ;; *) ALLOCATOR="$PWD/$ALLOCATOR" ;; esac
 else
     (cd "$ROOT" && cargo build --quiet -p contoso-allocator)
     ALLOCATOR="${CARGO_TARGET_DIR:-$ROOT/target}/debug/contoso-allocator"
@@ -68,39 +68,91 @@ print_server_log() {
     echo "---- end of server log ----"
 }
 
-# (OPENDPS_BIN is ours, not a server setting: keep it out of the server's environment.)
-env -u OPENDPS_BIN "$BIN" serve --data-dir "$DIR" --listen 127.0.0.1:0 \
-    --hub contoso-toasters-hub-1.azure-devices.net --hub contoso-heatpumps-hub-1.azure-devices.net \
-    >"$DIR/serve.log" 2>&1 &
-PID=$!
+# The suite's server listens on a loopback address of its own, 127.77.X.Y (Linux routes all of
+# 127.0.0.0/8 to lo), never on 127.0.0.1: its MQTT listener must be on port 8883, the only port the
+# Python device SDK dials, and a default `opendps serve` holds 127.0.0.1:8883. The address comes
+# from this script's PID, so two runs get different ones; when it is taken anyway, the next
+# candidate is tried. CONFORMANCE_ADDRESS=IP pins it (e.g. where only 127.0.0.1 is on loopback).
+# Clients reach the server by the name $SUITE_HOST (its public host, in the connection strings and
+# the certificate): common.py resolves that name and the hubs' names to the address, inside the
+# scenario processes only. `.test` is reserved (RFC 2606), so the name never resolves elsewhere.
+SUITE_HOST="dps.opendps-conformance.test"
+DATA="$DIR/data"
+ADDR=""
 
-INFO=""
-deadline=$((SECONDS + START_TIMEOUT))
-while :; do
-    if ! kill -0 "$PID" 2>/dev/null; then
-        rc=0
-        wait "$PID" 2>/dev/null || rc=$?
-        PID=""
-        echo "opendps serve exited (status $rc) before it was ready" >&2
-        print_server_log >&2
-        exit 1
+candidates() {
+    if [ -n "${CONFORMANCE_ADDRESS:-}" ]; then
+        echo "$CONFORMANCE_ADDRESS"
+        return
     fi
-    if out="$(timeout 10 "$BIN" info --data-dir "$DIR" --json 2>/dev/null)" &&
-        printf '%s' "$out" | "$PY" -c '
+    local i n
+    for i in $(seq 0 9); do
+        n=$((($$ + i * 257) % (254 * 254)))
+        echo "127.77.$((n / 254 + 1)).$((n % 254 + 1))"
+    done
+}
+
+# Starts the server on $1 and waits until it reports running (status 0); status 2 when $1:8883 or
+# the HTTPS port there is taken; any other failure ends the run.
+start_server() {
+    local addr="$1" rc out
+    rm -rf "$DATA"
+    # (OPENDPS_BIN is ours, not a server setting: keep it out of the server's environment.)
+    env -u OPENDPS_BIN "$BIN" serve --data-dir "$DATA" --listen "$addr:0" --mqtt-listen "$addr:8883" \
+        --public-host "$SUITE_HOST" --tls-name "$SUITE_HOST" --tls-name "$addr" \
+        --hub contoso-toasters-hub-1.azure-devices.net --hub contoso-heatpumps-hub-1.azure-devices.net \
+        >"$DIR/serve.log" 2>&1 &
+    PID=$!
+    local deadline=$((SECONDS + START_TIMEOUT))
+    while :; do
+        if ! kill -0 "$PID" 2>/dev/null; then
+            rc=0
+            wait "$PID" 2>/dev/null || rc=$?
+            PID=""
+            if grep -q "Address already in use" "$DIR/serve.log"; then
+                echo "$addr is taken: $(grep -m 1 'while binding' "$DIR/serve.log" || true)"
+                return 2
+            fi
+            echo "opendps serve exited (status $rc) before it was ready" >&2
+            if grep -q "assign requested address" "$DIR/serve.log"; then
+                echo "$addr is not a local address here; set CONFORMANCE_ADDRESS to one that is" \
+                    "(e.g. 127.0.0.1 when no other server holds port 8883 there)" >&2
+            fi
+            print_server_log >&2
+            exit 1
+        fi
+        if out="$(timeout 10 "$BIN" info --data-dir "$DATA" --json 2>/dev/null)" &&
+            printf '%s' "$out" | "$PY" -c '
 import json, sys
 d = json.load(sys.stdin)
 sys.exit(0 if d.get("running") is not None else 1)' 2>/dev/null; then
-        INFO="$out"
+            INFO="$out"
+            return 0
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "opendps did not report running within ${START_TIMEOUT}s; last info output:" >&2
+            echo "${out:-<none>}" >&2
+            print_server_log >&2
+            exit 1
+        fi
+        sleep 0.2
+    done
+}
+
+INFO=""
+for candidate in $(candidates); do
+    rc=0
+    start_server "$candidate" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        ADDR="$candidate"
         break
     fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        echo "opendps did not report running within ${START_TIMEOUT}s; last info output:" >&2
-        echo "${out:-<none>}" >&2
-        print_server_log >&2
-        exit 1
-    fi
-    sleep 0.2
 done
+if [ -z "$ADDR" ]; then
+    echo "no free address for the server among: $(candidates | tr '\n' ' ')" >&2
+    exit 1
+fi
+echo "opendps serve on $ADDR (HTTPS $(printf '%s' "$INFO" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["listen"]["https"].rsplit(":", 1)[1])'), MQTT 8883) as $SUITE_HOST"
 
 # --- Start the allocator ---------------------------------------------------------
 "$ALLOCATOR" --listen 127.0.0.1:0 >"$DIR/allocator.log" 2>&1 &
