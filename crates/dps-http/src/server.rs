@@ -1,7 +1,9 @@
 //! The TLS accept loop: HTTP/1.1 and HTTP/2 over rustls, one task per connection, a bounded
 //! handshake, and a graceful stop that lets requests in flight finish.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -10,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -74,7 +77,13 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let service = TowerToHyperService::new(app.map_request(|req: hyper::Request<Incoming>| req.map(axum::body::Body::new)));
+                    let Some(stream) = Sniffed::http_only(stream, peer).await else {
+                        return;
+                    };
+                    let service = TowerToHyperService::new(app.map_request(move |req: hyper::Request<Incoming>| {
+                        log_refused_upgrade(&req, peer);
+                        req.map(axum::body::Body::new)
+                    }));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     if let Err(err) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, %err, "connection ended with an error");
@@ -90,6 +99,118 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some HTTPS connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// WebSocket upgrades (MQTT or AMQP over WebSockets, as SDKs ask on `/$iothub/websocket`) are not
+/// served: the request goes on to the routers, which answer 404, and the operator sees why the
+/// device failed.
+fn log_refused_upgrade<B>(req: &hyper::Request<B>, peer: std::net::SocketAddr) {
+    let upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if let Some(upgrade) = upgrade {
+        let protocol = req
+            .headers()
+            .get(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        tracing::warn!(
+            %peer,
+            path = req.uri().path(),
+            upgrade,
+            protocol,
+            "refused a protocol upgrade: MQTT and AMQP over WebSockets are not served; devices can use MQTT over TLS (the mqtt listener) or HTTPS"
+        );
+    }
+}
+
+/// A TLS stream whose first bytes were read to see what the client speaks, then handed back to
+/// the HTTP server as if unread.
+struct Sniffed<S> {
+    head: Vec<u8>,
+    served: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> Sniffed<S> {
+    /// The stream, unless the client opened with an AMQP header (an AMQP device pointed at this
+    /// port), sent nothing in time, or closed: those are logged and dropped.
+    async fn http_only(mut inner: S, peer: std::net::SocketAddr) -> Option<Self> {
+        let mut head = vec![0u8; 1024];
+        let read = match tokio::time::timeout(HANDSHAKE_TIMEOUT, inner.read(&mut head)).await {
+            Ok(Ok(read)) if read > 0 => read,
+            Ok(_) => return None,
+            Err(_) => {
+                tracing::debug!(%peer, "no request within {HANDSHAKE_TIMEOUT:?} of the handshake");
+                return None;
+            }
+        };
+        head.truncate(read);
+        if head.starts_with(b"AMQP") {
+            tracing::warn!(
+                %peer,
+                "refused an AMQP connection on the HTTPS listener: AMQP is not served; devices can use MQTT over TLS (the mqtt listener) or HTTPS"
+            );
+            return None;
+        }
+        Some(Self {
+            head,
+            served: 0,
+            inner,
+        })
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.served < self.head.len() {
+            let n = buf.remaining().min(self.head.len() - self.served);
+            let start = self.served;
+            buf.put_slice(&self.head[start..start + n]);
+            self.served += n;
+            if self.served == self.head.len() {
+                self.head = Vec::new();
+                self.served = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

@@ -99,7 +99,7 @@ pub async fn serve(
                             return;
                         }
                     };
-                    if let Err(reason) = run_connection(stream, connector, limits, stop).await {
+                    if let Err(reason) = run_connection(stream, peer, connector, limits, stop).await {
                         tracing::debug!(%peer, reason, "MQTT connection closed");
                     }
                 });
@@ -130,6 +130,28 @@ fn opens_client_packet(byte: u8) -> bool {
     }
 }
 
+/// The protocol a client that opened with `head` speaks instead of MQTT, when it is one a device
+/// or a person points at the wrong port: AMQP (its protocol header) or HTTP (a request line).
+fn foreign_protocol(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"AMQP") {
+        Some("AMQP")
+    } else if [
+        &b"GET "[..],
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"PRI * HTTP",
+    ]
+    .iter()
+    .any(|method| head.starts_with(method))
+    {
+        Some("HTTP")
+    } else {
+        None
+    }
+}
+
 /// The remaining length a fixed-size packet must declare, if the packet type has one.
 fn fixed_remaining_length(byte: u8) -> Option<u8> {
     match byte >> 4 {
@@ -148,6 +170,8 @@ enum ReadError {
     UnsupportedProtocol(String),
     /// The socket failed or the client closed it.
     Closed(String),
+    /// The client speaks another protocol (named), to the wrong port.
+    Foreign(&'static str),
 }
 
 impl From<ReadError> for String {
@@ -157,6 +181,7 @@ impl From<ReadError> for String {
                 format!("malformed packet: {why}")
             }
             ReadError::Closed(why) => why,
+            ReadError::Foreign(protocol) => format!("the client speaks {protocol}, not MQTT"),
         }
     }
 }
@@ -166,12 +191,21 @@ struct Framed<S> {
     stream: S,
     buffer: BytesMut,
     max: usize,
+    /// No CONNECT yet: a client of another protocol is recognised (and named) only here.
+    before_connect: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     async fn read(&mut self) -> Result<Packet, ReadError> {
         loop {
             if let Some(&first) = self.buffer.first() {
+                if let Some(protocol) = self
+                    .before_connect
+                    .then(|| foreign_protocol(&self.buffer))
+                    .flatten()
+                {
+                    return Err(ReadError::Foreign(protocol));
+                }
                 if !opens_client_packet(first) {
                     return Err(ReadError::Malformed(format!(
                         "0x{first:02x} does not start a client packet"
@@ -237,6 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 
 async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
+    peer: std::net::SocketAddr,
     connector: Arc<dyn Connector>,
     limits: MqttLimits,
     mut stop: watch::Receiver<bool>,
@@ -245,6 +280,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
         stream,
         buffer: BytesMut::with_capacity(4096),
         max: limits.max_packet_bytes,
+        before_connect: true,
     };
     let connect = match tokio::time::timeout(CONNECT_TIMEOUT, framed.read()).await {
         Ok(Ok(Packet::Connect(connect))) => connect,
@@ -259,9 +295,23 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 .await?;
             return Err(format!("CONNECT refused: {why}"));
         }
+        Ok(Err(ReadError::Foreign(protocol))) => {
+            tracing::warn!(
+                %peer,
+                protocol,
+                "refused a connection speaking {protocol} on the MQTT listener: only MQTT 3.1.1 is served here{}",
+                if protocol == "AMQP" {
+                    "; AMQP is not served, devices can use MQTT or HTTPS"
+                } else {
+                    "; HTTPS is served on the https listener"
+                }
+            );
+            return Err(ReadError::Foreign(protocol).into());
+        }
         Ok(Err(err)) => return Err(err.into()),
         Err(_) => return Err("no CONNECT in time".into()),
     };
+    framed.before_connect = false;
     let mut connection = match connector.connect(&connect).await {
         Ok(connection) => connection,
         Err(code) => {
@@ -424,6 +474,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let task = tokio::spawn(run_connection(
             server,
+            ([127, 0, 0, 1], 1).into(),
             Arc::new(OnlyAlice),
             MqttLimits {
                 max_packet_bytes: 1024,
@@ -543,6 +594,23 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn other_protocols_are_named() {
+        for (head, protocol) in [
+            (&b"AMQP\x03\x01\x00\x00"[..], "AMQP"),
+            (b"AMQP\x00\x01\x00\x00", "AMQP"),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP"),
+        ] {
+            let (result, out) = exchange(head.to_vec()).await;
+            assert_eq!(
+                result,
+                Err(format!("the client speaks {protocol}, not MQTT")),
+                "{head:?}"
+            );
+            assert!(out.is_empty());
+        }
+    }
+
     /// Garbage after a CONNECT closes the connection at once, even with the client's side still
     /// open and no keep-alive to end it: with paused time, a connection that waited for more bytes
     /// would run into the timeout below instead.
@@ -560,6 +628,7 @@ mod tests {
             let (_tx, rx) = watch::channel(false);
             let task = tokio::spawn(run_connection(
                 server,
+                ([127, 0, 0, 1], 1).into(),
                 Arc::new(OnlyAlice),
                 MqttLimits::default(),
                 rx,

@@ -462,7 +462,7 @@ async fn bench_without_a_hub_fails_and_says_what_to_do() {
 #[test]
 fn an_interrupted_demo_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_opendps"))
+    let demo = std::process::Command::new(env!("CARGO_BIN_EXE_opendps"))
         .args(["demo", "--suffix", "1099"])
         .env("TMPDIR", tmp.path())
         .stdout(std::process::Stdio::piped())

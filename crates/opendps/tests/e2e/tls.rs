@@ -136,3 +136,78 @@ async fn connections_over_the_cap_are_refused_and_counted() {
     }
     drop(mqtt_held);
 }
+
+/// Opens a TLS connection to `addr` trusting the server's CA and sends `bytes`; returns the first
+/// bytes the server answered (nothing when it closed the connection, as for a refused protocol).
+async fn send_over_tls(server: &TestServer, addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&server.ca_pem().expect("ca")) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    ));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    tls.write_all(bytes).await.expect("write");
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut answer))
+        .await
+        .expect("the server answers or closes")
+        .unwrap_or(0);
+    answer.truncate(read);
+    answer
+}
+
+/// WebSocket upgrades and AMQP clients are refused with a log line naming the peer and what it
+/// asked, on either listener.
+#[tokio::test]
+async fn websocket_and_amqp_attempts_are_logged() {
+    let server = crate::server().await;
+    let https = server.https_addr().expect("https");
+    let mqtt: std::net::SocketAddr = server.info["listen"]["mqtt"]
+        .as_str()
+        .expect("mqtt")
+        .parse()
+        .expect("addr");
+    let amqp_header = b"AMQP\x03\x01\x00\x00";
+    assert!(send_over_tls(&server, https, amqp_header).await.is_empty());
+    assert!(send_over_tls(&server, mqtt, amqp_header).await.is_empty());
+    let upgrade = send_over_tls(
+        &server,
+        https,
+        b"GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: AMQPWSB10\r\n\r\n",
+    )
+    .await;
+    assert!(
+        !String::from_utf8_lossy(&upgrade).starts_with("HTTP/1.1 101"),
+        "not upgraded"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = server.log();
+        let seen = [
+            "refused an AMQP connection on the HTTPS listener",
+            "refused a connection speaking AMQP on the MQTT listener",
+            "refused a protocol upgrade",
+            "AMQPWSB10",
+        ]
+        .iter()
+        .all(|line| log.contains(line));
+        if seen {
+            assert!(log.contains("peer=127.0.0.1:"), "{log}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
