@@ -1,7 +1,10 @@
 //! opendps core: the DPS domain, free of transports and databases.
 //!
-//! Front ends decode bytes into the types here, make one call into [`management::Management`], and
-//! encode the result. Storage and time come in through the seams in [`store`] and [`clock`].
+//! Front ends decode bytes into the types here, make one core call and encode the result: the service
+//! API calls [`management::Management`] (after [`management::Management::authenticate`]), the device
+//! API over HTTPS and MQTT calls [`provisioning::Provisioning`], and the worker drives each accepted
+//! registration through [`provisioning::Provisioning::process`]. Storage, hubs, webhooks and time
+//! come in through the seams in [`store`], [`hub`], [`webhook`] and [`clock`].
 
 pub mod access;
 pub mod allocation;

@@ -61,7 +61,7 @@ pub struct ProvisioningSettings {
     pub hub_retry_ms: i64,
     /// How long an allocation webhook may take to answer.
     pub webhook_timeout: std::time::Duration,
-    /// Retries of a webhook that answers 429 or 5xx (DPS: 10).
+    /// Retries of a webhook that answers 429 or above, 5xx included (DPS: 10).
     pub webhook_retries: u32,
     /// Delay before the first webhook retry, in milliseconds (DPS: 1 s).
     pub webhook_first_retry_ms: i64,
@@ -118,7 +118,7 @@ pub struct Operation {
     /// Hub write attempts made so far.
     #[serde(default)]
     pub attempts: u32,
-    /// Webhook retries made so far (after answers of 429 or 5xx).
+    /// Webhook retries made so far (after answers of 429 or above).
     #[serde(default)]
     pub webhook_retries: u32,
     /// What the webhook was asked and answered, across retries.
@@ -1053,7 +1053,7 @@ struct RecordWrite {
 enum Failure {
     /// A hub failed; worth another attempt.
     Retry(HubError),
-    /// The webhook answered 429 or 5xx; ask again later.
+    /// The webhook answered 429 or above; ask again later.
     WebhookRetry(String),
     /// The enrollment is disabled.
     Disabled,

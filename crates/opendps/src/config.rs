@@ -187,7 +187,7 @@ pub struct ProvisioningConfig {
     pub hub_timeout_secs: u64,
     /// Milliseconds a custom allocation webhook may take to answer.
     pub webhook_timeout_ms: u64,
-    /// Retries of a webhook that answers 429 or 5xx (Azure: 10).
+    /// Retries of a webhook that answers 429 or above, 5xx included (Azure: 10).
     pub webhook_retries: u32,
     /// Delay before the first webhook retry, in milliseconds (Azure: 1000).
     pub webhook_first_retry_ms: u64,
