@@ -40,14 +40,16 @@ pub fn server_identity(
     let (issuer, created) = development_ca(data)?;
     let key = KeyPair::generate().context("while generating the server key")?;
     let mut names: Vec<String> = DEFAULT_NAMES.iter().map(|n| (*n).to_owned()).collect();
-    names.extend(
-        config
-            .names
-            .iter()
-            .filter(|n| !n.trim().is_empty())
-            .cloned(),
-    );
-    names.dedup();
+    for name in config
+        .names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+    {
+        if !names.iter().any(|known| known.eq_ignore_ascii_case(name)) {
+            names.push(name.to_owned());
+        }
+    }
     let mut params = CertificateParams::default();
     params
         .distinguished_name

@@ -111,6 +111,8 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
         .context("while reading the service identity")?;
     let minihub = open_minihub(&config, &data).await?;
     let mut tls_config = config.tls.clone();
+    // Clients reach the service by its public host: the development certificate must name it.
+    tls_config.names.push(config.http.public_host.clone());
     tls_config.names.extend(config.minihub.hubs.iter().cloned());
     let (server_identity, ca_created) = pki::server_identity(&tls_config, &data)?;
     if ca_created {

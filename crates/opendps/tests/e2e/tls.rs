@@ -211,3 +211,23 @@ async fn websocket_and_amqp_attempts_are_logged() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The development certificate names the public host, so `--public-host` alone is enough.
+#[tokio::test]
+async fn certificate_covers_the_public_host() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server = TestServer::start_with(bin, &["--public-host", "dps.public.test"])
+        .await
+        .expect("start");
+    assert_eq!(
+        healthz(
+            &server,
+            "dps.public.test",
+            Version::TLS_1_2,
+            Version::TLS_1_3
+        )
+        .await
+        .expect("the public host verifies"),
+        200
+    );
+}
