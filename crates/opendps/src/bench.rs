@@ -28,11 +28,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::client::{ClientSettings, ServiceClient};
-use crate::device::{DeviceExchange, Ended, Transport, register_and_poll};
-use crate::mqtt_client::{DpsMqtt, tls_client_config};
-
-/// Device API version sent.
-const API_VERSION: &str = "2021-06-01";
+use crate::device::Transport;
+use dps_core::device::RegistrationOperationStatus;
+use dps_core::model::EnrollmentStatus;
+use dps_device::https::API_VERSION;
+use dps_device::mqtt::{DpsMqtt, tls_client_config};
+use dps_device::{DeviceExchange, Ended, Reply, register_and_poll, retry_after};
 
 /// `opendps bench`.
 #[derive(Debug, Args)]
@@ -592,13 +593,13 @@ struct HttpsLink<'a> {
 }
 
 impl HttpsLink<'_> {
-    /// One request; (status, Retry-After, JSON body).
+    /// One request.
     async fn call(
         &mut self,
         method: &str,
         path: &str,
         body: Option<String>,
-    ) -> anyhow::Result<(u16, u64, Value)> {
+    ) -> anyhow::Result<Reply> {
         let request = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -610,28 +611,28 @@ impl HttpsLink<'_> {
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+        let wait = retry_after(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+        );
         let bytes = response.into_body().collect().await?.to_bytes();
-        Ok((
+        Ok(Reply {
             status,
-            retry_after,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
+            retry_after: wait,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        })
     }
 }
 
 impl DeviceExchange for HttpsLink<'_> {
-    async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
+    async fn register(&mut self, body: &Value) -> anyhow::Result<Reply> {
         let path = format!("{}/register?api-version={API_VERSION}", self.base);
         self.call("PUT", &path, Some(body.to_string())).await
     }
 
-    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<Reply> {
         let path = format!(
             "{}/operations/{operation_id}?api-version={API_VERSION}",
             self.base
@@ -653,21 +654,22 @@ fn finished(started: Instant, waited: Duration, outcome: Result<(), String>) -> 
     }
 }
 
-/// `assigned`, or the registration's error code.
-fn terminal(reply: &Value) -> Result<(), String> {
-    match reply["status"].as_str() {
-        Some("assigned") => Ok(()),
-        Some(status) => Err(format!(
-            "{status} {}",
-            reply["registrationState"]["errorCode"]
-                .as_i64()
-                .map(|c| c.to_string())
-                .unwrap_or_default()
-        )
-        .trim()
-        .to_owned()),
-        None => Err("no status".to_owned()),
+/// `assigned`, or the registration's status and error code.
+fn terminal(done: &RegistrationOperationStatus) -> Result<(), String> {
+    if done.status == EnrollmentStatus::Assigned {
+        return Ok(());
     }
+    let status = serde_json::to_value(done.status)
+        .ok()
+        .and_then(|s| s.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let code = done
+        .registration_state
+        .as_ref()
+        .and_then(|s| s.error_code)
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    Err(format!("{status} {code}").trim().to_owned())
 }
 
 fn error_of(status: u16, reply: &Value) -> String {

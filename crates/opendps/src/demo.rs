@@ -17,8 +17,11 @@ use serde_json::{Value, json};
 
 use crate::client::{ClientSettings, ServiceClient};
 use crate::config::Config;
-use crate::device::{Device, Transport, failure_line};
+use crate::device::Transport;
 use crate::serve::{self, Service};
+use dps_core::device::RegistrationOperationStatus;
+use dps_core::model::EnrollmentStatus;
+use dps_device::{Device, failure_line};
 
 /// The tutorial's enrollment group.
 const GROUP_ID: &str = "contoso-custom-allocated-devices";
@@ -282,7 +285,7 @@ impl Tutorial<'_> {
             registration_id: registration_id.to_owned(),
             symmetric_key: key.to_owned(),
             payload: Some(serde_json::from_str(PAYLOAD)?),
-            transport: self.transport,
+            transport: self.transport.into(),
             timeout: Duration::from_secs(30),
         })
     }
@@ -305,14 +308,18 @@ impl Tutorial<'_> {
         let id = expected.registration_id;
         println!("\n── Simulate {}: {id}\n", expected.title);
         let device = self.device(id, key)?;
-        let reply = device.provision(&|line| println!("{line}")).await?;
-        if reply["status"] != "assigned" {
+        let done = device.provision(&|line| println!("{line}")).await?;
+        if done.status != EnrollmentStatus::Assigned {
             self.print_function_log();
-            bail!("{id}: {}", failure_line(&reply));
+            bail!("{id}: {}", failure_line(&done));
         }
-        let state = &reply["registrationState"];
-        let hub = state["assignedHub"].as_str().unwrap_or_default();
-        let device_id = state["deviceId"].as_str().unwrap_or_default();
+        let state = done.registration_state.as_ref();
+        let hub = state
+            .and_then(|s| s.assigned_hub.as_deref())
+            .unwrap_or_default();
+        let device_id = state
+            .and_then(|s| s.device_id.as_deref())
+            .unwrap_or_default();
         println!("\nRegistration Information received from service: {hub}, deviceId: {device_id}");
         let log = self.print_function_log();
         let payload = format!("\"payload\":{PAYLOAD}");
@@ -378,28 +385,32 @@ impl Tutorial<'_> {
         println!(
             "\n── An unrecognized device: {UNRECOGNIZED} (expected to fail: its id ends in neither suffix)\n"
         );
-        let reply = self
+        let done = self
             .device(UNRECOGNIZED, key)?
             .provision(&|line| println!("{line}"))
             .await?;
-        println!("\n{}", failure_line(&reply));
+        println!("\n{}", failure_line(&done));
         self.print_function_log();
-        let state = &reply["registrationState"];
-        let message = state["errorMessage"].as_str().unwrap_or_default();
-        if reply["status"] != "failed"
-            || state["errorCode"] != 400_207
-            || !message.contains("Unrecognized device registration.")
-        {
+        if !refused_as_the_tutorial_says(&done) {
             bail!(
-                "{UNRECOGNIZED} ended {} with {}; the tutorial's table says failed, 400207 (CustomAllocationFailed)",
-                reply["status"],
-                state
+                "{UNRECOGNIZED} ended {}; the tutorial's table says failed, 400207 (CustomAllocationFailed)",
+                serde_json::to_string(&done)?
             );
         }
         Ok(format!(
             "{UNRECOGNIZED:<34} failed as expected: 400207 CustomAllocationFailed, \"Unrecognized device registration.\""
         ))
     }
+}
+
+/// Failed with 400207 and the function's "Unrecognized device registration.".
+fn refused_as_the_tutorial_says(done: &RegistrationOperationStatus) -> bool {
+    let state = done.registration_state.as_ref();
+    done.status == EnrollmentStatus::Failed
+        && state.and_then(|s| s.error_code) == Some(400_207)
+        && state
+            .and_then(|s| s.error_message.as_deref())
+            .is_some_and(|m| m.contains("Unrecognized device registration."))
 }
 
 fn indent(text: &str) -> String {

@@ -12,7 +12,6 @@ mod demo;
 mod device;
 mod hub;
 mod info;
-mod mqtt_client;
 mod pki;
 mod serve;
 mod worker;

@@ -1,4 +1,4 @@
-//! A minimal MQTT 3.1.1 client over TLS for the device simulator: the DPS register/poll exchange
+//! A minimal MQTT 3.1.1 client over TLS: the DPS register/poll exchange
 //! exactly as the SDKs perform it (CONNECT with the SAS as password, SUBSCRIBE to the response
 //! topic, QoS 1 requests with a `$rid`, PUBACK of every response), and a device's twin read from
 //! its IoT hub.
@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+use crate::exchange::Reply;
 
 const MAX_PACKET: usize = 256 * 1024;
 /// How long to wait for any answer from the service.
@@ -67,7 +69,9 @@ pub async fn read_twin(
         "$iothub/twin/res/#",
     )
     .await?;
-    let (status, _, twin) = link
+    let Reply {
+        status, body: twin, ..
+    } = link
         .request(
             TWIN_RESPONSES,
             "$iothub/twin/GET/?$rid=1".into(),
@@ -106,9 +110,9 @@ pub fn tls_client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::Client
     Ok(Arc::new(config))
 }
 
-impl crate::device::DeviceExchange for DpsMqtt {
+impl crate::exchange::DeviceExchange for DpsMqtt {
     /// Publishes the register request; returns (status, retry-after, body).
-    async fn register(&mut self, body: &Value) -> anyhow::Result<(u16, u64, Value)> {
+    async fn register(&mut self, body: &Value) -> anyhow::Result<Reply> {
         let rid = self.packet_id();
         let payload = serde_json::to_vec(body)?;
         self.request(
@@ -120,7 +124,7 @@ impl crate::device::DeviceExchange for DpsMqtt {
     }
 
     /// Publishes a poll of `operation_id`.
-    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<(u16, u64, Value)> {
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<Reply> {
         let rid = self.packet_id();
         let topic = format!(
             "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation_id}"
@@ -238,13 +242,13 @@ impl DpsMqtt {
     }
 
     /// Publishes a QoS 1 request and waits for the response under `response_prefix` carrying its
-    /// `$rid`; returns (status, retry-after, body).
+    /// `$rid`.
     async fn request(
         &mut self,
         response_prefix: &str,
         topic: String,
         payload: Vec<u8>,
-    ) -> anyhow::Result<(u16, u64, Value)> {
+    ) -> anyhow::Result<Reply> {
         let rid = topic
             .split("$rid=")
             .nth(1)
@@ -272,15 +276,17 @@ impl DpsMqtt {
                         .next()
                         .and_then(|s| s.parse().ok())
                         .context("no status in the response topic")?;
-                    let retry_after = rest
-                        .split("retry-after=")
-                        .nth(1)
-                        .and_then(|v| v.split('&').next())
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .filter(|s| (1..=300).contains(s))
-                        .unwrap_or(2);
+                    let wait = crate::exchange::retry_after(
+                        rest.split("retry-after=")
+                            .nth(1)
+                            .and_then(|v| v.split('&').next()),
+                    );
                     let body = serde_json::from_slice(&response.payload).unwrap_or(Value::Null);
-                    return Ok((status, retry_after, body));
+                    return Ok(Reply {
+                        status,
+                        retry_after: wait,
+                        body,
+                    });
                 }
                 Packet::PubAck(_) | Packet::PingResp => {}
                 other => bail!("unexpected packet from the service: {other:?}"),

@@ -1,0 +1,195 @@
+//! One simulated device: where it registers, with which key and payload, over which transport.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use dps_core::device::RegistrationOperationStatus;
+use dps_core::model::EnrollmentStatus;
+use serde_json::Value;
+
+use crate::exchange::{DeviceExchange, Ended, Reply, register_and_poll};
+use crate::https::{API_VERSION, HttpsExchange};
+use crate::mqtt::DpsMqtt;
+
+/// Lifetime of the device's SAS token.
+const TOKEN_TTL_SECS: i64 = 3600;
+
+/// How a device talks to the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The DPS device REST API over HTTPS.
+    Https,
+    /// MQTT 3.1.1 over TLS, as the Python, C, C# and Node SDKs can.
+    Mqtt,
+}
+
+/// Where and how one device provisions itself with a symmetric key.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Provisioning endpoint, `host[:port]` (HTTPS).
+    pub host: String,
+    /// MQTT port at the same host.
+    pub mqtt_port: u16,
+    /// ID scope.
+    pub scope: String,
+    /// CA to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Registration id.
+    pub registration_id: String,
+    /// Its symmetric key (derived, for a group device).
+    pub symmetric_key: String,
+    /// The custom payload for the allocation webhook.
+    pub payload: Option<Value>,
+    /// Transport.
+    pub transport: Transport,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+impl Device {
+    /// The host name alone, for MQTT (DPS and the hub gateway).
+    fn host_name(&self) -> &str {
+        self.host
+            .rsplit_once(':')
+            .map_or(self.host.as_str(), |(name, _)| name)
+    }
+
+    /// Registers and polls, honouring `Retry-After`, until the operation ends, reporting progress
+    /// through `say` in the C sample's words. Returns the final operation status (assigned, failed
+    /// or disabled); a refused request (401, 400, …) or a timeout is an error.
+    pub async fn provision(
+        &self,
+        say: &(dyn Fn(&str) + Sync),
+    ) -> anyhow::Result<RegistrationOperationStatus> {
+        let resource = format!("{}/registrations/{}", self.scope, self.registration_id);
+        let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+        let token = dps_core::sas::generate_token(
+            &resource,
+            &self.symmetric_key,
+            Some("registration"),
+            expiry,
+        )
+        .map_err(|_| anyhow::anyhow!("the symmetric key is not base64"))?;
+        say(&format!(
+            "Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"
+        ));
+        let mut channel = match self.transport {
+            Transport::Https => Channel::Https(HttpsExchange::new(
+                &self.host,
+                &self.scope,
+                &self.registration_id,
+                self.ca.as_deref(),
+                token,
+            )?),
+            Transport::Mqtt => Channel::Mqtt(Box::new(
+                DpsMqtt::connect(
+                    self.host_name(),
+                    self.mqtt_port,
+                    self.ca.as_deref(),
+                    &self.scope,
+                    &self.registration_id,
+                    &token,
+                )
+                .await?,
+            )),
+        };
+        let outcome = self.poll_to_end(&mut channel, say).await;
+        if let Channel::Mqtt(mqtt) = channel {
+            mqtt.disconnect().await;
+        }
+        outcome
+    }
+
+    async fn poll_to_end(
+        &self,
+        channel: &mut Channel,
+        say: &(dyn Fn(&str) + Sync),
+    ) -> anyhow::Result<RegistrationOperationStatus> {
+        let body =
+            serde_json::json!({"registrationId": self.registration_id, "payload": self.payload});
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match register_and_poll(channel, &body, None, deadline, say)
+            .await?
+            .0
+        {
+            Ended::Finished(reply) => Ok(*reply),
+            Ended::Refused { status, reply } => bail!(refusal(status, &reply)),
+            Ended::TimedOut => bail!(
+                "Failure registering device: PROV_DEVICE_RESULT_TIMEOUT after {} s",
+                self.timeout.as_secs()
+            ),
+        }
+    }
+
+    /// Connects to the assigned hub over MQTT (through this host, as a gateway) and reads the
+    /// device's twin.
+    pub async fn read_twin(&self, hub: &str, device_id: &str) -> anyhow::Result<Value> {
+        crate::mqtt::read_twin(
+            self.host_name(),
+            self.mqtt_port,
+            self.ca.as_deref(),
+            hub,
+            device_id,
+            &self.symmetric_key,
+        )
+        .await
+        .with_context(|| format!("while connecting to {hub} as {device_id}"))
+    }
+}
+
+/// The C SDK's result for a finished registration that is not `assigned`, and its error.
+pub fn failure_line(done: &RegistrationOperationStatus) -> String {
+    let state = done.registration_state.as_ref();
+    let code = state.and_then(|s| s.error_code);
+    let result = match (done.status, code) {
+        (EnrollmentStatus::Disabled, _) => "PROV_DEVICE_RESULT_DISABLED",
+        (_, Some(400_208)) => "PROV_DEVICE_RESULT_HUB_NOT_SPECIFIED",
+        (_, Some(400_209)) => "PROV_DEVICE_RESULT_UNAUTHORIZED",
+        _ => "PROV_DEVICE_RESULT_DEV_AUTH_ERROR",
+    };
+    let status = serde_json::to_value(done.status)
+        .ok()
+        .and_then(|s| s.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    format!(
+        "Failure registering device: {result} (status {status}, error {}: {})",
+        code.map_or_else(|| "-".into(), |c| c.to_string()),
+        state
+            .and_then(|s| s.error_message.as_deref())
+            .unwrap_or("no message")
+    )
+}
+
+/// The message for a refused request (401, 400, …).
+pub fn refusal(status: u16, reply: &Value) -> String {
+    format!(
+        "Failure registering device: status {status}, error {}: {}",
+        reply["errorCode"]
+            .as_i64()
+            .map_or_else(|| "-".into(), |c| c.to_string()),
+        reply["message"].as_str().unwrap_or("no message")
+    )
+}
+
+/// The way requests reach the service.
+enum Channel {
+    Https(HttpsExchange),
+    Mqtt(Box<DpsMqtt>),
+}
+
+impl DeviceExchange for Channel {
+    async fn register(&mut self, body: &Value) -> anyhow::Result<Reply> {
+        match self {
+            Self::Https(https) => https.register(body).await,
+            Self::Mqtt(mqtt) => mqtt.register(body).await,
+        }
+    }
+
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<Reply> {
+        match self {
+            Self::Https(https) => https.poll(operation_id).await,
+            Self::Mqtt(mqtt) => mqtt.poll(operation_id).await,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The device API over HTTPS: `PUT …/register` and `GET …/operations/{id}`, signed with the
+//! device's SAS token, as the SDKs' HTTP transports send them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::exchange::{DeviceExchange, Reply, retry_after};
+
+/// Device API version sent, as the C SDK sends it.
+pub const API_VERSION: &str = "2021-06-01";
+
+/// One device's requests over HTTPS (one pooled connection, as the SDKs keep it).
+pub struct HttpsExchange {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl HttpsExchange {
+    /// A device `registration_id` of `scope` at `host[:port]`, trusting `ca` (else the system
+    /// roots), sending `token` (`SharedAccessSignature sr=…`).
+    pub fn new(
+        host: &str,
+        scope: &str,
+        registration_id: &str,
+        ca: Option<&Path>,
+        token: String,
+    ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = ca {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("while reading {}", ca.display()))?;
+            builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem)?);
+        }
+        Ok(Self {
+            http: builder.build()?,
+            base: format!("https://{host}/{scope}/registrations/{registration_id}"),
+            token,
+        })
+    }
+}
+
+impl DeviceExchange for HttpsExchange {
+    async fn register(&mut self, body: &Value) -> anyhow::Result<Reply> {
+        let response = self
+            .http
+            .put(format!("{}/register?api-version={API_VERSION}", self.base))
+            .header("Authorization", self.token.as_str())
+            .json(body)
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "could not reach {}; check --provisioning-host and the CA",
+                    self.base
+                )
+            })?;
+        read(response).await
+    }
+
+    async fn poll(&mut self, operation_id: &str) -> anyhow::Result<Reply> {
+        let response = self
+            .http
+            .get(format!(
+                "{}/operations/{operation_id}?api-version={API_VERSION}",
+                self.base
+            ))
+            .header("Authorization", self.token.as_str())
+            .send()
+            .await?;
+        read(response).await
+    }
+}
+
+async fn read(response: reqwest::Response) -> anyhow::Result<Reply> {
+    let status = response.status().as_u16();
+    let wait = retry_after(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let text = response.text().await?;
+    Ok(Reply {
+        status,
+        retry_after: wait,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    })
+}
