@@ -124,7 +124,7 @@ pub async fn run(
         bail!("--devices and --concurrency must be at least 1");
     }
     let data_dir = settings.data_dir.clone();
-    let info = crate::info::collect(&crate::config::Config {
+    let info = dps_server::info::collect(&dps_server::config::Config {
         data_dir: data_dir.clone(),
         ..Default::default()
     })

@@ -44,11 +44,11 @@ impl ServiceClient {
         let (login, ca_file) = match settings.login {
             Some(login) => (login, settings.ca_file),
             None => {
-                let config = crate::config::Config {
+                let config = dps_server::config::Config {
                     data_dir: settings.data_dir.clone(),
                     ..Default::default()
                 };
-                let info = crate::info::collect(&config).await.context(
+                let info = dps_server::info::collect(&config).await.context(
                     "no connection string: pass --login or set OPENDPS_CONNECTION_STRING, or point --data-dir at a local service",
                 )?;
                 let login = info["serviceConnectionString"]

@@ -16,12 +16,12 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::{ClientSettings, ServiceClient};
-use crate::config::Config;
 use crate::device::Transport;
-use crate::serve::{self, Service};
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
 use dps_device::{Device, failure_line};
+use dps_server::config::Config;
+use dps_server::serve::{self, Service};
 
 /// The tutorial's enrollment group.
 const GROUP_ID: &str = "contoso-custom-allocated-devices";
@@ -84,7 +84,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let log = Arc::new(Mutex::new(Vec::<String>::new()));
     let (webhook_url, allocator) = start_allocator(Arc::clone(&log)).await?;
-    let service = match serve::start(config).await {
+    let started_service = async {
+        let listeners = serve::Listeners::bind(&config).await?;
+        serve::start(config, listeners).await
+    };
+    let service = match started_service.await {
         Ok(service) => service,
         Err(err) => {
             allocator.abort();

@@ -81,11 +81,11 @@ pub async fn register(
         || ca_file.is_none()
         || args.mqtt_port.is_none()
     {
-        let config = crate::config::Config {
+        let config = dps_server::config::Config {
             data_dir,
             ..Default::default()
         };
-        crate::info::collect(&config).await.ok()
+        dps_server::info::collect(&config).await.ok()
     } else {
         None
     };

@@ -6,15 +6,8 @@
 mod bench;
 mod cli;
 mod client;
-mod config;
-mod datadir;
 mod demo;
 mod device;
-mod hub;
-mod info;
-mod pki;
-mod serve;
-mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +15,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::cli::{ConnectionArgs, Output};
-use crate::config::{Config, FlagOverrides, LogFormat};
+use dps_server::config::{self, Config, FlagOverrides, LogFormat};
+use dps_server::{hub, info, serve};
 
 #[derive(Debug, Parser)]
 #[command(

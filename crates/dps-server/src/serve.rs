@@ -33,9 +33,10 @@ use crate::config::Config;
 use crate::datadir::{DataDir, DataDirLock, Runtime};
 use crate::{pki, worker};
 
-/// Runs the service until a stop signal.
+/// Binds the configured listeners and runs the service until a stop signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let service = start(config).await?;
+    let listeners = Listeners::bind(&config).await?;
+    let service = start(config, listeners).await?;
     let mqtt = service
         .mqtt
         .map_or_else(|| "MQTT off".to_owned(), |addr| format!("MQTT on {addr}"));
@@ -53,6 +54,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     service.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The sockets a service serves on. The caller binds them (ports 0 in tests and the demo), so the
+/// service itself never decides where it listens.
+pub struct Listeners {
+    /// HTTPS: the device and service APIs, and in-process hubs.
+    pub https: TcpListener,
+    /// MQTT over TLS, when MQTT is served.
+    pub mqtt: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses `config` names (`[http] listen`, and `[mqtt] listen` when enabled).
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let https = TcpListener::bind(config.http.listen).await.with_context(|| {
+            format!("while binding {}; is another service using it? Choose another address with --listen", config.http.listen)
+        })?;
+        let mqtt = match config.mqtt.enabled {
+            true => Some(TcpListener::bind(config.mqtt.listen).await.with_context(|| {
+                format!("while binding MQTT on {}; is another MQTT server using it? Choose another address with --mqtt-listen", config.mqtt.listen)
+            })?),
+            false => None,
+        };
+        Ok(Self { https, mqtt })
+    }
 }
 
 /// A running service: its listeners, its in-process hubs and the tasks that serve them.
@@ -94,8 +120,9 @@ impl Service {
     }
 }
 
-/// Opens the store, binds the listeners and starts serving; returns once everything listens.
-pub async fn start(config: Config) -> anyhow::Result<Service> {
+/// Opens the store and starts serving on `listeners`; returns once everything serves.
+/// [`Service::shutdown`] stops it.
+pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Service> {
     let data = DataDir::new(&config.data_dir);
     data.create()?;
     let lock = data.lock("service")?;
@@ -120,9 +147,10 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
     }
     let mqtt_tls = TlsAcceptor::from(pki::mqtt_server_config(server_identity.clone())?);
     let tls = TlsAcceptor::from(pki::server_config(server_identity)?);
-    let listener = TcpListener::bind(config.http.listen).await.with_context(|| {
-        format!("while binding {}; is another service using it? Choose another address with --listen", config.http.listen)
-    })?;
+    let Listeners {
+        https: listener,
+        mqtt: mqtt_listener,
+    } = listeners;
     let https = listener.local_addr()?;
     let service_host = service_host(&config.http.public_host, https.port());
 
@@ -194,11 +222,8 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
     };
     let app = with_metrics(with_minihub(app, minihub));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mqtt = match config.mqtt.enabled {
-        true => {
-            let mqtt_listener = TcpListener::bind(config.mqtt.listen).await.with_context(|| {
-                format!("while binding MQTT on {}; is another MQTT server using it? Choose another address with --mqtt-listen", config.mqtt.listen)
-            })?;
+    let mqtt = match mqtt_listener {
+        Some(mqtt_listener) => {
             let bound = mqtt_listener.local_addr()?;
             // Devices of in-process hubs share the listener, told apart by their CONNECT username.
             let hubs = minihub_for_mqtt
@@ -216,7 +241,7 @@ pub async fn start(config: Config) -> anyhow::Result<Service> {
             ));
             Some((bound, task))
         }
-        false => None,
+        None => None,
     };
     let server = tokio::spawn(dps_http::serve(
         listener,

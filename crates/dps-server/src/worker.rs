@@ -1,0 +1,368 @@
+//! The registration worker: claims due operations from the store (with a lease, so another node can
+//! take over if this one dies), drives each to a terminal state, and prunes old finished ones.
+//!
+//! Claiming is continuous: whenever a registration is recorded (or every scan interval, for retries
+//! that come due) the worker claims what fits under its limit, while earlier operations are still in
+//! progress, so a new operation never waits for a slow one. Operations of different devices run
+//! concurrently; those of one device run in order, one at a time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dps_core::clock::Clock;
+use dps_core::provisioning::Provisioning;
+use dps_core::store::{LeaseOwner, Store, StoredOperation};
+use tokio::sync::{Notify, watch};
+use tokio::task::{Id, JoinSet};
+
+/// Operations held at once (running, or queued behind another of the same device).
+const MAX_HELD: usize = 512;
+/// How long a claim is exclusive; an operation still leased after that is taken over.
+const LEASE_MS: i64 = 60_000;
+/// How often the store is scanned when nothing wakes the worker (retries that come due).
+const SCAN: Duration = Duration::from_millis(250);
+/// Finished operations deleted in one store write; more wait for the next write.
+const PRUNE_BATCH: usize = 5000;
+/// How often finished operations are looked for, at most.
+const PRUNE_EVERY_MS: i64 = 60_000;
+
+/// What the worker does with each operation it claimed: [`Provisioning::process`] in the service.
+#[async_trait]
+pub trait Process: Send + Sync + 'static {
+    /// Works on `op` once; an error leaves it to be retried when its lease expires.
+    async fn process(&self, op: &StoredOperation);
+}
+
+#[async_trait]
+impl Process for Provisioning {
+    async fn process(&self, op: &StoredOperation) {
+        if let Err(err) = Provisioning::process(self, op).await {
+            tracing::error!(operation = %op.operation_id, %err, "processing failed; the operation will be retried when its lease expires");
+        }
+    }
+}
+
+/// Runs until `stop` turns true, then finishes the operations in progress. Operations claimed but
+/// not started keep their lease; this node takes them again when it restarts. Finished operations
+/// are deleted once `retention_ms` has passed since they finished (a device polling one later gets
+/// the answer for an operation that does not exist); the registration states stay.
+pub async fn run(
+    provisioning: Arc<dyn Process>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    wake: Arc<Notify>,
+    node: String,
+    retention_ms: i64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let prune_every = (retention_ms / 2).clamp(250, PRUNE_EVERY_MS);
+    let owner = LeaseOwner::new(node);
+    let mut work = Work::new(provisioning);
+    let mut scan = tokio::time::interval(SCAN);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut claim = true;
+    let mut last_prune = 0;
+    while !*stop.borrow() {
+        let now = clock.now().as_millisecond();
+        if now - last_prune >= prune_every {
+            last_prune = now;
+            match store
+                .prune_operations(now - retention_ms, PRUNE_BATCH)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(
+                        pruned = n,
+                        "removed finished operations past their retention"
+                    );
+                    if n == PRUNE_BATCH {
+                        // More are due: prune again on the next turn.
+                        last_prune = i64::MIN / 2;
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "pruning operations failed"),
+            }
+        }
+        let room = MAX_HELD.saturating_sub(work.schedule.held());
+        if claim && room > 0 {
+            match store.claim_operations(&owner, now, LEASE_MS, room).await {
+                Ok(claimed) => {
+                    // A full claim may have left due operations behind: claim again at once.
+                    claim = claimed.len() == room;
+                    for op in claimed {
+                        work.add(op);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(%err, "claiming operations failed; retrying");
+                    claim = false;
+                }
+            }
+        }
+        tokio::select! {
+            Some(done) = work.tasks.join_next_with_id(), if !work.tasks.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(err) => {
+                        tracing::error!(%err, "a registration task panicked; its lease will expire and it will be retried");
+                        err.id()
+                    }
+                };
+                work.finished(id);
+            }
+            () = wake.notified() => claim = true,
+            _ = scan.tick() => claim = true,
+            _ = stop.changed() => {}
+        }
+    }
+    while let Some(done) = work.tasks.join_next().await {
+        if let Err(err) = done {
+            tracing::error!(%err, "a registration task panicked");
+        }
+    }
+}
+
+/// Which claimed operations run and which wait their turn: one at a time per device (by its
+/// lower-cased registration id), in the order they were claimed. Plain bookkeeping, no tasks.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    /// Every device with a running operation, and its operations waiting their turn.
+    devices: HashMap<String, VecDeque<StoredOperation>>,
+    queued: usize,
+}
+
+impl Schedule {
+    /// Takes `op`: returns it when it may start now (no operation of its device runs), else keeps
+    /// it until [`Schedule::finished`] hands it out.
+    pub fn add(&mut self, op: StoredOperation) -> Option<StoredOperation> {
+        match self.devices.get_mut(&op.registration_key) {
+            Some(queue) => {
+                queue.push_back(op);
+                self.queued += 1;
+                None
+            }
+            None => {
+                self.devices
+                    .insert(op.registration_key.clone(), VecDeque::new());
+                Some(op)
+            }
+        }
+    }
+
+    /// The running operation of `device` ended: its next operation, which starts now, if any.
+    pub fn finished(&mut self, device: &str) -> Option<StoredOperation> {
+        let next = self.devices.get_mut(device).and_then(VecDeque::pop_front);
+        match next {
+            Some(op) => {
+                self.queued -= 1;
+                Some(op)
+            }
+            None => {
+                self.devices.remove(device);
+                None
+            }
+        }
+    }
+
+    /// Operations running.
+    pub fn running(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Operations held: running, or waiting behind another of their device.
+    pub fn held(&self) -> usize {
+        self.devices.len() + self.queued
+    }
+}
+
+/// The operations this worker holds, and the tasks running them.
+struct Work {
+    process: Arc<dyn Process>,
+    tasks: JoinSet<()>,
+    /// The device each running task works for.
+    running: HashMap<Id, String>,
+    schedule: Schedule,
+}
+
+impl Work {
+    fn new(process: Arc<dyn Process>) -> Self {
+        Self {
+            process,
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            schedule: Schedule::default(),
+        }
+    }
+
+    /// Starts `op`, or queues it behind its device's running operation.
+    fn add(&mut self, op: StoredOperation) {
+        if let Some(op) = self.schedule.add(op) {
+            self.start(op);
+        }
+    }
+
+    /// A task ended: start its device's next operation, if one waits.
+    fn finished(&mut self, id: Id) {
+        if let Some(next) = self
+            .running
+            .remove(&id)
+            .and_then(|device| self.schedule.finished(&device))
+        {
+            self.start(next);
+        }
+    }
+
+    fn start(&mut self, op: StoredOperation) {
+        let key = op.registration_key.clone();
+        let process = Arc::clone(&self.process);
+        let handle = self.tasks.spawn(async move {
+            let in_progress = metrics::gauge!("opendps_operations_in_progress");
+            in_progress.increment(1.0);
+            process.process(&op).await;
+            in_progress.decrement(1.0);
+        });
+        self.running.insert(handle.id(), key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use dps_core::clock::ManualClock;
+
+    use super::*;
+
+    fn op(id: &str, device: &str, next_attempt_ms: i64) -> StoredOperation {
+        StoredOperation {
+            operation_id: id.to_owned(),
+            registration_key: device.to_owned(),
+            pending: true,
+            next_attempt_ms,
+            doc: "{}".to_owned(),
+        }
+    }
+
+    #[test]
+    fn one_operation_per_device_at_a_time_in_claim_order() {
+        let mut schedule = Schedule::default();
+        assert!(schedule.add(op("a1", "a", 0)).is_some(), "a is idle");
+        assert!(schedule.add(op("b1", "b", 0)).is_some(), "b is idle");
+        assert!(schedule.add(op("a2", "a", 0)).is_none(), "a is busy");
+        assert!(schedule.add(op("a3", "a", 0)).is_none());
+        assert_eq!((schedule.running(), schedule.held()), (2, 4));
+        assert_eq!(
+            schedule.finished("a").map(|o| o.operation_id).as_deref(),
+            Some("a2")
+        );
+        assert_eq!(schedule.finished("b"), None, "b has nothing waiting");
+        assert_eq!(
+            schedule.finished("a").map(|o| o.operation_id).as_deref(),
+            Some("a3")
+        );
+        assert_eq!(schedule.finished("a"), None);
+        assert_eq!((schedule.running(), schedule.held()), (0, 0));
+        assert!(schedule.add(op("a4", "a", 0)).is_some(), "a is idle again");
+    }
+
+    /// Records when each operation ran (in paused time), takes a second over each, and finishes
+    /// it in the store as the service would.
+    struct Recorder {
+        store: Arc<dyn Store>,
+        clock: Arc<ManualClock>,
+        ran: Mutex<Vec<(String, tokio::time::Instant, tokio::time::Instant)>>,
+    }
+
+    #[async_trait]
+    impl Process for Recorder {
+        async fn process(&self, op: &StoredOperation) {
+            let started = tokio::time::Instant::now();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let finished = StoredOperation {
+                pending: false,
+                next_attempt_ms: self.clock.now().as_millisecond(),
+                ..op.clone()
+            };
+            self.store.put_operation(&finished).await.expect("finish");
+            self.ran.lock().expect("lock").push((
+                op.operation_id.clone(),
+                started,
+                tokio::time::Instant::now(),
+            ));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operations_run_per_device_in_order_and_finished_ones_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
+        let clock = Arc::new(ManualClock::new(
+            jiff::Timestamp::from_second(1_900_000_000).expect("ts"),
+        ));
+        let now = clock.now().as_millisecond();
+        for (id, device, at) in [
+            ("a1", "a", 1),
+            ("a2", "a", 2),
+            ("a3", "a", 3),
+            ("b1", "b", 4),
+        ] {
+            store
+                .put_operation(&op(id, device, now - 100 + at))
+                .await
+                .expect("put");
+        }
+        let recorder = Arc::new(Recorder {
+            store: Arc::clone(&store),
+            clock: Arc::clone(&clock),
+            ran: Mutex::new(Vec::new()),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(run(
+            recorder.clone(),
+            Arc::clone(&store),
+            clock.clone(),
+            Arc::new(Notify::new()),
+            "test-node".into(),
+            10_000,
+            stop_rx,
+        ));
+        while recorder.ran.lock().expect("lock").len() < 4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let ran = recorder.ran.lock().expect("lock").clone();
+        let of = |id: &str| ran.iter().find(|(o, ..)| o == id).expect("ran").clone();
+        let (a1, a2, a3, b1) = (of("a1"), of("a2"), of("a3"), of("b1"));
+        assert!(
+            a1.2 <= a2.1 && a2.2 <= a3.1,
+            "a's operations one after another: {ran:?}"
+        );
+        assert!(b1.1 < a1.2, "b does not wait for a: {ran:?}");
+
+        // Past the retention, the finished operations go.
+        assert!(store.get_operation("a1").await.expect("get").is_some());
+        clock.set(
+            clock
+                .now()
+                .checked_add(jiff::SignedDuration::from_secs(60))
+                .expect("ts"),
+        );
+        let mut pruned = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if store.get_operation("a1").await.expect("get").is_none() {
+                pruned = true;
+                break;
+            }
+        }
+        assert!(
+            pruned,
+            "finished operations are pruned after their retention"
+        );
+        stop_tx.send(true).expect("stop");
+        worker.await.expect("worker ends");
+    }
+}
