@@ -35,7 +35,7 @@ pub struct Runtime {
     pub service_host: String,
     /// In-process hubs and their `iothubowner` connection strings (secrets: the file is owner-only).
     #[serde(default)]
-    pub minihubs: Vec<serde_json::Value>,
+    pub minihubs: Vec<crate::info::MinihubInfo>,
 }
 
 impl DataDir {

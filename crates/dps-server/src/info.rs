@@ -1,18 +1,86 @@
 //! `opendps info`: everything a script needs to reach a service, read from its data directory.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use anyhow::{Context, bail};
-use dps_core::access::OWNER_POLICY;
-use dps_core::linked_hub::LinkedHub;
+use dps_core::access::{OWNER_POLICY, Right};
+use dps_core::linked_hub::{LinkedHub, LinkedHubDescription};
 use dps_core::store::{IdentityStore as _, LinkedHubStore as _};
 use dps_store::SqliteStore;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::serve::service_host;
 
-/// Collects the service's details as JSON.
-pub async fn collect(config: &Config) -> anyhow::Result<Value> {
+/// What a data directory says about its service: everything a script or a client needs to reach
+/// it. `opendps info --json` prints it as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceInfo {
+    /// The ID scope devices register in.
+    pub id_scope: String,
+    /// `host[:port]` that clients use and tokens are signed for.
+    pub service_host: String,
+    /// The owner policy's connection string.
+    pub service_connection_string: Option<String>,
+    /// Every shared access policy.
+    pub policies: Vec<PolicyInfo>,
+    /// The development CA clients must trust (none when the service serves its own certificate).
+    pub ca_file: Option<PathBuf>,
+    /// Where the service listens (bound addresses while it runs, else the configured ones).
+    pub listen: ListenInfo,
+    /// The linked IoT hubs, without their keys.
+    pub linked_hubs: Vec<LinkedHubDescription>,
+    /// The in-process hubs.
+    pub minihubs: Vec<MinihubInfo>,
+    /// The running process, if any.
+    pub running: Option<RunningInfo>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+}
+
+/// A shared access policy and its connection string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyInfo {
+    /// Its name (`skn`).
+    pub name: String,
+    /// What it may do.
+    pub rights: Vec<Right>,
+    /// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`.
+    pub connection_string: String,
+}
+
+/// The listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenInfo {
+    /// HTTPS.
+    pub https: SocketAddr,
+    /// MQTT over TLS, when served.
+    pub mqtt: Option<SocketAddr>,
+}
+
+/// An in-process hub (minihub) and its owner connection string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MinihubInfo {
+    /// Its host name.
+    pub host_name: String,
+    /// Its `iothubowner` connection string.
+    pub connection_string: String,
+}
+
+/// The running service process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningInfo {
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// Reads the service's details from its data directory, without taking any lock.
+pub async fn collect(config: &Config) -> anyhow::Result<ServiceInfo> {
     let data = DataDir::new(&config.data_dir);
     let db = config.database_path();
     if !db.exists() {
@@ -33,13 +101,16 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
     let hubs = store.list_linked_hubs().await?;
     let runtime = data.read_runtime();
     let minihub_db = data.root().join("minihub.db");
-    let minihubs: Vec<Value> = if let Some(running) = &runtime {
+    let minihubs: Vec<MinihubInfo> = if let Some(running) = &runtime {
         running.minihubs.clone()
     } else if minihub_db.exists() {
         minihub::Minihub::read_hubs(&minihub_db)
             .with_context(|| format!("while opening {}", minihub_db.display()))?
             .iter()
-            .map(|h| json!({"hostName": h.host_name, "connectionString": h.connection_string()}))
+            .map(|h| MinihubInfo {
+                host_name: h.host_name.clone(),
+                connection_string: h.connection_string(),
+            })
             .collect()
     } else {
         Vec::new()
@@ -48,86 +119,95 @@ pub async fn collect(config: &Config) -> anyhow::Result<Value> {
         Some(rt) => rt.service_host.clone(),
         None => service_host(&config.http.public_host, config.http.listen.port()),
     };
-    let policies: Vec<Value> = identity
+    let policies = identity
         .policies
         .iter()
-        .map(|p| json!({"name": p.name, "rights": p.rights, "connectionString": p.connection_string(&host)}))
+        .map(|p| PolicyInfo {
+            name: p.name.clone(),
+            rights: p.rights.clone(),
+            connection_string: p.connection_string(&host),
+        })
         .collect();
     let owner = identity
         .policy(OWNER_POLICY)
         .map(|p| p.connection_string(&host));
     let ca = config.tls.cert_file.is_none().then(|| data.ca_file());
-    Ok(json!({
-        "idScope": identity.id_scope,
-        "serviceHost": host,
-        "serviceConnectionString": owner,
-        "policies": policies,
-        "caFile": ca.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
-        "listen": {
-            "https": runtime.as_ref().map(|r| r.https).unwrap_or(config.http.listen),
-            "mqtt": runtime.as_ref().map_or(config.mqtt.enabled.then_some(config.mqtt.listen), |r| r.mqtt),
+    Ok(ServiceInfo {
+        id_scope: identity.id_scope.to_string(),
+        service_host: host,
+        service_connection_string: owner,
+        policies,
+        ca_file: ca.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
+        listen: ListenInfo {
+            https: runtime.as_ref().map_or(config.http.listen, |r| r.https),
+            mqtt: runtime
+                .as_ref()
+                .map_or(config.mqtt.enabled.then_some(config.mqtt.listen), |r| {
+                    r.mqtt
+                }),
         },
-        "linkedHubs": hubs.iter().map(LinkedHub::describe).collect::<Vec<_>>(),
-        "minihubs": minihubs,
-        "running": runtime.map(|r| json!({"pid": r.pid})),
-        "dataDir": std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone()),
-    }))
+        linked_hubs: hubs.iter().map(LinkedHub::describe).collect(),
+        minihubs,
+        running: runtime.map(|r| RunningInfo { pid: r.pid }),
+        data_dir: std::fs::canonicalize(&config.data_dir)
+            .unwrap_or_else(|_| config.data_dir.clone()),
+    })
 }
 
 /// Prints the details for people.
-pub fn print_human(info: &Value) {
-    let s = |k: &str| info[k].as_str().unwrap_or("-").to_owned();
-    println!("ID scope:            {}", s("idScope"));
-    println!("Service host:        {}", s("serviceHost"));
-    println!("Connection string:   {}", s("serviceConnectionString"));
-    println!("CA certificate:      {}", s("caFile"));
+pub fn print_human(info: &ServiceInfo) {
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    println!("ID scope:            {}", info.id_scope);
+    println!("Service host:        {}", info.service_host);
     println!(
-        "HTTPS listener:      {}",
-        info["listen"]["https"].as_str().unwrap_or("-")
+        "Connection string:   {}",
+        or_dash(info.service_connection_string.as_deref())
     );
+    println!(
+        "CA certificate:      {}",
+        info.ca_file
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |p| p.display().to_string())
+    );
+    println!("HTTPS listener:      {}", info.listen.https);
     println!(
         "MQTT listener:       {}",
-        info["listen"]["mqtt"].as_str().unwrap_or("off")
+        info.listen
+            .mqtt
+            .map_or_else(|| "off".to_owned(), |a| a.to_string())
     );
-    match info["running"]["pid"].as_u64() {
-        Some(pid) => println!("Running:             yes (pid {pid})"),
+    match info.running {
+        Some(RunningInfo { pid }) => println!("Running:             yes (pid {pid})"),
         None => println!("Running:             no"),
     }
     println!("Policies:");
-    for p in info["policies"].as_array().into_iter().flatten() {
-        let rights: Vec<&str> = p["rights"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
+    for policy in &info.policies {
+        let rights: Vec<String> = policy
+            .rights
+            .iter()
+            .filter_map(|r| serde_json::to_value(r).ok())
+            .filter_map(|r| r.as_str().map(str::to_owned))
             .collect();
-        println!(
-            "  {:<26} {}",
-            p["name"].as_str().unwrap_or("-"),
-            rights.join(", ")
-        );
+        println!("  {:<26} {}", policy.name, rights.join(", "));
     }
-    for hub in info["minihubs"].as_array().into_iter().flatten() {
-        println!(
-            "In-process hub:      {}",
-            hub["hostName"].as_str().unwrap_or("-")
-        );
-        println!(
-            "  connection string: {}",
-            hub["connectionString"].as_str().unwrap_or("-")
-        );
+    for hub in &info.minihubs {
+        println!("In-process hub:      {}", hub.host_name);
+        println!("  connection string: {}", hub.connection_string);
     }
-    let hubs = info["linkedHubs"].as_array().cloned().unwrap_or_default();
     println!(
         "Linked hubs:         {}",
-        if hubs.is_empty() { "none" } else { "" }
+        if info.linked_hubs.is_empty() {
+            "none"
+        } else {
+            ""
+        }
     );
-    for hub in hubs {
+    for hub in &info.linked_hubs {
         println!(
             "  {:<50} weight {:<4} allocation {}",
-            hub["name"].as_str().unwrap_or("-"),
-            hub["allocationWeight"],
-            if hub["applyAllocationPolicy"].as_bool().unwrap_or(true) {
+            hub.name,
+            hub.allocation_weight,
+            if hub.apply_allocation_policy {
                 "on"
             } else {
                 "off"

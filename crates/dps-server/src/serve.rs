@@ -216,7 +216,10 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
             .hubs()
             .await?
             .iter()
-            .map(|h| serde_json::json!({"hostName": h.host_name, "connectionString": h.connection_string()}))
+            .map(|h| crate::info::MinihubInfo {
+                host_name: h.host_name.clone(),
+                connection_string: h.connection_string(),
+            })
             .collect(),
         None => Vec::new(),
     };

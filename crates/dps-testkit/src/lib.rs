@@ -15,6 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use dps_server::info::ServiceInfo;
 use reqwest::{Method, StatusCode, header::HeaderMap};
 use serde_json::Value;
 
@@ -26,6 +27,8 @@ pub struct TestServer {
     child: Option<Child>,
     /// `opendps info --json` of the running server.
     pub info: Value,
+    /// The same, typed.
+    service_info: Option<ServiceInfo>,
 }
 
 impl TestServer {
@@ -65,6 +68,7 @@ impl TestServer {
             dir,
             child: None,
             info: Value::Null,
+            service_info: None,
         };
         server.launch().await?;
         Ok(server)
@@ -98,9 +102,10 @@ impl TestServer {
         loop {
             let out = self.cli(&["info", "--json"])?;
             if out.status.success() {
-                let info: Value = serde_json::from_slice(&out.stdout)?;
-                if info["running"]["pid"].as_u64() == Some(u64::from(pid)) {
-                    self.info = info;
+                let info: ServiceInfo = serde_json::from_slice(&out.stdout)?;
+                if info.running.map(|r| r.pid) == Some(pid) {
+                    self.info = serde_json::to_value(&info)?;
+                    self.service_info = Some(info);
                     return Ok(());
                 }
             }
@@ -180,16 +185,13 @@ impl TestServer {
     /// A client of the in-process IoT hub `host` (its registry REST API), signed with its
     /// `iothubowner` connection string from `opendps info`.
     pub fn hub_api(&self, host: &str) -> anyhow::Result<ServiceApi> {
-        let hubs = self.info["minihubs"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let cs = hubs
+        let cs = self
+            .service_info()?
+            .minihubs
             .iter()
-            .find(|h| h["hostName"] == host)
-            .and_then(|h| h["connectionString"].as_str())
-            .with_context(|| format!("no in-process hub named {host} in `opendps info`"))?
-            .to_owned();
+            .find(|h| h.host_name == host)
+            .map(|h| h.connection_string.clone())
+            .with_context(|| format!("no in-process hub named {host} in `opendps info`"))?;
         let key = cs
             .split(';')
             .find_map(|p| p.strip_prefix("SharedAccessKey="))
@@ -237,24 +239,28 @@ impl TestServer {
 
     /// `host:port` that tokens are issued for.
     pub fn service_host(&self) -> String {
-        self.info["serviceHost"]
-            .as_str()
+        self.service_info
+            .as_ref()
+            .map(|i| i.service_host.clone())
             .unwrap_or_default()
-            .to_owned()
+    }
+
+    /// `opendps info` of the running server.
+    pub fn service_info(&self) -> anyhow::Result<&ServiceInfo> {
+        self.service_info
+            .as_ref()
+            .context("the server has not started")
     }
 
     /// The primary key of policy `name`.
     pub fn policy_key(&self, name: &str) -> String {
-        let policies = self.info["policies"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let cs = policies
+        let cs = self
+            .service_info
             .iter()
-            .find(|p| p["name"] == name)
-            .and_then(|p| p["connectionString"].as_str())
-            .unwrap_or_default()
-            .to_owned();
+            .flat_map(|i| &i.policies)
+            .find(|p| p.name == name)
+            .map(|p| p.connection_string.clone())
+            .unwrap_or_default();
         cs.split(';')
             .find_map(|part| part.strip_prefix("SharedAccessKey="))
             .unwrap_or_default()
@@ -264,21 +270,18 @@ impl TestServer {
     /// The development CA certificate (PEM).
     pub fn ca_pem(&self) -> anyhow::Result<Vec<u8>> {
         Ok(std::fs::read(
-            self.info["caFile"].as_str().context("no caFile")?,
+            self.service_info()?.ca_file.as_ref().context("no caFile")?,
         )?)
     }
 
     /// The bound HTTPS address.
     pub fn https_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
-        Ok(self.info["listen"]["https"]
-            .as_str()
-            .context("no listen address")?
-            .parse()?)
+        Ok(self.service_info()?.listen.https)
     }
 
     /// An HTTPS client of the service API that trusts the server's CA.
     pub fn api(&self) -> anyhow::Result<ServiceApi> {
-        let ca = std::fs::read(self.info["caFile"].as_str().context("no caFile")?)?;
+        let ca = self.ca_pem()?;
         let http = reqwest::Client::builder()
             .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca)?)
             .timeout(Duration::from_secs(30))

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -130,22 +129,21 @@ pub async fn run(
     })
     .await
     .context("no local service found; start `opendps serve` or give --data-dir")?;
-    if info["running"].is_null() {
+    let Some(running) = info.running else {
         bail!(
             "the service of {} is not running; start it with `opendps serve`",
             data_dir.display()
         );
-    }
-    let ca = info["caFile"].as_str().map(PathBuf::from);
+    };
+    let ca = info.ca_file.clone();
     let tls = TlsConnector::from(tls_client_config(ca.as_deref())?);
     let port = match args.transport {
-        Transport::Https => info["listen"]["https"].as_str(),
-        Transport::Mqtt => info["listen"]["mqtt"].as_str(),
+        Transport::Https => Some(info.listen.https),
+        Transport::Mqtt => info.listen.mqtt,
     }
-    .and_then(|a| a.parse::<SocketAddr>().ok())
     .map(|a| a.port())
     .context("the service does not listen on that transport")?;
-    let host = info["serviceHost"].as_str().unwrap_or("localhost");
+    let host = info.service_host.as_str();
     let name = host.rsplit_once(':').map_or(host, |(n, _)| n).to_owned();
     let addr = tokio::net::lookup_host((name.as_str(), port))
         .await?
@@ -155,7 +153,7 @@ pub async fn run(
         addr,
         host_header: host.to_owned(),
         server_name: ServerName::try_from(name.clone())?,
-        scope: info["idScope"].as_str().unwrap_or_default().to_owned(),
+        scope: info.id_scope.clone(),
         tls,
     });
 
@@ -210,7 +208,7 @@ pub async fn run(
         }
     };
     if let Some(n) = args.idle_connections {
-        let pid = info["running"]["pid"].as_u64().unwrap_or_default();
+        let pid = u64::from(running.pid);
         let idle = idle(&target, &args, n, pid, &group_key, json_output).await;
         if created && !args.keep_group {
             delete_group(&client, &group_id).await;

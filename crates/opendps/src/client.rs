@@ -51,13 +51,10 @@ impl ServiceClient {
                 let info = dps_server::info::collect(&config).await.context(
                     "no connection string: pass --login or set OPENDPS_CONNECTION_STRING, or point --data-dir at a local service",
                 )?;
-                let login = info["serviceConnectionString"]
-                    .as_str()
-                    .context("the data directory has no owner policy")?
-                    .to_owned();
-                let ca = settings
-                    .ca_file
-                    .or_else(|| info["caFile"].as_str().map(PathBuf::from));
+                let login = info
+                    .service_connection_string
+                    .context("the data directory has no owner policy")?;
+                let ca = settings.ca_file.or(info.ca_file);
                 (login, ca)
             }
         };

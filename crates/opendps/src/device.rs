@@ -93,25 +93,19 @@ pub async fn register(
     let local_mqtt_port = local
         .as_ref()
         .filter(|_| args.provisioning_host.is_none())
-        .and_then(|i| i["listen"]["mqtt"].as_str())
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .and_then(|i| i.listen.mqtt)
         .map(|a| a.port());
-    let from_local = |field: &str| {
-        local
-            .as_ref()
-            .and_then(|i| i[field].as_str().map(str::to_owned))
-    };
     let device = Device {
         host: args
             .provisioning_host
-            .or_else(|| from_local("serviceHost"))
+            .or_else(|| local.as_ref().map(|i| i.service_host.clone()))
             .context("give --provisioning-host (no local service found)")?,
         mqtt_port: args.mqtt_port.or(local_mqtt_port).unwrap_or(8883),
         scope: args
             .id_scope
-            .or_else(|| from_local("idScope"))
+            .or_else(|| local.as_ref().map(|i| i.id_scope.clone()))
             .context("give --id-scope (no local service found)")?,
-        ca: ca_file.or_else(|| from_local("caFile").map(PathBuf::from)),
+        ca: ca_file.or_else(|| local.as_ref().and_then(|i| i.ca_file.clone())),
         registration_id: args.registration_id,
         symmetric_key: args.symmetric_key,
         payload: args
