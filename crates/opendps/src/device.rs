@@ -6,33 +6,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use dps_core::model::EnrollmentStatus;
 use dps_device::{Device, failure_line};
+use dps_tools::Transport;
 
 /// `opendps device …`.
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Register a device with symmetric-key attestation and wait for its assignment.
     Register(RegisterArgs),
-}
-
-/// How the simulated device talks to the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Transport {
-    /// The DPS device REST API over HTTPS.
-    Https,
-    /// MQTT 3.1.1 over TLS, as the Python, C, C# and Node SDKs can.
-    Mqtt,
-}
-
-impl From<Transport> for dps_device::Transport {
-    fn from(transport: Transport) -> Self {
-        match transport {
-            Transport::Https => Self::Https,
-            Transport::Mqtt => Self::Mqtt,
-        }
-    }
 }
 
 /// `opendps device register`.

@@ -3,10 +3,7 @@
 //! The binary wires the pieces together: configuration, TLS, the store, the HTTPS front end, and the
 //! admin commands that talk to a running service.
 
-mod bench;
 mod cli;
-mod client;
-mod demo;
 mod device;
 
 use std::path::PathBuf;
@@ -17,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::cli::{ConnectionArgs, Output};
 use dps_server::config::{self, Config, FlagOverrides, LogFormat};
 use dps_server::{hub, info, serve};
+use dps_tools::{bench, client, demo};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -2,7 +2,6 @@
 //! registration states, linked hubs, and device key derivation.
 
 mod enrollment;
-mod output;
 
 use std::path::PathBuf;
 
@@ -11,10 +10,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{ClientSettings, ServiceClient};
+use dps_tools::client::{ClientSettings, ServiceClient};
+pub use dps_tools::output::Output;
 pub use enrollment::EnrollmentSettings;
 use enrollment::Kind;
-pub use output::Output;
 
 /// How the admin commands reach the service.
 #[derive(Debug, Args, Clone)]

@@ -26,8 +26,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::Transport;
 use crate::client::{ClientSettings, ServiceClient};
-use crate::device::Transport;
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
 use dps_device::https::API_VERSION;

@@ -15,8 +15,8 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::Transport;
 use crate::client::{ClientSettings, ServiceClient};
-use crate::device::Transport;
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
 use dps_device::{Device, failure_line};

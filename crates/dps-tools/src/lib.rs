@@ -1,0 +1,29 @@
+//! Tools built on opendps, for the `opendps` command: the service API client the admin commands
+//! use ([`client`]) and their output formats ([`output`]), the load generator ([`bench`]) and the
+//! custom allocation tutorial on one machine ([`demo`]). The device side comes from `dps-device`,
+//! the service from `dps-server`.
+
+pub mod bench;
+pub mod client;
+pub mod demo;
+pub mod output;
+
+use clap::ValueEnum;
+
+/// How simulated devices talk to the service (a command-line choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// The DPS device REST API over HTTPS.
+    Https,
+    /// MQTT 3.1.1 over TLS, as the Python, C, C# and Node SDKs can.
+    Mqtt,
+}
+
+impl From<Transport> for dps_device::Transport {
+    fn from(transport: Transport) -> Self {
+        match transport {
+            Transport::Https => Self::Https,
+            Transport::Mqtt => Self::Mqtt,
+        }
+    }
+}
