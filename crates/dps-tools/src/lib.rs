@@ -1,5 +1,5 @@
 //! Tools built on opendps, for the `opendps` command: the service API client the admin commands
-//! use ([`client`]) and their output formats ([`output`]), the load generator ([`bench`]) and the
+//! use ([`client`]) and their output formats ([`output`]), the load generator ([`mod@bench`]) and the
 //! custom allocation tutorial on one machine ([`demo`]). The device side comes from `dps-device`,
 //! the service from `dps-server`.
 
