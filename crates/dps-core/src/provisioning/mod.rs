@@ -1,0 +1,419 @@
+//! Device registration: authenticate the device, durably record an operation, and (in a worker)
+//! drive it to `assigned`, `failed` or `disabled`: allocation, the hub write, reprovisioning, and
+//! the registration state.
+//!
+//! Failures before authentication completes are errors (401, 400, 404). Failures after it are data:
+//! a terminal `failed` status with an error code, read by polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::allocation::{self, AllocationError};
+use crate::clock::Clock;
+use crate::device::{
+    DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus,
+    SymmetricKeyRegistrationResult,
+};
+use crate::error::ProvisioningError;
+use crate::hub::{HubClient, HubDevice, HubError, HubTwin};
+use crate::ids::{Etag, IdScope, RegistrationId};
+use crate::linked_hub::LinkedHub;
+use crate::model::{
+    AllocationPolicy, AttestationType, DeviceRegistrationState, EnrollmentGroup, EnrollmentStatus,
+    IndividualEnrollment, InitialTwin, ProvisioningStatus, ReprovisionPolicy,
+};
+use crate::sas::{self, SasToken};
+use crate::secret::Secret;
+use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation};
+use crate::time::format_utc;
+use crate::webhook::{
+    self, AllocationTrace, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, TraceAttempt, Verdict,
+    WebhookClient, WebhookError,
+};
+
+mod auth;
+mod plan;
+mod process;
+mod record;
+
+use self::auth::{GroupAuth, symmetric_keys};
+use self::record::{EnrollmentView, result_of};
+
+/// Error code of a registration whose enrollment disappeared while it was being processed.
+const ENROLLMENT_GONE: i32 = 404_202;
+/// Error code of a registration that failed because a hub refused or did not answer.
+const HUB_WRITE_FAILED: i32 = 500_002;
+
+/// Settings of device registration.
+#[derive(Debug, Clone)]
+pub struct ProvisioningSettings {
+    /// `Retry-After` sent while an operation is assigning, in seconds.
+    pub retry_after_secs: u32,
+    /// Clock difference tolerated on device token expiry, in seconds.
+    pub sas_clock_skew_secs: i64,
+    /// Largest custom payload a device may send, in bytes of JSON.
+    pub max_payload_bytes: usize,
+    /// The policy of enrollments that set none.
+    pub default_allocation_policy: AllocationPolicy,
+    /// This node's region label, for `geoLatency`.
+    pub region: Option<String>,
+    /// Attempts at writing to a hub before the registration fails.
+    pub hub_attempts: u32,
+    /// Delay before the second attempt, in milliseconds; doubled for each further attempt.
+    pub hub_retry_ms: i64,
+    /// How long an allocation webhook may take to answer.
+    pub webhook_timeout: std::time::Duration,
+    /// Retries of a webhook that answers 429 or above, 5xx included (DPS: 10).
+    pub webhook_retries: u32,
+    /// Delay before the first webhook retry, in milliseconds (DPS: 1 s).
+    pub webhook_first_retry_ms: i64,
+    /// Added to the delay for each further retry, in milliseconds (DPS: 9 s).
+    pub webhook_retry_increment_ms: i64,
+}
+
+impl Default for ProvisioningSettings {
+    fn default() -> Self {
+        Self {
+            retry_after_secs: 2,
+            sas_clock_skew_secs: 300,
+            max_payload_bytes: 64 * 1024,
+            default_allocation_policy: AllocationPolicy::Hashed,
+            region: None,
+            hub_attempts: 3,
+            hub_retry_ms: 1000,
+            webhook_timeout: std::time::Duration::from_secs(30),
+            webhook_retries: 10,
+            webhook_first_retry_ms: 1000,
+            webhook_retry_increment_ms: 9000,
+        }
+    }
+}
+
+/// Which enrollment a device registered through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentRef {
+    /// Individual enrollment or group; stored as `"group": true|false`, as before it was a kind.
+    #[serde(rename = "group", with = "kind_as_group_flag")]
+    pub kind: EnrollmentKind,
+    /// Registration id or group id.
+    pub id: String,
+}
+
+/// A registration operation as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// Opaque id the device polls with.
+    pub operation_id: String,
+    /// The device's registration id.
+    pub registration_id: String,
+    /// The enrollment it authenticated against.
+    pub enrollment: EnrollmentRef,
+    /// The device's custom payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// `assigning` until terminal.
+    pub status: EnrollmentStatus,
+    /// The result once terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<DeviceRegistrationResult>,
+    /// Hub write attempts made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Webhook retries made so far (after answers of 429 or above).
+    #[serde(default)]
+    pub webhook_retries: u32,
+    /// What the webhook was asked and answered, across retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<AllocationTrace>,
+    /// When the device asked.
+    pub created_date_time_utc: String,
+    /// How the device asked (for metrics).
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+/// The device API a registration came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The device REST API over HTTPS.
+    #[default]
+    Https,
+    /// MQTT over TLS.
+    Mqtt,
+}
+
+impl Transport {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Https => "https",
+            Self::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// The registration state as stored: the API view plus what reprovisioning needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// What the service API shows.
+    #[serde(flatten)]
+    pub state: DeviceRegistrationState,
+    /// The first hub the device was ever assigned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
+    /// The group the device registered through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The allocation trace of the last registration that asked a webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_trace: Option<AllocationTrace>,
+}
+
+/// Device registration.
+pub struct Provisioning {
+    store: Arc<dyn Store>,
+    hubs: Arc<dyn HubClient>,
+    webhooks: Arc<dyn WebhookClient>,
+    clock: Arc<dyn Clock>,
+    id_scope: IdScope,
+    settings: ProvisioningSettings,
+    wake: Box<dyn Fn() + Send + Sync>,
+    /// Parsed enrollment groups by etag, for authentication.
+    group_auth: Mutex<HashMap<String, Arc<GroupAuth>>>,
+}
+
+impl Provisioning {
+    /// Registration for `id_scope`, writing to hubs through `hubs` and asking custom-allocation
+    /// webhooks through `webhooks`. `wake` is called after an operation is recorded, so the worker
+    /// picks it up without waiting for its next scan.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hubs: Arc<dyn HubClient>,
+        webhooks: Arc<dyn WebhookClient>,
+        clock: Arc<dyn Clock>,
+        id_scope: IdScope,
+        settings: ProvisioningSettings,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Self {
+            store,
+            hubs,
+            webhooks,
+            clock,
+            id_scope,
+            settings,
+            wake,
+            group_auth: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds a device should wait before polling.
+    pub fn retry_after_secs(&self) -> u32 {
+        self.settings.retry_after_secs
+    }
+
+    /// `PUT /{idScope}/registrations/{registrationId}/register`: authenticates the device and records
+    /// an `assigning` operation before answering.
+    pub async fn register(
+        &self,
+        transport: Transport,
+        scope: &str,
+        registration_id: &str,
+        body: DeviceRegistration,
+        sas: Option<&str>,
+    ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        let rid = RegistrationId::parse(registration_id)?;
+        if let Some(in_body) = body.registration_id.as_deref().filter(|b| !b.is_empty())
+            && !in_body.eq_ignore_ascii_case(rid.as_str())
+        {
+            return Err(ProvisioningError::InvalidArgument(format!(
+                "The registrationId in the body ('{in_body}') differs from the one in the request ('{rid}')."
+            )));
+        }
+        let attested = match self.authenticate(scope, &rid, sas).await {
+            Ok(attested) => attested,
+            Err(err) => {
+                metrics::counter!("opendps_registrations_total", "transport" => transport.as_str(), "outcome" => "refused").increment(1);
+                return Err(err);
+            }
+        };
+        let payload = body.payload.filter(|p| !p.is_null());
+        if let Some(size) = payload
+            .as_ref()
+            .map(|p| p.to_string().len())
+            .filter(|size| *size > self.settings.max_payload_bytes)
+        {
+            metrics::counter!("opendps_registrations_total", "transport" => transport.as_str(), "outcome" => "refused").increment(1);
+            return Err(ProvisioningError::InvalidArgument(format!(
+                "The payload is {size} bytes of JSON; this service takes at most {} (provisioning.max_payload_bytes).",
+                self.settings.max_payload_bytes
+            )));
+        }
+        let now = self.clock.now();
+        let op = Operation {
+            operation_id: new_operation_id(),
+            registration_id: rid.as_str().to_owned(),
+            enrollment: attested,
+            payload,
+            status: EnrollmentStatus::Assigning,
+            result: None,
+            attempts: 0,
+            webhook_retries: 0,
+            trace: None,
+            created_date_time_utc: format_utc(now),
+            transport,
+        };
+        self.save_operation(&op, now.as_millisecond()).await?;
+        metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
+            .increment(1);
+        (self.wake)();
+        Ok(RegistrationOperationStatus {
+            operation_id: op.operation_id,
+            status: EnrollmentStatus::Assigning,
+            registration_state: None,
+        })
+    }
+
+    /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
+    pub async fn operation_status(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        operation_id: &str,
+        sas: Option<&str>,
+    ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        let rid = RegistrationId::parse(registration_id)?;
+        self.check_token(scope, &rid, sas)?;
+        let stored = self
+            .store
+            .get_operation(operation_id)
+            .await?
+            .filter(|op| op.registration_key == rid.key());
+        let Some(stored) = stored else {
+            // Only an authenticated device learns that an operation does not exist.
+            self.authenticate(scope, &rid, sas).await?;
+            return Err(ProvisioningError::NotFound(format!(
+                "The operation '{operation_id}' does not exist for '{rid}'."
+            )));
+        };
+        let op: Operation = parse(&stored.doc)?;
+        self.authenticate_as(scope, &rid, sas, &op.enrollment)
+            .await?;
+        Ok(RegistrationOperationStatus {
+            operation_id: op.operation_id,
+            status: op.status,
+            registration_state: op.result,
+        })
+    }
+
+    /// `POST /{idScope}/registrations/{registrationId}`: the device's current registration state.
+    pub async fn registration_status(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        sas: Option<&str>,
+    ) -> Result<DeviceRegistrationResult, ProvisioningError> {
+        let rid = RegistrationId::parse(registration_id)?;
+        self.authenticate(scope, &rid, sas).await?;
+        let (record, _) = self.registration(&rid.key()).await?.ok_or_else(|| {
+            ProvisioningError::NotFound(format!("The device '{rid}' has not registered."))
+        })?;
+        Ok(result_of(&record))
+    }
+
+    async fn registration(
+        &self,
+        key: &str,
+    ) -> Result<Option<(RegistrationRecord, Etag)>, ProvisioningError> {
+        match self.store.get_registration(key).await? {
+            Some(doc) => Ok(Some((parse(&doc.doc)?, doc.etag))),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_operation(
+        &self,
+        op: &Operation,
+        next_attempt_ms: i64,
+    ) -> Result<(), ProvisioningError> {
+        let stored = StoredOperation {
+            operation_id: op.operation_id.clone(),
+            registration_key: op.registration_id.to_ascii_lowercase(),
+            pending: !op.status.is_terminal(),
+            next_attempt_ms,
+            doc: serde_json::to_string(op)
+                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+        };
+        Ok(self.store.put_operation(&stored).await?)
+    }
+}
+
+/// [`EnrollmentKind`] stored as the `group` flag operations have always carried.
+mod kind_as_group_flag {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    use crate::store::EnrollmentKind;
+
+    pub(super) fn serialize<S: Serializer>(kind: &EnrollmentKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(*kind == EnrollmentKind::Group)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EnrollmentKind, D::Error> {
+        Ok(match bool::deserialize(d)? {
+            true => EnrollmentKind::Group,
+            false => EnrollmentKind::Individual,
+        })
+    }
+}
+
+impl EnrollmentRef {
+    /// The group's id, when the device registered through a group.
+    pub fn group_id(&self) -> Option<String> {
+        (self.kind == EnrollmentKind::Group).then(|| self.id.clone())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, ProvisioningError> {
+    serde_json::from_str(doc)
+        .map_err(|e| ProvisioningError::Internal(format!("a stored document does not parse: {e}")))
+}
+
+/// `4.{16 hex}.{uuid}`, the shape DPS uses, limited to characters SDKs splice into URLs and topics
+/// unescaped.
+fn new_operation_id() -> String {
+    let mut bytes = [0u8; 8];
+    sas::fill_random(&mut bytes);
+    format!(
+        "4.{:016x}.{}",
+        u64::from_be_bytes(bytes),
+        uuid::Uuid::new_v4()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Operations stored before the kind existed carry `"group": true|false`, and still do.
+    #[test]
+    fn the_enrollment_kind_is_stored_as_the_group_flag() {
+        for (flag, kind) in [
+            (true, EnrollmentKind::Group),
+            (false, EnrollmentKind::Individual),
+        ] {
+            let stored = serde_json::json!({"group": flag, "id": "contoso"});
+            let read: EnrollmentRef = serde_json::from_value(stored.clone()).expect("reads");
+            assert_eq!(read.kind, kind);
+            assert_eq!(serde_json::to_value(&read).expect("json"), stored);
+        }
+    }
+}

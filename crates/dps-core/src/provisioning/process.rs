@@ -1,0 +1,520 @@
+//! The work on one operation: allocation (a policy, or the webhook with its retries), the hub
+//! writes, the reprovision policy, and the terminal state, each step durable.
+
+use super::plan::{Situation, TwinAction, plan_twin};
+use super::*;
+
+/// A registration state to record, with the precondition that keeps racing registrations of one
+/// device from both winning.
+pub(super) struct RecordWrite {
+    pub(super) record: RegistrationRecord,
+    pub(super) etag: Etag,
+    pub(super) cond: Precondition,
+}
+
+pub(super) enum Failure {
+    /// A hub failed; worth another attempt.
+    Retry(HubError),
+    /// The webhook answered 429 or above; ask again later.
+    WebhookRetry(String),
+    /// The enrollment is disabled.
+    Disabled,
+    /// The registration fails with this code.
+    Final { code: i32, message: String },
+    /// Storage failed; the operation stays leased and is retried after the lease.
+    Store(ProvisioningError),
+}
+
+pub(super) fn store_failure(err: StoreError) -> Failure {
+    Failure::Store(err.into())
+}
+
+pub(super) fn allocation_failure(err: AllocationError) -> Failure {
+    Failure::Final {
+        code: err.error_code(),
+        message: err.to_string(),
+    }
+}
+
+impl Provisioning {
+    /// Works on one claimed operation: finishes it, or reschedules it after a hub failure. Errors
+    /// are storage failures; the lease then expires and the operation is claimed again.
+    pub async fn process(
+        &self,
+        stored: &StoredOperation,
+    ) -> Result<EnrollmentStatus, ProvisioningError> {
+        let mut op: Operation = parse(&stored.doc)?;
+        if op.status.is_terminal() {
+            return Ok(op.status);
+        }
+        loop {
+            match self.attempt(&mut op).await {
+                Ok(write) => match self.finish(&mut op, write).await? {
+                    Some(status) => return Ok(status),
+                    // Another registration of the same device finished first: decide again.
+                    None => continue,
+                },
+                Err(Failure::Retry(err)) if op.attempts + 1 < self.settings.hub_attempts => {
+                    op.attempts += 1;
+                    let delay = self
+                        .settings
+                        .hub_retry_ms
+                        .saturating_mul(1 << (op.attempts - 1).min(16));
+                    tracing::warn!(operation = %op.operation_id, attempt = op.attempts, %err, "hub write failed; will retry");
+                    self.save_operation(&op, self.clock.now().as_millisecond() + delay)
+                        .await?;
+                    return Ok(EnrollmentStatus::Assigning);
+                }
+                Err(Failure::Retry(err)) => {
+                    let write = self
+                        .unassigned_record(&op, Some((HUB_WRITE_FAILED, err.to_string())))
+                        .await?;
+                    return self.finish_unassigned(&mut op, write).await;
+                }
+                Err(Failure::Final { code, message }) => {
+                    let write = self.unassigned_record(&op, Some((code, message))).await?;
+                    return self.finish_unassigned(&mut op, write).await;
+                }
+                Err(Failure::WebhookRetry(reason))
+                    if op.webhook_retries < self.settings.webhook_retries =>
+                {
+                    op.webhook_retries += 1;
+                    let delay = self.settings.webhook_first_retry_ms
+                        + self.settings.webhook_retry_increment_ms
+                            * i64::from(op.webhook_retries - 1);
+                    tracing::info!(operation = %op.operation_id, retry = op.webhook_retries, delay_ms = delay, %reason, "allocation webhook busy; will ask again");
+                    self.save_operation(&op, self.clock.now().as_millisecond() + delay)
+                        .await?;
+                    return Ok(EnrollmentStatus::Assigning);
+                }
+                Err(Failure::WebhookRetry(reason)) => {
+                    let message = format!(
+                        "Custom allocation failed after {} retries: {reason}",
+                        op.webhook_retries
+                    );
+                    let write = self
+                        .unassigned_record(&op, Some((CUSTOM_ALLOCATION_FAILED, message)))
+                        .await?;
+                    return self.finish_unassigned(&mut op, write).await;
+                }
+                Err(Failure::Disabled) => {
+                    let write = self.unassigned_record(&op, None).await?;
+                    return self.finish_unassigned(&mut op, write).await;
+                }
+                Err(Failure::Store(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// A failed or disabled registration: its state is recorded with the operation, unless a
+    /// concurrent registration of the device recorded a newer outcome, which is kept.
+    pub(super) async fn finish_unassigned(
+        &self,
+        op: &mut Operation,
+        write: RecordWrite,
+    ) -> Result<EnrollmentStatus, ProvisioningError> {
+        let (done, stored_op) = self.finished(op, &write.record)?;
+        match self.record(&stored_op, &write).await {
+            Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => {
+                self.store.put_operation(&stored_op).await?;
+            }
+            written => written?,
+        }
+        Ok(self.complete(op, done, &write.record))
+    }
+
+    /// An assigned registration: its state and the finished operation in one store write. `None`
+    /// when the state lost a race with another registration of the device (nothing was written):
+    /// the caller decides again from the winner's result.
+    pub(super) async fn finish(
+        &self,
+        op: &mut Operation,
+        write: RecordWrite,
+    ) -> Result<Option<EnrollmentStatus>, ProvisioningError> {
+        let (done, stored_op) = self.finished(op, &write.record)?;
+        match self.record(&stored_op, &write).await {
+            Err(StoreError::AlreadyExists(_) | StoreError::EtagMismatch(_)) => Ok(None),
+            written => {
+                written?;
+                Ok(Some(self.complete(op, done, &write.record)))
+            }
+        }
+    }
+
+    /// The operation as it is once `record` is its outcome, and its stored form.
+    pub(super) fn finished(
+        &self,
+        op: &Operation,
+        record: &RegistrationRecord,
+    ) -> Result<(Operation, StoredOperation), ProvisioningError> {
+        let mut done = op.clone();
+        done.status = record.state.status;
+        done.result = Some(result_of(record));
+        // The trace now lives in the registration record; polls need only the result.
+        done.trace = None;
+        let stored = StoredOperation {
+            operation_id: done.operation_id.clone(),
+            registration_key: done.registration_id.to_ascii_lowercase(),
+            pending: false,
+            next_attempt_ms: self.clock.now().as_millisecond(),
+            doc: serde_json::to_string(&done)
+                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+        };
+        Ok((done, stored))
+    }
+
+    /// Writes the registration state under its precondition together with the operation.
+    pub(super) async fn record(
+        &self,
+        op: &StoredOperation,
+        write: &RecordWrite,
+    ) -> Result<(), StoreError> {
+        let doc =
+            serde_json::to_string(&write.record).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let group_key = write
+            .record
+            .enrollment_group_id
+            .as_deref()
+            .map(str::to_ascii_lowercase);
+        self.store
+            .put_registration_and_operation(
+                &op.registration_key,
+                group_key.as_deref(),
+                StoredDoc {
+                    etag: write.etag.clone(),
+                    doc,
+                },
+                write.cond.clone(),
+                op,
+            )
+            .await
+    }
+
+    /// The operation is finished: metrics and the log line.
+    pub(super) fn complete(
+        &self,
+        op: &mut Operation,
+        done: Operation,
+        record: &RegistrationRecord,
+    ) -> EnrollmentStatus {
+        *op = done;
+        let outcome = match op.status {
+            EnrollmentStatus::Assigned => "assigned",
+            EnrollmentStatus::Disabled => "disabled",
+            _ => "failed",
+        };
+        let labels = [("transport", op.transport.as_str()), ("outcome", outcome)];
+        metrics::counter!("opendps_registrations_total", &labels).increment(1);
+        if let Ok(created) = op.created_date_time_utc.parse::<jiff::Timestamp>() {
+            let took = self.clock.now().duration_since(created);
+            metrics::histogram!("opendps_registration_duration_seconds", &labels)
+                .record(took.as_secs_f64().max(0.0));
+        }
+        tracing::info!(
+            operation = %op.operation_id,
+            registration_id = %op.registration_id,
+            status = ?op.status,
+            hub = record.state.assigned_hub.as_deref().unwrap_or("-"),
+            error_code = record.state.error_code.unwrap_or(0),
+            "registration finished"
+        );
+        op.status
+    }
+
+    /// A `failed` (with the error) or `disabled` (without) registration state, keeping what the
+    /// device had before (its current hub).
+    pub(super) async fn unassigned_record(
+        &self,
+        op: &Operation,
+        error: Option<(i32, String)>,
+    ) -> Result<RecordWrite, ProvisioningError> {
+        let key = op.registration_id.to_ascii_lowercase();
+        let previous = self.registration(&key).await?;
+        let now = format_utc(self.clock.now());
+        let mut record = previous
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| self.new_record(op, &now));
+        record.state.status = if error.is_some() {
+            EnrollmentStatus::Failed
+        } else {
+            EnrollmentStatus::Disabled
+        };
+        record.allocation_trace = op.trace.clone().map(|mut trace| {
+            trace.decision = Some(match &error {
+                Some((code, message)) => {
+                    serde_json::json!({"errorCode": code, "errorMessage": message})
+                }
+                None => serde_json::json!({"status": "disabled"}),
+            });
+            trace
+        });
+        record.state.error_code = error.as_ref().map(|(code, _)| *code);
+        record.state.error_message = error.map(|(_, message)| message);
+        record.state.substatus = None;
+        record.state.payload = None;
+        record.state.last_updated_date_time_utc = Some(now);
+        record.enrollment_group_id = op.enrollment.group_id();
+        let etag = Etag::generate();
+        record.state.etag = Some(etag.as_str().to_owned());
+        let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
+        Ok(RecordWrite { record, etag, cond })
+    }
+
+    /// One pass: decide the hub, write the device there, record the state.
+    pub(super) async fn attempt(&self, op: &mut Operation) -> Result<RecordWrite, Failure> {
+        let kind = op.enrollment.kind;
+        let Some(doc) = self
+            .store
+            .get_enrollment(kind, &op.enrollment.id.to_ascii_lowercase())
+            .await
+            .map_err(store_failure)?
+        else {
+            return Err(Failure::Final {
+                code: ENROLLMENT_GONE,
+                message: "The enrollment was deleted while the device was registering.".into(),
+            });
+        };
+        let view = EnrollmentView::parse(op.enrollment.kind, &doc.doc, &op.registration_id)
+            .map_err(Failure::Store)?;
+        if view.status == ProvisioningStatus::Disabled {
+            return Err(Failure::Disabled);
+        }
+        let key = op.registration_id.to_ascii_lowercase();
+        let previous = self.registration(&key).await.map_err(Failure::Store)?;
+        let linked = self.store.list_linked_hubs().await.map_err(store_failure)?;
+        let current = previous
+            .as_ref()
+            .and_then(|(r, _)| r.state.assigned_hub.clone());
+        let current_hub = current.as_deref().and_then(|name| {
+            linked
+                .iter()
+                .find(|h| h.host_name.eq_ignore_ascii_case(name))
+        });
+
+        let policy = view
+            .policy
+            .unwrap_or(self.settings.default_allocation_policy);
+        let keep_current = current_hub.filter(|_| !view.reprovision.update_hub_assignment);
+        let (target, webhook_twin, payload): (&LinkedHub, Option<InitialTwin>, Option<Value>) =
+            match (policy, keep_current) {
+                // The webhook is asked on every registration, even one that keeps its hub (for the payload).
+                (AllocationPolicy::Custom, _) => {
+                    let offered: Vec<&LinkedHub> = match keep_current {
+                        Some(hub) => vec![hub],
+                        None => allocation::candidates(&linked, view.iot_hubs.as_deref())
+                            .map_err(allocation_failure)?
+                            .into_iter()
+                            .filter(|h| h.apply_allocation_policy)
+                            .collect(),
+                    };
+                    let current_device_id = current_hub
+                        .and(previous.as_ref())
+                        .and_then(|(r, _)| r.state.device_id.clone());
+                    let context = DeviceRuntimeContext {
+                        registration_id: op.registration_id.clone(),
+                        current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
+                        current_device_id,
+                        symmetric_key: serde_json::Map::new(),
+                        payload: op.payload.clone(),
+                    };
+                    self.ask_webhook(op, &doc.doc, view.webhook_url.as_deref(), context, offered)
+                        .await?
+                }
+                (_, Some(hub)) => (hub, None, None),
+                (_, None) => {
+                    let candidates = allocation::candidates(&linked, view.iot_hubs.as_deref())
+                        .map_err(allocation_failure)?;
+                    let hub = allocation::allocate(
+                        policy,
+                        &op.registration_id,
+                        &candidates,
+                        self.settings.region.as_deref(),
+                    )
+                    .map_err(allocation_failure)?;
+                    (hub, None, None)
+                }
+            };
+        let moved_from =
+            current_hub.filter(|hub| !hub.host_name.eq_ignore_ascii_case(&target.host_name));
+        // The webhook's initial twin replaces the enrollment's (used on first assignment and on reset).
+        let initial = HubTwin::from_initial(webhook_twin.as_ref().or(view.initial_twin.as_ref()));
+        let initial_hub = previous
+            .as_ref()
+            .and_then(|(r, _)| r.initial_hub.clone())
+            .unwrap_or_else(|| target.host_name.clone());
+        let back_home = initial_hub.eq_ignore_ascii_case(&target.host_name);
+        let previous_device_id = previous
+            .as_ref()
+            .and_then(|(r, _)| r.state.device_id.clone());
+        let device = HubDevice {
+            // Registration ids are case-insensitive: a device keeps the device id of its first
+            // assignment whatever case it registers with now, so it never has two identities.
+            device_id: view
+                .device_id
+                .clone()
+                .or_else(|| {
+                    previous_device_id
+                        .clone()
+                        .filter(|d| d.eq_ignore_ascii_case(&op.registration_id))
+                })
+                .unwrap_or_else(|| op.registration_id.clone()),
+            primary_key: view.keys.0.clone(),
+            secondary_key: view.keys.1.clone(),
+            iot_edge: view.iot_edge,
+        };
+        let (action, substatus) = plan_twin(Situation {
+            previously_assigned: current.is_some(),
+            moved: moved_from.is_some(),
+            migrate_device_data: view.reprovision.migrate_device_data,
+            back_home,
+            previous_substatus: previous.as_ref().and_then(|(r, _)| r.state.substatus),
+        });
+        let twin = match (action, moved_from) {
+            (TwinAction::Leave, _) => None,
+            (TwinAction::CarryFromOldHub, Some(old)) => {
+                let carried = self
+                    .hubs
+                    .get_twin(
+                        old,
+                        previous_device_id.as_ref().unwrap_or(&device.device_id),
+                    )
+                    .await
+                    .map_err(Failure::Retry)?;
+                Some(carried.unwrap_or(initial))
+            }
+            (TwinAction::Initial | TwinAction::CarryFromOldHub, _) => Some(initial),
+        };
+
+        self.hubs
+            .upsert_device(target, &device)
+            .await
+            .map_err(Failure::Retry)?;
+        if let Some(twin) = twin.filter(|t| !t.is_empty()) {
+            self.hubs
+                .update_twin(target, &device.device_id, &twin)
+                .await
+                .map_err(Failure::Retry)?;
+        }
+        // The identity the device had before, if it is not the one just written: on the hub it
+        // left, or on this hub under a device id the enrollment has since changed. Left behind, it
+        // would still accept the device's earlier credentials.
+        let stale = match (moved_from, current_hub, &previous_device_id) {
+            (Some(old), _, previous_id) => {
+                Some((old, previous_id.as_ref().unwrap_or(&device.device_id)))
+            }
+            (None, Some(same), Some(previous_id)) if *previous_id != device.device_id => {
+                Some((same, previous_id))
+            }
+            _ => None,
+        };
+        if let Some((hub, stale_id)) = stale
+            && let Err(err) = self.hubs.delete_device(hub, stale_id).await
+        {
+            tracing::warn!(registration_id = %op.registration_id, %err, hub = %hub.host_name, "the device's previous identity could not be deleted");
+        }
+
+        let now = format_utc(self.clock.now());
+        let mut record = previous
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| self.new_record(op, &now));
+        record.state.registration_id.clone_from(&op.registration_id);
+        record.state.status = EnrollmentStatus::Assigned;
+        record.state.assigned_hub = Some(target.host_name.clone());
+        record.state.device_id = Some(device.device_id.clone());
+        record.state.substatus = Some(substatus);
+        record.state.error_code = None;
+        record.state.error_message = None;
+        record.state.payload = payload;
+        record.allocation_trace = op.trace.clone().map(|mut trace| {
+            trace.decision = Some(serde_json::json!({"assignedHub": target.host_name}));
+            trace
+        });
+        record.state.last_updated_date_time_utc = Some(now);
+        record.initial_hub = Some(initial_hub);
+        record.enrollment_group_id = op.enrollment.group_id();
+        let etag = Etag::generate();
+        record.state.etag = Some(etag.as_str().to_owned());
+        let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
+        Ok(RecordWrite { record, etag, cond })
+    }
+
+    /// Custom allocation: asks the enrollment's webhook to choose among `offered`, recording the
+    /// call in the operation's allocation trace. Returns the chosen hub, the webhook's initial twin
+    /// and its payload for the device.
+    pub(super) async fn ask_webhook<'h>(
+        &self,
+        op: &mut Operation,
+        enrollment_doc: &str,
+        webhook_url: Option<&str>,
+        context: DeviceRuntimeContext,
+        offered: Vec<&'h LinkedHub>,
+    ) -> Result<(&'h LinkedHub, Option<InitialTwin>, Option<Value>), Failure> {
+        let url = webhook_url.ok_or_else(|| Failure::Final {
+            code: CUSTOM_ALLOCATION_FAILED,
+            message: "The enrollment's custom allocation has no webhook URL.".into(),
+        })?;
+        let names: Vec<String> = offered.iter().map(|h| h.host_name.clone()).collect();
+        let kind = match op.enrollment.kind {
+            EnrollmentKind::Group => "enrollmentGroup",
+            EnrollmentKind::Individual => "individualEnrollment",
+        };
+        let request = serde_json::json!({
+            kind: webhook::redacted_enrollment(enrollment_doc),
+            "deviceRuntimeContext": context,
+            "linkedHubs": names,
+        });
+        let called_at = format_utc(self.clock.now());
+        let started = std::time::Instant::now();
+        let reply = self
+            .webhooks
+            .post(url, &request, self.settings.webhook_timeout)
+            .await;
+        let latency = started.elapsed();
+        let status = match &reply {
+            Ok(r) => r.status.to_string(),
+            Err(WebhookError::Timeout(_)) => "timeout".to_owned(),
+            Err(WebhookError::Network(_)) => "error".to_owned(),
+            Err(WebhookError::TooLarge { .. }) => "too_large".to_owned(),
+            Err(WebhookError::Redirect { status, .. }) => status.to_string(),
+        };
+        metrics::counter!("opendps_webhook_calls_total", "status" => status.clone()).increment(1);
+        metrics::histogram!("opendps_webhook_call_duration_seconds", "status" => status)
+            .record(latency.as_secs_f64());
+        tracing::info!(
+            registration_id = %op.registration_id,
+            webhook = webhook::loggable_url(url),
+            status = reply.as_ref().map(|r| r.status).unwrap_or(0),
+            "allocation webhook answered"
+        );
+        let trace = op.trace.get_or_insert_with(|| AllocationTrace {
+            webhook_url: webhook::loggable_url(url).to_owned(),
+            ..AllocationTrace::default()
+        });
+        trace
+            .attempts
+            .push(TraceAttempt::of(&reply, called_at, latency));
+        trace.request = request;
+        match webhook::judge(reply, &names) {
+            Verdict::Allocate(response) => {
+                let chosen = response
+                    .iot_hub_host_name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim();
+                let hub = offered
+                    .iter()
+                    .copied()
+                    .find(|h| h.host_name.eq_ignore_ascii_case(chosen))
+                    .ok_or_else(|| Failure::Final {
+                        code: CUSTOM_ALLOCATION_FAILED,
+                        message: format!("the webhook chose '{chosen}'"),
+                    })?;
+                Ok((hub, response.initial_twin, response.payload))
+            }
+            Verdict::Fail { code, message } => Err(Failure::Final { code, message }),
+            Verdict::Retry(reason) => Err(Failure::WebhookRetry(reason)),
+        }
+    }
+}
