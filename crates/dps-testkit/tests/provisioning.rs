@@ -25,7 +25,7 @@ const GROUP_KEY: &str =
     "oiK77Oy7rBw8YB6IS6ukRChAw+Yq6GC61RMrPLSTiOOtdI+XDu0LmLuNm11p+qv2I+adqGUdZHm46zXAQdZoOA==";
 const NOW: i64 = 1_900_000_000;
 
-struct Bench {
+struct Fixture {
     _dir: tempfile::TempDir,
     store: Arc<dyn Store>,
     hub: Arc<FakeHub>,
@@ -34,7 +34,7 @@ struct Bench {
     dps: Provisioning,
 }
 
-fn bench() -> Bench {
+fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn Store> =
         Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
@@ -59,7 +59,7 @@ fn bench() -> Bench {
         settings,
         Box::new(|| ()),
     );
-    Bench {
+    Fixture {
         _dir: dir,
         store,
         hub,
@@ -69,7 +69,7 @@ fn bench() -> Bench {
     }
 }
 
-impl Bench {
+impl Fixture {
     async fn link(&self, host: &str, weight: u32) {
         let hub = LinkedHub {
             host_name: host.into(),
@@ -200,7 +200,7 @@ impl Bench {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_device_is_created_with_derived_keys_and_initial_twin() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.put_group("grp", json!({})).await;
     let status = b.register("breakroom499-contoso-tstrsd-007").await;
@@ -244,7 +244,11 @@ async fn group_device_is_created_with_derived_keys_and_initial_twin() {
         matches!(polled, Err(ProvisioningError::Unauthorized(_))),
         "{polled:?}"
     );
-    let other_device = b.token("someone-else", &Bench::device_key("someone-else"), NOW + 60);
+    let other_device = b.token(
+        "someone-else",
+        &Fixture::device_key("someone-else"),
+        NOW + 60,
+    );
     let polled = b
         .dps
         .operation_status(SCOPE, rid, &status.operation_id, Some(&other_device))
@@ -257,11 +261,11 @@ async fn group_device_is_created_with_derived_keys_and_initial_twin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_outcomes() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.put_group("grp", json!({})).await;
     let rid = "dev-1";
-    let key = Bench::device_key(rid);
+    let key = Fixture::device_key(rid);
     let refused =
         |r: Result<_, ProvisioningError>| matches!(r, Err(ProvisioningError::Unauthorized(_)));
     let body = DeviceRegistration::default;
@@ -377,12 +381,12 @@ async fn authentication_outcomes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_individual_enrollment_wins_over_an_enabled_group() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.put_group("grp", json!({})).await;
     let rid = "dev-disabled";
     // The individual enrollment's key is the derived one, so the same device token works for both.
-    b.put_individual(rid, json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": Bench::device_key(rid)}}})).await;
+    b.put_individual(rid, json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": Fixture::device_key(rid)}}})).await;
     let status = b.register(rid).await;
     assert_eq!(status.status, EnrollmentStatus::Disabled);
     assert!(b.hub.hubs_holding(rid).is_empty());
@@ -390,7 +394,7 @@ async fn disabled_individual_enrollment_wins_over_an_enabled_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_registering_keeps_the_hub_and_the_twin() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.link("hub-b", 3).await;
     b.put_group("grp", json!({})).await;
@@ -423,8 +427,8 @@ async fn re_registering_keeps_the_hub_and_the_twin() {
     assert_eq!(b.hub.hubs_holding("sticky"), [hub]);
 }
 
-async fn moved(policy: serde_json::Value) -> (Bench, dps_core::device::DeviceRegistrationResult) {
-    let b = bench();
+async fn moved(policy: serde_json::Value) -> (Fixture, dps_core::device::DeviceRegistrationResult) {
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.link("hub-b", 1).await;
     b.put_group(
@@ -509,7 +513,7 @@ async fn never_reprovision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_hub_is_retried_and_a_dead_one_fails_the_registration() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.put_group("grp", json!({})).await;
     b.hub.fail("hub-a", 2);
@@ -533,13 +537,13 @@ async fn a_flaky_hub_is_retried_and_a_dead_one_fails_the_registration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
-    let b = Arc::new(bench());
+    let b = Arc::new(fixture());
     for hub in ["hub-a", "hub-b", "hub-c"] {
         b.link(hub, 1).await;
     }
     b.put_group("grp", json!({})).await;
     let rid = "racer";
-    let token = b.token(rid, &Bench::device_key(rid), NOW + 3600);
+    let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
     let mut ops = Vec::new();
     for _ in 0..20 {
         ops.push(
@@ -590,8 +594,8 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
 
 const WEBHOOK: &str = "https://contoso-function-app.example/api/HttpTrigger1?code=s3cret";
 
-async fn custom_bench(reprovision: serde_json::Value) -> Bench {
-    let b = bench();
+async fn custom_bench(reprovision: serde_json::Value) -> Fixture {
+    let b = fixture();
     b.link("contoso-toasters-hub", 1).await;
     b.link("contoso-heatpumps-hub", 1).await;
     b.put_group(
@@ -669,7 +673,7 @@ async fn the_webhook_decides_the_hub_twin_and_payload() {
     );
 }
 
-async fn outcome(answers: &[(u16, &str)]) -> (Bench, dps_core::device::DeviceRegistrationResult) {
+async fn outcome(answers: &[(u16, &str)]) -> (Fixture, dps_core::device::DeviceRegistrationResult) {
     let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
     for (status, body) in answers {
         b.webhook.answer(*status, body);
@@ -800,7 +804,7 @@ async fn reprovisioning_tells_the_webhook_the_current_hub_and_reset_applies_its_
 async fn a_disabled_enrollment_never_calls_the_webhook() {
     let b = custom_bench(json!({"updateHubAssignment": true, "migrateDeviceData": true})).await;
     let rid = "dev-off";
-    b.put_individual(rid, json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": Bench::device_key(rid)}}})).await;
+    b.put_individual(rid, json!({"provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": Fixture::device_key(rid)}}})).await;
     assert_eq!(b.register(rid).await.status, EnrollmentStatus::Disabled);
     assert!(b.webhook.requests().is_empty());
 }
@@ -809,7 +813,7 @@ async fn a_disabled_enrollment_never_calls_the_webhook() {
 /// hub that accepts allocation; the legacy `iotHubHostName` names the hub as `iotHubs` would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_allocation_without_iot_hubs_and_with_the_legacy_field() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-b", 1).await;
     b.link("hub-a", 1).await;
     b.put_group("static-any", json!({"allocationPolicy": "static"}))
@@ -819,7 +823,7 @@ async fn static_allocation_without_iot_hubs_and_with_the_legacy_field() {
         assert_eq!(state.status, EnrollmentStatus::Assigned, "{state:?}");
         assert_eq!(state.assigned_hub.as_deref(), Some("hub-a"));
     }
-    let legacy = bench();
+    let legacy = fixture();
     legacy.link("hub-b", 1).await;
     legacy.link("hub-a", 1).await;
     legacy
@@ -841,7 +845,7 @@ async fn static_allocation_without_iot_hubs_and_with_the_legacy_field() {
 /// carries only the keys of the latest spelling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_id_in_another_case_is_the_same_device() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     b.put_group("grp", json!({})).await;
     for (i, rid) in ["Case-Dev-1", "case-dev-1", "CASE-DEV-1"]
@@ -870,7 +874,7 @@ async fn a_registration_id_in_another_case_is_the_same_device() {
     let (device, _) = b.hub.device("hub-a", "Case-Dev-1").expect("on the hub");
     assert_eq!(
         device.primary_key.expose(),
-        Bench::device_key("CASE-DEV-1"),
+        Fixture::device_key("CASE-DEV-1"),
         "the earlier spellings' keys no longer open the identity"
     );
 }
@@ -879,7 +883,7 @@ async fn a_registration_id_in_another_case_is_the_same_device() {
 /// identity only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_device_id_leaves_no_identity_behind() {
-    let b = bench();
+    let b = fixture();
     b.link("hub-a", 1).await;
     let rid = "renamed-device";
     b.put_individual(rid, json!({"deviceId": "first-name"}))
