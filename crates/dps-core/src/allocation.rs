@@ -36,7 +36,7 @@ pub enum AllocationError {
 
 impl AllocationError {
     /// The DPS error code a failed registration carries.
-    pub fn error_code(&self) -> i32 {
+    pub fn error_code(&self) -> u32 {
         match self {
             Self::CustomNeedsWebhook => 400_207,
             Self::NoHubs | Self::UnknownHub(_) => 400_211,

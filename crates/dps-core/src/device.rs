@@ -65,7 +65,7 @@ pub struct DeviceRegistrationResult {
     pub substatus: Option<AssignedDeviceSubstatus>,
     /// Error code of a failed registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<i32>,
+    pub error_code: Option<u32>,
     /// Error message of a failed registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,

@@ -105,7 +105,7 @@ pub enum Verdict {
     /// Fail with this code and message.
     Fail {
         /// `400207`, `400208` or `400209`.
-        code: i32,
+        code: u32,
         /// Why, naming the webhook's status and the start of its body.
         message: String,
     },
@@ -180,11 +180,11 @@ pub struct AllocationTrace {
 }
 
 /// CustomAllocationFailed.
-pub const CUSTOM_ALLOCATION_FAILED: i32 = 400_207;
+pub const CUSTOM_ALLOCATION_FAILED: u32 = 400_207;
 /// CustomAllocationIotHubNotSpecified.
-pub const CUSTOM_ALLOCATION_HUB_NOT_SPECIFIED: i32 = 400_208;
+pub const CUSTOM_ALLOCATION_HUB_NOT_SPECIFIED: u32 = 400_208;
 /// CustomAllocationUnauthorizedAccess.
-pub const CUSTOM_ALLOCATION_UNAUTHORIZED: i32 = 400_209;
+pub const CUSTOM_ALLOCATION_UNAUTHORIZED: u32 = 400_209;
 
 /// The tutorial's troubleshooting table: 200 with a hub → allocate; 200 with an empty or null hub
 /// → 400208; 401 → 400209; ≥ 429 → retry; anything else, or a body that is not the expected JSON →

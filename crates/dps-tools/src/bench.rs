@@ -106,8 +106,49 @@ struct DeviceResult {
     total: Duration,
     /// `total` less the time the device chose to wait before polling.
     service: Duration,
-    /// `assigned`, or the error (a DPS code, an HTTP status or a transport failure).
-    outcome: Result<(), String>,
+    /// `assigned`, or why not.
+    outcome: Result<(), Failure>,
+}
+
+/// Why a device was not assigned; shown (and counted in the report) by its [`std::fmt::Display`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// The registration ended `failed` or `disabled`, with its DPS error code.
+    Ended { status: String, code: Option<u32> },
+    /// A request was refused (401, 400, …), with its DPS error code.
+    Refused { status: u16, code: Option<u32> },
+    /// Connecting or talking to the service failed.
+    Transport(String),
+    /// No terminal answer in time.
+    Timeout,
+}
+
+impl Failure {
+    /// The DPS error code, if the service gave one.
+    fn code(&self) -> Option<u32> {
+        match self {
+            Self::Ended { code, .. } | Self::Refused { code, .. } => *code,
+            Self::Transport(_) | Self::Timeout => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ended {
+                status,
+                code: Some(code),
+            } => write!(f, "{status} {code}"),
+            Self::Ended { status, code: None } => write!(f, "{status}"),
+            Self::Refused {
+                code: Some(code), ..
+            } => write!(f, "{code}"),
+            Self::Refused { status, code: None } => write!(f, "HTTP {status}"),
+            Self::Transport(why) => write!(f, "{why}"),
+            Self::Timeout => write!(f, "timeout"),
+        }
+    }
 }
 
 /// Runs the bench against the service of `data_dir` (or the one `--login` names).
@@ -239,12 +280,11 @@ pub async fn run(
     print(&report, json_output)?;
     let failed = results.0.iter().filter(|r| r.outcome.is_err()).count();
     if failed > 0 {
-        let hint = if results.0.iter().any(|r| {
-            r.outcome
-                .as_ref()
-                .err()
-                .is_some_and(|e| e.ends_with("400211"))
-        }) {
+        let hint = if results
+            .0
+            .iter()
+            .any(|r| r.outcome.as_ref().err().and_then(Failure::code) == Some(400_211))
+        {
             " 400211 means no hub could be chosen: link one (`opendps linked-hub create`) or serve one in-process (`opendps serve --hub NAME`)."
         } else {
             ""
@@ -516,7 +556,7 @@ async fn https_device(
         ended
     })
     .await
-    .unwrap_or_else(|_| Err("timeout".to_owned()));
+    .unwrap_or(Err(Failure::Timeout));
     finished(started, waited, outcome)
 }
 
@@ -541,13 +581,13 @@ async fn mqtt_device(
             &token,
         )
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| Failure::Transport(format!("connect: {e}")))?;
         let ended = provision(&mut link, settings, rid, &mut waited).await;
         link.disconnect().await;
         ended
     })
     .await
-    .unwrap_or_else(|_| Err("timeout".to_owned()));
+    .unwrap_or(Err(Failure::Timeout));
     finished(started, waited, outcome)
 }
 
@@ -557,27 +597,32 @@ async fn provision(
     settings: &DeviceSettings,
     rid: &str,
     waited: &mut Duration,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let body = json!({"registrationId": rid});
     let deadline = tokio::time::Instant::now() + settings.timeout;
     let (ended, wait) = register_and_poll(link, &body, settings.poll_interval, deadline, &|_| {})
         .await
-        .map_err(|e| format!("transport: {e}"))?;
+        .map_err(|e| Failure::Transport(format!("transport: {e}")))?;
     *waited = wait;
     match ended {
         Ended::Finished(reply) => terminal(&reply),
-        Ended::Refused { status, reply } => Err(error_of(status, &reply)),
-        Ended::TimedOut => Err("timeout".to_owned()),
+        Ended::Refused { status, reply } => Err(Failure::Refused {
+            status,
+            code: reply["errorCode"]
+                .as_u64()
+                .and_then(|c| u32::try_from(c).ok()),
+        }),
+        Ended::TimedOut => Err(Failure::Timeout),
     }
 }
 
-async fn http_connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, String> {
+async fn http_connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, Failure> {
     let tls = tls_connect(target)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| Failure::Transport(format!("connect: {e}")))?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
-        .map_err(|e| format!("http: {e}"))?;
+        .map_err(|e| Failure::Transport(format!("http: {e}")))?;
     tokio::spawn(connection);
     Ok(sender)
 }
@@ -643,7 +688,7 @@ fn tls_config_of(target: &Target) -> Arc<rustls::ClientConfig> {
     Arc::clone(target.tls.config())
 }
 
-fn finished(started: Instant, waited: Duration, outcome: Result<(), String>) -> DeviceResult {
+fn finished(started: Instant, waited: Duration, outcome: Result<(), Failure>) -> DeviceResult {
     let total = started.elapsed();
     DeviceResult {
         total,
@@ -653,7 +698,7 @@ fn finished(started: Instant, waited: Duration, outcome: Result<(), String>) -> 
 }
 
 /// `assigned`, or the registration's status and error code.
-fn terminal(done: &RegistrationOperationStatus) -> Result<(), String> {
+fn terminal(done: &RegistrationOperationStatus) -> Result<(), Failure> {
     if done.status == EnrollmentStatus::Assigned {
         return Ok(());
     }
@@ -661,20 +706,8 @@ fn terminal(done: &RegistrationOperationStatus) -> Result<(), String> {
         .ok()
         .and_then(|s| s.as_str().map(str::to_owned))
         .unwrap_or_default();
-    let code = done
-        .registration_state
-        .as_ref()
-        .and_then(|s| s.error_code)
-        .map(|c| c.to_string())
-        .unwrap_or_default();
-    Err(format!("{status} {code}").trim().to_owned())
-}
-
-fn error_of(status: u16, reply: &Value) -> String {
-    match reply["errorCode"].as_i64() {
-        Some(code) => code.to_string(),
-        None => format!("HTTP {status}"),
-    }
+    let code = done.registration_state.as_ref().and_then(|s| s.error_code);
+    Err(Failure::Ended { status, code })
 }
 
 fn summarize(report: &mut Value, results: &[DeviceResult], wall: Duration, baseline: Option<f64>) {
@@ -682,7 +715,7 @@ fn summarize(report: &mut Value, results: &[DeviceResult], wall: Duration, basel
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for r in results {
         if let Err(e) = &r.outcome {
-            *errors.entry(e.clone()).or_default() += 1;
+            *errors.entry(e.to_string()).or_default() += 1;
         }
     }
     #[allow(clippy::cast_precision_loss)]

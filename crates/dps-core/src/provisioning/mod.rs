@@ -45,9 +45,9 @@ use self::auth::{GroupAuth, symmetric_keys};
 use self::record::{EnrollmentView, result_of};
 
 /// Error code of a registration whose enrollment disappeared while it was being processed.
-const ENROLLMENT_GONE: i32 = 404_202;
+const ENROLLMENT_GONE: u32 = 404_202;
 /// Error code of a registration that failed because a hub refused or did not answer.
-const HUB_WRITE_FAILED: i32 = 500_002;
+const HUB_WRITE_FAILED: u32 = 500_002;
 
 /// Settings of device registration.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ pub(super) enum Failure {
     /// The enrollment is disabled.
     Disabled,
     /// The registration fails with this code.
-    Final { code: i32, message: String },
+    Final { code: u32, message: String },
     /// Storage failed; the operation stays leased and is retried after the lease.
     Store(ProvisioningError),
 }
@@ -226,7 +226,7 @@ impl Provisioning {
     pub(super) async fn unassigned_record(
         &self,
         op: &Operation,
-        error: Option<(i32, String)>,
+        error: Option<(u32, String)>,
     ) -> Result<RecordWrite, ProvisioningError> {
         let key = op.registration_id.to_ascii_lowercase();
         let previous = self.registration(&key).await?;
