@@ -22,8 +22,9 @@ use dps_core::provisioning::Provisioning;
 
 pub use device_api::DeviceRequest;
 pub use error::ApiError;
-pub use server::{DEFAULT_MAX_CONNECTIONS, serve};
+pub use server::serve;
 pub use service_api::decode_service_request;
+pub use tls_accept::DEFAULT_MAX_CONNECTIONS;
 
 /// The OpenAPI document of the service API.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");

@@ -2,19 +2,20 @@
 //! packets to a [`Connection`]. What a connection means (DPS, or a device on an IoT hub) is decided
 //! by the [`Connector`] from its CONNECT, so one listener on 8883 serves both.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{self};
+use tls_accept::{DEFAULT_MAX_CONNECTIONS, TlsListener, stopped};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-/// A device that has not finished TLS and sent CONNECT by then is dropped.
+/// A device that has not sent CONNECT this long after its TLS handshake is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits of the listener.
@@ -30,7 +31,7 @@ impl Default for MqttLimits {
     fn default() -> Self {
         Self {
             max_packet_bytes: 96 * 1024 + 1024,
-            max_connections: 16_384, // as the HTTPS listener's default
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -72,46 +73,15 @@ pub async fn serve(
     limits: MqttLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = ConnectionSlots::new("mqtt", limits.max_connections);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        tracing::warn!(%err, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(open) = slots.admit(&peer) else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let (tls, connector, stop) = (tls.clone(), Arc::clone(&connector), shutdown.clone());
-                tokio::spawn(async move {
-                    let _open = open;
-                    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(tcp)).await {
-                        Ok(Ok(stream)) => stream,
-                        _ => {
-                            tracing::debug!(%peer, "MQTT TLS handshake failed or timed out");
-                            metrics::counter!("opendps_tls_handshake_failures_total", "listener" => "mqtt").increment(1);
-                            return;
-                        }
-                    };
-                    if let Err(reason) = run_connection(stream, peer, connector, limits, stop).await {
-                        tracing::debug!(%peer, reason, "MQTT connection closed");
-                    }
-                });
+    let listener = TlsListener::new(listener, tls, "mqtt", limits.max_connections);
+    while let Some(accepted) = listener.accept(&mut shutdown).await {
+        let (connector, stop) = (Arc::clone(&connector), shutdown.clone());
+        accepted.spawn(move |stream, peer| async move {
+            if let Err(reason) = run_connection(stream, peer, connector, limits, stop).await {
+                tracing::debug!(%peer, reason, "MQTT connection closed");
             }
-            () = stopped(&mut shutdown) => return,
-        }
+        });
     }
-}
-
-/// Resolves once the shutdown flag turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Whether `byte` can open a packet a client sends: its type and the fixed flags that type must
@@ -352,72 +322,6 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Some(push) = connection.push() => framed.write(&[push]).await?,
             () = stopped(&mut stop) => return Ok(()),
         }
-    }
-}
-
-/// The connection cap of one listener. A connection over the cap is closed before its TLS
-/// handshake (the work the cap protects), counted in `opendps_connections_refused_total`, and
-/// logged at most once every ten seconds.
-struct ConnectionSlots {
-    listener: &'static str,
-    max: usize,
-    free: Arc<Semaphore>,
-    last_warning: Mutex<Option<Instant>>,
-}
-
-impl ConnectionSlots {
-    fn new(listener: &'static str, max: usize) -> Self {
-        Self {
-            listener,
-            max,
-            free: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
-            last_warning: Mutex::new(None),
-        }
-    }
-
-    /// A slot for a new connection from `peer`, or `None` (and the refusal counted) when all
-    /// are taken.
-    fn admit(&self, peer: &std::net::SocketAddr) -> Option<OpenConnection> {
-        match Arc::clone(&self.free).try_acquire_owned() {
-            Ok(permit) => Some(OpenConnection::new(self.listener, permit)),
-            Err(_) => {
-                metrics::counter!("opendps_connections_refused_total", "listener" => self.listener)
-                    .increment(1);
-                let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
-                if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                    *last = Some(Instant::now());
-                    tracing::warn!(
-                        %peer,
-                        listener = self.listener,
-                        max = self.max,
-                        "refusing connections: the listener is at its connection limit; raise max_connections if the host can take more"
-                    );
-                }
-                None
-            }
-        }
-    }
-}
-
-/// Counts a connection in `opendps_open_connections` and holds its slot while it lives.
-struct OpenConnection {
-    listener: &'static str,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    fn new(listener: &'static str, slot: OwnedSemaphorePermit) -> Self {
-        metrics::gauge!("opendps_open_connections", "listener" => listener).increment(1.0);
-        Self {
-            listener,
-            _slot: slot,
-        }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        metrics::gauge!("opendps_open_connections", "listener" => self.listener).decrement(1.0);
     }
 }
 

@@ -5,7 +5,6 @@
 
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
-pub mod group_commit;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;

@@ -124,9 +124,23 @@ impl IntoResponse for MinihubError {
     }
 }
 
-impl From<dps_store::group_commit::CommitError> for MinihubError {
-    fn from(err: dps_store::group_commit::CommitError) -> Self {
+impl From<sqlite_commit::CommitError> for MinihubError {
+    fn from(err: sqlite_commit::CommitError) -> Self {
         Self::Storage(err.0)
+    }
+}
+
+impl From<sqlite_commit::OpenError> for MinihubError {
+    fn from(err: sqlite_commit::OpenError) -> Self {
+        match err {
+            sqlite_commit::OpenError::Sql(e) => e.into(),
+            sqlite_commit::OpenError::TooNew { found, known } => Self::Storage(format!(
+                "the minihub database has schema version {found}, newer than this build knows ({known})"
+            )),
+            sqlite_commit::OpenError::NotMigrated { found, known } => Self::Storage(format!(
+                "the minihub database has schema version {found}, this build reads {known}; start `opendps serve` on it"
+            )),
+        }
     }
 }
 

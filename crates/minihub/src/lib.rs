@@ -23,9 +23,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::secret::Secret;
-use dps_store::group_commit::{GroupCommit, ReaderPool};
 use rusqlite::Connection;
 use serde_json::{Map, Value};
+use sqlite_commit::{GroupCommit, ReaderPool};
 use tokio::sync::broadcast;
 
 pub use error::{JSON_CONTENT_TYPE, MinihubError};
@@ -263,7 +263,7 @@ impl Minihub {
             inner: Arc::new(Inner {
                 writer: GroupCommit::start(conn, "minihub-writer")
                     .map_err(|e| MinihubError::Storage(format!("starting the writer: {e}")))?,
-                readers: ReaderPool::new(db_path, store::open_reader, None),
+                readers: ReaderPool::new(db_path, sqlite_commit::open_connection, None),
                 hubs: RwLock::new(hubs),
                 messages: Mutex::new(HashMap::new()),
                 desired: Mutex::new(HashMap::new()),

@@ -2,9 +2,9 @@
 //! identity and twin. Migrations are numbered in `PRAGMA user_version`.
 
 use std::path::Path;
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use sqlite_commit::Schema;
 
 use crate::error::MinihubError;
 use crate::model::{Device, HubInfo};
@@ -20,88 +20,20 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
 ];
 
+/// minihub's schema.
+const SCHEMA: Schema = Schema::new("minihub", MIGRATIONS);
+
 /// Opens (creating if needed) the database and brings its schema up to date. Another process
 /// creating or migrating the same file at the same moment (a starting service and `opendps info`)
-/// can make SQLite report busy without waiting; that is waited out for a while.
+/// is waited out for a while.
 pub(crate) fn open(path: &Path) -> Result<Connection, MinihubError> {
-    let started = std::time::Instant::now();
-    loop {
-        match try_open(path) {
-            Ok((conn, Ok(()))) => return Ok(conn),
-            Ok((_, Err(version))) => {
-                return Err(MinihubError::Storage(format!(
-                    "the minihub database has schema version {version}, newer than this build knows ({})",
-                    MIGRATIONS.len()
-                )));
-            }
-            Err(err) if is_busy(&err) && started.elapsed() < Duration::from_secs(15) => {
-                std::thread::sleep(Duration::from_millis(25));
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-}
-
-/// Another connection to a database [`open`] has created and migrated, for reading.
-pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    Ok(conn)
+    Ok(SCHEMA.open(path)?)
 }
 
 /// The hubs of an existing database, read without a writer, a migration or any lock that could get
 /// in the way of the service that owns the file (`opendps info`).
 pub(crate) fn read_hubs(path: &Path) -> Result<Vec<HubInfo>, MinihubError> {
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if usize::try_from(version).ok() != Some(MIGRATIONS.len()) {
-        return Err(MinihubError::Storage(format!(
-            "the minihub database has schema version {version}, this build reads {}; start `opendps serve` on it",
-            MIGRATIONS.len()
-        )));
-    }
-    hubs(&conn)
-}
-
-fn try_open(path: &Path) -> rusqlite::Result<(Connection, Result<(), usize>)> {
-    let mut conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
-    let migrated = migrate(&mut conn)?;
-    Ok((conn, migrated))
-}
-
-fn is_busy(err: &rusqlite::Error) -> bool {
-    matches!(
-        err.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
-}
-
-/// Brings the schema up to date; `Ok(Err(version))` when the file is newer than this build.
-/// A database already up to date is only read: the write lock is taken only to migrate.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<Result<(), usize>> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if usize::try_from(version).ok() == Some(MIGRATIONS.len()) {
-        return Ok(Ok(()));
-    }
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
-        return Ok(Err(version));
-    }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
-        tracing::info!(version = index + 1, "applied minihub schema migration");
-    }
-    tx.commit()?;
-    Ok(Ok(()))
+    hubs(&SCHEMA.open_read_only(path)?)
 }
 
 /// Every hub.
@@ -206,20 +138,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_up_to_date_database_is_not_locked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db");
-        let mut conn = Connection::open(&path).expect("open");
-        migrate(&mut conn).expect("create").expect("known");
-        let other = Connection::open(&path).expect("open");
-        other
-            .execute_batch("BEGIN IMMEDIATE")
-            .expect("hold the write lock");
-        conn.busy_timeout(Duration::ZERO).expect("timeout");
-        assert!(matches!(migrate(&mut conn), Ok(Ok(()))));
-    }
-
-    #[test]
     fn migrating_twice_is_a_no_op_and_newer_schemas_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hub.db");
@@ -228,7 +146,7 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version, MIGRATIONS.len() as i64);
+        assert_eq!(version, SCHEMA.version() as i64);
         conn.pragma_update(None, "user_version", 99)
             .expect("set version");
         drop(conn);

@@ -1,7 +1,7 @@
 //! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
 
 use dps_core::store::StoreError;
-use rusqlite::Connection;
+use sqlite_commit::{OpenError, Schema};
 
 /// Each entry moves the schema from version `index` to `index + 1`. Never edit a released entry.
 const MIGRATIONS: &[&str] = &[
@@ -28,95 +28,37 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE operations ADD COLUMN lease_incarnation TEXT;",
 ];
 
-/// The schema version this build writes.
-pub(super) fn current_version() -> usize {
-    MIGRATIONS.len()
-}
+/// The store's schema.
+pub(super) const SCHEMA: Schema = Schema::new("opendps", MIGRATIONS);
 
-/// Why the schema could not be brought up to date.
-pub(super) enum MigrateError {
-    /// SQLite failed (possibly only busy).
-    Sql(rusqlite::Error),
-    /// The file was written by a newer opendps.
-    TooNew(usize),
-}
-
-impl From<rusqlite::Error> for MigrateError {
-    fn from(err: rusqlite::Error) -> Self {
-        Self::Sql(err)
-    }
-}
-
-impl From<MigrateError> for StoreError {
-    fn from(err: MigrateError) -> Self {
-        match err {
-            MigrateError::Sql(e) => StoreError::Backend(format!("migrating the schema: {e}")),
-            MigrateError::TooNew(version) => StoreError::Backend(format!(
-                "the database has schema version {version}, newer than this opendps knows ({}); upgrade opendps",
-                MIGRATIONS.len()
-            )),
-        }
-    }
-}
-
-/// Brings the schema up to date in one transaction. Refuses a database newer than this binary.
-/// A database already up to date is only read: the write lock is taken only to migrate.
-pub(super) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if usize::try_from(version).ok() == Some(MIGRATIONS.len()) {
-        return Ok(());
-    }
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
-        return Err(MigrateError::TooNew(version));
-    }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
-        tracing::info!(version = index + 1, "applied schema migration");
-    }
-    Ok(tx.commit()?)
+/// How the store reports a failed open. SQLite's own errors are worded by the caller: only the
+/// writer's open migrates.
+pub(super) fn open_failed(
+    err: OpenError,
+    sql: impl FnOnce(rusqlite::Error) -> String,
+) -> StoreError {
+    StoreError::Backend(match err {
+        OpenError::Sql(e) => sql(e),
+        OpenError::TooNew { found, known } => format!(
+            "the database has schema version {found}, newer than this opendps knows ({known}); upgrade opendps"
+        ),
+        OpenError::NotMigrated { .. } => "the database is still being created or needs a newer schema; start `opendps serve` on it".into(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
 
     #[test]
     fn migrating_twice_is_a_no_op() {
         let mut conn = Connection::open_in_memory().expect("open");
-        assert!(migrate(&mut conn).is_ok(), "first");
-        assert!(migrate(&mut conn).is_ok(), "second");
+        assert!(SCHEMA.migrate(&mut conn).is_ok(), "first");
+        assert!(SCHEMA.migrate(&mut conn).is_ok(), "second");
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version as usize, MIGRATIONS.len());
-    }
-
-    #[test]
-    fn an_up_to_date_database_is_not_locked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db");
-        let mut conn = Connection::open(&path).expect("open");
-        assert!(migrate(&mut conn).is_ok(), "create");
-        let other = Connection::open(&path).expect("open");
-        other
-            .execute_batch("BEGIN IMMEDIATE")
-            .expect("hold the write lock");
-        conn.busy_timeout(std::time::Duration::ZERO)
-            .expect("timeout");
-        assert!(
-            migrate(&mut conn).is_ok(),
-            "nothing to migrate, so the held lock is not needed"
-        );
-    }
-
-    #[test]
-    fn newer_database_is_refused() {
-        let mut conn = Connection::open_in_memory().expect("open");
-        conn.pragma_update(None, "user_version", 99).expect("set");
-        assert!(matches!(migrate(&mut conn), Err(MigrateError::TooNew(99))));
+        assert_eq!(version as usize, SCHEMA.version());
     }
 }

@@ -1,15 +1,15 @@
 //! The SQLite backend: one file in WAL mode, one writer thread that commits queued writes in groups,
 //! and a small pool of reader connections.
 //!
-//! Group commit: async callers send closures to the writer; it drains its queue, runs each closure
-//! inside its own savepoint (so one failed write never spoils the batch), commits once with a full
-//! fsync, and only then answers every caller. A reply therefore always means "durable".
+//! Group commit (`sqlite_commit::GroupCommit`): async callers send closures to the writer; it drains
+//! its queue, runs each closure inside its own savepoint (so one failed write never spoils the
+//! batch), commits once with a full fsync, and only then answers every caller. A reply therefore
+//! always means "durable".
 
 mod migrations;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::thread;
 
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
@@ -19,9 +19,12 @@ use dps_core::store::{
     EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore, OperationStore,
     Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
 };
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
+use sqlite_commit::{
+    CommitError, GroupCommit, ReaderPool, open_connection, open_read_only_connection,
+};
 
-use crate::group_commit::{CommitError, GroupCommit, ReaderPool};
+use migrations::{SCHEMA, open_failed};
 
 /// A SQLite-backed store.
 #[derive(Clone)]
@@ -44,93 +47,31 @@ impl<T> SqlResultExt<T> for rusqlite::Result<T> {
     }
 }
 
-/// How long opening waits for another process (a starting service, `opendps info`) to release the
-/// file while it is being created or migrated.
-const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; worth waiting for.
-fn is_busy(err: &rusqlite::Error) -> bool {
-    matches!(
-        err.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
-}
-
-fn open_for_reading(path: &Path) -> rusqlite::Result<Connection> {
-    open_connection(path, false)
-}
-
-fn open_read_only_connection(path: &Path) -> rusqlite::Result<Connection> {
-    open_connection(path, true)
-}
-
-fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    if !read_only {
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-        )?;
-    }
-    Ok(conn)
-}
-
-/// Opens and migrates the writer's connection, waiting while another process holds the lock.
-/// (Switching a new file to WAL can report busy at once, without the busy handler.)
-fn open_writer(path: &Path) -> Result<Connection, StoreError> {
-    let started = std::time::Instant::now();
-    loop {
-        let attempt = open_connection(path, false)
-            .map_err(migrations::MigrateError::Sql)
-            .and_then(|mut conn| {
-                migrations::migrate(&mut conn)?;
-                Ok(conn)
-            });
-        match attempt {
-            Ok(conn) => return Ok(conn),
-            Err(migrations::MigrateError::Sql(err))
-                if is_busy(&err) && started.elapsed() < OPEN_PATIENCE =>
-            {
-                thread::sleep(std::time::Duration::from_millis(25));
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let conn = open_writer(&path)?;
+        let conn = SCHEMA
+            .open(&path)
+            .map_err(|e| open_failed(e, |e| format!("migrating the schema: {e}")))?;
         let writer = GroupCommit::start(conn, "sqlite-writer")
             .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: Some(writer),
-                readers: ReaderPool::new(&path, open_for_reading, None),
+                readers: ReaderPool::new(&path, open_connection, None),
             }),
         })
     }
 
     /// Opens an existing database for reading only: no writer, no migration, no lock that could
-    /// get in the way of the service that owns the file. Fails if the schema is not complete yet.
+    /// get in the way of the service that owns the file. Fails unless the schema is complete and
+    /// no newer than this build's.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let conn = open_connection(&path, true).backend()?;
-        let version: i64 = conn
-            .query_row_cached("PRAGMA user_version", [], |r| r.get(0))
-            .backend()?;
-        if usize::try_from(version).unwrap_or(0) < migrations::current_version() {
-            return Err(StoreError::Backend("the database is still being created or needs a newer schema; start `opendps serve` on it".into()));
-        }
+        let conn = SCHEMA
+            .open_read_only(&path)
+            .map_err(|e| open_failed(e, |e| e.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: None,
@@ -162,7 +103,10 @@ impl SqliteStore {
             .as_ref()
             .ok_or_else(|| StoreError::Backend("the store is read-only".into()))?;
         let started = std::time::Instant::now();
-        let result = writer.write(f).await;
+        let result = writer
+            .write(move |conn| f(conn).map_err(WriteError))
+            .await
+            .map_err(|WriteError(err)| err);
         metrics::histogram!("opendps_store_duration_seconds", "kind" => "write")
             .record(started.elapsed().as_secs_f64());
         result
@@ -243,9 +187,13 @@ fn write_operation(conn: &Connection, op: &StoredOperation) -> Result<(), StoreE
     Ok(())
 }
 
-impl From<CommitError> for StoreError {
+/// A write's error as the writer thread carries it: `StoreError` lives in `dps-core`, so a failed
+/// commit becomes one through this wrapper.
+struct WriteError(StoreError);
+
+impl From<CommitError> for WriteError {
     fn from(err: CommitError) -> Self {
-        StoreError::Backend(err.0)
+        Self(StoreError::Backend(err.0))
     }
 }
 
@@ -750,7 +698,7 @@ mod tests {
             let openers: Vec<_> = (0..3)
                 .map(|_| {
                     let path = path.clone();
-                    thread::spawn(move || SqliteStore::open(path).map(|s| s.close()))
+                    std::thread::spawn(move || SqliteStore::open(path).map(|s| s.close()))
                 })
                 .collect();
             for opener in openers {

@@ -1,9 +1,9 @@
-//! How opendps uses SQLite, shared by the DPS store and minihub. `GroupCommit`: one thread owns
-//! a SQLite connection and commits the writes of many callers together. Each write runs in its own savepoint (a failing write is rolled back alone); one
-//! `COMMIT`, one fsync, covers every write that queued while the previous commit was on disk; each
-//! caller is answered only after that commit. `ReaderPool`: reads run on the calling thread over a few
-//! pooled connections (point lookups and short scans of a WAL database whose pages are cached are
-//! cheaper than a hop to a blocking thread).
+//! Writes and reads of one database. `GroupCommit`: one thread owns a SQLite connection and commits
+//! the writes of many callers together. Each write runs in its own savepoint (a failing write is
+//! rolled back alone); one `COMMIT`, one fsync, covers every write that queued while the previous
+//! commit was on disk; each caller is answered only after that commit. `ReaderPool`: reads run on
+//! the calling thread over a few pooled connections (point lookups and short scans of a WAL
+//! database whose pages are cached are cheaper than a hop to a blocking thread).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
