@@ -35,6 +35,7 @@ use crate::{pki, worker};
 
 /// Binds the configured listeners and runs the service until a stop signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut signals = StopSignals::listen().context("while listening for SIGTERM and SIGINT")?;
     let listeners = Listeners::bind(&config).await?;
     let service = start(config, listeners).await?;
     let mqtt = service
@@ -49,7 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         service.service_host,
         service.data.root().display()
     );
-    stop_signal().await;
+    signals.recv().await;
     tracing::info!("stopping: finishing requests in flight");
     service.shutdown().await;
     tracing::info!("stopped");
@@ -529,24 +530,49 @@ pub fn service_host(public_host: &str, port: u16) -> String {
     }
 }
 
+/// SIGINT and SIGTERM, listened for from the moment this is made: a signal that arrives before
+/// anyone waits for it is kept, not lost to the default action (which would end the process).
+pub struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening.
+    pub fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM (Ctrl-C elsewhere).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {},
+            _ = self.terminate.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn stop_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    match StopSignals::listen() {
+        Ok(mut signals) => signals.recv().await,
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for stop signals; stop with SIGKILL");
+            std::future::pending::<()>().await;
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }

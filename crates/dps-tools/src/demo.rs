@@ -59,7 +59,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     // Listen for Ctrl-C from the start, so an interrupt at any point still reaches the cleanup
     // below: the data directory holds keys.
-    let mut interrupted = tokio::spawn(serve::stop_signal());
+    let mut signals = serve::StopSignals::listen().context("while listening for Ctrl-C")?;
     let suffix = args.suffix.unwrap_or_else(|| {
         let mut bytes = [0u8; 2];
         dps_core::sas::fill_random(&mut bytes);
@@ -107,13 +107,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Ctrl-C (or SIGTERM) stops the tutorial, but not the cleanup: the data directory holds keys.
     let outcome = tokio::select! {
         outcome = tutorial.run() => outcome.context("the demo did not go as the tutorial says"),
-        _ = &mut interrupted => {
+        () = signals.recv() => {
             println!("\nInterrupted: stopping the service and removing what the demo created.");
             Err(anyhow::anyhow!("interrupted before the demo finished"))
         }
     };
     allocator.abort();
-    interrupted.abort();
     service.shutdown().await;
     if args.keep {
         println!(
