@@ -63,7 +63,8 @@ impl Device {
         say: &(dyn Fn(&str) + Sync),
     ) -> anyhow::Result<RegistrationOperationStatus> {
         let resource = format!("{}/registrations/{}", self.scope, self.registration_id);
-        let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+        let expiry =
+            dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + TOKEN_TTL_SECS;
         let token = dps_core::sas::generate_token(
             &resource,
             &self.symmetric_key,

@@ -47,7 +47,7 @@ pub async fn read_twin(
     device_id: &str,
     device_key: &str,
 ) -> anyhow::Result<Value> {
-    let expiry = jiff::Timestamp::now().as_second() + 3600;
+    let expiry = dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + 3600;
     let sas = dps_core::sas::generate_token(
         &format!("{hub}/devices/{device_id}"),
         device_key,

@@ -93,7 +93,7 @@ impl DpsConnection {
                 (status, retry, serde_json::to_vec(&body).unwrap_or_default())
             }
             Err(err) => {
-                let body = ProvisioningServiceErrorDetails::report(&err, jiff::Timestamp::now());
+                let body = ProvisioningServiceErrorDetails::report(&err, self.provisioning.now());
                 (
                     err.http_status(),
                     None,

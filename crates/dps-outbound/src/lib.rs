@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dps_core::clock::Clock;
 use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
 use dps_core::linked_hub::{ConnectionString, LinkedHub};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -35,6 +37,7 @@ pub type HubEndpoints = HashMap<String, SocketAddr>;
 pub struct RestHubClient {
     http: reqwest::Client,
     endpoints: HubEndpoints,
+    clock: Arc<dyn Clock>,
 }
 
 /// Settings of [`RestHubClient`].
@@ -45,6 +48,8 @@ pub struct RestHubSettings {
     pub extra_roots_pem: Vec<Vec<u8>>,
     /// Host names reached at a fixed address instead of through DNS.
     pub endpoints: HubEndpoints,
+    /// The time the hub tokens' expiry counts from.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl RestHubClient {
@@ -69,6 +74,7 @@ impl RestHubClient {
         Ok(Self {
             http,
             endpoints: settings.endpoints,
+            clock: settings.clock,
         })
     }
 
@@ -90,7 +96,7 @@ impl RestHubClient {
     ) -> Result<(StatusCode, Value), HubError> {
         let conn = ConnectionString::parse(hub.connection_string.expose())
             .map_err(|_| HubError::BadConnectionString(hub.host_name.clone()))?;
-        let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+        let expiry = self.clock.now().as_second() + TOKEN_TTL_SECS;
         let token = dps_core::sas::generate_token(
             &conn.host_name,
             conn.key.expose(),

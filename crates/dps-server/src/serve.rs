@@ -127,12 +127,14 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     let data = DataDir::new(&config.data_dir);
     data.create()?;
     let lock = data.lock("service")?;
-    let store = SqliteStore::open(config.database_path()).with_context(|| {
-        format!(
-            "while opening the database {}",
-            config.database_path().display()
-        )
-    })?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = SqliteStore::open_with_clock(config.database_path(), Arc::clone(&clock))
+        .with_context(|| {
+            format!(
+                "while opening the database {}",
+                config.database_path().display()
+            )
+        })?;
     let identity = store
         .init_identity(&ServiceIdentity::generate())
         .await
@@ -155,7 +157,6 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     let https = listener.local_addr()?;
     let service_host = service_host(&config.http.public_host, https.port());
 
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shared: Arc<dyn Store> = Arc::new(store.clone());
     let authorizer = Authorizer::new(
         identity.clone(),
@@ -174,6 +175,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         timeout: Duration::from_secs(config.provisioning.hub_timeout_secs),
         extra_roots_pem: dev_ca.clone(),
         endpoints: hub_endpoints(&config, https),
+        clock: Arc::clone(&clock),
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     let wake = Arc::new(Notify::new());

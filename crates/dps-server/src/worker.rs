@@ -298,11 +298,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn operations_run_per_device_in_order_and_finished_ones_are_pruned() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> =
-            Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
         let clock = Arc::new(ManualClock::new(
             jiff::Timestamp::from_second(1_900_000_000).expect("ts"),
         ));
+        let store: Arc<dyn Store> = Arc::new(
+            dps_store::SqliteStore::open_with_clock(dir.path().join("db"), clock.clone())
+                .expect("open"),
+        );
         let now = clock.now().as_millisecond();
         for (id, device, at) in [
             ("a1", "a", 1),

@@ -561,7 +561,8 @@ pub async fn pruning_keeps_pending_operations(store: Arc<dyn Store>) {
         .put_operation(&operation("finished-too", false, 0))
         .await
         .expect("put");
-    let far_future = jiff::Timestamp::now().as_millisecond() + 1_000_000;
+    let far_future =
+        dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_millisecond() + 1_000_000;
     assert_eq!(
         store.prune_operations(far_future, 1).await.expect("prune"),
         1,

@@ -313,11 +313,7 @@ impl Drop for TestServer {
 
 /// An expiry an hour from now.
 pub fn far_future() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-        + 3600
+    dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + 3600
 }
 
 /// A response as the test sees it.

@@ -518,7 +518,7 @@ struct DeviceSettings {
 }
 
 fn device_token(scope: &str, rid: &str, key: &str) -> String {
-    let expiry = jiff::Timestamp::now().as_second() + 3600;
+    let expiry = dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + 3600;
     dps_core::sas::generate_token(
         &format!("{scope}/registrations/{rid}"),
         key,

@@ -73,7 +73,8 @@ impl ServiceClient {
     }
 
     fn token(&self) -> anyhow::Result<String> {
-        let expiry = jiff::Timestamp::now().as_second() + TOKEN_TTL_SECS;
+        let expiry =
+            dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + TOKEN_TTL_SECS;
         sas::generate_token(
             &self.connection.host_name,
             self.connection.key.expose(),

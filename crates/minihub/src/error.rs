@@ -98,15 +98,17 @@ impl From<serde_json::Error> for MinihubError {
     }
 }
 
-impl IntoResponse for MinihubError {
-    fn into_response(self) -> Response {
+impl MinihubError {
+    /// The response IoT Hub would send, stamped with `now` (the hub's clock); the cause is logged
+    /// under the tracking id it carries.
+    pub fn into_response_at(self, now: jiff::Timestamp) -> Response {
         let tracking_id = uuid::Uuid::new_v4().simple().to_string();
         let code = self.error_code();
         match &self {
             Self::Storage(cause) => tracing::error!(tracking_id, code, cause, "hub request failed"),
             other => tracing::debug!(tracking_id, code, message = %other, "hub request refused"),
         }
-        let now = dps_core::time::format_utc(jiff::Timestamp::now());
+        let now = dps_core::time::format_utc(now);
         let body = serde_json::json!({
             "Message": format!("ErrorCode:{code};{}", self.client_message()),
             "ExceptionMessage": format!("Tracking ID:{tracking_id}-G:0-TimeStamp:{now}"),
@@ -161,7 +163,7 @@ mod tests {
         assert_eq!(err.error_code(), "DeviceNotFound");
         assert_eq!(err.http_status(), StatusCode::NOT_FOUND);
         assert_eq!(err.client_message(), "device 'd1' not found");
-        let response = err.into_response();
+        let response = err.into_response_at(jiff::Timestamp::UNIX_EPOCH);
         assert_eq!(
             response
                 .headers()

@@ -103,9 +103,10 @@ impl Endpoint {
 }
 
 async fn dispatch(State(hub): State<Arc<Minihub>>, request: Request) -> Response {
-    handle(&hub, request)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    match handle(&hub, request).await {
+        Ok(response) => response,
+        Err(err) => err.into_response_at(hub.now()),
+    }
 }
 
 fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {

@@ -288,7 +288,8 @@ impl Minihub {
         self.inner.readers.read(f, MinihubError::from)
     }
 
-    fn now(&self) -> jiff::Timestamp {
+    /// The time by the hub's clock.
+    pub fn now(&self) -> jiff::Timestamp {
         self.inner.clock.now()
     }
 

@@ -197,7 +197,7 @@ impl Reply {
 }
 
 fn now() -> i64 {
-    jiff::Timestamp::now().as_second()
+    dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second()
 }
 
 fn db_path(dir: &tempfile::TempDir) -> PathBuf {

@@ -198,7 +198,7 @@ impl Server {
 }
 
 fn now() -> i64 {
-    jiff::Timestamp::now().as_second()
+    dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second()
 }
 
 struct Client {

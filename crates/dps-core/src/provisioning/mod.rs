@@ -216,6 +216,11 @@ impl Provisioning {
         }
     }
 
+    /// The time by this service's clock.
+    pub fn now(&self) -> jiff::Timestamp {
+        self.clock.now()
+    }
+
     /// Seconds a device should wait before polling.
     pub fn retry_after_secs(&self) -> u32 {
         self.settings.retry_after_secs

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
+use dps_core::clock::{Clock, SystemClock};
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
@@ -35,6 +36,8 @@ pub struct SqliteStore {
 struct Inner {
     writer: Option<GroupCommit>,
     readers: ReaderPool,
+    /// When writes happen (operations record when they were last written, for pruning).
+    clock: Arc<dyn Clock>,
 }
 
 trait SqlResultExt<T> {
@@ -50,6 +53,14 @@ impl<T> SqlResultExt<T> for rusqlite::Result<T> {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_clock(path, Arc::new(SystemClock))
+    }
+
+    /// Opens as [`SqliteStore::open`] does, with `clock` telling the time of writes.
+    pub fn open_with_clock(
+        path: impl AsRef<Path>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let conn = SCHEMA
             .open(&path)
@@ -60,6 +71,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 writer: Some(writer),
                 readers: ReaderPool::new(&path, open_connection, None),
+                clock,
             }),
         })
     }
@@ -76,6 +88,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 writer: None,
                 readers: ReaderPool::new(&path, open_read_only_connection, Some(conn)),
+                clock: Arc::new(SystemClock),
             }),
         })
     }
@@ -175,13 +188,13 @@ fn write_registration(
 }
 
 /// Inserts or replaces an operation, releasing any lease on it.
-fn write_operation(conn: &Connection, op: &StoredOperation) -> Result<(), StoreError> {
+fn write_operation(conn: &Connection, op: &StoredOperation, now_ms: i64) -> Result<(), StoreError> {
     conn.execute_cached(
         "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
          VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5, ?6)
          ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
              lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
-        params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, now_ms(), op.doc],
+        params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, now_ms, op.doc],
     )
     .backend()?;
     Ok(())
@@ -523,15 +536,12 @@ fn operation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredOperation> {
     })
 }
 
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
-
 #[async_trait]
 impl OperationStore for SqliteStore {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
-        let op = op.clone();
-        self.write(move |conn| write_operation(conn, &op)).await
+        let (op, now) = (op.clone(), self.inner.clock.now().as_millisecond());
+        self.write(move |conn| write_operation(conn, &op, now))
+            .await
     }
 
     async fn put_registration_and_operation(
@@ -543,9 +553,10 @@ impl OperationStore for SqliteStore {
         op: &StoredOperation,
     ) -> Result<(), StoreError> {
         let (key, group_key, op) = (key.to_owned(), group_key.map(str::to_owned), op.clone());
+        let now = self.inner.clock.now().as_millisecond();
         self.write(move |conn| {
             write_registration(conn, &key, group_key.as_deref(), &doc, &cond)?;
-            write_operation(conn, &op)
+            write_operation(conn, &op, now)
         })
         .await
     }

@@ -335,10 +335,7 @@ async fn a_crash_with_500_operations_in_flight_loses_none() {
         let store =
             dps_store::SqliteStore::open(server.data_dir().join("opendps.db")).expect("open");
         // A zero-length lease at the current time: counts what is due and leaves it claimable.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis() as i64;
+        let now = dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_millisecond();
         let pending = dps_core::store::OperationStore::claim_operations(
             &store,
             &dps_core::store::LeaseOwner::new("inspector"),
