@@ -5,6 +5,62 @@
 
 use crate::store::StoreError;
 
+/// What an internal failure came from (a store backend, a serializer, the OS), kept with its chain
+/// for the log.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A failure inside the service: what was being done, and, when there is one, the error that
+/// stopped it. Logged under a tracking id, never sent to clients. Two are equal when their chains
+/// read the same.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{context}")]
+pub struct Internal {
+    context: String,
+    #[source]
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl PartialEq for Internal {
+    fn eq(&self, other: &Self) -> bool {
+        self.chain() == other.chain()
+    }
+}
+
+impl Eq for Internal {}
+
+impl Internal {
+    /// A failure described by `context` alone.
+    pub fn new(context: impl Into<String>) -> Self {
+        Self {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// A failure while `context`, caused by `source`.
+    pub fn caused(context: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self {
+            context: context.into(),
+            source: Some(std::sync::Arc::from(source.into())),
+        }
+    }
+
+    /// The whole chain, outermost first: `context: cause: cause of the cause`.
+    pub fn chain(&self) -> String {
+        let mut text = self.context.clone();
+        let mut next = self
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static));
+        while let Some(err) = next {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            next = err.source();
+        }
+        text
+    }
+}
+
 /// A request that could not be carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisioningError {
@@ -50,7 +106,7 @@ pub enum ProvisioningError {
     },
     /// `500001`: something failed inside the service; details are in its log under the tracking id.
     #[error("An internal error occurred. Quote the tracking id when reporting it.")]
-    Internal(String),
+    Internal(#[source] Internal),
 }
 
 impl ProvisioningError {
@@ -80,12 +136,17 @@ impl ProvisioningError {
         self.to_string()
     }
 
-    /// The internal cause to log, if any.
-    pub fn internal_cause(&self) -> Option<&str> {
+    /// The internal cause to log, with its chain, if any.
+    pub fn internal_cause(&self) -> Option<String> {
         match self {
-            Self::Internal(cause) => Some(cause),
+            Self::Internal(cause) => Some(cause.chain()),
             _ => None,
         }
+    }
+
+    /// An internal failure while `context`, caused by `source`.
+    pub fn internal(context: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::Internal(Internal::caused(context, source))
     }
 }
 
@@ -126,7 +187,7 @@ mod tests {
             ProvisioningError::Conflict(String::new()),
             ProvisioningError::PreconditionFailed(String::new()),
             ProvisioningError::PayloadTooLarge { limit: 1 },
-            ProvisioningError::Internal("disk on fire".into()),
+            ProvisioningError::Internal(Internal::new("disk on fire")),
         ];
         for err in all {
             assert_eq!(u32::from(err.http_status()), err.error_code() / 1000);
@@ -136,10 +197,10 @@ mod tests {
 
     #[test]
     fn internal_cause_is_not_in_client_message() {
-        let err = ProvisioningError::Internal("database is locked at /secret/path".into());
+        let err = ProvisioningError::Internal(Internal::new("database is locked at /secret/path"));
         assert!(!err.client_message().contains("/secret/path"));
         assert_eq!(
-            err.internal_cause(),
+            err.internal_cause().as_deref(),
             Some("database is locked at /secret/path")
         );
     }

@@ -350,7 +350,7 @@ impl Management {
         let doc = StoredDoc {
             etag,
             doc: serde_json::to_string(&body)
-                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+                .map_err(|e| ProvisioningError::internal("serializing an enrollment", e))?,
         };
         self.store.put_enrollment(T::KIND, &key, doc, cond).await?;
         Ok(body)
@@ -551,12 +551,12 @@ impl Management {
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ProvisioningError> {
     serde_json::to_value(value)
-        .map_err(|e| ProvisioningError::Internal(format!("serializing a response: {e}")))
+        .map_err(|e| ProvisioningError::internal("serializing a response", e))
 }
 
 fn parse_doc<T: serde::de::DeserializeOwned>(doc: &StoredDoc) -> Result<T, ProvisioningError> {
     serde_json::from_str(&doc.doc)
-        .map_err(|e| ProvisioningError::Internal(format!("a stored document does not parse: {e}")))
+        .map_err(|e| ProvisioningError::internal("a stored document does not parse", e))
 }
 
 fn page_size(paging: &Paging) -> Result<usize, ProvisioningError> {

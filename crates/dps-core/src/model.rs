@@ -610,7 +610,7 @@ impl ProvisioningServiceErrorDetails {
         let tracking_id = uuid::Uuid::new_v4().to_string();
         let code = err.error_code();
         match err.internal_cause() {
-            Some(cause) => tracing::error!(tracking_id, code, cause, "request failed"),
+            Some(cause) => tracing::error!(tracking_id, code, %cause, "request failed"),
             None => tracing::debug!(tracking_id, code, message = %err, "request refused"),
         }
         Self::from_error(err, tracking_id, now)

@@ -76,9 +76,9 @@ pub enum StoreError {
     /// The document does not exist.
     #[error("{0} does not exist")]
     NotFound(String),
-    /// The backend failed; the text is for logs only.
+    /// The backend failed; the cause is for logs only.
     #[error("storage backend: {0}")]
-    Backend(String),
+    Backend(#[source] crate::error::Internal),
 }
 
 /// Enrollments and enrollment groups, keyed by lower-cased id.

@@ -435,7 +435,7 @@ fn error_schema_is_the_error_body() {
         ProvisioningError::Conflict(String::new()),
         ProvisioningError::PreconditionFailed(String::new()),
         ProvisioningError::PayloadTooLarge { limit: 1 },
-        ProvisioningError::Internal(String::new()),
+        ProvisioningError::Internal(dps_core::error::Internal::new("")),
     ];
     for err in errors {
         let body = ProvisioningServiceErrorDetails::from_error(

@@ -78,7 +78,7 @@ pub async fn serve(
         let (connector, stop) = (Arc::clone(&connector), shutdown.clone());
         accepted.spawn(move |stream, peer| async move {
             if let Err(reason) = run_connection(stream, peer, connector, limits, stop).await {
-                tracing::debug!(%peer, reason, "MQTT connection closed");
+                tracing::debug!(%peer, %reason, "MQTT connection closed");
             }
         });
     }
@@ -132,28 +132,55 @@ fn fixed_remaining_length(byte: u8) -> Option<u8> {
 }
 
 /// Why no packet could be read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum ReadError {
     /// The bytes are not MQTT 3.1.1.
+    #[error("malformed packet: {0}")]
     Malformed(String),
     /// A CONNECT for another protocol level or name (answered with CONNACK 0x01).
+    #[error("malformed packet: {0}")]
     UnsupportedProtocol(String),
-    /// The socket failed or the client closed it.
-    Closed(String),
+    /// Reading from the socket failed.
+    #[error("read failed: {0}")]
+    Io(#[source] std::io::Error),
+    /// The client closed the connection.
+    #[error("the client closed the connection")]
+    ClientClosed,
     /// The client speaks another protocol (named), to the wrong port.
+    #[error("the client speaks {0}, not MQTT")]
     Foreign(&'static str),
 }
 
-impl From<ReadError> for String {
-    fn from(err: ReadError) -> Self {
-        match err {
-            ReadError::Malformed(why) | ReadError::UnsupportedProtocol(why) => {
-                format!("malformed packet: {why}")
-            }
-            ReadError::Closed(why) => why,
-            ReadError::Foreign(protocol) => format!("the client speaks {protocol}, not MQTT"),
-        }
-    }
+/// Why a connection ended (logged at debug level: most reasons are the client's doing).
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    /// Reading the next packet failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// A packet of ours did not encode.
+    #[error("cannot encode a packet: {0}")]
+    Encode(#[source] mqttbytes::Error),
+    /// Writing to the socket failed.
+    #[error("write failed: {0}")]
+    Write(#[source] std::io::Error),
+    /// The first packet was another one.
+    #[error("the first packet was not CONNECT")]
+    NotConnect,
+    /// Nothing in time after the handshake.
+    #[error("no CONNECT in time")]
+    NoConnect,
+    /// The CONNECT asked for another protocol (CONNACK 0x01 was sent).
+    #[error("CONNECT refused: {0}")]
+    Unsupported(String),
+    /// The connector refused the CONNECT with this return code.
+    #[error("CONNECT refused ({0:?})")]
+    Refused(ConnectReturnCode),
+    /// The client was silent for longer than its keep-alive allows.
+    #[error("keep-alive expired")]
+    KeepAlive,
+    /// The connection's protocol logic ended it, for this reason.
+    #[error("{0}")]
+    Ended(&'static str),
 }
 
 /// Framing over any byte stream.
@@ -214,28 +241,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 .stream
                 .read_buf(&mut self.buffer)
                 .await
-                .map_err(|e| ReadError::Closed(format!("read failed: {e}")))?;
+                .map_err(ReadError::Io)?;
             if read == 0 {
-                return Err(ReadError::Closed("the client closed the connection".into()));
+                return Err(ReadError::ClientClosed);
             }
         }
     }
 
-    async fn write(&mut self, packets: &[Packet]) -> Result<(), String> {
+    async fn write(&mut self, packets: &[Packet]) -> Result<(), Closed> {
         let mut out = BytesMut::new();
         for packet in packets {
-            packet
-                .write(&mut out, self.max)
-                .map_err(|e| format!("cannot encode a packet: {e}"))?;
+            packet.write(&mut out, self.max).map_err(Closed::Encode)?;
         }
-        self.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("write failed: {e}"))?;
-        self.stream
-            .flush()
-            .await
-            .map_err(|e| format!("write failed: {e}"))
+        self.stream.write_all(&out).await.map_err(Closed::Write)?;
+        self.stream.flush().await.map_err(Closed::Write)
     }
 }
 
@@ -245,7 +264,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
     connector: Arc<dyn Connector>,
     limits: MqttLimits,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), Closed> {
     let mut framed = Framed {
         stream,
         buffer: BytesMut::with_capacity(4096),
@@ -254,7 +273,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let connect = match tokio::time::timeout(CONNECT_TIMEOUT, framed.read()).await {
         Ok(Ok(Packet::Connect(connect))) => connect,
-        Ok(Ok(_)) => return Err("the first packet was not CONNECT".into()),
+        Ok(Ok(_)) => return Err(Closed::NotConnect),
         // MQTT 3.1.1 §3.1.2.2: an unsupported protocol level is answered with CONNACK 0x01.
         Ok(Err(ReadError::UnsupportedProtocol(why))) => {
             framed
@@ -263,7 +282,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                     false,
                 ))])
                 .await?;
-            return Err(format!("CONNECT refused: {why}"));
+            return Err(Closed::Unsupported(why));
         }
         Ok(Err(ReadError::Foreign(protocol))) => {
             tracing::warn!(
@@ -279,7 +298,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(ReadError::Foreign(protocol).into());
         }
         Ok(Err(err)) => return Err(err.into()),
-        Err(_) => return Err("no CONNECT in time".into()),
+        Err(_) => return Err(Closed::NoConnect),
     };
     framed.before_connect = false;
     let mut connection = match connector.connect(&connect).await {
@@ -288,7 +307,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             framed
                 .write(&[Packet::ConnAck(ConnAck::new(code, false))])
                 .await?;
-            return Err(format!("CONNECT refused ({code:?})"));
+            return Err(Closed::Refused(code));
         }
     };
     // Sessions are never persisted, whatever the client's clean-session flag says.
@@ -306,9 +325,9 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             match idle {
                 Some(limit) => tokio::time::timeout(limit, framed.read())
                     .await
-                    .map_err(|_| "keep-alive expired".to_owned())?
-                    .map_err(String::from),
-                None => framed.read().await.map_err(String::from),
+                    .map_err(|_| Closed::KeepAlive)?
+                    .map_err(Closed::from),
+                None => framed.read().await.map_err(Closed::from),
             }
         };
         tokio::select! {
@@ -316,7 +335,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 let handled = connection.handle(packet?).await;
                 framed.write(&handled.send).await?;
                 if let Some(reason) = handled.close {
-                    return Err(reason.to_owned());
+                    return Err(Closed::Ended(reason));
                 }
             }
             Some(push) = connection.push() => framed.write(&[push]).await?,
@@ -374,6 +393,11 @@ mod tests {
     }
 
     async fn exchange(input: Vec<u8>) -> (Result<(), String>, Vec<Packet>) {
+        let (result, packets) = exchange_closed(input).await;
+        (result.map_err(|reason| reason.to_string()), packets)
+    }
+
+    async fn exchange_closed(input: Vec<u8>) -> (Result<(), Closed>, Vec<Packet>) {
         let (client, server) = tokio::io::duplex(1 << 20);
         let (_tx, rx) = watch::channel(false);
         let task = tokio::spawn(run_connection(
@@ -546,7 +570,9 @@ mod tests {
                 .unwrap_or_else(|_| panic!("{garbage:02x?} left the connection open"))
                 .expect("join");
             assert!(
-                result.as_ref().is_err_and(|why| why.contains("malformed")),
+                result
+                    .as_ref()
+                    .is_err_and(|why| why.to_string().contains("malformed")),
                 "{garbage:02x?}: {result:?}"
             );
         }

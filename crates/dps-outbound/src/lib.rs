@@ -40,6 +40,17 @@ pub struct RestHubClient {
     clock: Arc<dyn Clock>,
 }
 
+/// Why an HTTPS client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// An extra CA certificate is not PEM.
+    #[error("an extra CA is not PEM")]
+    Ca(#[source] reqwest::Error),
+    /// The TLS or HTTP stack refused the settings.
+    #[error("building the HTTPS client")]
+    Build(#[source] reqwest::Error),
+}
+
 /// Settings of [`RestHubClient`].
 pub struct RestHubSettings {
     /// Per-request timeout; a hub that does not answer in time fails the attempt.
@@ -54,23 +65,19 @@ pub struct RestHubSettings {
 
 impl RestHubClient {
     /// Builds the client.
-    pub fn new(settings: RestHubSettings) -> Result<Self, String> {
+    pub fn new(settings: RestHubSettings) -> Result<Self, ClientError> {
         let mut builder = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout);
         for pem in &settings.extra_roots_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("an extra CA is not PEM: {e}"))?
-            {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(ClientError::Ca)? {
                 builder = builder.add_root_certificate(cert);
             }
         }
         for (host, addr) in &settings.endpoints {
             builder = builder.resolve(host, *addr);
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("building the HTTPS client: {e}"))?;
+        let http = builder.build().map_err(ClientError::Build)?;
         Ok(Self {
             http,
             endpoints: settings.endpoints,
@@ -270,19 +277,18 @@ pub struct ReqwestWebhookClient {
 impl ReqwestWebhookClient {
     /// A client trusting the system roots and `extra_roots_pem`, reading at most
     /// `max_response_bytes` of an answer and never following a redirect.
-    pub fn new(extra_roots_pem: &[Vec<u8>], max_response_bytes: usize) -> Result<Self, String> {
+    pub fn new(
+        extra_roots_pem: &[Vec<u8>],
+        max_response_bytes: usize,
+    ) -> Result<Self, ClientError> {
         let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
         for pem in extra_roots_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("an extra CA is not PEM: {e}"))?
-            {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(ClientError::Ca)? {
                 builder = builder.add_root_certificate(cert);
             }
         }
         Ok(Self {
-            http: builder
-                .build()
-                .map_err(|e| format!("building the webhook client: {e}"))?,
+            http: builder.build().map_err(ClientError::Build)?,
             max_response_bytes,
         })
     }

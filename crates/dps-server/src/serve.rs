@@ -177,12 +177,12 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         endpoints: hub_endpoints(&config, https),
         clock: Arc::clone(&clock),
     })
-    .map_err(|e| anyhow::anyhow!(e))?;
+    .context("while setting up the IoT hub client")?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
     let webhooks =
         ReqwestWebhookClient::new(&dev_ca, config.provisioning.webhook_max_response_bytes)
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .context("while setting up the webhook client")?;
     let hub_client = RoutedHubClient {
         direct: minihub
             .as_ref()

@@ -128,7 +128,13 @@ impl MinihubError {
 
 impl From<sqlite_commit::CommitError> for MinihubError {
     fn from(err: sqlite_commit::CommitError) -> Self {
-        Self::Storage(err.0)
+        let mut text = err.to_string();
+        let mut next = std::error::Error::source(&err);
+        while let Some(cause) = next {
+            text.push_str(&format!(": {cause}"));
+            next = cause.source();
+        }
+        Self::Storage(text)
     }
 }
 

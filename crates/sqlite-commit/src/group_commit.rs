@@ -6,7 +6,7 @@
 //! database whose pages are cached are cheaper than a hop to a blocking thread).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
 use rusqlite::Connection;
@@ -65,9 +65,21 @@ impl ReaderPool {
 }
 
 /// Why a write did not reach the disk.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct CommitError(pub String);
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// SQLite refused a statement of the batch (`BEGIN`, a savepoint, `COMMIT`) or of the write.
+    #[error("SQLite failed")]
+    Sql(#[source] Arc<rusqlite::Error>),
+    /// The writer thread is not there to take the write.
+    #[error("{0}")]
+    Writer(&'static str),
+}
+
+impl From<rusqlite::Error> for CommitError {
+    fn from(err: rusqlite::Error) -> Self {
+        Self::Sql(Arc::new(err))
+    }
+}
 
 type Completion = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
 /// A queued write: given the connection (inside the batch's transaction) it runs and says whether
@@ -114,7 +126,7 @@ impl GroupCommit {
                     Some(result) => commit.map_err(E::from).and(result),
                     None => {
                         Err(E::from(commit.err().unwrap_or_else(|| {
-                            CommitError("the write was not run".into())
+                            CommitError::Writer("the write was not run")
                         })))
                     }
                 };
@@ -127,12 +139,12 @@ impl GroupCommit {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| CommitError("the database is closed or read-only".into()))?;
+            .ok_or_else(|| CommitError::Writer("the database is closed or read-only"))?;
         sender
             .send(job)
-            .map_err(|_| CommitError("the writer thread has stopped".into()))?;
+            .map_err(|_| CommitError::Writer("the writer thread has stopped"))?;
         rx.await
-            .map_err(|_| CommitError("the writer thread dropped a write".into()))?
+            .map_err(|_| CommitError::Writer("the writer thread dropped a write"))?
     }
 
     /// Commits everything queued, then stops the thread. Later writes fail.
@@ -155,7 +167,7 @@ fn run(conn: &Connection, sql: &str) -> Result<(), CommitError> {
     conn.prepare_cached(sql)
         .and_then(|mut s| s.execute([]))
         .map(|_| ())
-        .map_err(|e| CommitError(e.to_string()))
+        .map_err(CommitError::from)
 }
 
 fn writer_loop(conn: &Connection, rx: &mpsc::Receiver<Job>, name: &str) {
@@ -242,7 +254,7 @@ mod tests {
         let refused = commit
             .write(|conn: &Connection| {
                 conn.execute("INSERT INTO t VALUES (1)", [])
-                    .map_err(|e| CommitError(e.to_string()))
+                    .map_err(CommitError::from)
             })
             .await;
         assert!(refused.is_err(), "the caller hears that BEGIN failed");
@@ -251,7 +263,7 @@ mod tests {
         let rows: i64 = commit
             .write(|conn: &Connection| {
                 conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                    .map_err(|e| CommitError(e.to_string()))
+                    .map_err(CommitError::from)
             })
             .await
             .expect("count");

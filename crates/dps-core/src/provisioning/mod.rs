@@ -356,7 +356,7 @@ impl Provisioning {
             pending: !op.status.is_terminal(),
             next_attempt_ms,
             doc: serde_json::to_string(op)
-                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+                .map_err(|e| ProvisioningError::internal("serializing an operation", e))?,
         };
         Ok(self.store.put_operation(&stored).await?)
     }
@@ -389,7 +389,7 @@ impl EnrollmentRef {
 
 fn parse<T: serde::de::DeserializeOwned>(doc: &str) -> Result<T, ProvisioningError> {
     serde_json::from_str(doc)
-        .map_err(|e| ProvisioningError::Internal(format!("a stored document does not parse: {e}")))
+        .map_err(|e| ProvisioningError::internal("a stored document does not parse", e))
 }
 
 /// `4.{16 hex}.{uuid}`, the shape DPS uses, limited to characters SDKs splice into URLs and topics

@@ -158,7 +158,7 @@ impl Provisioning {
             pending: false,
             next_attempt_ms: self.clock.now().as_millisecond(),
             doc: serde_json::to_string(&done)
-                .map_err(|e| ProvisioningError::Internal(e.to_string()))?,
+                .map_err(|e| ProvisioningError::internal("serializing an operation", e))?,
         };
         Ok((done, stored))
     }
@@ -169,8 +169,12 @@ impl Provisioning {
         op: &StoredOperation,
         write: &RecordWrite,
     ) -> Result<(), StoreError> {
-        let doc =
-            serde_json::to_string(&write.record).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let doc = serde_json::to_string(&write.record).map_err(|e| {
+            StoreError::Backend(crate::error::Internal::caused(
+                "serializing a registration",
+                e,
+            ))
+        })?;
         let group_key = write
             .record
             .enrollment_group_id

@@ -1,5 +1,6 @@
 //! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
 
+use dps_core::error::Internal;
 use dps_core::store::StoreError;
 use sqlite_commit::{OpenError, Schema};
 
@@ -33,16 +34,15 @@ pub(super) const SCHEMA: Schema = Schema::new("opendps", MIGRATIONS);
 
 /// How the store reports a failed open. SQLite's own errors are worded by the caller: only the
 /// writer's open migrates.
-pub(super) fn open_failed(
-    err: OpenError,
-    sql: impl FnOnce(rusqlite::Error) -> String,
-) -> StoreError {
+pub(super) fn open_failed(err: OpenError, context: &str) -> StoreError {
     StoreError::Backend(match err {
-        OpenError::Sql(e) => sql(e),
-        OpenError::TooNew { found, known } => format!(
+        OpenError::Sql(e) => Internal::caused(context, e),
+        OpenError::TooNew { found, known } => Internal::new(format!(
             "the database has schema version {found}, newer than this opendps knows ({known}); upgrade opendps"
+        )),
+        OpenError::NotMigrated { .. } => Internal::new(
+            "the database is still being created or needs a newer schema; start `opendps serve` on it",
         ),
-        OpenError::NotMigrated { .. } => "the database is still being created or needs a newer schema; start `opendps serve` on it".into(),
     })
 }
 

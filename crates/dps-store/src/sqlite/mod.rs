@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
 use dps_core::clock::{Clock, SystemClock};
+use dps_core::error::Internal;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
@@ -46,7 +47,7 @@ trait SqlResultExt<T> {
 
 impl<T> SqlResultExt<T> for rusqlite::Result<T> {
     fn backend(self) -> Result<T, StoreError> {
-        self.map_err(|e| StoreError::Backend(e.to_string()))
+        self.map_err(|e| StoreError::Backend(Internal::caused("SQLite", e)))
     }
 }
 
@@ -64,9 +65,9 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = SCHEMA
             .open(&path)
-            .map_err(|e| open_failed(e, |e| format!("migrating the schema: {e}")))?;
+            .map_err(|e| open_failed(e, "migrating the schema"))?;
         let writer = GroupCommit::start(conn, "sqlite-writer")
-            .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
+            .map_err(|e| StoreError::Backend(Internal::caused("starting the writer thread", e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: Some(writer),
@@ -83,7 +84,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = SCHEMA
             .open_read_only(&path)
-            .map_err(|e| open_failed(e, |e| e.to_string()))?;
+            .map_err(|e| open_failed(e, "opening the database"))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: None,
@@ -114,7 +115,7 @@ impl SqliteStore {
             .inner
             .writer
             .as_ref()
-            .ok_or_else(|| StoreError::Backend("the store is read-only".into()))?;
+            .ok_or_else(|| StoreError::Backend(Internal::new("the store is read-only")))?;
         let started = std::time::Instant::now();
         let result = writer
             .write(move |conn| f(conn).map_err(WriteError))
@@ -132,10 +133,9 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let started = std::time::Instant::now();
-        let result = self
-            .inner
-            .readers
-            .read(f, |e| StoreError::Backend(e.to_string()));
+        let result = self.inner.readers.read(f, |e| {
+            StoreError::Backend(Internal::caused("opening a reader connection", e))
+        });
         metrics::histogram!("opendps_store_duration_seconds", "kind" => "read")
             .record(started.elapsed().as_secs_f64());
         result
@@ -206,7 +206,7 @@ struct WriteError(StoreError);
 
 impl From<CommitError> for WriteError {
     fn from(err: CommitError) -> Self {
-        Self(StoreError::Backend(err.0))
+        Self(StoreError::Backend(Internal::caused("committing", err)))
     }
 }
 
@@ -438,12 +438,13 @@ impl RegistrationStore for SqliteStore {
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Backend(e.to_string()))
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Backend(Internal::caused("serializing", e)))
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text)
-        .map_err(|e| StoreError::Backend(format!("a stored row does not parse: {e}")))
+        .map_err(|e| StoreError::Backend(Internal::caused("a stored row does not parse", e)))
 }
 
 #[async_trait]
