@@ -7,50 +7,18 @@ use std::sync::Arc;
 
 use dps_core::sas::{derive_device_key, generate_key, generate_token};
 use minihub::{HubInfo, Minihub};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use reqwest::{Method, StatusCode};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod common;
+
+use common::{now, tls_for};
+
 const HUB_A: &str = "contoso-toasters-hub-1.azure-devices.net";
 const HUB_B: &str = "contoso-toasters-hub-2.azure-devices.net";
 const UNKNOWN: &str = "nobody-hub.azure-devices.net";
-
-struct Tls {
-    ca_pem: String,
-    server: Arc<rustls::ServerConfig>,
-}
-
-/// A CA and a server certificate for every name used here.
-fn tls() -> Tls {
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().expect("server key");
-    let leaf = CertificateParams::new(vec![HUB_A.into(), HUB_B.into(), UNKNOWN.into()])
-        .expect("leaf params")
-        .signed_by(&key, &issuer)
-        .expect("leaf cert");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
-        )
-        .expect("server config");
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Tls {
-        ca_pem: ca_cert.pem(),
-        server: Arc::new(server),
-    }
-}
 
 /// A running minihub.
 struct Server {
@@ -67,7 +35,7 @@ impl Server {
         for hub in hubs {
             minihub.ensure_hub(hub).await.expect("hub");
         }
-        let tls = tls();
+        let tls = tls_for(&[HUB_A, HUB_B, UNKNOWN]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -194,10 +162,6 @@ impl Reply {
         assert_eq!(self.status, status, "body: {}", self.body);
         self
     }
-}
-
-fn now() -> i64 {
-    dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second()
 }
 
 fn db_path(dir: &tempfile::TempDir) -> PathBuf {
@@ -390,8 +354,35 @@ async fn auth_failures() {
     server.stop().await;
 }
 
+/// Replaces d1 once (so its first etag is stale); returns (stale, current) etags, quoted.
+async fn replaced_once(server: &Server) -> (String, String) {
+    let created = server
+        .owner(
+            HUB_A,
+            Method::PUT,
+            "/devices/d1",
+            &[],
+            Some(sas_device("d1")),
+        )
+        .await
+        .expect(StatusCode::OK);
+    let stale = format!("\"{}\"", created.body["etag"].as_str().expect("etag"));
+    let updated = server
+        .owner(
+            HUB_A,
+            Method::PUT,
+            "/devices/d1",
+            &[("If-Match", &stale)],
+            Some(sas_device("d1")),
+        )
+        .await
+        .expect(StatusCode::OK);
+    let current = format!("\"{}\"", updated.body["etag"].as_str().expect("etag"));
+    (stale, current)
+}
+
 #[tokio::test]
-async fn device_crud_with_etags_and_generated_keys() {
+async fn devices_are_created_with_generated_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&db_path(&dir), &[HUB_A]).await;
     let created = server
@@ -436,6 +427,26 @@ async fn device_crud_with_etags_and_generated_keys() {
         .await
         .expect(StatusCode::CONFLICT);
     assert_eq!(again.error_code(), Some("DeviceAlreadyExists"));
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn replacing_a_device_needs_its_current_etag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&db_path(&dir), &[HUB_A]).await;
+    let created = server
+        .owner(
+            HUB_A,
+            Method::PUT,
+            "/devices/d1",
+            &[],
+            Some(sas_device("d1")),
+        )
+        .await
+        .expect(StatusCode::OK);
+    let device = &created.body;
+    let etag = device["etag"].as_str().expect("etag").to_owned();
 
     // Replace with the etag, quoted as the Python client sends it: keys given are kept.
     let new_keys = (generate_key(), generate_key());
@@ -493,6 +504,13 @@ async fn device_crud_with_etags_and_generated_keys() {
         )
         .await
         .expect(StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn self_signed_devices_and_bad_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&db_path(&dir), &[HUB_A]).await;
     let x509 = json!({"deviceId": "d3", "authentication": {"type": "selfSigned",
         "x509Thumbprint": {"primaryThumbprint": "AB".repeat(20), "secondaryThumbprint": null}}});
     let x509 = server
@@ -517,6 +535,26 @@ async fn device_crud_with_etags_and_generated_keys() {
         .expect(StatusCode::BAD_REQUEST);
     assert_eq!(bad.error_code(), Some("ArgumentInvalid"));
 
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn devices_are_listed_and_deleted_by_etag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&db_path(&dir), &[HUB_A]).await;
+    let (quoted, current) = replaced_once(&server).await;
+    for id in ["d2", "d3"] {
+        server
+            .owner(
+                HUB_A,
+                Method::PUT,
+                &format!("/devices/{id}"),
+                &[],
+                Some(sas_device(id)),
+            )
+            .await
+            .expect(StatusCode::OK);
+    }
     let list = server
         .owner(HUB_A, Method::GET, "/devices", &[], None)
         .await
@@ -561,7 +599,6 @@ async fn device_crud_with_etags_and_generated_keys() {
         )
         .await
         .expect(StatusCode::PRECONDITION_FAILED);
-    let current = format!("\"{new_etag}\"");
     server
         .owner(
             HUB_A,

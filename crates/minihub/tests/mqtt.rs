@@ -9,18 +9,22 @@ use std::time::Duration;
 use bytes::BytesMut;
 use dps_core::sas::generate_token;
 use minihub::{DeviceRequest, HubMqtt, IfMatch, Minihub};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
     SubscribeFilter, SubscribeReasonCode,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
+
+mod common;
+
+use common::{now, tls_for};
 
 const HUB: &str = "contoso-mqtt-hub.azure-devices.net";
 
@@ -40,31 +44,12 @@ impl Server {
         let minihub = Arc::new(Minihub::open(&dir.path().join("m.db")).expect("open"));
         minihub.ensure_hub(HUB).await.expect("hub");
 
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().expect("key");
-        let leaf = CertificateParams::new(vec![HUB.into()])
-            .expect("leaf params")
-            .signed_by(&key, &issuer)
-            .expect("leaf");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![CertificateDer::from(leaf.der().to_vec())],
-                PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
-            )
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let tls = tls_for(&[HUB]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server));
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(ca_cert.der().to_vec()))
-            .expect("root");
+        for cert in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
+            roots.add(cert.expect("CA pem")).expect("root");
+        }
 
         let (stop, stopped) = watch::channel(false);
         let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -96,7 +81,7 @@ impl Server {
             mqtt,
             https,
             ca: roots,
-            ca_pem: ca_cert.pem(),
+            ca_pem: tls.ca_pem,
             _stop: stop,
             _dir: dir,
         }
@@ -195,10 +180,6 @@ impl Server {
         };
         (client, ack)
     }
-}
-
-fn now() -> i64 {
-    dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second()
 }
 
 struct Client {
