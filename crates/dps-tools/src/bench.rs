@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use rustls_pki_types::ServerName;
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -108,6 +109,72 @@ struct DeviceResult {
     service: Duration,
     /// `assigned`, or why not.
     outcome: Result<(), Failure>,
+}
+
+/// What a bench run measured: printed for people, or serialized once as `--output json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    transport: &'static str,
+    devices: usize,
+    concurrency: usize,
+    new_connection_per_device: bool,
+    target: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<BaselineReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle: Option<IdleReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    registrations: Option<RegistrationsReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_to_baseline: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+}
+
+/// Bare TLS connections: connect, handshake, close.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BaselineReport {
+    connections: usize,
+    connections_per_sec: f64,
+    failures: usize,
+}
+
+/// Idle MQTT sessions held, and what they cost the service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdleReport {
+    connections: usize,
+    failures: usize,
+    held_secs: u64,
+    #[serde(rename = "serviceRssMiBBefore")]
+    service_rss_mib_before: f64,
+    #[serde(rename = "serviceRssMiB")]
+    service_rss_mib: f64,
+    #[serde(rename = "kibPerConnection")]
+    kib_per_connection: f64,
+}
+
+/// The registrations: how many were assigned, how fast, and why the others were not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RegistrationsReport {
+    assigned: usize,
+    errors: BTreeMap<String, usize>,
+    seconds: f64,
+    per_sec: f64,
+    latency_ms: Option<Percentiles>,
+    service_latency_ms: Option<Percentiles>,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct Percentiles {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
 }
 
 /// Why a device was not assigned; shown (and counted in the report) by its [`std::fmt::Display`].
@@ -198,20 +265,31 @@ pub async fn run(
         tls,
     });
 
-    let mut report = json!({
-        "transport": match args.transport { Transport::Https => "https", Transport::Mqtt => "mqtt" },
-        "devices": args.devices,
-        "concurrency": args.concurrency,
-        "newConnectionPerDevice": !args.reuse_connections,
-        "target": addr.to_string(),
-    });
+    let mut report = Report {
+        transport: match args.transport {
+            Transport::Https => "https",
+            Transport::Mqtt => "mqtt",
+        },
+        devices: args.devices,
+        concurrency: args.concurrency,
+        new_connection_per_device: !args.reuse_connections,
+        target: addr.to_string(),
+        baseline: None,
+        idle: None,
+        registrations: None,
+        ratio_to_baseline: None,
+        group: None,
+    };
     let baseline = match args.no_baseline {
         true => None,
         false => {
             let n = args.baseline_connections.unwrap_or(args.devices);
             let (rate, failures) = baseline(&target, n, args.concurrency, json_output).await;
-            report["baseline"] =
-                json!({"connections": n, "connectionsPerSec": round(rate), "failures": failures});
+            report.baseline = Some(BaselineReport {
+                connections: n,
+                connections_per_sec: round(rate),
+                failures,
+            });
             Some(rate)
         }
     };
@@ -254,7 +332,7 @@ pub async fn run(
         if created && !args.keep_group {
             delete_group(&client, &group_id).await;
         }
-        report["idle"] = idle?;
+        report.idle = Some(idle?);
         return print(&report, json_output);
     }
     let run_id = random_hex(4);
@@ -276,7 +354,7 @@ pub async fn run(
         delete_group(&client, &group_id).await;
     }
     summarize(&mut report, &results.0, results.1, baseline);
-    report["group"] = json!(group_id);
+    report.group = Some(group_id);
     print(&report, json_output)?;
     let failed = results.0.iter().filter(|r| r.outcome.is_err()).count();
     if failed > 0 {
@@ -321,7 +399,7 @@ async fn idle(
     pid: u64,
     group_key: &str,
     quiet: bool,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<IdleReport> {
     if args.transport != Transport::Mqtt {
         bail!("--idle-connections holds MQTT sessions; add --transport mqtt");
     }
@@ -395,14 +473,15 @@ async fn idle(
     drop(held);
     #[allow(clippy::cast_precision_loss)]
     let per_connection = (after_kib.saturating_sub(before_kib)) as f64 / open.max(1) as f64;
-    Ok(json!({
-        "connections": open,
-        "failures": failures,
-        "heldSecs": args.hold_secs,
-        "serviceRssMiBBefore": round(before_kib as f64 / 1024.0),
-        "serviceRssMiB": round(after_kib as f64 / 1024.0),
-        "kibPerConnection": round(per_connection),
-    }))
+    #[allow(clippy::cast_precision_loss)]
+    Ok(IdleReport {
+        connections: open,
+        failures,
+        held_secs: args.hold_secs,
+        service_rss_mib_before: round(before_kib as f64 / 1024.0),
+        service_rss_mib: round(after_kib as f64 / 1024.0),
+        kib_per_connection: round(per_connection),
+    })
 }
 
 fn server_name_text(name: &ServerName<'_>) -> String {
@@ -710,7 +789,7 @@ fn terminal(done: &RegistrationOperationStatus) -> Result<(), Failure> {
     Err(Failure::Ended { status, code })
 }
 
-fn summarize(report: &mut Value, results: &[DeviceResult], wall: Duration, baseline: Option<f64>) {
+fn summarize(report: &mut Report, results: &[DeviceResult], wall: Duration, baseline: Option<f64>) {
     let assigned: Vec<&DeviceResult> = results.iter().filter(|r| r.outcome.is_ok()).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for r in results {
@@ -720,23 +799,23 @@ fn summarize(report: &mut Value, results: &[DeviceResult], wall: Duration, basel
     }
     #[allow(clippy::cast_precision_loss)]
     let rate = assigned.len() as f64 / wall.as_secs_f64();
-    report["registrations"] = json!({
-        "assigned": assigned.len(),
-        "errors": errors,
-        "seconds": round(wall.as_secs_f64()),
-        "perSec": round(rate),
-        "latencyMs": percentiles(assigned.iter().map(|r| r.total)),
-        "serviceLatencyMs": percentiles(assigned.iter().map(|r| r.service)),
+    report.registrations = Some(RegistrationsReport {
+        assigned: assigned.len(),
+        errors,
+        seconds: round(wall.as_secs_f64()),
+        per_sec: round(rate),
+        latency_ms: percentiles(assigned.iter().map(|r| r.total)),
+        service_latency_ms: percentiles(assigned.iter().map(|r| r.service)),
     });
     if let Some(base) = baseline.filter(|b| *b > 0.0) {
-        report["ratioToBaseline"] = json!((rate / base * 1000.0).round() / 1000.0);
+        report.ratio_to_baseline = Some((rate / base * 1000.0).round() / 1000.0);
     }
 }
 
-fn percentiles(latencies: impl Iterator<Item = Duration>) -> Value {
+fn percentiles(latencies: impl Iterator<Item = Duration>) -> Option<Percentiles> {
     let mut all: Vec<Duration> = latencies.collect();
     if all.is_empty() {
-        return Value::Null;
+        return None;
     }
     all.sort_unstable();
     let at = |q: f64| {
@@ -748,7 +827,12 @@ fn percentiles(latencies: impl Iterator<Item = Duration>) -> Value {
         let i = ((all.len() as f64 * q).ceil() as usize).clamp(1, all.len()) - 1;
         round(all[i].as_secs_f64() * 1000.0)
     };
-    json!({"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": at(1.0)})
+    Some(Percentiles {
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+        max: at(1.0),
+    })
 }
 
 fn round(x: f64) -> f64 {
@@ -775,69 +859,68 @@ fn progress(n: usize, what: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
-fn print(report: &Value, json_output: bool) -> anyhow::Result<()> {
+fn print(report: &Report, json_output: bool) -> anyhow::Result<()> {
     if json_output {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    if report.get("idle").is_none() {
+    if report.idle.is_none() {
         println!(
             "transport {}, {} devices, {} at a time, {}",
-            report["transport"].as_str().unwrap_or_default(),
-            report["devices"],
-            report["concurrency"],
-            if report["newConnectionPerDevice"] == true {
+            report.transport,
+            report.devices,
+            report.concurrency,
+            if report.new_connection_per_device {
                 "a new TLS connection per device"
             } else {
                 "connections reused"
             }
         );
     }
-    if let Some(b) = report.get("baseline") {
+    if let Some(b) = &report.baseline {
         println!(
             "baseline:      {} TLS connections/s (connect, handshake, close; {} failed)",
-            b["connectionsPerSec"], b["failures"]
+            b.connections_per_sec, b.failures
         );
     }
-    if let Some(idle) = report.get("idle") {
+    if let Some(idle) = &report.idle {
         println!(
             "idle MQTT:     {} connections held {} s ({} failed); service resident memory {} MiB (was {} MiB), {} KiB per connection",
-            idle["connections"],
-            idle["heldSecs"],
-            idle["failures"],
-            idle["serviceRssMiB"],
-            idle["serviceRssMiBBefore"],
-            idle["kibPerConnection"]
+            idle.connections,
+            idle.held_secs,
+            idle.failures,
+            idle.service_rss_mib,
+            idle.service_rss_mib_before,
+            idle.kib_per_connection
         );
     }
-    if let Some(r) = report.get("registrations") {
+    if let Some(r) = &report.registrations {
         println!(
             "registrations: {} assigned in {} s = {}/s",
-            r["assigned"], r["seconds"], r["perSec"]
+            r.assigned, r.seconds, r.per_sec
         );
-        if let Some(ratio) = report.get("ratioToBaseline") {
+        if let Some(ratio) = report.ratio_to_baseline {
             println!("ratio:         {ratio} of the baseline connection rate");
         }
-        for (name, key) in [
-            ("latency", "latencyMs"),
-            ("service time", "serviceLatencyMs"),
+        for (name, latency) in [
+            ("latency", r.latency_ms),
+            ("service time", r.service_latency_ms),
         ] {
-            let l = &r[key];
-            if l.is_null() {
+            let Some(l) = latency else {
                 continue;
-            }
+            };
             println!(
                 "{:<14} p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
                 format!("{name}:"),
-                l["p50"],
-                l["p95"],
-                l["p99"],
-                l["max"]
+                l.p50,
+                l.p95,
+                l.p99,
+                l.max
             );
         }
-        if let Some(errors) = r["errors"].as_object().filter(|e| !e.is_empty()) {
+        if !r.errors.is_empty() {
             println!("errors:");
-            for (code, n) in errors {
+            for (code, n) in &r.errors {
                 println!("  {code}: {n}");
             }
         }
