@@ -1,10 +1,16 @@
-//! The settings shared by `enrollment` and `enrollment-group` create/update, applied to the JSON
-//! document that is sent to the service.
+//! The settings shared by `enrollment` and `enrollment-group` create/update, applied to the document
+//! that is sent to the service. Every value is one of the core's wire types (`dps_core::model`),
+//! so the names of policies and fields exist once, there.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use dps_core::model::{
+    AllocationPolicy, AttestationMechanism, AttestationType, CustomAllocationDefinition,
+    DeviceCapabilities, ReprovisionPolicy, SymmetricKeyAttestation, TpmAttestation,
+    X509Attestation, X509CAReferences, X509CertificateWithInfo, X509Certificates,
+};
 use serde_json::{Map, Value, json};
 
 use super::ProvisioningStatusArg;
@@ -163,7 +169,37 @@ fn json_object(flag: &str, text: &str) -> anyhow::Result<Map<String, Value>> {
     }
 }
 
-fn read_cert(path: &PathBuf) -> anyhow::Result<Value> {
+/// A wire value as JSON.
+fn wire(value: impl serde::Serialize) -> anyhow::Result<Value> {
+    serde_json::to_value(value).context("while building the request")
+}
+
+impl From<AllocationArg> for AllocationPolicy {
+    fn from(arg: AllocationArg) -> Self {
+        match arg {
+            AllocationArg::Hashed => Self::Hashed,
+            AllocationArg::Geolatency => Self::GeoLatency,
+            AllocationArg::Static => Self::Static,
+            AllocationArg::Custom => Self::Custom,
+        }
+    }
+}
+
+impl From<ReprovisionArg> for ReprovisionPolicy {
+    fn from(arg: ReprovisionArg) -> Self {
+        let (update_hub_assignment, migrate_device_data) = match arg {
+            ReprovisionArg::Reprovisionandmigratedata => (true, true),
+            ReprovisionArg::Reprovisionandresetdata => (true, false),
+            ReprovisionArg::Never => (false, true),
+        };
+        Self {
+            update_hub_assignment,
+            migrate_device_data,
+        }
+    }
+}
+
+fn read_cert(path: &PathBuf) -> anyhow::Result<X509CertificateWithInfo> {
     let bytes = std::fs::read(path).with_context(|| format!("while reading {}", path.display()))?;
     let text = match String::from_utf8(bytes) {
         Ok(text) if text.contains("-----BEGIN") => text,
@@ -173,7 +209,10 @@ fn read_cert(path: &PathBuf) -> anyhow::Result<Value> {
             base64::engine::general_purpose::STANDARD.encode(raw.into_bytes())
         }
     };
-    Ok(json!({"certificate": text}))
+    Ok(X509CertificateWithInfo {
+        certificate: Some(text),
+        info: None,
+    })
 }
 
 impl EnrollmentSettings {
@@ -206,22 +245,22 @@ impl EnrollmentSettings {
                 Some("tpm") => AttestationArg::Tpm,
                 _ => AttestationArg::Symmetrickey,
             });
-            obj.insert("attestation".into(), self.attestation(kind, kind_arg)?);
+            obj.insert(
+                "attestation".into(),
+                wire(self.attestation(kind, kind_arg)?)?,
+            );
         }
         if let Some(device_id) = &self.device_id {
             obj.insert("deviceId".into(), json!(device_id));
         }
         if let Some(status) = self.provisioning_status {
-            obj.insert("provisioningStatus".into(), status.wire());
+            obj.insert("provisioningStatus".into(), wire(status.wire())?);
         }
         if let Some(policy) = self.allocation_policy {
-            let name = match policy {
-                AllocationArg::Hashed => "hashed",
-                AllocationArg::Geolatency => "geoLatency",
-                AllocationArg::Static => "static",
-                AllocationArg::Custom => "custom",
-            };
-            obj.insert("allocationPolicy".into(), json!(name));
+            obj.insert(
+                "allocationPolicy".into(),
+                wire(AllocationPolicy::from(policy))?,
+            );
         }
         if let Some(hubs) = &self.iot_hubs {
             obj.insert(
@@ -246,7 +285,10 @@ impl EnrollmentSettings {
                 .unwrap_or_else(|| "2021-10-01".into());
             obj.insert(
                 "customAllocationDefinition".into(),
-                json!({"webhookUrl": url, "apiVersion": api}),
+                wire(CustomAllocationDefinition {
+                    webhook_url: url,
+                    api_version: api,
+                })?,
             );
         }
         if self.initial_twin_tags.is_some() || self.initial_twin_properties.is_some() {
@@ -260,34 +302,39 @@ impl EnrollmentSettings {
             }
         }
         if let Some(policy) = self.reprovision_policy {
-            let (update, migrate) = match policy {
-                ReprovisionArg::Reprovisionandmigratedata => (true, true),
-                ReprovisionArg::Reprovisionandresetdata => (true, false),
-                ReprovisionArg::Never => (false, true),
-            };
             obj.insert(
                 "reprovisionPolicy".into(),
-                json!({"updateHubAssignment": update, "migrateDeviceData": migrate}),
+                wire(ReprovisionPolicy::from(policy))?,
             );
         }
         if let Some(edge) = self.edge_enabled {
-            obj.insert("capabilities".into(), json!({"iotEdge": edge}));
+            obj.insert(
+                "capabilities".into(),
+                wire(DeviceCapabilities { iot_edge: edge })?,
+            );
         }
         Ok(())
     }
 
-    fn attestation(&self, kind: Kind, which: AttestationArg) -> anyhow::Result<Value> {
+    fn attestation(
+        &self,
+        kind: Kind,
+        which: AttestationArg,
+    ) -> anyhow::Result<AttestationMechanism> {
+        let none = |kind| AttestationMechanism {
+            kind,
+            tpm: None,
+            x509: None,
+            symmetric_key: None,
+        };
         Ok(match which {
-            AttestationArg::Symmetrickey => {
-                let mut keys = Map::new();
-                if let Some(k) = &self.primary_key {
-                    keys.insert("primaryKey".into(), json!(k));
-                }
-                if let Some(k) = &self.secondary_key {
-                    keys.insert("secondaryKey".into(), json!(k));
-                }
-                json!({"type": "symmetricKey", "symmetricKey": keys})
-            }
+            AttestationArg::Symmetrickey => AttestationMechanism {
+                symmetric_key: Some(SymmetricKeyAttestation {
+                    primary_key: self.primary_key.clone(),
+                    secondary_key: self.secondary_key.clone(),
+                }),
+                ..none(AttestationType::SymmetricKey)
+            },
             AttestationArg::Tpm => {
                 if kind == Kind::Group {
                     bail!("enrollment groups cannot use TPM attestation");
@@ -296,34 +343,46 @@ impl EnrollmentSettings {
                     .endorsement_key
                     .as_ref()
                     .context("TPM attestation needs --endorsement-key")?;
-                json!({"type": "tpm", "tpm": {"endorsementKey": ek}})
+                AttestationMechanism {
+                    tpm: Some(TpmAttestation {
+                        endorsement_key: ek.clone(),
+                        storage_root_key: None,
+                    }),
+                    ..none(AttestationType::Tpm)
+                }
             }
             AttestationArg::X509 => {
-                let mut certs = Map::new();
-                if let Some(p) = &self.certificate_path {
-                    certs.insert("primary".into(), read_cert(p)?);
-                }
-                if let Some(p) = &self.secondary_certificate_path {
-                    certs.insert("secondary".into(), read_cert(p)?);
-                }
-                let mut x509 = Map::new();
-                let field = if kind == Kind::Group {
-                    "signingCertificates"
-                } else {
-                    "clientCertificates"
-                };
-                if !certs.is_empty() {
-                    x509.insert(field.into(), Value::Object(certs));
-                }
-                if self.root_ca_name.is_some() || self.secondary_root_ca_name.is_some() {
-                    x509.insert("caReferences".into(), json!({"primary": self.root_ca_name, "secondary": self.secondary_root_ca_name}));
-                }
-                if x509.is_empty() {
+                let primary = self.certificate_path.as_ref().map(read_cert).transpose()?;
+                let secondary = self
+                    .secondary_certificate_path
+                    .as_ref()
+                    .map(read_cert)
+                    .transpose()?;
+                let certificates = (primary.is_some() || secondary.is_some())
+                    .then_some(X509Certificates { primary, secondary });
+                let ca_references = (self.root_ca_name.is_some()
+                    || self.secondary_root_ca_name.is_some())
+                .then(|| X509CAReferences {
+                    primary: self.root_ca_name.clone(),
+                    secondary: self.secondary_root_ca_name.clone(),
+                });
+                if certificates.is_none() && ca_references.is_none() {
                     bail!(
                         "x509 attestation needs --certificate-path (or --root-ca-name for a group)"
                     );
                 }
-                json!({"type": "x509", "x509": x509})
+                let (client_certificates, signing_certificates) = match kind {
+                    Kind::Group => (None, certificates),
+                    Kind::Individual => (certificates, None),
+                };
+                AttestationMechanism {
+                    x509: Some(X509Attestation {
+                        client_certificates,
+                        signing_certificates,
+                        ca_references,
+                    }),
+                    ..none(AttestationType::X509)
+                }
             }
         })
     }

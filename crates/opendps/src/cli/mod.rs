@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use dps_tools::client::{ClientSettings, ServiceClient};
 pub use dps_tools::output::Output;
@@ -548,10 +548,10 @@ pub enum ProvisioningStatusArg {
 }
 
 impl ProvisioningStatusArg {
-    fn wire(self) -> Value {
-        Value::from(match self {
-            Self::Enabled => "enabled",
-            Self::Disabled => "disabled",
-        })
+    fn wire(self) -> dps_core::model::ProvisioningStatus {
+        match self {
+            Self::Enabled => dps_core::model::ProvisioningStatus::Enabled,
+            Self::Disabled => dps_core::model::ProvisioningStatus::Disabled,
+        }
     }
 }
