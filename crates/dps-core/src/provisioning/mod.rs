@@ -30,7 +30,7 @@ use crate::model::{
 use crate::sas::{self, SasToken};
 use crate::secret::Secret;
 use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation};
-use crate::time::format_utc;
+use crate::time::{UtcTime, format_utc};
 use crate::webhook::{
     self, AllocationTrace, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, TraceAttempt, Verdict,
     WebhookClient, WebhookError,
@@ -133,7 +133,7 @@ pub struct Operation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<AllocationTrace>,
     /// When the device asked.
-    pub created_date_time_utc: String,
+    pub created_date_time_utc: UtcTime,
     /// How the device asked (for metrics).
     #[serde(default)]
     pub transport: Transport,
@@ -274,7 +274,7 @@ impl Provisioning {
             attempts: 0,
             webhook_retries: 0,
             trace: None,
-            created_date_time_utc: format_utc(now),
+            created_date_time_utc: UtcTime(now),
             transport,
         };
         self.save_operation(&op, now.as_millisecond()).await?;

@@ -209,11 +209,9 @@ impl Provisioning {
         };
         let labels = [("transport", op.transport.as_str()), ("outcome", outcome)];
         metrics::counter!("opendps_registrations_total", &labels).increment(1);
-        if let Ok(created) = op.created_date_time_utc.parse::<jiff::Timestamp>() {
-            let took = self.clock.now().duration_since(created);
-            metrics::histogram!("opendps_registration_duration_seconds", &labels)
-                .record(took.as_secs_f64().max(0.0));
-        }
+        let took = self.clock.now().duration_since(op.created_date_time_utc.0);
+        metrics::histogram!("opendps_registration_duration_seconds", &labels)
+            .record(took.as_secs_f64().max(0.0));
         tracing::info!(
             operation = %op.operation_id,
             registration_id = %op.registration_id,
