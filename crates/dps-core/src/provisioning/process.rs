@@ -4,6 +4,15 @@
 use super::plan::{Situation, TwinAction, plan_twin};
 use super::*;
 
+/// Where a registration assigned the device.
+pub(super) struct Assignment<'a> {
+    pub(super) hub: &'a str,
+    pub(super) device_id: &'a str,
+    pub(super) substatus: crate::model::AssignedDeviceSubstatus,
+    pub(super) payload: Option<Value>,
+    pub(super) initial_hub: String,
+}
+
 /// A registration state to record, with the precondition that keeps racing registrations of one
 /// device from both winning.
 pub(super) struct RecordWrite {
@@ -294,49 +303,9 @@ impl Provisioning {
                 .find(|h| h.host_name.eq_ignore_ascii_case(name))
         });
 
-        let policy = view
-            .policy
-            .unwrap_or(self.settings.default_allocation_policy);
-        let keep_current = current_hub.filter(|_| !view.reprovision.update_hub_assignment);
-        let (target, webhook_twin, payload): (&LinkedHub, Option<InitialTwin>, Option<Value>) =
-            match (policy, keep_current) {
-                // The webhook is asked on every registration, even one that keeps its hub (for the payload).
-                (AllocationPolicy::Custom, _) => {
-                    let offered: Vec<&LinkedHub> = match keep_current {
-                        Some(hub) => vec![hub],
-                        None => allocation::candidates(&linked, view.iot_hubs.as_deref())
-                            .map_err(allocation_failure)?
-                            .into_iter()
-                            .filter(|h| h.apply_allocation_policy)
-                            .collect(),
-                    };
-                    let current_device_id = current_hub
-                        .and(previous.as_ref())
-                        .and_then(|(r, _)| r.state.device_id.clone());
-                    let context = DeviceRuntimeContext {
-                        registration_id: op.registration_id.clone(),
-                        current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
-                        current_device_id,
-                        symmetric_key: serde_json::Map::new(),
-                        payload: op.payload.clone(),
-                    };
-                    self.ask_webhook(op, &doc.doc, view.webhook_url.as_deref(), context, offered)
-                        .await?
-                }
-                (_, Some(hub)) => (hub, None, None),
-                (_, None) => {
-                    let candidates = allocation::candidates(&linked, view.iot_hubs.as_deref())
-                        .map_err(allocation_failure)?;
-                    let hub = allocation::allocate(
-                        policy,
-                        &op.registration_id,
-                        &candidates,
-                        self.settings.region.as_deref(),
-                    )
-                    .map_err(allocation_failure)?;
-                    (hub, None, None)
-                }
-            };
+        let (target, webhook_twin, payload) = self
+            .choose_hub(op, &doc, &view, &linked, current_hub, previous.as_ref())
+            .await?;
         let moved_from =
             current_hub.filter(|hub| !hub.host_name.eq_ignore_ascii_case(&target.host_name));
         // The webhook's initial twin replaces the enrollment's (used on first assignment and on reset).
@@ -388,19 +357,6 @@ impl Provisioning {
             (TwinAction::Initial | TwinAction::CarryFromOldHub, _) => Some(initial),
         };
 
-        self.hubs
-            .upsert_device(target, &device)
-            .await
-            .map_err(Failure::Retry)?;
-        if let Some(twin) = twin.filter(|t| !t.is_empty()) {
-            self.hubs
-                .update_twin(target, &device.device_id, &twin)
-                .await
-                .map_err(Failure::Retry)?;
-        }
-        // The identity the device had before, if it is not the one just written: on the hub it
-        // left, or on this hub under a device id the enrollment has since changed. Left behind, it
-        // would still accept the device's earlier credentials.
         let stale = match (moved_from, current_hub, &previous_device_id) {
             (Some(old), _, previous_id) => {
                 Some((old, previous_id.as_ref().unwrap_or(&device.device_id)))
@@ -410,12 +366,113 @@ impl Provisioning {
             }
             _ => None,
         };
+        self.write_device(&op.registration_id, target, &device, twin, stale)
+            .await?;
+
+        Ok(self.assigned_record(
+            op,
+            previous,
+            Assignment {
+                hub: &target.host_name,
+                device_id: &device.device_id,
+                substatus,
+                payload,
+                initial_hub,
+            },
+        ))
+    }
+
+    /// The hub for this registration, with the webhook's initial twin and payload when a webhook
+    /// chose it: the current hub when the reprovision policy keeps it, else the policy's choice.
+    async fn choose_hub<'h>(
+        &self,
+        op: &mut Operation,
+        doc: &StoredDoc,
+        view: &EnrollmentView,
+        linked: &'h [LinkedHub],
+        current_hub: Option<&'h LinkedHub>,
+        previous: Option<&(RegistrationRecord, Etag)>,
+    ) -> Result<(&'h LinkedHub, Option<InitialTwin>, Option<Value>), Failure> {
+        let policy = view
+            .policy
+            .unwrap_or(self.settings.default_allocation_policy);
+        let keep_current = current_hub.filter(|_| !view.reprovision.update_hub_assignment);
+        Ok(match (policy, keep_current) {
+            // The webhook is asked on every registration, even one that keeps its hub (for the payload).
+            (AllocationPolicy::Custom, _) => {
+                let offered: Vec<&LinkedHub> = match keep_current {
+                    Some(hub) => vec![hub],
+                    None => allocation::candidates(linked, view.iot_hubs.as_deref())
+                        .map_err(allocation_failure)?
+                        .into_iter()
+                        .filter(|h| h.apply_allocation_policy)
+                        .collect(),
+                };
+                let current_device_id = current_hub
+                    .and(previous)
+                    .and_then(|(r, _)| r.state.device_id.clone());
+                let context = DeviceRuntimeContext {
+                    registration_id: op.registration_id.clone(),
+                    current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
+                    current_device_id,
+                    symmetric_key: serde_json::Map::new(),
+                    payload: op.payload.clone(),
+                };
+                self.ask_webhook(op, &doc.doc, view.webhook_url.as_deref(), context, offered)
+                    .await?
+            }
+            (_, Some(hub)) => (hub, None, None),
+            (_, None) => {
+                let candidates = allocation::candidates(linked, view.iot_hubs.as_deref())
+                    .map_err(allocation_failure)?;
+                let hub = allocation::allocate(
+                    policy,
+                    &op.registration_id,
+                    &candidates,
+                    self.settings.region.as_deref(),
+                )
+                .map_err(allocation_failure)?;
+                (hub, None, None)
+            }
+        })
+    }
+
+    /// Writes the device's identity and (if any) twin to `target`, then deletes its `stale`
+    /// identity, which would otherwise still accept the device's earlier credentials.
+    async fn write_device(
+        &self,
+        registration_id: &str,
+        target: &LinkedHub,
+        device: &HubDevice,
+        twin: Option<HubTwin>,
+        stale: Option<(&LinkedHub, &String)>,
+    ) -> Result<(), Failure> {
+        self.hubs
+            .upsert_device(target, device)
+            .await
+            .map_err(Failure::Retry)?;
+        if let Some(twin) = twin.filter(|t| !t.is_empty()) {
+            self.hubs
+                .update_twin(target, &device.device_id, &twin)
+                .await
+                .map_err(Failure::Retry)?;
+        }
         if let Some((hub, stale_id)) = stale
             && let Err(err) = self.hubs.delete_device(hub, stale_id).await
         {
-            tracing::warn!(registration_id = %op.registration_id, %err, hub = %hub.host_name, "the device's previous identity could not be deleted");
+            tracing::warn!(registration_id = %registration_id, %err, hub = %hub.host_name, "the device's previous identity could not be deleted");
         }
+        Ok(())
+    }
 
+    /// The registration state of an assigned device, written under an etag precondition so two
+    /// racing registrations of one device cannot both win.
+    fn assigned_record(
+        &self,
+        op: &Operation,
+        previous: Option<(RegistrationRecord, Etag)>,
+        assignment: Assignment<'_>,
+    ) -> RecordWrite {
         let now = format_utc(self.clock.now());
         let mut record = previous
             .as_ref()
@@ -423,23 +480,23 @@ impl Provisioning {
             .unwrap_or_else(|| self.new_record(op, &now));
         record.state.registration_id.clone_from(&op.registration_id);
         record.state.status = EnrollmentStatus::Assigned;
-        record.state.assigned_hub = Some(target.host_name.clone());
-        record.state.device_id = Some(device.device_id.clone());
-        record.state.substatus = Some(substatus);
+        record.state.assigned_hub = Some(assignment.hub.to_owned());
+        record.state.device_id = Some(assignment.device_id.to_owned());
+        record.state.substatus = Some(assignment.substatus);
         record.state.error_code = None;
         record.state.error_message = None;
-        record.state.payload = payload;
+        record.state.payload = assignment.payload;
         record.allocation_trace = op.trace.clone().map(|mut trace| {
-            trace.decision = Some(serde_json::json!({"assignedHub": target.host_name}));
+            trace.decision = Some(serde_json::json!({"assignedHub": assignment.hub}));
             trace
         });
         record.state.last_updated_date_time_utc = Some(now);
-        record.initial_hub = Some(initial_hub);
+        record.initial_hub = Some(assignment.initial_hub);
         record.enrollment_group_id = op.enrollment.group_id();
         let etag = Etag::generate();
         record.state.etag = Some(etag.as_str().to_owned());
         let cond = previous.map_or(Precondition::MustNotExist, |(_, e)| Precondition::EtagIs(e));
-        Ok(RecordWrite { record, etag, cond })
+        RecordWrite { record, etag, cond }
     }
 
     /// Custom allocation: asks the enrollment's webhook to choose among `offered`, recording the
