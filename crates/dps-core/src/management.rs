@@ -562,18 +562,22 @@ fn parse_doc<T: serde::de::DeserializeOwned>(doc: &StoredDoc) -> Result<T, Provi
 fn page_size(paging: &Paging) -> Result<usize, ProvisioningError> {
     match paging.max_item_count {
         None => Ok(DEFAULT_PAGE_SIZE),
-        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
-        Some(n) => Err(ProvisioningError::InvalidArgument(page_size_message(
-            &n.to_string(),
-        ))),
+        Some(n) => parse_page_size(&n.to_string()),
     }
 }
 
-/// Why an `x-ms-max-item-count` of `value` is refused.
-pub fn page_size_message(value: &str) -> String {
-    format!(
-        "x-ms-max-item-count must be an integer from 1 to {MAX_PAGE_SIZE}, not '{value}'; leave it out for pages of {DEFAULT_PAGE_SIZE}."
-    )
+/// The page size an `x-ms-max-item-count` of `text` asks for: an integer from 1 to
+/// [`MAX_PAGE_SIZE`]; anything else (0, negative, huge, not a number) is refused alike.
+pub fn parse_page_size(text: &str) -> Result<usize, ProvisioningError> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+        .ok_or_else(|| {
+            ProvisioningError::InvalidArgument(format!(
+                "x-ms-max-item-count must be an integer from 1 to {MAX_PAGE_SIZE}, not '{text}'; leave it out for pages of {DEFAULT_PAGE_SIZE}."
+            ))
+        })
 }
 
 fn decode_continuation(paging: &Paging) -> Result<Option<String>, ProvisioningError> {

@@ -75,14 +75,18 @@ impl DeviceExchange for HttpsExchange {
     }
 }
 
+/// The wait a response's `Retry-After` header asks for, by [`retry_after`]'s rule.
+pub fn retry_after_header(headers: &reqwest::header::HeaderMap) -> std::time::Duration {
+    retry_after(
+        headers
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
 async fn read(response: reqwest::Response) -> anyhow::Result<Reply> {
     let status = response.status().as_u16();
-    let wait = retry_after(
-        response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let wait = retry_after_header(response.headers());
     let text = response.text().await?;
     Ok(Reply {
         status,

@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
 use dps_core::ids::IfMatch;
 use dps_core::management::{
-    EnrollmentRequest, LinkedHubOp, MAX_PAGE_SIZE, Paging, RegistrationRequest, ServiceRequest,
-    ServiceResponse, page_size_message,
+    EnrollmentRequest, LinkedHubOp, Paging, RegistrationRequest, ServiceRequest, ServiceResponse,
+    parse_page_size,
 };
 use dps_core::model::{BulkEnrollmentGroupOperation, BulkEnrollmentOperation};
 use percent_encoding::percent_decode_str;
@@ -209,15 +209,8 @@ fn paging(headers: &HeaderMap) -> Result<Paging, ProvisioningError> {
             .map(str::trim)
             .filter(|v| !v.is_empty())
     };
-    // Anything but an integer from 1 to the largest page (0, negative, huge, not a number) is
-    // refused alike; the core checks the range again.
     let max_item_count = text("x-ms-max-item-count")
-        .map(|v| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
-                .ok_or_else(|| ProvisioningError::InvalidArgument(page_size_message(v)))
-        })
+        .map(parse_page_size)
         .transpose()?;
     Ok(Paging {
         max_item_count,

@@ -31,9 +31,9 @@ use crate::Transport;
 use crate::client::{ClientSettings, ServiceClient};
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
-use dps_device::https::API_VERSION;
+use dps_device::https::{API_VERSION, retry_after_header};
 use dps_device::mqtt::{DpsMqtt, tls_client_config};
-use dps_device::{DeviceExchange, Ended, Reply, register_and_poll, retry_after};
+use dps_device::{DeviceExchange, Ended, Reply, register_and_poll};
 
 /// `opendps bench`.
 #[derive(Debug, Args)]
@@ -733,12 +733,7 @@ impl HttpsLink<'_> {
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
-        let wait = retry_after(
-            response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()),
-        );
+        let wait = retry_after_header(response.headers());
         let bytes = response.into_body().collect().await?.to_bytes();
         Ok(Reply {
             status,

@@ -96,10 +96,7 @@ impl ServiceClient {
         let (status, text, headers) = self
             .exchange(method, path, if_match, extra_headers, body)
             .await?;
-        if !status.is_success() {
-            bail!(describe_error(status, &text));
-        }
-        Ok((parse_body(&text)?, headers))
+        Ok((success_body(status, &text)?, headers))
     }
 
     /// `GET {path}`: the item, or `None` when the service answers 404.
@@ -108,10 +105,7 @@ impl ServiceClient {
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        if !status.is_success() {
-            bail!(describe_error(status, &text));
-        }
-        parse_body(&text).map(Some)
+        success_body(status, &text).map(Some)
     }
 
     /// Sends one request; the status, body text and headers, whatever the status.
@@ -245,6 +239,14 @@ fn read_ca(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
         bail!("{} holds no certificate", path.display());
     }
     Ok(certs)
+}
+
+/// The JSON body of a successful answer; any other status is an error that says what to do.
+fn success_body(status: StatusCode, text: &str) -> anyhow::Result<Value> {
+    if !status.is_success() {
+        bail!(describe_error(status, text));
+    }
+    parse_body(text)
 }
 
 /// A response body as JSON (`null` when empty).
