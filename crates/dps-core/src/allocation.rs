@@ -150,6 +150,7 @@ mod tests {
             allocation_weight: weight,
             apply_allocation_policy: apply,
             location: location.map(Into::into),
+            twins: true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The IoT hub seam: what provisioning needs from a hub (create the device identity, set its twin,
 //! read it back for migration, delete it). The REST implementation lives in `dps-outbound`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -71,16 +71,103 @@ pub enum HubError {
         status: u16,
         /// The hub's message (truncated).
         message: String,
+        /// How long the hub asked callers to wait (`Retry-After`), if it said.
+        retry_after: Option<Duration>,
+    },
+    /// The hub's tier has no device twins (IoT Hub Basic answers 403010
+    /// OperationNotAvailableInCurrentTier).
+    #[error(
+        "IoT hub {hub} has no device twins (a Basic-tier hub), so it cannot take an initial twin or migrated device data; allocate twin-carrying enrollments to a Standard-tier hub"
+    )]
+    TwinsUnsupported {
+        /// Hub host name.
+        hub: String,
     },
     /// The hub's connection string cannot be used.
     #[error("the connection string of linked hub {0} is not usable")]
     BadConnectionString(String),
 }
 
+impl HubError {
+    /// Whether the same call may succeed later: the hub did not answer, throttled (429), timed
+    /// out (408) or failed on its side (5xx). 400, 401, 403, 404 and the rest are answers that a
+    /// retry cannot change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Refused { status, .. } => *status == 408 || *status == 429 || *status >= 500,
+            Self::TwinsUnsupported { .. } | Self::BadConnectionString(_) => false,
+        }
+    }
+
+    /// Whether the hub said it is too busy (429 or 503), so that every call to it should wait.
+    pub fn is_throttling(&self) -> bool {
+        matches!(
+            self,
+            Self::Refused {
+                status: 429 | 503,
+                ..
+            }
+        )
+    }
+
+    /// The wait the hub asked for in `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The host name of the hub that failed.
+    pub fn hub(&self) -> &str {
+        match self {
+            Self::Unreachable { hub, .. }
+            | Self::Refused { hub, .. }
+            | Self::TwinsUnsupported { hub }
+            | Self::BadConnectionString(hub) => hub,
+        }
+    }
+}
+
+/// What an identity write did on the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityWrite {
+    /// The device did not exist and was created.
+    Created,
+    /// The device existed; its authentication or capabilities were rewritten.
+    Updated,
+    /// The device existed with exactly these keys and capabilities: nothing was written.
+    Unchanged,
+}
+
+/// How a twin is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwinWrite {
+    /// `PATCH /twins/{id}`: the given tags and desired properties are merged into the twin.
+    Merge,
+    /// `PUT /twins/{id}`: the twin's tags and desired properties become exactly the given ones.
+    Replace,
+}
+
+/// What linking a hub found out about it, beyond the rights DPS needs (which it must have).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubProbe {
+    /// Whether the hub keeps device twins (Standard tier); Basic-tier hubs do not.
+    pub twins: bool,
+}
+
 /// Counts one call to a hub in `opendps_hub_calls_total` and its duration in
 /// `opendps_hub_call_duration_seconds`: `via` is `rest` or `direct`, `status` the HTTP status (or
-/// `error` when there was none).
-pub fn record_call(via: &'static str, operation: &'static str, status: &str, started: Instant) {
+/// `error` when there was none). Answers of 429 and 503 also count in
+/// `opendps_hub_throttled_total`, per hub.
+pub fn record_call(
+    via: &'static str,
+    hub: &str,
+    operation: &'static str,
+    status: &str,
+    started: Instant,
+) {
     let labels = [
         ("operation", operation.to_owned()),
         ("status", status.to_owned()),
@@ -89,10 +176,14 @@ pub fn record_call(via: &'static str, operation: &'static str, status: &str, sta
     metrics::counter!("opendps_hub_calls_total", &labels).increment(1);
     metrics::histogram!("opendps_hub_call_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
+    if status == "429" || status == "503" {
+        let labels = [("hub", hub.to_owned()), ("status", status.to_owned())];
+        metrics::counter!("opendps_hub_throttled_total", &labels).increment(1);
+    }
 }
 
 impl HubDevice {
-    /// The device identity as the IoT Hub REST API takes it (`PUT /devices/{id}`).
+    /// A new device identity as the IoT Hub REST API takes it (`PUT /devices/{id}`).
     pub fn identity_document(&self) -> serde_json::Value {
         serde_json::json!({
             "deviceId": self.device_id,
@@ -104,10 +195,45 @@ impl HubDevice {
             "capabilities": {"iotEdge": self.iot_edge},
         })
     }
+
+    /// The identity `existing` (as the hub returned it) with this device's keys and
+    /// capabilities, everything else kept (status, status reason, scopes, etag, …); `None` when it
+    /// already has them.
+    pub fn updated_identity(&self, existing: &serde_json::Value) -> Option<serde_json::Value> {
+        let auth = &existing["authentication"];
+        let same = auth["type"].as_str() == Some("sas")
+            && auth["symmetricKey"]["primaryKey"].as_str() == Some(self.primary_key.expose())
+            && auth["symmetricKey"]["secondaryKey"].as_str() == Some(self.secondary_key.expose())
+            && existing["capabilities"]["iotEdge"]
+                .as_bool()
+                .unwrap_or(false)
+                == self.iot_edge;
+        if same {
+            return None;
+        }
+        let mut updated = existing.clone();
+        let fields = updated.as_object_mut()?;
+        fields.insert(
+            "authentication".into(),
+            serde_json::json!({
+                "type": "sas",
+                "symmetricKey": {"primaryKey": self.primary_key.expose(), "secondaryKey": self.secondary_key.expose()},
+                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+            }),
+        );
+        let capabilities = fields
+            .entry("capabilities")
+            .or_insert_with(|| serde_json::json!({}));
+        if !capabilities.is_object() {
+            *capabilities = serde_json::json!({});
+        }
+        capabilities["iotEdge"] = serde_json::Value::Bool(self.iot_edge);
+        Some(updated)
+    }
 }
 
 impl HubTwin {
-    /// The twin patch as the IoT Hub REST API takes it (`PATCH /twins/{id}`).
+    /// The twin as the IoT Hub REST API takes it (`PATCH` or `PUT /twins/{id}`).
     pub fn patch_document(&self) -> serde_json::Value {
         serde_json::json!({"tags": self.tags, "properties": {"desired": self.desired}})
     }
@@ -136,20 +262,158 @@ impl HubTwin {
 /// Writes to IoT hubs.
 #[async_trait]
 pub trait HubClient: Send + Sync {
-    /// Creates the device, or replaces its identity (keys, capabilities) if it exists.
-    async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError>;
-    /// Writes tags and desired properties onto the device's twin.
-    async fn update_twin(
+    /// Creates the device; if it exists, rewrites only what DPS owns (its symmetric keys and
+    /// capabilities) under the identity's etag, keeping its status, status reason, scopes and
+    /// everything else an operator set; writes nothing when those already match.
+    async fn upsert_device(
+        &self,
+        hub: &LinkedHub,
+        device: &HubDevice,
+    ) -> Result<IdentityWrite, HubError>;
+    /// Writes tags and desired properties onto the device's twin, merged or replacing.
+    async fn write_twin(
         &self,
         hub: &LinkedHub,
         device_id: &str,
         twin: &HubTwin,
+        mode: TwinWrite,
     ) -> Result<(), HubError>;
     /// Reads the device's twin; `None` if the device does not exist.
     async fn get_twin(&self, hub: &LinkedHub, device_id: &str)
     -> Result<Option<HubTwin>, HubError>;
     /// Deletes the device; succeeds if it is already gone.
     async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError>;
+    /// One call of a link check, on a device id that does not exist.
+    async fn probe_call(
+        &self,
+        hub: &LinkedHub,
+        call: ProbeCall,
+        device_id: &str,
+    ) -> Result<ProbeAnswer, HubError>;
+
+    /// Checks, with calls on a device that does not exist (so they change nothing), that the
+    /// hub's policy grants what DPS needs (RegistryWrite, RegistryRead and ServiceConnect), and
+    /// whether the hub keeps twins.
+    async fn probe(&self, hub: &LinkedHub) -> Result<HubProbe, HubProbeError> {
+        let mut random = [0u8; 8];
+        crate::sas::fill_random(&mut random);
+        let device_id = format!("opendps-link-check-{:016x}", u64::from_be_bytes(random));
+        let mut refused = Vec::new();
+        let mut twins = true;
+        for call in [
+            ProbeCall::DeleteDevice,
+            ProbeCall::ReadDevice,
+            ProbeCall::ReadTwin,
+        ] {
+            match self
+                .probe_call(hub, call, &device_id)
+                .await
+                .map_err(HubProbeError::Failed)?
+            {
+                ProbeAnswer::Allowed => {}
+                ProbeAnswer::NotInTier => twins = false,
+                ProbeAnswer::Unauthorized(message) => refused.push((call, message)),
+            }
+        }
+        let policy = crate::linked_hub::ConnectionString::parse(hub.connection_string.expose())
+            .map(|c| c.key_name)
+            .unwrap_or_default();
+        match refused.len() {
+            0 => Ok(HubProbe { twins }),
+            3 => Err(HubProbeError::BadKey {
+                hub: hub.host_name.clone(),
+                policy,
+                message: refused.swap_remove(0).1,
+            }),
+            _ => Err(HubProbeError::MissingRights {
+                hub: hub.host_name.clone(),
+                policy,
+                missing: refused.iter().map(|(c, _)| c.right()).collect(),
+                tried: refused.iter().map(|(c, _)| c.describe()).collect(),
+            }),
+        }
+    }
+}
+
+/// The calls of a link check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeCall {
+    /// `DELETE /devices/{id}`: needs RegistryWrite.
+    DeleteDevice,
+    /// `GET /devices/{id}`: needs RegistryRead (which RegistryWrite includes).
+    ReadDevice,
+    /// `GET /twins/{id}`: needs ServiceConnect, and a Standard-tier hub.
+    ReadTwin,
+}
+
+impl ProbeCall {
+    /// The right the call needs.
+    pub fn right(self) -> &'static str {
+        match self {
+            Self::DeleteDevice => "RegistryWrite",
+            Self::ReadDevice => "RegistryRead",
+            Self::ReadTwin => "ServiceConnect",
+        }
+    }
+
+    /// What the call does, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::DeleteDevice => "deleting a device",
+            Self::ReadDevice => "reading a device",
+            Self::ReadTwin => "reading a twin",
+        }
+    }
+}
+
+/// How the hub answered a link-check call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// The call was allowed (the device was, as expected, not found).
+    Allowed,
+    /// 401: the policy may not do this; the hub's message.
+    Unauthorized(String),
+    /// 403010: the hub's tier has no such operation.
+    NotInTier,
+}
+
+/// Why a hub cannot be linked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubProbeError {
+    /// The policy lacks rights DPS needs.
+    #[error(
+        "the policy '{policy}' of IoT hub {hub} does not grant {}: the hub answered 401 to {}. Link the hub with a policy that grants RegistryRead, RegistryWrite and ServiceConnect (the built-in iothubowner does; registryReadWrite lacks ServiceConnect)",
+        missing.join(" or "),
+        tried.join(" and ")
+    )]
+    MissingRights {
+        /// Hub host name.
+        hub: String,
+        /// The policy name from the connection string.
+        policy: String,
+        /// The rights that are missing.
+        missing: Vec<&'static str>,
+        /// The calls that were refused.
+        tried: Vec<&'static str>,
+    },
+    /// The hub refused every call: the policy name or its key is wrong.
+    #[error(
+        "IoT hub {hub} refused the key of policy '{policy}' ({message}); copy the connection string again from the hub's shared access policies"
+    )]
+    BadKey {
+        /// Hub host name.
+        hub: String,
+        /// The policy name from the connection string.
+        policy: String,
+        /// The hub's message.
+        message: String,
+    },
+    /// The hub could not be asked.
+    #[error(
+        "could not check IoT hub {hub}: {0}; check its host name, that it is running and that this service trusts its certificate",
+        hub = .0.hub()
+    )]
+    Failed(HubError),
 }
 
 #[cfg(test)]

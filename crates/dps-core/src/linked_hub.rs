@@ -77,13 +77,21 @@ pub struct LinkedHub {
     pub apply_allocation_policy: bool,
     /// An optional region label, used by `geoLatency`.
     pub location: Option<String>,
+    /// Whether the hub keeps device twins: false for an IoT Hub of the Basic tier, as found when
+    /// it was linked.
+    #[serde(default = "twins_by_default")]
+    pub twins: bool,
+}
+
+fn twins_by_default() -> bool {
+    true
 }
 
 /// The request to link a hub (an opendps extension of the service API; Azure does this through ARM).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkedHubRequest {
-    /// The hub's connection string, with a policy that may write the registry.
+    /// The hub's connection string, with a policy that grants RegistryWrite and ServiceConnect.
     pub connection_string: String,
     /// Weight in hashed allocation, 1 to 1000 (default 1).
     #[serde(default)]
@@ -129,6 +137,7 @@ impl LinkedHub {
             allocation_weight,
             apply_allocation_policy: req.apply_allocation_policy.unwrap_or(true),
             location: req.location.filter(|l| !l.is_empty()),
+            twins: true,
         })
     }
 

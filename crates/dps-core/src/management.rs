@@ -12,6 +12,7 @@ use crate::access::{Authorizer, Caller, Right};
 use crate::certificate;
 use crate::clock::Clock;
 use crate::error::ProvisioningError;
+use crate::hub::HubClient;
 use crate::ids::{EnrollmentGroupId, Etag, IfMatch, RegistrationId};
 use crate::linked_hub::{LinkedHub, LinkedHubRequest};
 use crate::model::{
@@ -187,15 +188,23 @@ pub struct Management {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     authorizer: Authorizer,
+    hubs: Arc<dyn HubClient>,
 }
 
 impl Management {
-    /// The service API over `store`, checking tokens with `authorizer`.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, authorizer: Authorizer) -> Self {
+    /// The service API over `store`, checking tokens with `authorizer`; hubs are checked through
+    /// `hubs` before they are linked.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        authorizer: Authorizer,
+        hubs: Arc<dyn HubClient>,
+    ) -> Self {
         Self {
             store,
             clock,
             authorizer,
+            hubs,
         }
     }
 
@@ -472,11 +481,16 @@ impl Management {
                     .await?
                     .ok_or_else(|| not_found(&id))?;
                 let record: Value = parse_doc(&doc)?;
-                match record.get("allocationTrace") {
-                    Some(trace) => ServiceResponse::Json(trace.clone()),
+                let mut trace = record.get("allocationTrace").cloned();
+                if let Some(stale) = record.get("staleIdentity") {
+                    trace.get_or_insert_with(|| serde_json::json!({}))["staleIdentity"] =
+                        stale.clone();
+                }
+                match trace {
+                    Some(trace) => ServiceResponse::Json(trace),
                     None => {
                         return Err(ProvisioningError::NotFound(format!(
-                            "The registration '{id}' has no allocation trace: its last registration did not use custom allocation."
+                            "The registration '{id}' has no trace: its last registration did not use custom allocation and left no identity behind on a hub."
                         )));
                     }
                 }
@@ -518,9 +532,19 @@ impl Management {
     async fn linked_hub_op(&self, op: LinkedHubOp) -> Result<ServiceResponse, ProvisioningError> {
         Ok(match op {
             LinkedHubOp::Put(req) => {
-                let hub = LinkedHub::from_request(req)?;
+                let mut hub = LinkedHub::from_request(req)?;
+                // Refuse a hub that registrations would fail on, before any device is sent there.
+                let probe = self
+                    .hubs
+                    .probe(&hub)
+                    .await
+                    .map_err(|e| ProvisioningError::InvalidArgument(e.to_string()))?;
+                hub.twins = probe.twins;
                 self.store.put_linked_hub(&hub).await?;
-                tracing::info!(hub = %hub.host_name, weight = hub.allocation_weight, "linked hub saved");
+                tracing::info!(hub = %hub.host_name, weight = hub.allocation_weight, twins = hub.twins, "linked hub saved");
+                if !hub.twins {
+                    tracing::warn!(hub = %hub.host_name, "linked hub has no device twins (Basic tier): registrations that carry an initial twin or migrate device data to it will fail with 400301");
+                }
                 ServiceResponse::Json(to_json(&hub.describe())?)
             }
             LinkedHubOp::List => {

@@ -6,10 +6,17 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{KeyInit, Mac};
-use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use sha2::Sha256;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// What the SDKs escape in a token's `sr`: everything but RFC 3986 unreserved characters.
+const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Why a token was refused. The message is safe to send to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,7 +155,7 @@ pub fn generate_token(
     let key = B64
         .decode(key_b64.trim())
         .map_err(|_| SasError::Malformed("key"))?;
-    let sr = utf8_percent_encode(resource, NON_ALPHANUMERIC).to_string();
+    let sr = utf8_percent_encode(resource, URL_COMPONENT).to_string();
     let sig = sign(&key, format!("{sr}\n{expiry}").as_bytes());
     let sig = utf8_percent_encode(&sig, NON_ALPHANUMERIC);
     let mut token = format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}");
@@ -201,6 +208,21 @@ pub fn fill_random(buf: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resource_is_escaped_as_the_sdks_escape_it() {
+        let token = generate_token(
+            "contoso-hub_1.azure-devices.net/devices/dev 1~x",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            None,
+            1,
+        )
+        .expect("token");
+        assert!(
+            token.contains("sr=contoso-hub_1.azure-devices.net%2Fdevices%2Fdev%201~x&"),
+            "{token}"
+        );
+    }
 
     const TUTORIAL_GROUP_KEY: &str =
         "oiK77Oy7rBw8YB6IS6ukRChAw+Yq6GC61RMrPLSTiOOtdI+XDu0LmLuNm11p+qv2I+adqGUdZHm46zXAQdZoOA==";

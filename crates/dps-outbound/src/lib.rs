@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dps_core::clock::Clock;
-use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
+use dps_core::hub::{
+    HubClient, HubDevice, HubError, HubTwin, IdentityWrite, ProbeAnswer, ProbeCall, TwinWrite,
+};
 use dps_core::linked_hub::{ConnectionString, LinkedHub};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Method, StatusCode};
@@ -100,12 +102,13 @@ impl RestHubClient {
         path: &str,
         if_match: Option<&str>,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Value), HubError> {
+    ) -> Result<Answer, HubError> {
         let conn = ConnectionString::parse(hub.connection_string.expose())
             .map_err(|_| HubError::BadConnectionString(hub.host_name.clone()))?;
         let expiry = self.clock.now().as_second() + TOKEN_TTL_SECS;
+        // IoT Hub checks the signature over the lower-case host, as the SDKs sign it.
         let token = dps_core::sas::generate_token(
-            &conn.host_name,
+            &conn.host_name.to_ascii_lowercase(),
             conn.key.expose(),
             Some(&conn.key_name),
             expiry,
@@ -125,33 +128,85 @@ impl RestHubClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let unreachable = |e: reqwest::Error| HubError::Unreachable {
-            hub: hub.host_name.clone(),
-            reason: error_chain(&e),
-        };
         let started = std::time::Instant::now();
+        let now = self.clock.now();
         let sent = async {
             let response = request.send().await?;
             let status = response.status();
-            Ok((status, response.text().await?))
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, now));
+            Ok((status, retry_after, response.text().await?))
         }
         .await;
-        let status = sent.as_ref().map_or("error", |(status, _)| status.as_str());
-        dps_core::hub::record_call("rest", operation, status, started);
-        let (status, text) = sent.map_err(unreachable)?;
+        let status = sent
+            .as_ref()
+            .map_or("error", |(status, _, _)| status.as_str());
+        dps_core::hub::record_call("rest", &hub.host_name, operation, status, started);
+        let (status, retry_after, text) =
+            sent.map_err(|e: reqwest::Error| HubError::Unreachable {
+                hub: hub.host_name.clone(),
+                reason: error_chain(&e),
+            })?;
         tracing::debug!(hub = %hub.host_name, operation, %status, "hub call");
-        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT
-        {
-            return Ok((status, value));
-        }
-        Err(HubError::Refused {
-            hub: hub.host_name.clone(),
-            operation,
-            status: status.as_u16(),
-            message: text.chars().take(MAX_MESSAGE).collect(),
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Answer {
+            status,
+            body,
+            text,
+            retry_after,
         })
     }
+
+    /// Reads a device identity: `None` if it does not exist.
+    async fn get_device(&self, hub: &LinkedHub, path: &str) -> Result<Option<Value>, HubError> {
+        let answer = self
+            .call(hub, "read device", Method::GET, path, None, None)
+            .await?;
+        match answer.status {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(answer.body)),
+            _ => Err(answer.refused(hub, "read device")),
+        }
+    }
+}
+
+/// A hub's answer.
+struct Answer {
+    status: StatusCode,
+    body: Value,
+    text: String,
+    retry_after: Option<Duration>,
+}
+
+impl Answer {
+    fn refused(self, hub: &LinkedHub, operation: &'static str) -> HubError {
+        if self.status == StatusCode::FORBIDDEN && self.text.contains("403010") {
+            return HubError::TwinsUnsupported {
+                hub: hub.host_name.clone(),
+            };
+        }
+        HubError::Refused {
+            hub: hub.host_name.clone(),
+            operation,
+            status: self.status.as_u16(),
+            message: self.text.chars().take(MAX_MESSAGE).collect(),
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+/// `Retry-After` in seconds (IoT Hub's form) or as an HTTP date, counted from `now`.
+fn parse_retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    let wait = when.duration_since(now);
+    Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
 }
 
 fn error_chain(err: &reqwest::Error) -> String {
@@ -169,69 +224,101 @@ fn device_path(device_id: &str) -> String {
     utf8_percent_encode(device_id, PATH_SEGMENT).to_string()
 }
 
-fn refused(hub: &LinkedHub, operation: &'static str, status: StatusCode, body: &Value) -> HubError {
-    HubError::Refused {
-        hub: hub.host_name.clone(),
-        operation,
-        status: status.as_u16(),
-        message: body.to_string().chars().take(MAX_MESSAGE).collect(),
-    }
-}
+/// `If-Match` for "whatever version is there", quoted as the service SDKs send it.
+const ANY_VERSION: &str = "\"*\"";
+
+/// Attempts at a read-modify-write of an identity that keeps changing under it.
+const IDENTITY_WRITE_ATTEMPTS: usize = 3;
 
 #[async_trait]
 impl HubClient for RestHubClient {
-    async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
-        let body = device.identity_document();
+    async fn upsert_device(
+        &self,
+        hub: &LinkedHub,
+        device: &HubDevice,
+    ) -> Result<IdentityWrite, HubError> {
         let path = format!("/devices/{}", device_path(&device.device_id));
-        // Create first (what a new device needs); replace the identity when it already exists.
-        let (status, reply) = self
-            .call(hub, "create device", Method::PUT, &path, None, Some(&body))
-            .await?;
-        match status {
-            s if s.is_success() => Ok(()),
-            StatusCode::CONFLICT => {
-                let (status, reply) = self
-                    .call(
-                        hub,
-                        "update device",
-                        Method::PUT,
-                        &path,
-                        Some("*"),
-                        Some(&body),
-                    )
-                    .await?;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(refused(hub, "update device", status, &reply))
-                }
+        let mut last = None;
+        for _ in 0..IDENTITY_WRITE_ATTEMPTS {
+            // Create first (what a new device needs, in one call).
+            let created = self
+                .call(
+                    hub,
+                    "create device",
+                    Method::PUT,
+                    &path,
+                    None,
+                    Some(&device.identity_document()),
+                )
+                .await?;
+            match created.status {
+                s if s.is_success() => return Ok(IdentityWrite::Created),
+                StatusCode::CONFLICT => {}
+                _ => return Err(created.refused(hub, "create device")),
             }
-            other => Err(refused(hub, "create device", other, &reply)),
+            // It exists: change only what DPS owns, under the identity's etag.
+            let Some(existing) = self.get_device(hub, &path).await? else {
+                continue;
+            };
+            let Some(updated) = device.updated_identity(&existing) else {
+                return Ok(IdentityWrite::Unchanged);
+            };
+            let etag = existing["etag"].as_str().unwrap_or("*");
+            let written = self
+                .call(
+                    hub,
+                    "update device",
+                    Method::PUT,
+                    &path,
+                    Some(&format!("\"{}\"", etag.trim_matches('"'))),
+                    Some(&updated),
+                )
+                .await?;
+            match written.status {
+                s if s.is_success() => return Ok(IdentityWrite::Updated),
+                // Changed or deleted since it was read: read it again.
+                StatusCode::PRECONDITION_FAILED | StatusCode::NOT_FOUND => {
+                    last = Some(written.refused(hub, "update device"));
+                }
+                _ => return Err(written.refused(hub, "update device")),
+            }
         }
+        Err(last.unwrap_or_else(|| HubError::Refused {
+            hub: hub.host_name.clone(),
+            operation: "update device",
+            status: 409,
+            message: "the device kept changing while it was written".into(),
+            retry_after: None,
+        }))
     }
 
-    async fn update_twin(
+    async fn write_twin(
         &self,
         hub: &LinkedHub,
         device_id: &str,
         twin: &HubTwin,
+        mode: TwinWrite,
     ) -> Result<(), HubError> {
         let body = twin.patch_document();
         let path = format!("/twins/{}", device_path(device_id));
-        let (status, reply) = self
+        let (operation, method) = match mode {
+            TwinWrite::Merge => ("update twin", Method::PATCH),
+            TwinWrite::Replace => ("replace twin", Method::PUT),
+        };
+        let answer = self
             .call(
                 hub,
-                "update twin",
-                Method::PATCH,
+                operation,
+                method,
                 &path,
-                Some("*"),
+                Some(ANY_VERSION),
                 Some(&body),
             )
             .await?;
-        if status.is_success() {
+        if answer.status.is_success() {
             Ok(())
         } else {
-            Err(refused(hub, "update twin", status, &reply))
+            Err(answer.refused(hub, operation))
         }
     }
 
@@ -241,28 +328,64 @@ impl HubClient for RestHubClient {
         device_id: &str,
     ) -> Result<Option<HubTwin>, HubError> {
         let path = format!("/twins/{}", device_path(device_id));
-        let (status, twin) = self
+        let answer = self
             .call(hub, "read twin", Method::GET, &path, None, None)
             .await?;
-        match status {
+        match answer.status {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => Ok(Some(HubTwin::from_hub(
-                &twin["tags"],
-                &twin["properties"]["desired"],
+                &answer.body["tags"],
+                &answer.body["properties"]["desired"],
             ))),
-            other => Err(refused(hub, "read twin", other, &twin)),
+            _ => Err(answer.refused(hub, "read twin")),
         }
     }
 
     async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError> {
         let path = format!("/devices/{}", device_path(device_id));
-        let (status, reply) = self
-            .call(hub, "delete device", Method::DELETE, &path, Some("*"), None)
+        let answer = self
+            .call(
+                hub,
+                "delete device",
+                Method::DELETE,
+                &path,
+                Some(ANY_VERSION),
+                None,
+            )
             .await?;
-        match status {
+        match answer.status {
             StatusCode::NOT_FOUND => Ok(()),
             s if s.is_success() => Ok(()),
-            other => Err(refused(hub, "delete device", other, &reply)),
+            _ => Err(answer.refused(hub, "delete device")),
+        }
+    }
+
+    async fn probe_call(
+        &self,
+        hub: &LinkedHub,
+        call: ProbeCall,
+        device_id: &str,
+    ) -> Result<ProbeAnswer, HubError> {
+        let id = device_path(device_id);
+        let (method, path, if_match) = match call {
+            ProbeCall::DeleteDevice => {
+                (Method::DELETE, format!("/devices/{id}"), Some(ANY_VERSION))
+            }
+            ProbeCall::ReadDevice => (Method::GET, format!("/devices/{id}"), None),
+            ProbeCall::ReadTwin => (Method::GET, format!("/twins/{id}"), None),
+        };
+        let answer = self
+            .call(hub, "link check", method, &path, if_match, None)
+            .await?;
+        match answer.status {
+            StatusCode::NOT_FOUND => Ok(ProbeAnswer::Allowed),
+            StatusCode::UNAUTHORIZED => Ok(ProbeAnswer::Unauthorized(
+                answer.text.chars().take(MAX_MESSAGE).collect(),
+            )),
+            _ => match answer.refused(hub, call.describe()) {
+                HubError::TwinsUnsupported { .. } => Ok(ProbeAnswer::NotInTier),
+                other => Err(other),
+            },
         }
     }
 }

@@ -179,10 +179,14 @@ pub struct ProvisioningConfig {
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label; `geoLatency` prefers linked hubs with the same `location`.
     pub region: Option<String>,
-    /// Attempts at writing a device to its hub before the registration fails.
-    pub hub_attempts: u32,
-    /// Delay before the second hub attempt, in milliseconds; doubled for each further attempt.
+    /// Seconds a registration keeps retrying a hub that throttles (429), is busy or fails on its
+    /// side (5xx) or does not answer, counted from the first failed call; then it fails (500002).
+    pub hub_retry_for_secs: u64,
+    /// Delay before the first retry of a hub call, in milliseconds; doubled for each further one.
     pub hub_retry_ms: u64,
+    /// Longest delay between two retries of a hub call, in milliseconds (a longer `Retry-After`
+    /// from the hub is honoured).
+    pub hub_retry_max_ms: u64,
     /// Seconds to wait for a hub to answer one request.
     pub hub_timeout_secs: u64,
     /// Milliseconds a custom allocation webhook may take to answer.
@@ -206,8 +210,9 @@ impl Default for ProvisioningConfig {
             operation_retention_secs: 3600,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
-            hub_attempts: 3,
+            hub_retry_for_secs: 900,
             hub_retry_ms: 1000,
+            hub_retry_max_ms: 60_000,
             hub_timeout_secs: 10,
             webhook_timeout_ms: 30_000,
             webhook_retries: 10,
@@ -351,8 +356,11 @@ impl Config {
                 "provisioning.default_allocation_policy cannot be custom; set custom allocation on an enrollment"
             );
         }
-        if self.provisioning.hub_attempts == 0 {
-            bail!("provisioning.hub_attempts must be at least 1");
+        if self.provisioning.hub_retry_ms == 0 {
+            bail!("provisioning.hub_retry_ms must be at least 1");
+        }
+        if self.provisioning.hub_retry_max_ms < self.provisioning.hub_retry_ms {
+            bail!("provisioning.hub_retry_max_ms must not be less than provisioning.hub_retry_ms");
         }
         if self.service_api.sas_clock_skew_secs < 0 {
             bail!("service_api.sas_clock_skew_secs must not be negative");

@@ -12,7 +12,9 @@ use axum::http::header;
 use axum::routing::get;
 use dps_core::access::{Authorizer, ServiceIdentity};
 use dps_core::clock::{Clock, SystemClock};
-use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
+use dps_core::hub::{
+    HubClient, HubDevice, HubError, HubTwin, IdentityWrite, ProbeAnswer, ProbeCall, TwinWrite,
+};
 use dps_core::linked_hub::{LinkedHub, LinkedHubRequest};
 use dps_core::management::Management;
 use dps_core::provisioning::{Provisioning, ProvisioningSettings};
@@ -163,12 +165,6 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         Arc::clone(&clock),
         config.service_api.sas_clock_skew_secs,
     );
-    let management = Arc::new(Management::new(
-        Arc::clone(&shared),
-        Arc::clone(&clock),
-        authorizer,
-    ));
-
     // Hubs and webhooks may use certificates from the development CA as well as public ones.
     let dev_ca: Vec<Vec<u8>> = std::fs::read(data.ca_file()).into_iter().collect();
     let hub_client = RestHubClient::new(RestHubSettings {
@@ -183,16 +179,22 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     let webhooks =
         ReqwestWebhookClient::new(&dev_ca, config.provisioning.webhook_max_response_bytes)
             .context("while setting up the webhook client")?;
-    let hub_client = RoutedHubClient {
+    let hub_client: Arc<dyn HubClient> = Arc::new(RoutedHubClient {
         direct: minihub
             .as_ref()
             .filter(|_| config.minihub.direct)
             .map(|hub| DirectHubClient::new(Arc::clone(hub))),
         rest: hub_client,
-    };
+    });
+    let management = Arc::new(Management::new(
+        Arc::clone(&shared),
+        Arc::clone(&clock),
+        authorizer,
+        Arc::clone(&hub_client),
+    ));
     let provisioning = Arc::new(Provisioning::new(
         Arc::clone(&shared),
-        Arc::new(hub_client),
+        hub_client,
         Arc::new(webhooks),
         Arc::clone(&clock),
         identity.id_scope.clone(),
@@ -358,17 +360,22 @@ impl RoutedHubClient {
 
 #[async_trait::async_trait]
 impl HubClient for RoutedHubClient {
-    async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
+    async fn upsert_device(
+        &self,
+        hub: &LinkedHub,
+        device: &HubDevice,
+    ) -> Result<IdentityWrite, HubError> {
         self.route(hub).upsert_device(hub, device).await
     }
 
-    async fn update_twin(
+    async fn write_twin(
         &self,
         hub: &LinkedHub,
         device_id: &str,
         twin: &HubTwin,
+        mode: TwinWrite,
     ) -> Result<(), HubError> {
-        self.route(hub).update_twin(hub, device_id, twin).await
+        self.route(hub).write_twin(hub, device_id, twin, mode).await
     }
 
     async fn get_twin(
@@ -381,6 +388,15 @@ impl HubClient for RoutedHubClient {
 
     async fn delete_device(&self, hub: &LinkedHub, device_id: &str) -> Result<(), HubError> {
         self.route(hub).delete_device(hub, device_id).await
+    }
+
+    async fn probe_call(
+        &self,
+        hub: &LinkedHub,
+        call: ProbeCall,
+        device_id: &str,
+    ) -> Result<ProbeAnswer, HubError> {
+        self.route(hub).probe_call(hub, call, device_id).await
     }
 }
 
@@ -514,8 +530,11 @@ fn provisioning_settings(config: &Config) -> ProvisioningSettings {
         max_payload_bytes: p.max_payload_bytes,
         default_allocation_policy: p.default_allocation_policy,
         region: p.region.clone(),
-        hub_attempts: p.hub_attempts,
+        hub_retry_for_ms: i64::try_from(p.hub_retry_for_secs)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000),
         hub_retry_ms: i64::try_from(p.hub_retry_ms).unwrap_or(i64::MAX),
+        hub_retry_max_ms: i64::try_from(p.hub_retry_max_ms).unwrap_or(i64::MAX),
         webhook_timeout: Duration::from_millis(p.webhook_timeout_ms),
         webhook_retries: p.webhook_retries,
         webhook_first_retry_ms: i64::try_from(p.webhook_first_retry_ms).unwrap_or(i64::MAX),

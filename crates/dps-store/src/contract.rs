@@ -32,6 +32,7 @@ pub fn sample_hub(host: &str, weight: u32) -> LinkedHub {
         allocation_weight: weight,
         apply_allocation_policy: true,
         location: None,
+        twins: true,
     }
 }
 

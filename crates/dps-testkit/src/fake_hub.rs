@@ -3,9 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use dps_core::hub::{HubClient, HubDevice, HubError, HubTwin};
+use dps_core::hub::{
+    HubClient, HubDevice, HubError, HubTwin, IdentityWrite, ProbeAnswer, ProbeCall, TwinWrite,
+};
 use dps_core::linked_hub::LinkedHub;
 
 /// What the fake hub holds and has seen.
@@ -13,8 +16,11 @@ use dps_core::linked_hub::LinkedHub;
 struct State {
     devices: BTreeMap<(String, String), (HubDevice, HubTwin)>,
     calls: Vec<String>,
-    failures: HashMap<String, u32>,
+    failures: HashMap<String, (u32, Option<Refusal>)>,
 }
+
+/// An injected answer: HTTP status and `Retry-After`.
+type Refusal = (u16, Option<Duration>);
 
 /// An in-memory hub (or many, keyed by host name).
 #[derive(Default)]
@@ -29,7 +35,14 @@ impl FakeHub {
 
     /// Makes the next `times` calls to `hub` fail as if it did not answer.
     pub fn fail(&self, hub: &str, times: u32) {
-        self.lock().failures.insert(hub.to_owned(), times);
+        self.lock().failures.insert(hub.to_owned(), (times, None));
+    }
+
+    /// Makes the next `times` calls to `hub` answer HTTP `status`, with `Retry-After` if given.
+    pub fn refuse(&self, hub: &str, times: u32, status: u16, retry_after: Option<Duration>) {
+        self.lock()
+            .failures
+            .insert(hub.to_owned(), (times, Some((status, retry_after))));
     }
 
     /// The device and twin on `hub`, if any.
@@ -81,11 +94,24 @@ impl FakeHub {
         state
             .calls
             .push(format!("{op} {} {device_id}", hub.host_name));
-        if let Some(left) = state.failures.get_mut(&hub.host_name).filter(|n| **n > 0) {
+        if let Some((left, answer)) = state
+            .failures
+            .get_mut(&hub.host_name)
+            .filter(|(n, _)| *n > 0)
+        {
             *left -= 1;
-            return Err(HubError::Unreachable {
-                hub: hub.host_name.clone(),
-                reason: "injected failure".into(),
+            return Err(match answer {
+                None => HubError::Unreachable {
+                    hub: hub.host_name.clone(),
+                    reason: "injected failure".into(),
+                },
+                Some((status, retry_after)) => HubError::Refused {
+                    hub: hub.host_name.clone(),
+                    operation: "injected",
+                    status: *status,
+                    message: "injected refusal".into(),
+                    retry_after: *retry_after,
+                },
             });
         }
         Ok(())
@@ -94,31 +120,44 @@ impl FakeHub {
 
 #[async_trait]
 impl HubClient for FakeHub {
-    async fn upsert_device(&self, hub: &LinkedHub, device: &HubDevice) -> Result<(), HubError> {
+    async fn upsert_device(
+        &self,
+        hub: &LinkedHub,
+        device: &HubDevice,
+    ) -> Result<IdentityWrite, HubError> {
         self.enter("upsert", hub, &device.device_id)?;
         let key = (hub.host_name.clone(), device.device_id.clone());
         let mut state = self.lock();
-        let twin = state
-            .devices
-            .get(&key)
-            .map(|(_, t)| t.clone())
-            .unwrap_or_default();
+        let (written, twin) = match state.devices.get(&key) {
+            None => (IdentityWrite::Created, HubTwin::default()),
+            Some((same, twin)) if same == device => (IdentityWrite::Unchanged, twin.clone()),
+            Some((_, twin)) => (IdentityWrite::Updated, twin.clone()),
+        };
         state.devices.insert(key, (device.clone(), twin));
-        Ok(())
+        Ok(written)
     }
 
-    async fn update_twin(
+    async fn write_twin(
         &self,
         hub: &LinkedHub,
         device_id: &str,
         twin: &HubTwin,
+        mode: TwinWrite,
     ) -> Result<(), HubError> {
-        self.enter("twin", hub, device_id)?;
+        let op = match mode {
+            TwinWrite::Merge => "twin",
+            TwinWrite::Replace => "replace-twin",
+        };
+        self.enter(op, hub, device_id)?;
         let mut state = self.lock();
         match state
             .devices
             .get_mut(&(hub.host_name.clone(), device_id.to_owned()))
         {
+            Some(entry) if mode == TwinWrite::Replace => {
+                entry.1 = twin.clone();
+                Ok(())
+            }
             Some(entry) => {
                 entry.1.tags.extend(twin.tags.clone());
                 entry.1.desired.extend(twin.desired.clone());
@@ -129,6 +168,7 @@ impl HubClient for FakeHub {
                 operation: "update twin",
                 status: 404,
                 message: "no device".into(),
+                retry_after: None,
             }),
         }
     }
@@ -152,5 +192,15 @@ impl HubClient for FakeHub {
             .devices
             .remove(&(hub.host_name.clone(), device_id.to_owned()));
         Ok(())
+    }
+
+    async fn probe_call(
+        &self,
+        hub: &LinkedHub,
+        _call: ProbeCall,
+        device_id: &str,
+    ) -> Result<ProbeAnswer, HubError> {
+        self.enter("probe", hub, device_id)?;
+        Ok(ProbeAnswer::Allowed)
     }
 }

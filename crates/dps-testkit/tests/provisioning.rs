@@ -45,6 +45,9 @@ fn fixture() -> Fixture {
     ));
     let settings = ProvisioningSettings {
         hub_retry_ms: 1000,
+        hub_retry_max_ms: 8000,
+        // Retries over minutes, as in production, would need many steps of simulated time.
+        hub_retry_for_ms: 60_000,
         // Webhook retries as Azure spaces them would need minutes of simulated time.
         webhook_first_retry_ms: 1000,
         webhook_retry_increment_ms: 1000,
@@ -79,6 +82,7 @@ impl Fixture {
             allocation_weight: weight,
             apply_allocation_policy: true,
             location: None,
+            twins: true,
         };
         self.store.put_linked_hub(&hub).await.expect("link");
     }
@@ -161,7 +165,7 @@ impl Fixture {
             .await
             .expect("accepted");
         assert_eq!(accepted.status, EnrollmentStatus::Assigning);
-        for _ in 0..30 {
+        for _ in 0..100 {
             self.drain().await;
             let status = self
                 .dps
@@ -179,6 +183,50 @@ impl Fixture {
             );
         }
         panic!("registration of {rid} did not finish");
+    }
+
+    /// Registers with the derived key; returns the operation id and the token to poll with.
+    async fn start(&self, rid: &str) -> (String, String) {
+        let token = self.token(rid, &Self::device_key(rid), NOW + 3600);
+        let accepted = self
+            .dps
+            .register(
+                Transport::Https,
+                SCOPE,
+                rid,
+                DeviceRegistration::default(),
+                Some(&token),
+            )
+            .await
+            .expect("accepted");
+        (accepted.operation_id, token)
+    }
+
+    async fn status(&self, rid: &str, (operation, token): &(String, String)) -> EnrollmentStatus {
+        self.dps
+            .operation_status(SCOPE, rid, operation, Some(token))
+            .await
+            .expect("poll")
+            .status
+    }
+
+    fn advance(&self, secs: i64) {
+        self.clock.set(
+            self.clock_now()
+                .checked_add(jiff::SignedDuration::from_secs(secs))
+                .expect("ts"),
+        );
+    }
+
+    /// The stored registration record of `rid`, as JSON.
+    async fn record(&self, rid: &str) -> serde_json::Value {
+        let doc = self
+            .store
+            .get_registration(&rid.to_ascii_lowercase())
+            .await
+            .expect("read")
+            .expect("registration");
+        serde_json::from_str(&doc.doc).expect("json")
     }
 
     fn clock_now(&self) -> jiff::Timestamp {
@@ -912,4 +960,183 @@ async fn a_changed_device_id_leaves_no_identity_behind() {
         assert_eq!(state.device_id.as_deref(), Some(expected), "{state:?}");
         assert_eq!(b.hub.device_ids("hub-a"), vec![expected.to_owned()]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttling_hub_is_waited_for_as_long_as_it_asks() {
+    let b = fixture();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    b.hub
+        .refuse("hub-a", 1, 429, Some(std::time::Duration::from_secs(30)));
+    let first = b.start("first").await;
+    b.drain().await;
+    assert_eq!(b.status("first", &first).await, EnrollmentStatus::Assigning);
+    assert_eq!(b.hub.calls(), ["upsert hub-a first"]);
+
+    // While the hub asked to be left alone, another registration does not call it either.
+    let second = b.start("second").await;
+    b.drain().await;
+    b.advance(25);
+    b.drain().await;
+    assert_eq!(b.hub.calls().len(), 1, "{:?}", b.hub.calls());
+    assert_eq!(
+        b.status("second", &second).await,
+        EnrollmentStatus::Assigning
+    );
+
+    // After Retry-After (and at most a fifth more, the spread), both finish.
+    b.advance(12);
+    b.drain().await;
+    assert_eq!(b.status("first", &first).await, EnrollmentStatus::Assigned);
+    assert_eq!(
+        b.status("second", &second).await,
+        EnrollmentStatus::Assigned
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_a_retry_cannot_change_fails_at_once() {
+    let b = fixture();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    for status in [400, 401, 403] {
+        b.hub.refuse("hub-a", 1, status, None);
+        let rid = format!("refused-{status}");
+        let op = b.start(&rid).await;
+        b.drain().await;
+        assert_eq!(b.status(&rid, &op).await, EnrollmentStatus::Failed);
+        let record = b.record(&rid).await;
+        assert_eq!(record["errorCode"], 500_002);
+        let message = record["errorMessage"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("HTTP {status}")), "{message}");
+        if status != 400 {
+            assert!(message.contains("ServiceConnect"), "{message}");
+        }
+    }
+    assert_eq!(b.hub.calls().len(), 3, "one call each: {:?}", b.hub.calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_stays_down_fails_the_registration_after_the_retry_window() {
+    let b = fixture();
+    b.link("hub-a", 1).await;
+    b.put_group("grp", json!({})).await;
+    b.hub.refuse("hub-a", 1000, 503, None);
+    let op = b.start("patient").await;
+    let started = b.clock_now();
+    while b.status("patient", &op).await == EnrollmentStatus::Assigning {
+        b.drain().await;
+        b.advance(1);
+        assert!(
+            b.clock_now().duration_since(started).as_secs() < 120,
+            "still assigning long after the 60 s window"
+        );
+    }
+    let waited = b.clock_now().duration_since(started).as_secs();
+    assert!(
+        waited >= 50,
+        "gave up after {waited} s, before the 60 s window"
+    );
+    let record = b.record("patient").await;
+    assert_eq!(record["errorCode"], 500_002);
+    let message = record["errorMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("gave up after"), "{message}");
+    // Doubling from 1 s up to 8 s: a handful of calls, not one per second.
+    let calls = b.hub.calls().len();
+    assert!((5..=15).contains(&calls), "{calls} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_replaces_the_twin_and_a_failed_cleanup_is_in_the_trace() {
+    let b = fixture();
+    b.link("hub-a", 1).await;
+    b.link("hub-b", 1).await;
+    let policy = json!({"updateHubAssignment": true, "migrateDeviceData": false});
+    b.put_group(
+        "grp",
+        json!({"iotHubs": ["hub-a"], "reprovisionPolicy": policy}),
+    )
+    .await;
+    b.register("mover").await;
+    b.put_group(
+        "grp",
+        json!({"iotHubs": ["hub-b"], "reprovisionPolicy": policy}),
+    )
+    .await;
+    // hub-a answers its next call (the deletion of the old identity) with 500.
+    b.hub.refuse("hub-a", 1, 500, None);
+    let state = b.register("mover").await.registration_state.expect("state");
+    assert_eq!(state.assigned_hub.as_deref(), Some("hub-b"));
+    let calls = b.hub.calls();
+    assert!(
+        calls.contains(&"replace-twin hub-b mover".to_owned()),
+        "{calls:?}"
+    );
+    let stale = &b.record("mover").await["staleIdentity"];
+    assert_eq!(stale["hub"], "hub-a", "{stale}");
+    assert_eq!(stale["deviceId"], "mover", "{stale}");
+    assert!(
+        stale["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP 500"),
+        "{stale}"
+    );
+    assert_eq!(b.hub.hubs_holding("mover"), ["hub-a", "hub-b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_without_twins_takes_only_devices_without_a_twin() {
+    let b = fixture();
+    let basic = LinkedHub {
+        host_name: "basic-hub".into(),
+        connection_string: Secret::new(format!(
+            "HostName=basic-hub;SharedAccessKeyName=iothubowner;SharedAccessKey={GROUP_KEY}"
+        )),
+        allocation_weight: 1,
+        apply_allocation_policy: true,
+        location: None,
+        twins: false,
+    };
+    b.store.put_linked_hub(&basic).await.expect("link");
+    // The fixture's group carries an initial twin.
+    b.put_group("twinned", json!({})).await;
+    let failed = b
+        .register("with-twin")
+        .await
+        .registration_state
+        .expect("state");
+    assert_eq!(failed.status, EnrollmentStatus::Failed);
+    assert_eq!(failed.error_code, Some(400_301));
+    assert!(
+        failed
+            .error_message
+            .unwrap_or_default()
+            .contains("Basic-tier"),
+        "a message that names the cause"
+    );
+    assert!(b.hub.device_ids("basic-hub").is_empty());
+
+    b.put_individual("plain", json!({})).await;
+    let token = b.token("plain", GROUP_KEY, NOW + 3600);
+    let accepted = b
+        .dps
+        .register(
+            Transport::Https,
+            SCOPE,
+            "plain",
+            DeviceRegistration::default(),
+            Some(&token),
+        )
+        .await
+        .expect("accepted");
+    b.drain().await;
+    let done = b
+        .dps
+        .operation_status(SCOPE, "plain", &accepted.operation_id, Some(&token))
+        .await
+        .expect("poll");
+    assert_eq!(done.status, EnrollmentStatus::Assigned);
+    assert_eq!(b.hub.calls(), ["upsert basic-hub plain"], "no twin call");
 }

@@ -97,6 +97,29 @@ pub(crate) fn authorize_service(
     require(policy, any_of)
 }
 
+/// Checks that policy `key_name` has the key `key` (either of its two) and grants one of `any_of`.
+pub(crate) fn authorize_policy(
+    hub: &HubInfo,
+    key_name: &str,
+    key: &str,
+    any_of: &[AccessRight],
+) -> Result<(), MinihubError> {
+    let policy = hub
+        .policy(key_name)
+        .ok_or_else(|| unauthorized(format!("no shared access policy named '{key_name}'")))?;
+    let matches = |candidate: &Secret| {
+        let (a, b) = (candidate.expose().trim().as_bytes(), key.trim().as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    };
+    if !matches(&policy.primary_key) && !matches(&policy.secondary_key) {
+        return Err(unauthorized(format!(
+            "the key is not a key of policy '{}'",
+            policy.name
+        )));
+    }
+    require(policy, any_of)
+}
+
 /// Checks a device token for `device_id` (`None` when no such device is registered): audience
 /// `{hub}/devices/{id}`, signed with one of the device's keys, or with the key of a policy that
 /// grants `DeviceConnect`. A disabled device is refused even with a good token.
@@ -186,6 +209,8 @@ mod tests {
                 kind: AuthenticationType::Sas,
             },
             capabilities: DeviceCapabilities::default(),
+            device_scope: None,
+            parent_scopes: Vec::new(),
         }
     }
 

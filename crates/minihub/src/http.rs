@@ -91,12 +91,14 @@ impl Endpoint {
     fn rights(&self) -> Option<&'static [AccessRight]> {
         use AccessRight::*;
         match self {
+            // RegistryWrite includes reading the registry.
             Self::ListDevices | Self::GetDevice(_) | Self::ReadTelemetry(_) => {
-                Some(&[RegistryRead])
+                Some(&[RegistryRead, RegistryWrite])
             }
             Self::PutDevice(_) | Self::DeleteDevice(_) => Some(&[RegistryWrite]),
-            Self::GetTwin(_) | Self::Query => Some(&[RegistryRead, ServiceConnect]),
-            Self::PatchTwin(_) | Self::ReplaceTwin(_) => Some(&[RegistryWrite, ServiceConnect]),
+            Self::Query => Some(&[RegistryRead, ServiceConnect]),
+            // Twins are the back end's: ServiceConnect, as IoT Hub requires.
+            Self::GetTwin(_) | Self::PatchTwin(_) | Self::ReplaceTwin(_) => Some(&[ServiceConnect]),
             Self::Telemetry(_) => None,
         }
     }

@@ -128,6 +128,11 @@ fn check_host_name(host_name: &str) -> Result<String, MinihubError> {
     }
 }
 
+/// The scope IoT Hub gives an IoT Edge device that was created without one.
+fn edge_scope(device_id: &str, generation_id: &str) -> String {
+    format!("ms-azure-iot-edge://{device_id}-{generation_id}")
+}
+
 fn check_device_id(device_id: &str) -> Result<(), MinihubError> {
     let valid = !device_id.is_empty()
         && device_id.len() <= MAX_DEVICE_ID
@@ -354,6 +359,18 @@ impl Minihub {
         auth::authorize_service(&self.hub(hub)?, header, any_of, self.now().as_second())
     }
 
+    /// Checks that the policy `key_name` of `hub` has the key `key` and grants one of `any_of`:
+    /// what a token signed with that key would be allowed, for callers in the same process.
+    pub fn authorize_policy(
+        &self,
+        hub: &str,
+        key_name: &str,
+        key: &str,
+        any_of: &[AccessRight],
+    ) -> Result<(), MinihubError> {
+        auth::authorize_policy(&self.hub(hub)?, key_name, key, any_of)
+    }
+
     /// Checks a device SAS token (`sr={hub}/devices/{id}`, signed with one of the device's keys,
     /// or a policy token with `DeviceConnect`). Disabled devices are refused.
     pub async fn verify_device_sas(
@@ -433,6 +450,8 @@ impl Minihub {
         let authentication = authentication(request.authentication)?;
         let capabilities = request.capabilities.unwrap_or_default();
         let status_reason = request.status_reason;
+        let device_scope = request.device_scope.filter(|s| !s.is_empty());
+        let parent_scopes = request.parent_scopes.unwrap_or_default();
         let now = self.now();
         let now_text = self.now_text();
         let device_id = device_id.to_owned();
@@ -455,6 +474,11 @@ impl Minihub {
                     } else {
                         now_text.clone()
                     };
+                    let device_scope = device_scope.or_else(|| {
+                        capabilities
+                            .iot_edge
+                            .then(|| edge_scope(&device_id, &old.generation_id))
+                    });
                     let device = Device {
                         etag: etag::new_device_etag(Some(&old.etag)),
                         status,
@@ -462,15 +486,23 @@ impl Minihub {
                         status_updated_time,
                         authentication,
                         capabilities,
+                        device_scope,
+                        parent_scopes,
                         ..old
                     };
                     (device, twin)
                 }
                 (None, _) => {
                     let ticks = now.as_nanosecond() / 100 + UNIX_EPOCH_TICKS;
+                    let generation_id = ticks.to_string();
+                    let device_scope = device_scope.or_else(|| {
+                        capabilities
+                            .iot_edge
+                            .then(|| edge_scope(&device_id, &generation_id))
+                    });
                     let device = Device {
                         device_id: device_id.clone(),
-                        generation_id: ticks.to_string(),
+                        generation_id,
                         etag: etag::new_device_etag(None),
                         connection_state: "Disconnected".into(),
                         status,
@@ -481,6 +513,8 @@ impl Minihub {
                         cloud_to_device_message_count: 0,
                         authentication,
                         capabilities,
+                        device_scope,
+                        parent_scopes,
                     };
                     (device, TwinState::new(&now_text))
                 }

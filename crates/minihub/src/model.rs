@@ -199,6 +199,13 @@ pub struct Device {
     pub authentication: AuthenticationMechanism,
     /// Device capabilities.
     pub capabilities: DeviceCapabilities,
+    /// The scope of an IoT Edge device (`ms-azure-iot-edge://{id}-{generation}`), or for a
+    /// device behind one, its parent's scope.
+    #[serde(default)]
+    pub device_scope: Option<String>,
+    /// The scopes of an IoT Edge device's parents (nested Edge).
+    #[serde(default)]
+    pub parent_scopes: Vec<String>,
 }
 
 /// The authentication part of a `PUT /devices/{id}` body, as lenient as IoT Hub.
@@ -236,6 +243,12 @@ pub struct DeviceRequest {
     /// Capabilities; absent means none.
     #[serde(default)]
     pub capabilities: Option<DeviceCapabilities>,
+    /// The device's scope; absent means none (an IoT Edge device then gets its own).
+    #[serde(default)]
+    pub device_scope: Option<String>,
+    /// The parents' scopes; absent means none.
+    #[serde(default)]
+    pub parent_scopes: Option<Vec<String>>,
 }
 
 /// `TwinProperties`: desired and reported properties, each with `$metadata` and `$version`.
@@ -348,6 +361,8 @@ mod tests {
                 kind: AuthenticationType::Sas,
             },
             capabilities: DeviceCapabilities::default(),
+            device_scope: None,
+            parent_scopes: Vec::new(),
         };
         let json = serde_json::to_value(&device).expect("json");
         assert_eq!(json["authentication"]["type"], "sas");

@@ -48,6 +48,8 @@ use self::record::{EnrollmentView, result_of};
 const ENROLLMENT_GONE: u32 = 404_202;
 /// Error code of a registration that failed because a hub refused or did not answer.
 const HUB_WRITE_FAILED: u32 = 500_002;
+/// Error code of a registration that needs a twin on a hub that keeps none (IoT Hub Basic tier).
+const HUB_HAS_NO_TWINS: u32 = 400_301;
 
 /// Settings of device registration.
 #[derive(Debug, Clone)]
@@ -62,10 +64,14 @@ pub struct ProvisioningSettings {
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label, for `geoLatency`.
     pub region: Option<String>,
-    /// Attempts at writing to a hub before the registration fails.
-    pub hub_attempts: u32,
-    /// Delay before the second attempt, in milliseconds; doubled for each further attempt.
+    /// How long a registration keeps retrying a hub that throttles, fails on its side (5xx) or
+    /// does not answer, counted from its first failed call, in milliseconds.
+    pub hub_retry_for_ms: i64,
+    /// Delay before the first retry, in milliseconds; doubled for each further retry.
     pub hub_retry_ms: i64,
+    /// The longest delay between two retries, in milliseconds (a hub's `Retry-After` may ask for
+    /// more, and is honoured).
+    pub hub_retry_max_ms: i64,
     /// How long an allocation webhook may take to answer.
     pub webhook_timeout: std::time::Duration,
     /// Retries of a webhook that answers 429 or above, 5xx included (DPS: 10).
@@ -84,8 +90,9 @@ impl Default for ProvisioningSettings {
             max_payload_bytes: 64 * 1024,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
-            hub_attempts: 3,
+            hub_retry_for_ms: 15 * 60 * 1000,
             hub_retry_ms: 1000,
+            hub_retry_max_ms: 60 * 1000,
             webhook_timeout: std::time::Duration::from_secs(30),
             webhook_retries: 10,
             webhook_first_retry_ms: 1000,
@@ -123,9 +130,13 @@ pub struct Operation {
     /// The result once terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<DeviceRegistrationResult>,
-    /// Hub write attempts made so far.
+    /// Hub calls that failed and were retried so far.
     #[serde(default)]
     pub attempts: u32,
+    /// When the first hub call of this operation failed (unix milliseconds): retries stop
+    /// `hub_retry_for_ms` after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_failing_since_ms: Option<i64>,
     /// Webhook retries made so far (after answers of 429 or above).
     #[serde(default)]
     pub webhook_retries: u32,
@@ -176,6 +187,25 @@ pub struct RegistrationRecord {
     /// The allocation trace of the last registration that asked a webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation_trace: Option<AllocationTrace>,
+    /// The device's previous identity that the last registration could not delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_identity: Option<StaleIdentity>,
+}
+
+/// A previous identity of a device (on the hub it left, or under the device id it had) that a
+/// registration failed to delete: it still accepts the device's earlier credentials until an
+/// operator deletes it. Shown in the registration's trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StaleIdentity {
+    /// The hub holding it.
+    pub hub: String,
+    /// Its device id.
+    pub device_id: String,
+    /// Why it could not be deleted.
+    pub error: String,
+    /// When the deletion was attempted.
+    pub at: String,
 }
 
 /// Device registration.
@@ -189,6 +219,9 @@ pub struct Provisioning {
     wake: Box<dyn Fn() + Send + Sync>,
     /// Parsed enrollment groups by etag, for authentication.
     group_auth: Mutex<HashMap<String, Arc<GroupAuth>>>,
+    /// Hubs that throttled (429) or were busy (503), by lower-case host name, with the time
+    /// (unix milliseconds) before which no call is made to them.
+    hub_gates: Mutex<HashMap<String, i64>>,
 }
 
 impl Provisioning {
@@ -213,6 +246,7 @@ impl Provisioning {
             settings,
             wake,
             group_auth: Mutex::new(HashMap::new()),
+            hub_gates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -272,6 +306,7 @@ impl Provisioning {
             status: EnrollmentStatus::Assigning,
             result: None,
             attempts: 0,
+            hub_failing_since_ms: None,
             webhook_retries: 0,
             trace: None,
             created_date_time_utc: UtcTime(now),

@@ -6,9 +6,12 @@ use crate::model::AssignedDeviceSubstatus;
 /// What happens to the twin on the hub the device is assigned to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TwinAction {
-    /// Write the initial twin (the enrollment's, or the webhook's): a first assignment, or a move
-    /// that resets the device's data.
+    /// Merge the initial twin (the enrollment's, or the webhook's) into the twin: a first
+    /// assignment.
     Initial,
+    /// Replace the twin's tags and desired properties with the initial twin: a move that resets
+    /// the device's data (anything left there from before goes).
+    Reset,
     /// Copy the twin from the hub the device left (the initial twin if it had none there).
     CarryFromOldHub,
     /// Leave the twin alone: the device stays where it is.
@@ -61,7 +64,7 @@ pub(super) fn plan_twin(situation: Situation) -> (TwinAction, AssignedDeviceSubs
             TwinAction::CarryFromOldHub,
             moved_substatus(Sub::DeviceDataMigrated),
         ),
-        Situation { .. } => (TwinAction::Initial, moved_substatus(Sub::DeviceDataReset)),
+        Situation { .. } => (TwinAction::Reset, moved_substatus(Sub::DeviceDataReset)),
     }
 }
 
@@ -119,7 +122,7 @@ mod tests {
         );
         assert_eq!(
             plan_twin(situation(true, true, false, false)),
-            (TwinAction::Initial, Sub::DeviceDataReset)
+            (TwinAction::Reset, Sub::DeviceDataReset)
         );
     }
 
@@ -134,7 +137,7 @@ mod tests {
         );
         assert_eq!(
             plan_twin(situation(true, true, false, true)),
-            (TwinAction::Initial, Sub::ReprovisionedToInitialAssignment)
+            (TwinAction::Reset, Sub::ReprovisionedToInitialAssignment)
         );
     }
 }

@@ -3,6 +3,7 @@
 
 use super::plan::{Situation, TwinAction, plan_twin};
 use super::*;
+use crate::hub::TwinWrite;
 
 /// Where a registration assigned the device.
 pub(super) struct Assignment<'a> {
@@ -11,6 +12,7 @@ pub(super) struct Assignment<'a> {
     pub(super) substatus: crate::model::AssignedDeviceSubstatus,
     pub(super) payload: Option<Value>,
     pub(super) initial_hub: String,
+    pub(super) stale_identity: Option<StaleIdentity>,
 }
 
 /// A registration state to record, with the precondition that keeps racing registrations of one
@@ -22,8 +24,15 @@ pub(super) struct RecordWrite {
 }
 
 pub(super) enum Failure {
-    /// A hub failed; worth another attempt.
-    Retry(HubError),
+    /// A hub call failed: retried later if the failure may pass, else the registration fails.
+    Hub(HubError),
+    /// A hub throttled recently: no call is made to it before `until_ms`.
+    HubBusy {
+        /// The hub's host name.
+        hub: String,
+        /// Unix milliseconds.
+        until_ms: i64,
+    },
     /// The webhook answered 429 or above; ask again later.
     WebhookRetry(String),
     /// The enrollment is disabled.
@@ -36,6 +45,17 @@ pub(super) enum Failure {
 
 pub(super) fn store_failure(err: StoreError) -> Failure {
     Failure::Store(err.into())
+}
+
+/// A hub failure that fails the registration: the hub's tier, or the hub's answer.
+fn hub_failure_of(err: HubError) -> Failure {
+    match err {
+        HubError::TwinsUnsupported { .. } => Failure::Final {
+            code: HUB_HAS_NO_TWINS,
+            message: err.to_string(),
+        },
+        other => Failure::Hub(other),
+    }
 }
 
 pub(super) fn allocation_failure(err: AllocationError) -> Failure {
@@ -63,22 +83,45 @@ impl Provisioning {
                     // Another registration of the same device finished first: decide again.
                     None => continue,
                 },
-                Err(Failure::Retry(err)) if op.attempts + 1 < self.settings.hub_attempts => {
-                    op.attempts += 1;
-                    let delay = self
-                        .settings
-                        .hub_retry_ms
-                        .saturating_mul(1 << (op.attempts - 1).min(16));
-                    tracing::warn!(operation = %op.operation_id, attempt = op.attempts, %err, "hub write failed; will retry");
-                    self.save_operation(&op, self.clock.now().as_millisecond() + delay)
-                        .await?;
-                    return Ok(EnrollmentStatus::Assigning);
+                Err(Failure::Hub(err)) => {
+                    if err.is_throttling() {
+                        self.close_gate(&err);
+                    }
+                    match self.hub_retry_at(&mut op, err.retry_after(), err.is_transient()) {
+                        Some(at) => {
+                            tracing::warn!(operation = %op.operation_id, attempt = op.attempts, retry_in_ms = at - self.clock.now().as_millisecond(), %err, "hub call failed; will retry");
+                            self.save_operation(&op, at).await?;
+                            return Ok(EnrollmentStatus::Assigning);
+                        }
+                        None => {
+                            let failure = self.hub_failure(&op, &err);
+                            let write = self.unassigned_record(&op, Some(failure)).await?;
+                            return self.finish_unassigned(&mut op, write).await;
+                        }
+                    }
                 }
-                Err(Failure::Retry(err)) => {
-                    let write = self
-                        .unassigned_record(&op, Some((HUB_WRITE_FAILED, err.to_string())))
-                        .await?;
-                    return self.finish_unassigned(&mut op, write).await;
+                Err(Failure::HubBusy { hub, until_ms }) => {
+                    let wait = std::time::Duration::from_millis(
+                        u64::try_from(until_ms - self.clock.now().as_millisecond()).unwrap_or(0),
+                    );
+                    match self.hub_retry_at(&mut op, Some(wait), true) {
+                        Some(at) => {
+                            tracing::debug!(operation = %op.operation_id, %hub, "hub is throttling; waiting before calling it");
+                            self.save_operation(&op, at).await?;
+                            return Ok(EnrollmentStatus::Assigning);
+                        }
+                        None => {
+                            let message = format!(
+                                "IoT hub {hub} kept throttling for {} s (provisioning.hub_retry_for_secs); the registration gave up after {} attempts",
+                                self.settings.hub_retry_for_ms / 1000,
+                                op.attempts
+                            );
+                            let write = self
+                                .unassigned_record(&op, Some((HUB_WRITE_FAILED, message)))
+                                .await?;
+                            return self.finish_unassigned(&mut op, write).await;
+                        }
+                    }
                 }
                 Err(Failure::Final { code, message }) => {
                     let write = self.unassigned_record(&op, Some((code, message))).await?;
@@ -113,6 +156,90 @@ impl Provisioning {
                 Err(Failure::Store(err)) => return Err(err),
             }
         }
+    }
+
+    /// Remembers that a hub throttled: calls to it wait for its `Retry-After` (or the first
+    /// retry delay when it gave none).
+    fn close_gate(&self, err: &HubError) {
+        let wait = err.retry_after().map_or(self.settings.hub_retry_ms, |d| {
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        });
+        let until = self.clock.now().as_millisecond().saturating_add(wait);
+        let mut gates = self.hub_gates.lock().unwrap_or_else(|e| e.into_inner());
+        let gate = gates.entry(err.hub().to_ascii_lowercase()).or_insert(until);
+        *gate = (*gate).max(until);
+    }
+
+    /// `Err(HubBusy)` while `hub` is throttling.
+    fn check_gate(&self, hub: &LinkedHub) -> Result<(), Failure> {
+        let now = self.clock.now().as_millisecond();
+        let mut gates = self.hub_gates.lock().unwrap_or_else(|e| e.into_inner());
+        let key = hub.host_name.to_ascii_lowercase();
+        match gates.get(&key) {
+            Some(&until) if until > now => Err(Failure::HubBusy {
+                hub: hub.host_name.clone(),
+                until_ms: until,
+            }),
+            Some(_) => {
+                gates.remove(&key);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// When to try a failed hub call again: after the doubling delay (at most `hub_retry_max_ms`)
+    /// or the hub's `Retry-After`, whichever is longer, spread by up to a fifth so that a burst
+    /// does not come back at once. `None` when the failure will not pass, or when the retry would
+    /// fall after `hub_retry_for_ms` from the first failure.
+    fn hub_retry_at(
+        &self,
+        op: &mut Operation,
+        retry_after: Option<std::time::Duration>,
+        transient: bool,
+    ) -> Option<i64> {
+        if !transient {
+            return None;
+        }
+        let now = self.clock.now().as_millisecond();
+        let since = *op.hub_failing_since_ms.get_or_insert(now);
+        op.attempts += 1;
+        let backoff = self
+            .settings
+            .hub_retry_ms
+            .saturating_mul(1 << (op.attempts - 1).min(20))
+            .min(self.settings.hub_retry_max_ms);
+        let asked = retry_after.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let delay = backoff.max(asked);
+        let mut random = [0u8; 4];
+        crate::sas::fill_random(&mut random);
+        let spread = i64::from(u32::from_be_bytes(random)) % (delay / 5 + 1);
+        let at = now.saturating_add(delay).saturating_add(spread);
+        (at - since <= self.settings.hub_retry_for_ms).then_some(at)
+    }
+
+    /// The error code and message of a registration that a hub failed.
+    fn hub_failure(&self, op: &Operation, err: &HubError) -> (u32, String) {
+        let mut message = err.to_string();
+        if matches!(
+            err,
+            HubError::Refused {
+                status: 401 | 403,
+                ..
+            }
+        ) {
+            message.push_str("; the linked hub's policy must grant RegistryWrite and ServiceConnect (relink it with such a connection string)");
+        }
+        if err.is_transient() {
+            let since = op.hub_failing_since_ms.unwrap_or_default();
+            let secs = (self.clock.now().as_millisecond() - since) / 1000;
+            message.push_str(&format!(
+                " (gave up after {} attempts over {secs} s; provisioning.hub_retry_for_secs is {})",
+                op.attempts,
+                self.settings.hub_retry_for_ms / 1000
+            ));
+        }
+        (HUB_WRITE_FAILED, message)
     }
 
     /// A failed or disabled registration: its state is recorded with the operation, unless a
@@ -341,20 +468,45 @@ impl Provisioning {
             back_home,
             previous_substatus: previous.as_ref().and_then(|(r, _)| r.state.substatus),
         });
+        self.check_gate(target)?;
         let twin = match (action, moved_from) {
             (TwinAction::Leave, _) => None,
             (TwinAction::CarryFromOldHub, Some(old)) => {
-                let carried = self
-                    .hubs
-                    .get_twin(
-                        old,
-                        previous_device_id.as_ref().unwrap_or(&device.device_id),
-                    )
-                    .await
-                    .map_err(Failure::Retry)?;
-                Some(carried.unwrap_or(initial))
+                let carried = if old.twins {
+                    self.check_gate(old)?;
+                    match self
+                        .hubs
+                        .get_twin(
+                            old,
+                            previous_device_id.as_ref().unwrap_or(&device.device_id),
+                        )
+                        .await
+                    {
+                        Ok(twin) => twin,
+                        Err(HubError::TwinsUnsupported { .. }) => None,
+                        Err(err) => return Err(hub_failure_of(err)),
+                    }
+                } else {
+                    None
+                };
+                Some((carried.unwrap_or(initial), TwinWrite::Merge))
             }
-            (TwinAction::Initial | TwinAction::CarryFromOldHub, _) => Some(initial),
+            (TwinAction::Reset, _) => Some((initial, TwinWrite::Replace)),
+            (TwinAction::Initial | TwinAction::CarryFromOldHub, _) => {
+                Some((initial, TwinWrite::Merge))
+            }
+        };
+        // A hub without twins takes a device only if there is no twin to give it.
+        let twin = match twin {
+            Some((twin, _)) if !target.twins && !twin.is_empty() => {
+                return Err(hub_failure_of(HubError::TwinsUnsupported {
+                    hub: target.host_name.clone(),
+                }));
+            }
+            Some(_) if !target.twins => None,
+            // Merging nothing changes nothing; replacing with nothing clears the twin.
+            Some((twin, TwinWrite::Merge)) if twin.is_empty() => None,
+            other => other,
         };
 
         let stale = match (moved_from, current_hub, &previous_device_id) {
@@ -366,7 +518,8 @@ impl Provisioning {
             }
             _ => None,
         };
-        self.write_device(&op.registration_id, target, &device, twin, stale)
+        let stale_identity = self
+            .write_device(&op.registration_id, target, &device, twin, stale)
             .await?;
 
         Ok(self.assigned_record(
@@ -378,6 +531,7 @@ impl Provisioning {
                 substatus,
                 payload,
                 initial_hub,
+                stale_identity,
             },
         ))
     }
@@ -438,31 +592,43 @@ impl Provisioning {
     }
 
     /// Writes the device's identity and (if any) twin to `target`, then deletes its `stale`
-    /// identity, which would otherwise still accept the device's earlier credentials.
+    /// identity, which would otherwise still accept the device's earlier credentials; a deletion
+    /// that fails is returned, for the registration's trace.
     async fn write_device(
         &self,
         registration_id: &str,
         target: &LinkedHub,
         device: &HubDevice,
-        twin: Option<HubTwin>,
+        twin: Option<(HubTwin, TwinWrite)>,
         stale: Option<(&LinkedHub, &String)>,
-    ) -> Result<(), Failure> {
-        self.hubs
+    ) -> Result<Option<StaleIdentity>, Failure> {
+        let written = self
+            .hubs
             .upsert_device(target, device)
             .await
-            .map_err(Failure::Retry)?;
-        if let Some(twin) = twin.filter(|t| !t.is_empty()) {
+            .map_err(hub_failure_of)?;
+        tracing::debug!(registration_id = %registration_id, hub = %target.host_name, ?written, "device identity written");
+        if let Some((twin, mode)) = twin {
             self.hubs
-                .update_twin(target, &device.device_id, &twin)
+                .write_twin(target, &device.device_id, &twin, mode)
                 .await
-                .map_err(Failure::Retry)?;
+                .map_err(hub_failure_of)?;
         }
-        if let Some((hub, stale_id)) = stale
-            && let Err(err) = self.hubs.delete_device(hub, stale_id).await
-        {
-            tracing::warn!(registration_id = %registration_id, %err, hub = %hub.host_name, "the device's previous identity could not be deleted");
+        let Some((hub, stale_id)) = stale else {
+            return Ok(None);
+        };
+        match self.hubs.delete_device(hub, stale_id).await {
+            Ok(()) => Ok(None),
+            Err(err) => {
+                tracing::warn!(registration_id = %registration_id, %err, hub = %hub.host_name, device_id = %stale_id, "the device's previous identity could not be deleted; delete it on the hub");
+                Ok(Some(StaleIdentity {
+                    hub: hub.host_name.clone(),
+                    device_id: stale_id.clone(),
+                    error: err.to_string(),
+                    at: format_utc(self.clock.now()),
+                }))
+            }
         }
-        Ok(())
     }
 
     /// The registration state of an assigned device, written under an etag precondition so two
@@ -492,6 +658,7 @@ impl Provisioning {
         });
         record.state.last_updated_date_time_utc = Some(now);
         record.initial_hub = Some(assignment.initial_hub);
+        record.stale_identity = assignment.stale_identity;
         record.enrollment_group_id = op.enrollment.group_id();
         let etag = Etag::generate();
         record.state.etag = Some(etag.as_str().to_owned());

@@ -115,6 +115,7 @@ impl Provisioning {
             initial_hub: None,
             enrollment_group_id: op.enrollment.group_id(),
             allocation_trace: None,
+            stale_identity: None,
         }
     }
 }
