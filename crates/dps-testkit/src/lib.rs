@@ -4,10 +4,12 @@
 
 mod fake_hub;
 mod fake_webhook;
+mod scripted_hub;
 mod webhook_server;
 
 pub use fake_hub::FakeHub;
 pub use fake_webhook::FakeWebhook;
+pub use scripted_hub::{HubAnswer, ScriptedHub};
 pub use webhook_server::{Scripted, WebhookServer};
 
 use std::path::{Path, PathBuf};

@@ -12,7 +12,17 @@ pub(super) struct Assignment<'a> {
     pub(super) substatus: crate::model::AssignedDeviceSubstatus,
     pub(super) payload: Option<Value>,
     pub(super) initial_hub: String,
-    pub(super) stale_identity: Option<StaleIdentity>,
+    pub(super) cleanup: Cleanup,
+}
+
+/// What became of the device's previous identity.
+pub(super) enum Cleanup {
+    /// It had none to delete.
+    Nothing,
+    /// It was deleted from `hub` under `device_id`.
+    Deleted { hub: String, device_id: String },
+    /// The deletion failed: the identity stays, reported in the trace.
+    Failed(StaleIdentity),
 }
 
 /// A registration state to record, with the precondition that keeps racing registrations of one
@@ -518,7 +528,7 @@ impl Provisioning {
             }
             _ => None,
         };
-        let stale_identity = self
+        let cleanup = self
             .write_device(&op.registration_id, target, &device, twin, stale)
             .await?;
 
@@ -531,7 +541,7 @@ impl Provisioning {
                 substatus,
                 payload,
                 initial_hub,
-                stale_identity,
+                cleanup,
             },
         ))
     }
@@ -592,8 +602,8 @@ impl Provisioning {
     }
 
     /// Writes the device's identity and (if any) twin to `target`, then deletes its `stale`
-    /// identity, which would otherwise still accept the device's earlier credentials; a deletion
-    /// that fails is returned, for the registration's trace.
+    /// identity, which would otherwise still accept the device's earlier credentials; what became
+    /// of it is returned, for the registration's trace.
     async fn write_device(
         &self,
         registration_id: &str,
@@ -601,7 +611,7 @@ impl Provisioning {
         device: &HubDevice,
         twin: Option<(HubTwin, TwinWrite)>,
         stale: Option<(&LinkedHub, &String)>,
-    ) -> Result<Option<StaleIdentity>, Failure> {
+    ) -> Result<Cleanup, Failure> {
         let written = self
             .hubs
             .upsert_device(target, device)
@@ -615,13 +625,16 @@ impl Provisioning {
                 .map_err(hub_failure_of)?;
         }
         let Some((hub, stale_id)) = stale else {
-            return Ok(None);
+            return Ok(Cleanup::Nothing);
         };
         match self.hubs.delete_device(hub, stale_id).await {
-            Ok(()) => Ok(None),
+            Ok(()) => Ok(Cleanup::Deleted {
+                hub: hub.host_name.clone(),
+                device_id: stale_id.clone(),
+            }),
             Err(err) => {
                 tracing::warn!(registration_id = %registration_id, %err, hub = %hub.host_name, device_id = %stale_id, "the device's previous identity could not be deleted; delete it on the hub");
-                Ok(Some(StaleIdentity {
+                Ok(Cleanup::Failed(StaleIdentity {
                     hub: hub.host_name.clone(),
                     device_id: stale_id.clone(),
                     error: err.to_string(),
@@ -658,7 +671,20 @@ impl Provisioning {
         });
         record.state.last_updated_date_time_utc = Some(now);
         record.initial_hub = Some(assignment.initial_hub);
-        record.stale_identity = assignment.stale_identity;
+        // A stale identity reported earlier stays reported until it is the one deleted.
+        match assignment.cleanup {
+            Cleanup::Nothing => {}
+            Cleanup::Deleted { hub, device_id } => {
+                if record
+                    .stale_identity
+                    .as_ref()
+                    .is_some_and(|s| s.hub.eq_ignore_ascii_case(&hub) && s.device_id == device_id)
+                {
+                    record.stale_identity = None;
+                }
+            }
+            Cleanup::Failed(stale) => record.stale_identity = Some(stale),
+        }
         record.enrollment_group_id = op.enrollment.group_id();
         let etag = Etag::generate();
         record.state.etag = Some(etag.as_str().to_owned());

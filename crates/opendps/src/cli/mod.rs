@@ -384,19 +384,25 @@ pub async fn registration(ctx: &CommandContext, cmd: RegistrationCommand) -> any
                 ctx.output.print_item(&state);
                 return Ok(());
             }
-            // The trace exists only when a webhook was asked; the registration is shown either way.
+            // The trace exists only when a webhook was asked or a previous identity could not be
+            // deleted; the registration is shown either way.
             let allocation_trace = client.get_if_found(&format!("{path}/trace")).await?;
             let (state, _) = client.send(Method::GET, &path, None, &[], None).await?;
             match (allocation_trace, ctx.output) {
                 (Some(found), Output::Human) => {
                     ctx.output.print_item(&state);
-                    println!("Allocation trace:");
+                    if found.get("staleIdentity").is_some() {
+                        println!(
+                            "A previous identity of this device could not be deleted (staleIdentity below): it still accepts the device's earlier credentials; delete it on its hub."
+                        );
+                    }
+                    println!("Trace:");
                     println!("{}", serde_json::to_string_pretty(&found)?);
                 }
                 (None, Output::Human) => {
                     ctx.output.print_item(&state);
                     println!(
-                        "No allocation webhook was involved: its last registration was allocated without custom allocation."
+                        "No trace: its last registration was allocated without custom allocation and left no identity behind on a hub."
                     );
                 }
                 (found, Output::Json) => ctx.output.print_item(&serde_json::json!({

@@ -437,7 +437,7 @@ async fn trace_of_a_registration_without_a_webhook() {
     );
     assert!(stdout.contains(rid), "the registration is shown: {stdout}");
     assert!(
-        stdout.contains("No allocation webhook was involved"),
+        stdout.contains("No trace: its last registration was allocated without custom allocation"),
         "{stdout}"
     );
     let json = server

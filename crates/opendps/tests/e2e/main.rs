@@ -6,6 +6,7 @@ mod cli;
 mod device_api;
 mod hubs;
 mod lifecycle;
+mod real_hubs;
 mod service_api;
 mod tls;
 mod webhook;
@@ -19,6 +20,26 @@ pub async fn server() -> TestServer {
     TestServer::start(std::path::Path::new(env!("CARGO_BIN_EXE_opendps")))
         .await
         .expect("opendps starts")
+}
+
+/// Starts a fresh server serving the in-process hub `hub`, and returns it with the hub's
+/// `iothubowner` connection string.
+pub async fn server_with_hub(hub: &str) -> (TestServer, String) {
+    let server = TestServer::start_with(
+        std::path::Path::new(env!("CARGO_BIN_EXE_opendps")),
+        &["--hub", hub],
+    )
+    .await
+    .expect("opendps starts");
+    let cs = server.info["minihubs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["hostName"] == hub)
+        .and_then(|h| h["connectionString"].as_str())
+        .expect("the hub's connection string")
+        .to_owned();
+    (server, cs)
 }
 
 /// Asserts an error reply: status, DPS code family, JSON content type, tracking id.
