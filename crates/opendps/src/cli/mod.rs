@@ -161,7 +161,8 @@ pub enum RegistrationCommand {
 /// `opendps linked-hub …`.
 #[derive(Debug, Subcommand)]
 pub enum LinkedHubCommand {
-    /// Link an IoT hub by its connection string (a policy with registry write, e.g. iothubowner).
+    /// Link an IoT hub by its connection string: a policy that grants RegistryWrite and
+    /// ServiceConnect, such as iothubowner. The hub is checked first (see docs/linked-hubs.md).
     Create {
         /// The hub's connection string.
         #[arg(long)]
