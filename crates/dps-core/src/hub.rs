@@ -419,7 +419,131 @@ pub enum HubProbeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
     use serde_json::json;
+
+    fn device(iot_edge: bool) -> HubDevice {
+        HubDevice {
+            device_id: "leaf-1".into(),
+            primary_key: Secret::new("cHJpbWFyeQ=="),
+            secondary_key: Secret::new("c2Vjb25kYXJ5"),
+            iot_edge,
+        }
+    }
+
+    #[test]
+    fn an_existing_identity_keeps_everything_dps_does_not_own() {
+        let existing = json!({
+            "deviceId": "leaf-1", "etag": "MTIz", "status": "disabled", "statusReason": "stolen",
+            "deviceScope": "ms-azure-iot-edge://gw-1-1", "parentScopes": ["ms-azure-iot-edge://gw-1-1"],
+            "authentication": {"type": "sas", "symmetricKey": {"primaryKey": "b2xk", "secondaryKey": "b2xk"}},
+            "capabilities": {"iotEdge": false},
+        });
+        let updated = device(true)
+            .updated_identity(&existing)
+            .expect("keys differ");
+        assert_eq!(updated["status"], "disabled");
+        assert_eq!(updated["statusReason"], "stolen");
+        assert_eq!(updated["deviceScope"], existing["deviceScope"]);
+        assert_eq!(updated["parentScopes"], existing["parentScopes"]);
+        assert_eq!(updated["etag"], "MTIz");
+        assert_eq!(
+            updated["authentication"]["symmetricKey"]["primaryKey"],
+            "cHJpbWFyeQ=="
+        );
+        assert_eq!(updated["capabilities"]["iotEdge"], true);
+        // Written back, it is what DPS wants: nothing more to write.
+        assert_eq!(device(true).updated_identity(&updated), None);
+        assert!(device(false).updated_identity(&updated).is_some());
+    }
+
+    /// Answers each link-check call from a table.
+    struct Answers(Vec<(ProbeCall, ProbeAnswer)>);
+
+    #[async_trait]
+    impl HubClient for Answers {
+        async fn upsert_device(
+            &self,
+            _: &LinkedHub,
+            _: &HubDevice,
+        ) -> Result<IdentityWrite, HubError> {
+            unreachable!("the link check writes nothing")
+        }
+        async fn write_twin(
+            &self,
+            _: &LinkedHub,
+            _: &str,
+            _: &HubTwin,
+            _: TwinWrite,
+        ) -> Result<(), HubError> {
+            unreachable!("the link check writes nothing")
+        }
+        async fn get_twin(&self, _: &LinkedHub, _: &str) -> Result<Option<HubTwin>, HubError> {
+            unreachable!("the link check reads through probe_call")
+        }
+        async fn delete_device(&self, _: &LinkedHub, _: &str) -> Result<(), HubError> {
+            unreachable!("the link check deletes through probe_call")
+        }
+        async fn probe_call(
+            &self,
+            _: &LinkedHub,
+            call: ProbeCall,
+            device_id: &str,
+        ) -> Result<ProbeAnswer, HubError> {
+            assert!(device_id.starts_with("opendps-link-check-"), "{device_id}");
+            Ok(self
+                .0
+                .iter()
+                .find(|(c, _)| *c == call)
+                .map_or(ProbeAnswer::Allowed, |(_, a)| a.clone()))
+        }
+    }
+
+    fn linked() -> LinkedHub {
+        LinkedHub {
+            host_name: "hub.example".into(),
+            connection_string: Secret::new(
+                "HostName=hub.example;SharedAccessKeyName=registryReadWrite;SharedAccessKey=AAAAAAAAAAAAAAAAAAAAAA==",
+            ),
+            allocation_weight: 1,
+            apply_allocation_policy: true,
+            location: None,
+            twins: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_link_check_names_what_is_missing() {
+        let denied = || ProbeAnswer::Unauthorized("IotHubUnauthorizedAccess".into());
+        assert_eq!(
+            Answers(Vec::new()).probe(&linked()).await,
+            Ok(HubProbe { twins: true })
+        );
+        assert_eq!(
+            Answers(vec![(ProbeCall::ReadTwin, ProbeAnswer::NotInTier)])
+                .probe(&linked())
+                .await,
+            Ok(HubProbe { twins: false })
+        );
+        let missing = Answers(vec![(ProbeCall::ReadTwin, denied())])
+            .probe(&linked())
+            .await
+            .expect_err("no ServiceConnect");
+        let text = missing.to_string();
+        assert!(
+            text.contains("'registryReadWrite'") && text.contains("does not grant ServiceConnect"),
+            "{text}"
+        );
+        let all = Answers(vec![
+            (ProbeCall::DeleteDevice, denied()),
+            (ProbeCall::ReadDevice, denied()),
+            (ProbeCall::ReadTwin, denied()),
+        ])
+        .probe(&linked())
+        .await
+        .expect_err("wrong key");
+        assert!(matches!(all, HubProbeError::BadKey { .. }), "{all}");
+    }
 
     #[test]
     fn bookkeeping_is_stripped_from_twins() {

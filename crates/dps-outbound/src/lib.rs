@@ -486,6 +486,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = jiff::Timestamp::from_second(1_900_000_000).expect("ts");
+        assert_eq!(
+            parse_retry_after(" 30 ", now),
+            Some(Duration::from_secs(30))
+        );
+        let later = now
+            .checked_add(jiff::SignedDuration::from_secs(90))
+            .expect("ts");
+        let date = jiff::fmt::rfc2822::DateTimePrinter::new()
+            .timestamp_to_rfc9110_string(&later)
+            .expect("date");
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
     fn device_ids_are_escaped() {
         assert_eq!(device_path("a b/c"), "a%20b%2Fc");
         assert_eq!(device_path("dev-1.x_y~"), "dev-1.x_y~");

@@ -446,6 +446,9 @@ fn describe_config_errors(errors: figment::Error) -> String {
                 Kind::UnknownVariant(found, expected) => {
                     format!("'{found}' is not one of {}", expected.join(", "))
                 }
+                Kind::UnknownField(found, _) if found == "hub_attempts" => {
+                    "hub_attempts was replaced by hub_retry_for_secs (how long a failing hub is retried, default 900) with hub_retry_ms and hub_retry_max_ms; remove it".to_owned()
+                }
                 Kind::UnknownField(found, expected) => {
                     format!(
                         "unknown key '{found}'; the known keys are {}",
@@ -549,6 +552,18 @@ mod tests {
             "{message}"
         );
         assert!(!message.contains('`'), "{message}");
+    }
+
+    #[test]
+    fn the_replaced_hub_attempts_says_what_replaced_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[provisioning]\nhub_attempts = 3\n").expect("write");
+        let message = format!(
+            "{:#}",
+            Config::load(Some(&file), FlagOverrides::default(), &[]).expect_err("refused")
+        );
+        assert!(message.contains("hub_retry_for_secs"), "{message}");
     }
 
     #[test]

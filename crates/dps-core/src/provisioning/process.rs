@@ -33,6 +33,16 @@ pub(super) struct RecordWrite {
     pub(super) cond: Precondition,
 }
 
+/// A hub failure as far as retrying is concerned.
+pub(super) struct HubRetry<'a> {
+    /// How long the hub asked to be left alone.
+    wait: Option<std::time::Duration>,
+    /// Whether the failure may pass.
+    transient: bool,
+    /// What happened, for the log.
+    reason: &'a (dyn std::fmt::Display + Sync),
+}
+
 pub(super) enum Failure {
     /// A hub call failed: retried later if the failure may pass, else the registration fails.
     Hub(HubError),
@@ -97,41 +107,33 @@ impl Provisioning {
                     if err.is_throttling() {
                         self.close_gate(&err);
                     }
-                    match self.hub_retry_at(&mut op, err.retry_after(), err.is_transient()) {
-                        Some(at) => {
-                            tracing::warn!(operation = %op.operation_id, attempt = op.attempts, retry_in_ms = at - self.clock.now().as_millisecond(), %err, "hub call failed; will retry");
-                            self.save_operation(&op, at).await?;
-                            return Ok(EnrollmentStatus::Assigning);
-                        }
-                        None => {
-                            let failure = self.hub_failure(&op, &err);
-                            let write = self.unassigned_record(&op, Some(failure)).await?;
-                            return self.finish_unassigned(&mut op, write).await;
-                        }
-                    }
+                    let failure = |op: &Operation| self.hub_failure(op, &err);
+                    let later = HubRetry {
+                        wait: err.retry_after(),
+                        transient: err.is_transient(),
+                        reason: &err,
+                    };
+                    return self.retry_hub_later(&mut op, later, failure).await;
                 }
                 Err(Failure::HubBusy { hub, until_ms }) => {
-                    let wait = std::time::Duration::from_millis(
-                        u64::try_from(until_ms - self.clock.now().as_millisecond()).unwrap_or(0),
-                    );
-                    match self.hub_retry_at(&mut op, Some(wait), true) {
-                        Some(at) => {
-                            tracing::debug!(operation = %op.operation_id, %hub, "hub is throttling; waiting before calling it");
-                            self.save_operation(&op, at).await?;
-                            return Ok(EnrollmentStatus::Assigning);
-                        }
-                        None => {
-                            let message = format!(
-                                "IoT hub {hub} kept throttling for {} s (provisioning.hub_retry_for_secs); the registration gave up after {} attempts",
-                                self.settings.hub_retry_for_ms / 1000,
-                                op.attempts
-                            );
-                            let write = self
-                                .unassigned_record(&op, Some((HUB_WRITE_FAILED, message)))
-                                .await?;
-                            return self.finish_unassigned(&mut op, write).await;
-                        }
-                    }
+                    let left = until_ms - self.clock.now().as_millisecond();
+                    let failure = |op: &Operation| {
+                        let message = format!(
+                            "IoT hub {hub} kept throttling for {} s (provisioning.hub_retry_for_secs); the registration gave up after {} attempts",
+                            self.settings.hub_retry_for_ms / 1000,
+                            op.attempts
+                        );
+                        (HUB_WRITE_FAILED, message)
+                    };
+                    let reason = format!("IoT hub {hub} is throttling; not calling it yet");
+                    let later = HubRetry {
+                        wait: Some(std::time::Duration::from_millis(
+                            u64::try_from(left).unwrap_or(0),
+                        )),
+                        transient: true,
+                        reason: &reason,
+                    };
+                    return self.retry_hub_later(&mut op, later, failure).await;
                 }
                 Err(Failure::Final { code, message }) => {
                     let write = self.unassigned_record(&op, Some((code, message))).await?;
@@ -164,6 +166,28 @@ impl Provisioning {
                     return self.finish_unassigned(&mut op, write).await;
                 }
                 Err(Failure::Store(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// Reschedules the operation after a hub failure that may pass, or fails the registration
+    /// with `failure` when it will not, or when the retry window is over.
+    async fn retry_hub_later(
+        &self,
+        op: &mut Operation,
+        later: HubRetry<'_>,
+        failure: impl FnOnce(&Operation) -> (u32, String),
+    ) -> Result<EnrollmentStatus, ProvisioningError> {
+        match self.hub_retry_at(op, later.wait, later.transient) {
+            Some(at) => {
+                let retry_in_ms = at - self.clock.now().as_millisecond();
+                tracing::warn!(operation = %op.operation_id, attempt = op.attempts, retry_in_ms, reason = %later.reason, "hub call failed or deferred; will retry");
+                self.save_operation(op, at).await?;
+                Ok(EnrollmentStatus::Assigning)
+            }
+            None => {
+                let write = self.unassigned_record(op, Some(failure(op))).await?;
+                self.finish_unassigned(op, write).await
             }
         }
     }
