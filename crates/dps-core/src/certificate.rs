@@ -94,6 +94,51 @@ pub fn info_of(der: &[u8]) -> Result<X509CertificateInfo, CertificateError> {
     })
 }
 
+/// What device authentication needs of a presented certificate.
+#[derive(Debug, Clone)]
+pub struct Presented {
+    /// The subject's common name, if it has one.
+    pub common_name: Option<String>,
+    /// Start of validity (unix seconds).
+    pub not_before: i64,
+    /// End of validity (unix seconds).
+    pub not_after: i64,
+    /// Whether the subject and issuer names are the same (a self-issued certificate).
+    pub self_issued: bool,
+    /// The summary results and the service API show.
+    pub info: X509CertificateInfo,
+}
+
+/// Reads a DER certificate a device presented.
+pub fn presented(der: &[u8]) -> Result<Presented, CertificateError> {
+    let info = info_of(der)?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertificateError::Parse(e.to_string()))?;
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    Ok(Presented {
+        common_name,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        self_issued: cert.subject().as_raw() == cert.issuer().as_raw(),
+        info,
+    })
+}
+
+/// The SHA-256 thumbprint of a DER certificate, upper-case hex (as IoT Hub shows it).
+pub fn sha256_thumbprint(der: &[u8]) -> String {
+    hex_upper(&Sha256::digest(der))
+}
+
+/// The SHA-1 thumbprint of a DER certificate, upper-case hex.
+pub fn sha1_thumbprint(der: &[u8]) -> String {
+    hex_upper(&Sha1::digest(der))
+}
+
 fn hex_upper(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }

@@ -43,6 +43,21 @@ pub struct SymmetricKeyRegistrationResult {
     pub enrollment_group_id: Option<String>,
 }
 
+/// `X509RegistrationResult`: what an X.509 device registered with.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationResult {
+    /// The device's (leaf) certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_info: Option<crate::model::X509CertificateInfo>,
+    /// The group the device registered through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The group's certificate that the device's chain led to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<crate::model::X509CertificateInfo>,
+}
+
 /// `DeviceRegistrationResult`: the registration state a device reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -81,6 +96,9 @@ pub struct DeviceRegistrationResult {
     /// Present for symmetric-key attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
+    /// Present for X.509 attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
 }
 
 /// `RegistrationOperationStatus`: the answer to register and to every poll.

@@ -14,12 +14,88 @@ use crate::secret::Secret;
 pub struct HubDevice {
     /// Device id.
     pub device_id: String,
-    /// Primary SAS key.
-    pub primary_key: Secret,
-    /// Secondary SAS key.
-    pub secondary_key: Secret,
+    /// How the device authenticates to the hub.
+    pub authentication: HubAuthentication,
     /// IoT Edge capability.
     pub iot_edge: bool,
+}
+
+/// How a device authenticates to its hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubAuthentication {
+    /// SAS tokens signed with one of two keys (symmetric-key attestation).
+    Sas {
+        /// Primary key, base64.
+        primary_key: Secret,
+        /// Secondary key, base64.
+        secondary_key: Secret,
+    },
+    /// An X.509 certificate identified by its thumbprint (IoT Hub's `selfSigned`, which Azure DPS
+    /// uses for every X.509 device, CA-issued or not).
+    SelfSigned {
+        /// Primary thumbprint, upper-case hex SHA-256.
+        primary_thumbprint: String,
+        /// Secondary thumbprint (the primary again when there is only one).
+        secondary_thumbprint: String,
+    },
+}
+
+impl HubAuthentication {
+    /// The `authentication` object of a device identity.
+    pub fn document(&self) -> serde_json::Value {
+        match self {
+            Self::Sas {
+                primary_key,
+                secondary_key,
+            } => serde_json::json!({
+                "type": "sas",
+                "symmetricKey": {"primaryKey": primary_key.expose(), "secondaryKey": secondary_key.expose()},
+                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+            }),
+            Self::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => serde_json::json!({
+                "type": "selfSigned",
+                "symmetricKey": {"primaryKey": null, "secondaryKey": null},
+                "x509Thumbprint": {"primaryThumbprint": primary_thumbprint, "secondaryThumbprint": secondary_thumbprint},
+            }),
+        }
+    }
+
+    /// Whether an identity's `authentication` object (as the hub returned it) says the same.
+    fn matches(&self, existing: &serde_json::Value) -> bool {
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        match self {
+            Self::Sas {
+                primary_key,
+                secondary_key,
+            } => {
+                existing["type"].as_str() == Some("sas")
+                    && text(&existing["symmetricKey"]["primaryKey"]).as_deref()
+                        == Some(primary_key.expose())
+                    && text(&existing["symmetricKey"]["secondaryKey"]).as_deref()
+                        == Some(secondary_key.expose())
+            }
+            Self::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => {
+                let same = |v: &serde_json::Value, want: &str| {
+                    v.as_str().is_some_and(|t| t.eq_ignore_ascii_case(want))
+                };
+                existing["type"].as_str() == Some("selfSigned")
+                    && same(
+                        &existing["x509Thumbprint"]["primaryThumbprint"],
+                        primary_thumbprint,
+                    )
+                    && same(
+                        &existing["x509Thumbprint"]["secondaryThumbprint"],
+                        secondary_thumbprint,
+                    )
+            }
+        }
+    }
 }
 
 /// The parts of a twin that move with a device.
@@ -188,22 +264,16 @@ impl HubDevice {
         serde_json::json!({
             "deviceId": self.device_id,
             "status": "enabled",
-            "authentication": {
-                "type": "sas",
-                "symmetricKey": {"primaryKey": self.primary_key.expose(), "secondaryKey": self.secondary_key.expose()},
-            },
+            "authentication": self.authentication.document(),
             "capabilities": {"iotEdge": self.iot_edge},
         })
     }
 
-    /// The identity `existing` (as the hub returned it) with this device's keys and
+    /// The identity `existing` (as the hub returned it) with this device's authentication and
     /// capabilities, everything else kept (status, status reason, scopes, etag, …); `None` when it
     /// already has them.
     pub fn updated_identity(&self, existing: &serde_json::Value) -> Option<serde_json::Value> {
-        let auth = &existing["authentication"];
-        let same = auth["type"].as_str() == Some("sas")
-            && auth["symmetricKey"]["primaryKey"].as_str() == Some(self.primary_key.expose())
-            && auth["symmetricKey"]["secondaryKey"].as_str() == Some(self.secondary_key.expose())
+        let same = self.authentication.matches(&existing["authentication"])
             && existing["capabilities"]["iotEdge"]
                 .as_bool()
                 .unwrap_or(false)
@@ -213,14 +283,7 @@ impl HubDevice {
         }
         let mut updated = existing.clone();
         let fields = updated.as_object_mut()?;
-        fields.insert(
-            "authentication".into(),
-            serde_json::json!({
-                "type": "sas",
-                "symmetricKey": {"primaryKey": self.primary_key.expose(), "secondaryKey": self.secondary_key.expose()},
-                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
-            }),
-        );
+        fields.insert("authentication".into(), self.authentication.document());
         let capabilities = fields
             .entry("capabilities")
             .or_insert_with(|| serde_json::json!({}));
@@ -425,8 +488,10 @@ mod tests {
     fn device(iot_edge: bool) -> HubDevice {
         HubDevice {
             device_id: "leaf-1".into(),
-            primary_key: Secret::new("cHJpbWFyeQ=="),
-            secondary_key: Secret::new("c2Vjb25kYXJ5"),
+            authentication: HubAuthentication::Sas {
+                primary_key: Secret::new("cHJpbWFyeQ=="),
+                secondary_key: Secret::new("c2Vjb25kYXJ5"),
+            },
             iot_edge,
         }
     }

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
 use dps_core::device::DeviceRegistration;
-use dps_core::provisioning::Transport;
+use dps_core::provisioning::{Credentials, Transport};
 
 use crate::AppState;
 use crate::error::JSON_CONTENT_TYPE;
@@ -79,11 +79,13 @@ pub(crate) async fn handle(
     state: &AppState,
     request: DeviceRequest,
     headers: &HeaderMap,
+    certificates: &[Vec<u8>],
     body: &[u8],
 ) -> Result<Response, ProvisioningError> {
     let sas = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let credentials = Credentials { sas, certificates };
     let provisioning = &state.provisioning;
     let retry_after = provisioning.retry_after_secs();
     match request {
@@ -98,7 +100,7 @@ pub(crate) async fn handle(
                     &scope,
                     &registration_id,
                     registration,
-                    sas,
+                    credentials,
                 )
                 .await?;
             Ok(json(StatusCode::ACCEPTED, &status, Some(retry_after)))
@@ -109,7 +111,7 @@ pub(crate) async fn handle(
             operation_id,
         } => {
             let status = provisioning
-                .operation_status(&scope, &registration_id, &operation_id, sas)
+                .operation_status(&scope, &registration_id, &operation_id, credentials)
                 .await?;
             let code = status.response_status();
             let retry = (code == 202).then_some(retry_after);
@@ -125,7 +127,7 @@ pub(crate) async fn handle(
         } => {
             DeviceRegistration::from_body(body)?;
             let result = provisioning
-                .registration_status(&scope, &registration_id, sas)
+                .registration_status(&scope, &registration_id, credentials)
                 .await?;
             Ok(json(StatusCode::OK, &result, None))
         }

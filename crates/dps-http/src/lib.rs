@@ -29,6 +29,11 @@ pub use tls_accept::DEFAULT_MAX_CONNECTIONS;
 /// The OpenAPI document of the service API.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 
+/// The certificates a client presented in its TLS handshake, leaf first (DER), carried with each
+/// of its requests.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertificates(pub std::sync::Arc<[Vec<u8>]>);
+
 /// Shared state of the HTTPS front end.
 pub struct AppState {
     /// The service API use cases.

@@ -39,13 +39,17 @@ pub async fn serve(
     while let Some(accepted) = listener.accept(&mut shutdown).await {
         let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
         accepted.spawn(move |stream, peer| async move {
+            let certificates =
+                crate::ClientCertificates(tls_accept::peer_certificates(&stream).into());
             let Some(stream) = Sniffed::http_only(stream, peer).await else {
                 return;
             };
             let service =
                 TowerToHyperService::new(app.map_request(move |req: hyper::Request<Incoming>| {
                     log_refused_upgrade(&req, peer);
-                    req.map(axum::body::Body::new)
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(certificates.clone());
+                    req
                 }));
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(err) = watcher.watch(conn.into_owned()).await {

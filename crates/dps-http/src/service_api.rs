@@ -72,7 +72,11 @@ async fn handle(
     let segments = segments(path);
     if let Some(device) = crate::device_api::DeviceRequest::decode(method, &segments) {
         let body = read_body(state, body).await?;
-        return crate::device_api::handle(state, device, headers, &body).await;
+        let certificates = parts
+            .extensions
+            .get::<crate::ClientCertificates>()
+            .map_or(&[][..], |c| &c.0[..]);
+        return crate::device_api::handle(state, device, headers, certificates, &body).await;
     }
     let host = headers
         .get(header::HOST)

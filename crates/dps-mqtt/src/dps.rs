@@ -1,6 +1,7 @@
 //! The DPS side of the MQTT listener: CONNECT usernames `{idScope}/registrations/{registrationId}/…`
-//! with the device SAS as password. Like Azure, the SAS is checked on each request, so a bad key gets
-//! a 401 with a JSON body on the response topic (every SDK then fails at once).
+//! with the device SAS as password, or no password and a client certificate (X.509). Like Azure,
+//! the credentials are checked on each request, so a bad key or certificate gets a 401 with a JSON
+//! body on the response topic (every SDK then fails at once).
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use async_trait::async_trait;
 use dps_core::ProvisioningError;
 use dps_core::device::DeviceRegistration;
 use dps_core::model::ProvisioningServiceErrorDetails;
-use dps_core::provisioning::{Provisioning, Transport};
+use dps_core::provisioning::{Credentials, Provisioning, Transport};
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet};
 
 use crate::server::{Connection, Connector, Handled};
@@ -44,7 +45,11 @@ impl DpsConnector {
 
 #[async_trait]
 impl Connector for DpsConnector {
-    async fn connect(&self, connect: &Connect) -> Result<Box<dyn Connection>, ConnectReturnCode> {
+    async fn connect(
+        &self,
+        connect: &Connect,
+        certificates: &[Vec<u8>],
+    ) -> Result<Box<dyn Connection>, ConnectReturnCode> {
         let username = connect
             .login
             .as_ref()
@@ -52,7 +57,7 @@ impl Connector for DpsConnector {
             .unwrap_or_default();
         let Some((scope, registration_id)) = parse_username(username) else {
             return match &self.others {
-                Some(others) => others.connect(connect).await,
+                Some(others) => others.connect(connect, certificates).await,
                 None => Err(ConnectReturnCode::BadUserNamePassword),
             };
         };
@@ -61,14 +66,17 @@ impl Connector for DpsConnector {
             .as_ref()
             .map(|l| l.password.clone())
             .filter(|p| !p.is_empty());
-        // X.509 devices send no password; that attestation is not supported yet.
-        let sas = sas.ok_or(ConnectReturnCode::NotAuthorized)?;
+        // X.509 devices send no password: their certificate is checked on each request, as a SAS is.
+        if sas.is_none() && certificates.is_empty() {
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
         Ok(Box::new(DpsConnection {
             session: DpsSession::new(),
             provisioning: Arc::clone(&self.provisioning),
             scope,
             registration_id,
             sas,
+            certificates: certificates.to_vec(),
         }))
     }
 }
@@ -78,10 +86,18 @@ struct DpsConnection {
     provisioning: Arc<Provisioning>,
     scope: String,
     registration_id: String,
-    sas: String,
+    sas: Option<String>,
+    certificates: Vec<Vec<u8>>,
 }
 
 impl DpsConnection {
+    fn credentials(&self) -> Credentials<'_> {
+        Credentials {
+            sas: self.sas.as_deref(),
+            certificates: &self.certificates,
+        }
+    }
+
     /// Status, Retry-After and JSON body of a response.
     fn answer<T: serde::Serialize>(
         &self,
@@ -127,7 +143,7 @@ impl Connection for DpsConnection {
                                 &self.scope,
                                 &self.registration_id,
                                 registration,
-                                Some(&self.sas),
+                                self.credentials(),
                             )
                             .await
                             .map(|status| (202, status)),
@@ -142,7 +158,7 @@ impl Connection for DpsConnection {
                             &self.scope,
                             &self.registration_id,
                             &operation_id,
-                            Some(&self.sas),
+                            self.credentials(),
                         )
                         .await
                         .map(|status| (status.response_status(), status));

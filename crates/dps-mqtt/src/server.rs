@@ -62,7 +62,13 @@ pub trait Connection: Send {
 #[async_trait]
 pub trait Connector: Send + Sync + 'static {
     /// Accepts the connection (CONNACK 0 follows) or refuses it with a return code.
-    async fn connect(&self, connect: &Connect) -> Result<Box<dyn Connection>, ConnectReturnCode>;
+    /// `certificates` are those the client presented in the TLS handshake, leaf first (DER;
+    /// empty when none): X.509 devices authenticate with them and send no password.
+    async fn connect(
+        &self,
+        connect: &Connect,
+        certificates: &[Vec<u8>],
+    ) -> Result<Box<dyn Connection>, ConnectReturnCode>;
 }
 
 /// Serves MQTT over TLS on `listener` until `shutdown` turns true.
@@ -77,7 +83,9 @@ pub async fn serve(
     while let Some(accepted) = listener.accept(&mut shutdown).await {
         let (connector, stop) = (Arc::clone(&connector), shutdown.clone());
         accepted.spawn(move |stream, peer| async move {
-            if let Err(reason) = run_connection(stream, peer, connector, limits, stop).await {
+            let certificates = tls_accept::peer_certificates(&stream);
+            let client = Client { peer, certificates };
+            if let Err(reason) = run_connection(stream, client, connector, limits, stop).await {
                 tracing::debug!(%peer, %reason, "MQTT connection closed");
             }
         });
@@ -258,13 +266,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 }
 
+/// Who is on the other end of a connection.
+struct Client {
+    peer: std::net::SocketAddr,
+    /// What it presented in the TLS handshake, leaf first (DER).
+    certificates: Vec<Vec<u8>>,
+}
+
 async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    peer: std::net::SocketAddr,
+    client: Client,
     connector: Arc<dyn Connector>,
     limits: MqttLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Closed> {
+    let peer = client.peer;
     let mut framed = Framed {
         stream,
         buffer: BytesMut::with_capacity(4096),
@@ -301,7 +317,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
         Err(_) => return Err(Closed::NoConnect),
     };
     framed.before_connect = false;
-    let mut connection = match connector.connect(&connect).await {
+    let mut connection = match connector.connect(&connect, &client.certificates).await {
         Ok(connection) => connection,
         Err(code) => {
             framed
@@ -371,11 +387,19 @@ mod tests {
 
     struct OnlyAlice;
 
+    fn test_client() -> Client {
+        Client {
+            peer: ([127, 0, 0, 1], 1).into(),
+            certificates: Vec::new(),
+        }
+    }
+
     #[async_trait]
     impl Connector for OnlyAlice {
         async fn connect(
             &self,
             connect: &Connect,
+            _certificates: &[Vec<u8>],
         ) -> Result<Box<dyn Connection>, ConnectReturnCode> {
             match &connect.login {
                 Some(login) if login.username == "alice" => Ok(Box::new(Echo)),
@@ -402,7 +426,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let task = tokio::spawn(run_connection(
             server,
-            ([127, 0, 0, 1], 1).into(),
+            test_client(),
             Arc::new(OnlyAlice),
             MqttLimits {
                 max_packet_bytes: 1024,
@@ -556,7 +580,7 @@ mod tests {
             let (_tx, rx) = watch::channel(false);
             let task = tokio::spawn(run_connection(
                 server,
-                ([127, 0, 0, 1], 1).into(),
+                test_client(),
                 Arc::new(OnlyAlice),
                 MqttLimits::default(),
                 rx,

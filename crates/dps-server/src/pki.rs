@@ -140,13 +140,16 @@ pub fn mqtt_server_config(identity: ServerIdentity) -> anyhow::Result<Arc<Server
     Ok(Arc::new(config))
 }
 
-/// A rustls server configuration offering TLS 1.3 and 1.2 (the Python device SDK speaks 1.2 only).
+/// A rustls server configuration offering TLS 1.3 and 1.2 (the Python device SDK speaks 1.2 only),
+/// asking clients for a certificate without requiring one.
 pub fn server_config(identity: ServerIdentity) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // X.509 devices present their certificates; every other client may present none.
+    let client_auth = tls_accept::RequestClientCertificates::new(&provider);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("while choosing TLS versions")?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_auth)
         .with_single_cert(identity.chain, identity.key)
         .context("the server certificate and key do not match")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

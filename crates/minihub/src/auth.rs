@@ -120,6 +120,40 @@ pub(crate) fn authorize_policy(
     require(policy, any_of)
 }
 
+/// Checks a device's TLS client certificate against its `selfSigned` thumbprints.
+pub(crate) fn authorize_certificate(
+    device_id: &str,
+    device: Option<&Device>,
+    leaf: &[u8],
+) -> Result<(), MinihubError> {
+    let device =
+        device.ok_or_else(|| unauthorized(format!("device '{device_id}' is not registered")))?;
+    if device.authentication.kind != AuthenticationType::SelfSigned {
+        return Err(unauthorized(format!(
+            "device '{device_id}' does not authenticate with a self-signed X.509 thumbprint"
+        )));
+    }
+    let sha256 = dps_core::certificate::sha256_thumbprint(leaf);
+    let sha1 = dps_core::certificate::sha1_thumbprint(leaf);
+    let thumbprints = &device.authentication.x509_thumbprint;
+    let known = [
+        &thumbprints.primary_thumbprint,
+        &thumbprints.secondary_thumbprint,
+    ]
+    .into_iter()
+    .flatten()
+    .any(|t| t.eq_ignore_ascii_case(&sha256) || t.eq_ignore_ascii_case(&sha1));
+    if !known {
+        return Err(unauthorized(format!(
+            "the certificate (SHA-256 {sha256}) is not a thumbprint of device '{device_id}'"
+        )));
+    }
+    if device.status == DeviceStatus::Disabled {
+        return Err(MinihubError::DeviceDisabled(device_id.to_owned()));
+    }
+    Ok(())
+}
+
 /// Checks a device token for `device_id` (`None` when no such device is registered): audience
 /// `{hub}/devices/{id}`, signed with one of the device's keys, or with the key of a policy that
 /// grants `DeviceConnect`. A disabled device is refused even with a good token.

@@ -390,6 +390,20 @@ impl Minihub {
         )
     }
 
+    /// Checks the certificate a device presented in its TLS handshake (`leaf`, DER; the handshake
+    /// proved the device holds its key) against a `selfSigned` identity: its SHA-256 or SHA-1
+    /// thumbprint must be the identity's primary or secondary thumbprint. Disabled devices are
+    /// refused.
+    pub async fn verify_device_certificate(
+        &self,
+        hub: &str,
+        device_id: &str,
+        leaf: &[u8],
+    ) -> Result<(), MinihubError> {
+        let device = self.get_device(hub, device_id).await?;
+        auth::authorize_certificate(device_id, device.as_ref(), leaf)
+    }
+
     /// A device identity.
     pub async fn get_device(
         &self,

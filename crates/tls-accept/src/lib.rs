@@ -26,6 +26,10 @@
 //! # }
 //! ```
 
+mod client_auth;
+
+pub use client_auth::{RequestClientCertificates, peer_certificates};
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

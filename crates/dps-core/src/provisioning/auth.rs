@@ -46,7 +46,9 @@ impl Provisioning {
             return Err(unauthorized("the ID scope is not served here"));
         }
         let text = sas.ok_or_else(|| {
-            unauthorized("no SharedAccessSignature was sent; this service supports symmetric-key attestation for devices")
+            unauthorized(
+                "no credentials: send a SharedAccessSignature (symmetric-key attestation) or present a client certificate in the TLS handshake (X.509 attestation)",
+            )
         })?;
         let token = SasToken::parse(text).map_err(|e| unauthorized(&e.to_string()))?;
         let expected = format!("{scope}/registrations/{rid}");
@@ -103,10 +105,46 @@ impl Provisioning {
         Ok(auth)
     }
 
+    /// Finds the enrollment the device authenticates against: by its SAS token, or by the
+    /// certificates it presented when it sent no token. Returns the certificate an X.509 device
+    /// authenticated with.
+    pub(super) async fn authenticate(
+        &self,
+        scope: &str,
+        rid: &RegistrationId,
+        credentials: Credentials<'_>,
+    ) -> Result<(EnrollmentRef, Option<PresentedCertificate>), ProvisioningError> {
+        match credentials.sas {
+            None if !credentials.certificates.is_empty() => {
+                let (enrollment, certificate) = self
+                    .authenticate_x509(scope, rid, credentials.certificates)
+                    .await?;
+                Ok((enrollment, Some(certificate)))
+            }
+            sas => Ok((self.authenticate_sas(scope, rid, sas).await?, None)),
+        }
+    }
+
+    /// Checks what can be checked without the store: the scope, and the token's form, resource and
+    /// expiry, or the certificate's subject and validity.
+    pub(super) fn check_credentials(
+        &self,
+        scope: &str,
+        rid: &RegistrationId,
+        credentials: Credentials<'_>,
+    ) -> Result<(), ProvisioningError> {
+        match credentials.sas {
+            None if !credentials.certificates.is_empty() => self
+                .check_certificate(scope, rid, credentials.certificates)
+                .map(drop),
+            sas => self.check_token(scope, rid, sas).map(drop),
+        }
+    }
+
     /// Finds the enrollment the device's token was signed for. An individual enrollment takes
     /// precedence; otherwise every symmetric-key group is tried with the key derived for this device
     /// (the group key itself never verifies).
-    pub(super) async fn authenticate(
+    pub(super) async fn authenticate_sas(
         &self,
         scope: &str,
         rid: &RegistrationId,
@@ -122,7 +160,9 @@ impl Provisioning {
         {
             let enrollment: IndividualEnrollment = parse(&doc.doc)?;
             let keys = symmetric_keys(&enrollment.attestation).ok_or_else(|| {
-                unauthorized("the device's enrollment does not use symmetric-key attestation")
+                unauthorized(
+                    "the device's enrollment does not use symmetric-key attestation; present its X.509 certificate instead of a SAS token",
+                )
             })?;
             verify(&token, &keys)
                 .map_err(|_| unauthorized("the signature does not match the enrollment's keys"))?;
@@ -174,9 +214,16 @@ impl Provisioning {
         &self,
         scope: &str,
         rid: &RegistrationId,
-        sas: Option<&str>,
+        credentials: Credentials<'_>,
         enrollment: &EnrollmentRef,
     ) -> Result<(), ProvisioningError> {
+        let sas = match credentials.sas {
+            // An X.509 device is checked in full: the chain walk is the search.
+            None if !credentials.certificates.is_empty() => {
+                return self.authenticate(scope, rid, credentials).await.map(drop);
+            }
+            sas => sas,
+        };
         let token = self.check_token(scope, rid, sas)?;
         let kind = enrollment.kind;
         if let Some(doc) = self
@@ -199,6 +246,6 @@ impl Provisioning {
                 return Ok(());
             }
         }
-        self.authenticate(scope, rid, sas).await.map(drop)
+        self.authenticate_sas(scope, rid, sas).await.map(drop)
     }
 }

@@ -17,10 +17,10 @@ use crate::allocation::{self, AllocationError};
 use crate::clock::Clock;
 use crate::device::{
     DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus,
-    SymmetricKeyRegistrationResult,
+    SymmetricKeyRegistrationResult, X509RegistrationResult,
 };
 use crate::error::ProvisioningError;
-use crate::hub::{HubClient, HubDevice, HubError, HubTwin};
+use crate::hub::{HubAuthentication, HubClient, HubDevice, HubError, HubTwin};
 use crate::ids::{Etag, IdScope, RegistrationId};
 use crate::linked_hub::LinkedHub;
 use crate::model::{
@@ -40,6 +40,7 @@ mod auth;
 mod plan;
 mod process;
 mod record;
+mod x509;
 
 use self::auth::{GroupAuth, symmetric_keys};
 use self::record::{EnrollmentView, result_of};
@@ -148,6 +149,45 @@ pub struct Operation {
     /// How the device asked (for metrics).
     #[serde(default)]
     pub transport: Transport,
+    /// The certificate an X.509 device authenticated with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PresentedCertificate>,
+}
+
+/// The certificate an X.509 device authenticated with, as the registration keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresentedCertificate {
+    /// The leaf's summary (its thumbprint goes to the hub identity).
+    pub info: crate::model::X509CertificateInfo,
+    /// The summary of the group's certificate the chain led to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<crate::model::X509CertificateInfo>,
+}
+
+/// How a device proves who it is: a SAS token (symmetric keys), or the certificates it presented
+/// in its TLS handshake (X.509). A token wins when both are there.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The SharedAccessSignature (the Authorization header, or the MQTT password).
+    pub sas: Option<&'a str>,
+    /// The TLS client certificates, leaf first, DER.
+    pub certificates: &'a [Vec<u8>],
+}
+
+impl<'a> From<Option<&'a str>> for Credentials<'a> {
+    fn from(sas: Option<&'a str>) -> Self {
+        Self {
+            sas,
+            certificates: &[],
+        }
+    }
+}
+
+impl<'a> From<Option<&'a String>> for Credentials<'a> {
+    fn from(sas: Option<&'a String>) -> Self {
+        sas.map(String::as_str).into()
+    }
 }
 
 /// The device API a registration came through.
@@ -187,6 +227,9 @@ pub struct RegistrationRecord {
     /// The allocation trace of the last registration that asked a webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation_trace: Option<AllocationTrace>,
+    /// The certificate of an X.509 device's last registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PresentedCertificate>,
     /// The device's previous identity that the last registration could not delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_identity: Option<StaleIdentity>,
@@ -268,8 +311,9 @@ impl Provisioning {
         scope: &str,
         registration_id: &str,
         body: DeviceRegistration,
-        sas: Option<&str>,
+        credentials: impl Into<Credentials<'_>>,
     ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        let credentials = credentials.into();
         let rid = RegistrationId::parse(registration_id)?;
         if let Some(in_body) = body.registration_id.as_deref().filter(|b| !b.is_empty())
             && !in_body.eq_ignore_ascii_case(rid.as_str())
@@ -278,7 +322,7 @@ impl Provisioning {
                 "The registrationId in the body ('{in_body}') differs from the one in the request ('{rid}')."
             )));
         }
-        let attested = match self.authenticate(scope, &rid, sas).await {
+        let (attested, certificate) = match self.authenticate(scope, &rid, credentials).await {
             Ok(attested) => attested,
             Err(err) => {
                 metrics::counter!("opendps_registrations_total", "transport" => transport.as_str(), "outcome" => "refused").increment(1);
@@ -311,6 +355,7 @@ impl Provisioning {
             trace: None,
             created_date_time_utc: UtcTime(now),
             transport,
+            certificate,
         };
         self.save_operation(&op, now.as_millisecond()).await?;
         metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
@@ -329,10 +374,11 @@ impl Provisioning {
         scope: &str,
         registration_id: &str,
         operation_id: &str,
-        sas: Option<&str>,
+        credentials: impl Into<Credentials<'_>>,
     ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        let credentials = credentials.into();
         let rid = RegistrationId::parse(registration_id)?;
-        self.check_token(scope, &rid, sas)?;
+        self.check_credentials(scope, &rid, credentials)?;
         let stored = self
             .store
             .get_operation(operation_id)
@@ -340,13 +386,13 @@ impl Provisioning {
             .filter(|op| op.registration_key == rid.key());
         let Some(stored) = stored else {
             // Only an authenticated device learns that an operation does not exist.
-            self.authenticate(scope, &rid, sas).await?;
+            self.authenticate(scope, &rid, credentials).await?;
             return Err(ProvisioningError::NotFound(format!(
                 "The operation '{operation_id}' does not exist for '{rid}'."
             )));
         };
         let op: Operation = parse(&stored.doc)?;
-        self.authenticate_as(scope, &rid, sas, &op.enrollment)
+        self.authenticate_as(scope, &rid, credentials, &op.enrollment)
             .await?;
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
@@ -360,10 +406,10 @@ impl Provisioning {
         &self,
         scope: &str,
         registration_id: &str,
-        sas: Option<&str>,
+        credentials: impl Into<Credentials<'_>>,
     ) -> Result<DeviceRegistrationResult, ProvisioningError> {
         let rid = RegistrationId::parse(registration_id)?;
-        self.authenticate(scope, &rid, sas).await?;
+        self.authenticate(scope, &rid, credentials.into()).await?;
         let (record, _) = self.registration(&rid.key()).await?.ok_or_else(|| {
             ProvisioningError::NotFound(format!("The device '{rid}' has not registered."))
         })?;

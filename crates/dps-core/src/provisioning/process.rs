@@ -421,6 +421,7 @@ impl Provisioning {
             });
             trace
         });
+        record.certificate.clone_from(&op.certificate);
         record.state.error_code = error.as_ref().map(|(code, _)| *code);
         record.state.error_message = error.map(|(_, message)| message);
         record.state.substatus = None;
@@ -491,8 +492,7 @@ impl Provisioning {
                         .filter(|d| d.eq_ignore_ascii_case(&op.registration_id))
                 })
                 .unwrap_or_else(|| op.registration_id.clone()),
-            primary_key: view.keys.0.clone(),
-            secondary_key: view.keys.1.clone(),
+            authentication: view.hub_authentication(op.certificate.as_ref()),
             iot_edge: view.iot_edge,
         };
         let (action, substatus) = plan_twin(Situation {
@@ -695,6 +695,7 @@ impl Provisioning {
         });
         record.state.last_updated_date_time_utc = Some(now);
         record.initial_hub = Some(assignment.initial_hub);
+        record.certificate.clone_from(&op.certificate);
         // A stale identity reported earlier stays reported until it is the one deleted.
         match assignment.cleanup {
             Cleanup::Nothing => {}

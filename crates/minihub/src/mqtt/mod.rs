@@ -13,7 +13,7 @@ use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::{DesiredPatch, DeviceMessage, Minihub};
+use crate::{DesiredPatch, DeviceMessage, Minihub, MinihubError};
 use session::{HubSession, Output};
 
 /// `(hubHostName, deviceId)` from a hub CONNECT username: `{hub}/{deviceId}/?api-version=…` (the
@@ -47,7 +47,11 @@ impl HubMqtt {
 
 #[async_trait]
 impl Connector for HubMqtt {
-    async fn connect(&self, connect: &Connect) -> Result<Box<dyn Connection>, ConnectReturnCode> {
+    async fn connect(
+        &self,
+        connect: &Connect,
+        certificates: &[Vec<u8>],
+    ) -> Result<Box<dyn Connection>, ConnectReturnCode> {
         let Some(login) = connect.login.as_ref() else {
             return Err(ConnectReturnCode::NotAuthorized);
         };
@@ -62,15 +66,23 @@ impl Connector for HubMqtt {
             tracing::debug!(hub_name, "MQTT CONNECT for an unknown hub");
             return Err(ConnectReturnCode::NotAuthorized);
         };
-        // X.509 devices send no password; certificate authentication is not supported yet.
-        if login.password.is_empty() {
-            return Err(ConnectReturnCode::NotAuthorized);
-        }
-        if let Err(err) = self
-            .minihub
-            .verify_device_sas(&hub, &device_id, &login.password)
-            .await
-        {
+        // X.509 devices send no password and authenticate with their TLS client certificate.
+        let verified = match (login.password.is_empty(), certificates.first()) {
+            (false, _) => {
+                self.minihub
+                    .verify_device_sas(&hub, &device_id, &login.password)
+                    .await
+            }
+            (true, Some(leaf)) => {
+                self.minihub
+                    .verify_device_certificate(&hub, &device_id, leaf)
+                    .await
+            }
+            (true, None) => Err(MinihubError::Unauthorized(
+                "no password and no client certificate".into(),
+            )),
+        };
+        if let Err(err) = verified {
             tracing::debug!(hub, device_id, %err, "MQTT CONNECT refused");
             return Err(ConnectReturnCode::NotAuthorized);
         }
