@@ -24,7 +24,41 @@ pub enum Transport {
     Mqtt,
 }
 
-/// Where and how one device provisions itself with a symmetric key.
+/// How a device proves who it is.
+#[derive(Debug, Clone)]
+pub enum Attestation {
+    /// A symmetric key (for a group device: its derived key): SAS tokens signed with it.
+    SymmetricKey(String),
+    /// An X.509 certificate (its subject CN is the registration id) and its private key,
+    /// presented in the TLS handshake.
+    X509(ClientIdentity),
+}
+
+/// A client certificate chain and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    /// The device's certificate, then any intermediates up to (not including) the enrolled CA.
+    pub chain_pem: Vec<u8>,
+    /// The certificate's private key.
+    pub key_pem: Vec<u8>,
+}
+
+impl ClientIdentity {
+    /// Reads a certificate chain file and a key file (PEM).
+    pub fn from_files(
+        certificate: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            chain_pem: std::fs::read(certificate)
+                .with_context(|| format!("while reading {}", certificate.display()))?,
+            key_pem: std::fs::read(key)
+                .with_context(|| format!("while reading {}", key.display()))?,
+        })
+    }
+}
+
+/// Where and how one device provisions itself.
 #[derive(Debug, Clone)]
 pub struct Device {
     /// Provisioning endpoint, `host[:port]` (HTTPS).
@@ -37,8 +71,8 @@ pub struct Device {
     pub ca: Option<PathBuf>,
     /// Registration id.
     pub registration_id: String,
-    /// Its symmetric key (derived, for a group device).
-    pub symmetric_key: String,
+    /// How it attests.
+    pub attestation: Attestation,
     /// The custom payload for the allocation webhook.
     pub payload: Option<Value>,
     /// Transport.
@@ -62,16 +96,18 @@ impl Device {
         &self,
         say: &(dyn Fn(&str) + Sync),
     ) -> anyhow::Result<RegistrationOperationStatus> {
-        let resource = format!("{}/registrations/{}", self.scope, self.registration_id);
-        let expiry =
-            dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + TOKEN_TTL_SECS;
-        let token = dps_core::sas::generate_token(
-            &resource,
-            &self.symmetric_key,
-            Some("registration"),
-            expiry,
-        )
-        .map_err(|_| anyhow::anyhow!("the symmetric key is not base64"))?;
+        let (token, identity) = match &self.attestation {
+            Attestation::SymmetricKey(key) => {
+                let resource = format!("{}/registrations/{}", self.scope, self.registration_id);
+                let expiry = dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second()
+                    + TOKEN_TTL_SECS;
+                let token =
+                    dps_core::sas::generate_token(&resource, key, Some("registration"), expiry)
+                        .map_err(|_| anyhow::anyhow!("the symmetric key is not base64"))?;
+                (Some(token), None)
+            }
+            Attestation::X509(identity) => (None, Some(identity)),
+        };
         say(&format!(
             "Provisioning API Version: {API_VERSION}\n\nRegistering Device\n"
         ));
@@ -82,18 +118,22 @@ impl Device {
                 &self.registration_id,
                 self.ca.as_deref(),
                 token,
+                identity,
             )?),
-            Transport::Mqtt => Channel::Mqtt(Box::new(
-                DpsMqtt::connect(
-                    self.host_name(),
-                    self.mqtt_port,
-                    self.ca.as_deref(),
-                    &self.scope,
-                    &self.registration_id,
-                    &token,
-                )
-                .await?,
-            )),
+            Transport::Mqtt => {
+                let config = crate::mqtt::tls_client_config(self.ca.as_deref(), identity)?;
+                Channel::Mqtt(Box::new(
+                    DpsMqtt::connect_with(
+                        &config,
+                        self.host_name(),
+                        self.mqtt_port,
+                        &self.scope,
+                        &self.registration_id,
+                        token.as_deref().unwrap_or_default(),
+                    )
+                    .await?,
+                ))
+            }
         };
         let outcome = self.poll_to_end(&mut channel, say).await;
         if let Channel::Mqtt(mqtt) = channel {
@@ -132,7 +172,7 @@ impl Device {
             self.ca.as_deref(),
             hub,
             device_id,
-            &self.symmetric_key,
+            &self.attestation,
         )
         .await
         .with_context(|| format!("while connecting to {hub} as {device_id}"))

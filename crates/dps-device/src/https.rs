@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
+use crate::device::ClientIdentity;
 use crate::exchange::{DeviceExchange, Reply, retry_after};
 
 /// Device API version sent, as the C SDK sends it.
@@ -16,24 +17,34 @@ pub const API_VERSION: &str = "2021-06-01";
 pub struct HttpsExchange {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: Option<String>,
 }
 
 impl HttpsExchange {
     /// A device `registration_id` of `scope` at `host[:port]`, trusting `ca` (else the system
-    /// roots), sending `token` (`SharedAccessSignature sr=…`).
+    /// roots), sending `token` (`SharedAccessSignature sr=…`) or presenting `identity` (X.509).
     pub fn new(
         host: &str,
         scope: &str,
         registration_id: &str,
         ca: Option<&Path>,
-        token: String,
+        token: Option<String>,
+        identity: Option<&ClientIdentity>,
     ) -> anyhow::Result<Self> {
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
         if let Some(ca) = ca {
             let pem =
                 std::fs::read(ca).with_context(|| format!("while reading {}", ca.display()))?;
             builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem)?);
+        }
+        if let Some(identity) = identity {
+            let mut pem = identity.chain_pem.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(&identity.key_pem);
+            builder = builder.identity(
+                reqwest::Identity::from_pem(&pem)
+                    .context("the device certificate and key are not PEM")?,
+            );
         }
         Ok(Self {
             http: builder.build()?,
@@ -43,12 +54,27 @@ impl HttpsExchange {
     }
 }
 
+impl HttpsExchange {
+    /// The `Authorization` header of a symmetric-key device; none for an X.509 device.
+    fn authorization(&self) -> reqwest::header::HeaderMap {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = self
+            .token
+            .as_deref()
+            .and_then(|t| reqwest::header::HeaderValue::from_str(t).ok())
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        headers
+    }
+}
+
 impl DeviceExchange for HttpsExchange {
     async fn register(&mut self, body: &Value) -> anyhow::Result<Reply> {
         let response = self
             .http
             .put(format!("{}/register?api-version={API_VERSION}", self.base))
-            .header("Authorization", self.token.as_str())
+            .headers(self.authorization())
             .json(body)
             .send()
             .await
@@ -68,7 +94,7 @@ impl DeviceExchange for HttpsExchange {
                 "{}/operations/{operation_id}?api-version={API_VERSION}",
                 self.base
             ))
-            .header("Authorization", self.token.as_str())
+            .headers(self.authorization())
             .send()
             .await?;
         read(response).await

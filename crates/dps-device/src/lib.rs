@@ -15,5 +15,5 @@ pub mod exchange;
 pub mod https;
 pub mod mqtt;
 
-pub use device::{Device, Transport, failure_line, refusal};
+pub use device::{Attestation, ClientIdentity, Device, Transport, failure_line, refusal};
 pub use exchange::{DeviceExchange, Ended, Reply, register_and_poll, retry_after};

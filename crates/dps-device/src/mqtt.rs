@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::device::{Attestation, ClientIdentity};
 use crate::exchange::Reply;
 
 const MAX_PACKET: usize = 256 * 1024;
@@ -45,24 +46,34 @@ pub async fn read_twin(
     ca: Option<&Path>,
     hub: &str,
     device_id: &str,
-    device_key: &str,
+    attestation: &Attestation,
 ) -> anyhow::Result<Value> {
-    let expiry = dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + 3600;
-    let sas = dps_core::sas::generate_token(
-        &format!("{hub}/devices/{device_id}"),
-        device_key,
-        None,
-        expiry,
-    )
-    .map_err(|_| anyhow::anyhow!("the device key is not base64"))?;
+    // A symmetric-key device logs in with a SAS token; an X.509 device with its certificate and
+    // no password.
+    let (sas, identity) = match attestation {
+        Attestation::SymmetricKey(key) => {
+            let expiry =
+                dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second() + 3600;
+            let sas = dps_core::sas::generate_token(
+                &format!("{hub}/devices/{device_id}"),
+                key,
+                None,
+                expiry,
+            )
+            .map_err(|_| anyhow::anyhow!("the device key is not base64"))?;
+            (sas, None)
+        }
+        Attestation::X509(identity) => (String::new(), Some(identity)),
+    };
     let username = format!(
         "{hub}/{device_id}/?api-version=2019-10-01&DeviceClientType=opendps-device%2F{}",
         env!("CARGO_PKG_VERSION")
     );
-    let mut link = DpsMqtt::open(
+    let config = tls_client_config(ca, identity)?;
+    let mut link = DpsMqtt::open_with(
+        &config,
         gateway,
         port,
-        ca,
         device_id,
         &username,
         &sas,
@@ -85,9 +96,16 @@ pub async fn read_twin(
     Ok(twin)
 }
 
-/// A TLS client configuration trusting `ca`, or the platform's roots without one.
-pub fn tls_client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let config = match ca {
+/// A TLS client configuration trusting `ca`, or the platform's roots without one, presenting
+/// `identity` (an X.509 device's certificate) when given.
+pub fn tls_client_config(
+    ca: Option<&Path>,
+    identity: Option<&ClientIdentity>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(ca)
@@ -95,16 +113,27 @@ pub fn tls_client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::Client
             {
                 roots.add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)?;
             }
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         None => {
-            use rustls_platform_verifier::ConfigVerifierExt as _;
-            rustls::ClientConfig::with_platform_verifier()?
+            use rustls_platform_verifier::BuilderVerifierExt as _;
+            builder.with_platform_verifier()?
+        }
+    };
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => {
+            let chain = CertificateDer::pem_slice_iter(&identity.chain_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .context("the device certificate is not PEM")?;
+            if chain.is_empty() {
+                bail!("the device certificate file holds no certificate");
+            }
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&identity.key_pem)
+                .context("the device key is not a PEM private key")?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("the device key does not match its certificate")?
         }
     };
     Ok(Arc::new(config))
@@ -143,22 +172,8 @@ impl DpsMqtt {
         registration_id: &str,
         sas: &str,
     ) -> anyhow::Result<Self> {
-        let config = tls_client_config(ca)?;
+        let config = tls_client_config(ca, None)?;
         Self::connect_with(&config, host, port, scope, registration_id, sas).await
-    }
-
-    /// TLS, CONNECT (clean session, the SAS as password), SUBSCRIBE to `filter` at QoS 1.
-    async fn open(
-        host: &str,
-        port: u16,
-        ca: Option<&Path>,
-        client_id: &str,
-        username: &str,
-        sas: &str,
-        filter: &str,
-    ) -> anyhow::Result<Self> {
-        let config = tls_client_config(ca)?;
-        Self::open_with(&config, host, port, client_id, username, sas, filter).await
     }
 
     /// Connects to DPS with a TLS client configuration made once (see [`tls_client_config`]).
@@ -186,6 +201,8 @@ impl DpsMqtt {
         .await
     }
 
+    /// TLS, CONNECT (clean session, the SAS as password, or none for an X.509 device), SUBSCRIBE
+    /// to `filter` at QoS 1.
     async fn open_with(
         config: &Arc<rustls::ClientConfig>,
         host: &str,

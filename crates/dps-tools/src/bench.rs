@@ -244,7 +244,7 @@ pub async fn run(
         );
     };
     let ca = info.ca_file.clone();
-    let tls = TlsConnector::from(tls_client_config(ca.as_deref())?);
+    let tls = TlsConnector::from(tls_client_config(ca.as_deref(), None)?);
     let port = match args.transport {
         Transport::Https => Some(info.listen.https),
         Transport::Mqtt => info.listen.mqtt,

@@ -286,7 +286,7 @@ impl Tutorial<'_> {
             scope: self.service.id_scope.clone(),
             ca: Some(self.service.ca_file()),
             registration_id: registration_id.to_owned(),
-            symmetric_key: key.to_owned(),
+            attestation: dps_device::Attestation::SymmetricKey(key.to_owned()),
             payload: Some(serde_json::from_str(PAYLOAD)?),
             transport: self.transport.into(),
             timeout: Duration::from_secs(30),

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use dps_core::model::EnrollmentStatus;
-use dps_device::{Device, failure_line};
+use dps_device::{Attestation, ClientIdentity, Device, failure_line};
 use dps_tools::Transport;
 
 /// `opendps device …`.
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Register a device with symmetric-key attestation and wait for its assignment.
+    /// Register a device (symmetric key or X.509 certificate) and wait for its assignment.
     Register(RegisterArgs),
 }
 
@@ -31,8 +31,15 @@ pub struct RegisterArgs {
     #[arg(long, visible_alias = "rid")]
     registration_id: String,
     /// The device's symmetric key (for a group device: its derived key, see `compute-device-key`).
-    #[arg(long)]
-    symmetric_key: String,
+    #[arg(long, required_unless_present = "cert", conflicts_with_all = ["cert", "key"])]
+    symmetric_key: Option<String>,
+    /// The device's X.509 certificate (PEM; its subject CN is the registration id), followed by
+    /// any intermediates up to the enrolled CA. Presented in the TLS handshake.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// Custom JSON payload for the allocation webhook.
     #[arg(long)]
     payload: Option<String>,
@@ -90,7 +97,13 @@ pub async fn register(
             .context("give --id-scope (no local service found)")?,
         ca: ca_file.or_else(|| local.as_ref().and_then(|i| i.ca_file.clone())),
         registration_id: args.registration_id,
-        symmetric_key: args.symmetric_key,
+        attestation: match (args.symmetric_key, args.cert, args.key) {
+            (Some(key), _, _) => Attestation::SymmetricKey(key),
+            (None, Some(cert), Some(key)) => {
+                Attestation::X509(ClientIdentity::from_files(&cert, &key)?)
+            }
+            _ => bail!("give --symmetric-key, or --cert and --key"),
+        },
         payload: args
             .payload
             .as_deref()

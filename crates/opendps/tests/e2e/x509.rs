@@ -1,0 +1,247 @@
+//! X.509 attestation end to end: a device presents its certificate in the TLS handshake (HTTPS or
+//! MQTT), registers through an individual enrollment that holds it, is created on its hub as a
+//! `selfSigned` identity and connects there with the same certificate; and every way a
+//! certificate is refused, on both transports. Certificates are made here with rcgen.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dps_device::{Attestation, ClientIdentity, Device, Transport};
+use dps_testkit::TestServer;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, date_time_ymd};
+use serde_json::json;
+
+const HUB: &str = "contoso-x509-hub.azure-devices.net";
+
+/// A certificate and its key, written as PEM files.
+struct DeviceCertificate {
+    pem: String,
+    der: Vec<u8>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+impl DeviceCertificate {
+    fn identity(&self) -> ClientIdentity {
+        ClientIdentity::from_files(&self.cert_file, &self.key_file).expect("identity")
+    }
+
+    fn sha256(&self) -> String {
+        dps_core::certificate::sha256_thumbprint(&self.der)
+    }
+}
+
+/// A self-signed client certificate for `cn`, valid from `from` to `to` (years).
+fn self_signed(dir: &Path, cn: &str, from: i32, to: i32) -> DeviceCertificate {
+    let mut params = CertificateParams::new(Vec::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.not_before = date_time_ymd(from, 1, 1);
+    params.not_after = date_time_ymd(to, 1, 1);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("cert");
+    let cert_file = dir.join(format!("{cn}-{from}.pem"));
+    let key_file = dir.join(format!("{cn}-{from}.key"));
+    std::fs::write(&cert_file, cert.pem()).expect("write");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    DeviceCertificate {
+        pem: cert.pem(),
+        der: cert.der().to_vec(),
+        cert_file,
+        key_file,
+    }
+}
+
+fn current(dir: &Path, cn: &str) -> DeviceCertificate {
+    self_signed(dir, cn, 2020, 2090)
+}
+
+async fn enroll(server: &TestServer, rid: &str, certificate_pem: &str) {
+    let reply = server
+        .api()
+        .expect("client")
+        .put(
+            &format!("/enrollments/{rid}"),
+            json!({
+                "registrationId": rid,
+                "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": certificate_pem}}}},
+                "initialTwin": {"tags": {"attestation": "x509"}},
+            }),
+            None,
+        )
+        .await
+        .expect("enroll");
+    assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+fn device(
+    server: &TestServer,
+    rid: &str,
+    attestation: Attestation,
+    transport: Transport,
+) -> Device {
+    let info = server.service_info().expect("info");
+    Device {
+        host: server.service_host(),
+        mqtt_port: info.listen.mqtt.expect("mqtt listener").port(),
+        scope: info.id_scope.clone(),
+        ca: info.ca_file.clone(),
+        registration_id: rid.to_owned(),
+        attestation,
+        payload: None,
+        transport,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_device_registers_and_connects_to_its_hub_with_its_certificate() {
+    let (server, _) = crate::server_with_hub(HUB).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (rid, transport) in [
+        ("x509-over-https", Transport::Https),
+        ("x509-over-mqtt", Transport::Mqtt),
+    ] {
+        let certificate = current(dir.path(), rid);
+        enroll(&server, rid, &certificate.pem).await;
+        let device = device(
+            &server,
+            rid,
+            Attestation::X509(certificate.identity()),
+            transport,
+        );
+        let done = device.provision(&|_| ()).await.expect("provision");
+        let done = serde_json::to_value(&done).expect("json");
+        assert_eq!(done["status"], "assigned", "{done}");
+        let state = &done["registrationState"];
+        assert_eq!(state["assignedHub"], HUB, "{done}");
+        assert_eq!(
+            state["x509"]["certificateInfo"]["sha256Thumbprint"],
+            certificate.sha256(),
+            "{done}"
+        );
+        assert!(state.get("symmetricKey").is_none(), "{done}");
+
+        // On the hub: a selfSigned identity with the certificate's thumbprint.
+        let identity = server
+            .hub_api(HUB)
+            .expect("hub")
+            .get(&format!("/devices/{rid}?api-version=2021-04-12"))
+            .await
+            .expect("identity");
+        assert_eq!(
+            identity.body["authentication"]["type"], "selfSigned",
+            "{identity:?}"
+        );
+        assert_eq!(
+            identity.body["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+            certificate.sha256()
+        );
+        // And the device connects there with the same certificate and reads its twin.
+        let twin = device.read_twin(HUB, rid).await.expect("twin");
+        assert!(twin["desired"].is_object(), "{twin}");
+    }
+}
+
+/// Registers over one transport and returns the refusal's status and body.
+async fn refused(
+    server: &TestServer,
+    rid: &str,
+    attestation: Attestation,
+    transport: Transport,
+) -> String {
+    let outcome = device(server, rid, attestation, transport)
+        .provision(&|_| ())
+        .await;
+    match outcome {
+        Err(err) => format!("{err:#}"),
+        Ok(done) => panic!("{rid} over {transport:?} was not refused: {done:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_certificate_is_refused_with_401002_on_both_transports() {
+    let (server, _) = crate::server_with_hub(HUB).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let enrolled = current(dir.path(), "x509-enrolled");
+    enroll(&server, "x509-enrolled", &enrolled.pem).await;
+    let expired = self_signed(dir.path(), "x509-expired", 2001, 2002);
+    enroll(&server, "x509-expired", &expired.pem).await;
+    let early = self_signed(dir.path(), "x509-early", 2080, 2090);
+    enroll(&server, "x509-early", &early.pem).await;
+    let stranger = current(dir.path(), "x509-enrolled-other-key");
+    let key = dps_core::sas::generate_key();
+    let symmetric = server
+        .api()
+        .expect("client")
+        .put(
+            "/enrollments/x509-symmetric",
+            json!({"registrationId": "x509-symmetric", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}}),
+            None,
+        )
+        .await
+        .expect("enroll");
+    assert_eq!(symmetric.status, 200);
+    let on_symmetric = current(dir.path(), "x509-symmetric");
+
+    for transport in [Transport::Https, Transport::Mqtt] {
+        let cases: Vec<(&str, Attestation, &str)> = vec![
+            // The CN is not the registration id.
+            (
+                "x509-not-my-name",
+                Attestation::X509(enrolled.identity()),
+                "is 'x509-enrolled', not the registration id",
+            ),
+            (
+                "x509-expired",
+                Attestation::X509(expired.identity()),
+                "expired",
+            ),
+            (
+                "x509-early",
+                Attestation::X509(early.identity()),
+                "not valid before",
+            ),
+            // Another certificate with the enrolled CN.
+            (
+                "x509-enrolled",
+                Attestation::X509(self_signed(dir.path(), "x509-enrolled", 2021, 2091).identity()),
+                "not one of the enrollment's client certificates",
+            ),
+            // No enrollment at all.
+            (
+                "x509-enrolled-other-key",
+                Attestation::X509(stranger.identity()),
+                "no enrollment holds this certificate",
+            ),
+            // A certificate on a symmetric-key enrollment, and a key on an X.509 one.
+            (
+                "x509-symmetric",
+                Attestation::X509(on_symmetric.identity()),
+                "does not use X.509 attestation",
+            ),
+            (
+                "x509-enrolled",
+                Attestation::SymmetricKey(key.clone()),
+                "does not use symmetric-key attestation",
+            ),
+        ];
+        for (rid, attestation, why) in cases {
+            let message = refused(&server, rid, attestation, transport).await;
+            assert!(
+                message.contains("401002") && message.contains(why),
+                "{rid} over {transport:?}: {message}"
+            );
+        }
+    }
+    // Nothing was registered.
+    for rid in ["x509-enrolled", "x509-expired", "x509-symmetric"] {
+        let reply = server
+            .api()
+            .expect("client")
+            .get(&format!("/registrations/{rid}"))
+            .await
+            .expect("get");
+        assert_eq!(reply.status, 404, "{rid}: {reply:?}");
+    }
+}
