@@ -134,6 +134,104 @@ pub fn sha256_thumbprint(der: &[u8]) -> String {
     hex_upper(&Sha256::digest(der))
 }
 
+/// Whether a DER certificate is a CA (basic constraints `CA:TRUE`).
+pub fn is_ca(der: &[u8]) -> Result<bool, CertificateError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertificateError::Parse(e.to_string()))?;
+    Ok(cert.is_ca())
+}
+
+/// The subject CN of a DER certificate, if it has one.
+pub fn common_name(der: &[u8]) -> Result<Option<String>, CertificateError> {
+    Ok(presented(der)?.common_name)
+}
+
+/// Which extended key usage a path must allow at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// TLS client authentication (when the leaf names extended key usages at all).
+    ClientAuth,
+    /// Any: a proof-of-possession certificate is never used in TLS.
+    Any,
+}
+
+struct AnyUsage;
+
+impl webpki::ExtendedKeyUsageValidator for AnyUsage {
+    fn validate(&self, _: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
+        Ok(())
+    }
+}
+
+/// Validates the path from `chain[0]` (the end entity) through the intermediates in
+/// `chain[1..]` to one of `anchors` at `now` (unix seconds): signatures, validity periods, basic
+/// constraints and path lengths, and `usage`. Returns the DER of every certificate on the path
+/// found, the end entity first and the anchor last.
+pub fn verify_path(
+    chain: &[Vec<u8>],
+    anchors: &[Vec<u8>],
+    now: i64,
+    usage: Usage,
+) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    let leaf = chain.first().ok_or("no certificate")?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let end_entity = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| e.to_string())?;
+    let anchor_ders: Vec<CertificateDer<'_>> = anchors
+        .iter()
+        .map(|a| CertificateDer::from(a.as_slice()))
+        .collect();
+    let trust: Vec<_> = anchor_ders
+        .iter()
+        .filter_map(|a| webpki::anchor_from_trusted_cert(a).ok())
+        .collect();
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(now).unwrap_or(0),
+    ));
+    let algorithms = webpki::ALL_VERIFICATION_ALGS;
+    let path = match usage {
+        Usage::ClientAuth => end_entity.verify_for_usage(
+            algorithms,
+            &trust,
+            &intermediates,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        ),
+        Usage::Any => end_entity.verify_for_usage(
+            algorithms,
+            &trust,
+            &intermediates,
+            time,
+            AnyUsage,
+            None,
+            None,
+        ),
+    }
+    .map_err(|e| e.to_string())?;
+    let mut on_path = vec![leaf.clone()];
+    on_path.extend(path.intermediate_certificates().map(|c| c.der().to_vec()));
+    let anchor = path.anchor();
+    // The anchor is one of `anchors`: find its DER by its subject and key.
+    if let Some(found) = anchors.iter().zip(&anchor_ders).find_map(|(der, cert)| {
+        webpki::anchor_from_trusted_cert(cert)
+            .ok()
+            .filter(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
+            })
+            .map(|_| der.clone())
+    }) {
+        on_path.push(found);
+    }
+    Ok(on_path)
+}
+
 /// The SHA-1 thumbprint of a DER certificate, upper-case hex.
 pub fn sha1_thumbprint(der: &[u8]) -> String {
     hex_upper(&Sha1::digest(der))

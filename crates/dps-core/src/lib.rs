@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod allocation;
+pub mod ca;
 pub mod certificate;
 pub mod clock;
 pub mod device;

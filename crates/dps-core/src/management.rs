@@ -9,6 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::Value;
 
 use crate::access::{Authorizer, Caller, Right};
+use crate::ca::{self, CaCertificate, CertificateBody};
 use crate::certificate;
 use crate::clock::Clock;
 use crate::error::ProvisioningError;
@@ -125,6 +126,51 @@ pub enum LinkedHubOp {
     },
 }
 
+/// Operations on CA certificates (an opendps extension; Azure does this through ARM, as
+/// `az iot dps certificate …`).
+#[derive(Debug, Clone)]
+pub enum CertificateOp {
+    /// `PUT /certificates/{name}`: upload or replace.
+    Put {
+        /// Certificate name.
+        name: String,
+        /// The certificate and whether it is verified already.
+        body: CertificateBody,
+        /// `If-Match`.
+        if_match: IfMatch,
+    },
+    /// `GET /certificates/{name}`.
+    Get {
+        /// Certificate name.
+        name: String,
+    },
+    /// `GET /certificates`.
+    List,
+    /// `DELETE /certificates/{name}`.
+    Delete {
+        /// Certificate name.
+        name: String,
+        /// `If-Match`.
+        if_match: IfMatch,
+    },
+    /// `POST /certificates/{name}/generateVerificationCode`.
+    GenerateVerificationCode {
+        /// Certificate name.
+        name: String,
+        /// `If-Match`.
+        if_match: IfMatch,
+    },
+    /// `POST /certificates/{name}/verify` with `{"certificate": …}`: proof of possession.
+    Verify {
+        /// Certificate name.
+        name: String,
+        /// The proof: a certificate with the verification code as CN, signed by the CA's key.
+        body: CertificateBody,
+        /// `If-Match`.
+        if_match: IfMatch,
+    },
+}
+
 /// A decoded service API request.
 #[derive(Debug, Clone)]
 pub enum ServiceRequest {
@@ -136,6 +182,8 @@ pub enum ServiceRequest {
     Registration(RegistrationRequest),
     /// Linked hubs.
     LinkedHub(LinkedHubOp),
+    /// CA certificates.
+    Certificate(CertificateOp),
 }
 
 impl ServiceRequest {
@@ -158,7 +206,7 @@ impl ServiceRequest {
                 Right::RegistrationStatusWrite
             }
             Self::Registration(_) => Right::RegistrationStatusRead,
-            Self::LinkedHub(_) => Right::ServiceConfig,
+            Self::LinkedHub(_) | Self::Certificate(_) => Right::ServiceConfig,
         }
     }
 }
@@ -230,6 +278,7 @@ impl Management {
             ServiceRequest::Group(req) => self.enrollment_op(req).await,
             ServiceRequest::Registration(req) => self.registration_op(req).await,
             ServiceRequest::LinkedHub(op) => self.linked_hub_op(op).await,
+            ServiceRequest::Certificate(op) => self.certificate_op(op).await,
         }
     }
 
@@ -570,6 +619,178 @@ impl Management {
                 ServiceResponse::NoContent
             }
         })
+    }
+}
+
+/// A CA certificate's name: 1 to 64 letters, digits, `-`, `.` or `_`.
+fn certificate_key(name: &str) -> Result<String, ProvisioningError> {
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !valid {
+        return Err(ProvisioningError::InvalidArgument(format!(
+            "The certificate name '{name}' is not valid: use 1 to 64 letters, digits, '-', '.' or '_'."
+        )));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+impl Management {
+    async fn certificate_op(
+        &self,
+        op: CertificateOp,
+    ) -> Result<ServiceResponse, ProvisioningError> {
+        let not_found = |name: &str| {
+            ProvisioningError::NotFound(format!(
+                "No CA certificate is named '{name}'; upload it with `opendps certificate create`."
+            ))
+        };
+        let now = format_utc(self.clock.now());
+        Ok(match op {
+            CertificateOp::Put {
+                name,
+                body,
+                if_match,
+            } => {
+                let key = certificate_key(&name)?;
+                let (text, is_verified) = body.parts();
+                let text = text.ok_or_else(|| {
+                    ProvisioningError::InvalidArgument(
+                        "The body needs a 'certificate' (PEM, base64 DER or base64 PEM).".into(),
+                    )
+                })?;
+                let der = ca::parse_ca(&text)?;
+                let existing = self.store.get_certificate(&key).await?;
+                let cond =
+                    self.put_condition("certificate", &name, &if_match, existing.as_ref())?;
+                let created = match &existing {
+                    Some(doc) => parse_doc::<CaCertificate>(doc)?.created,
+                    None => now.clone(),
+                };
+                let cert = CaCertificate {
+                    name: name.clone(),
+                    certificate: base64::engine::general_purpose::STANDARD.encode(&der),
+                    is_verified,
+                    verification_code: None,
+                    created,
+                    updated: now,
+                };
+                let etag = self.write_certificate(&key, &cert, cond).await?;
+                tracing::info!(certificate = %name, verified = is_verified, "CA certificate saved");
+                ServiceResponse::Json(cert.describe(etag.as_str(), false)?)
+            }
+            CertificateOp::Get { name } => {
+                let key = certificate_key(&name)?;
+                let doc = self
+                    .store
+                    .get_certificate(&key)
+                    .await?
+                    .ok_or_else(|| not_found(&name))?;
+                let cert: CaCertificate = parse_doc(&doc)?;
+                ServiceResponse::Json(cert.describe(doc.etag.as_str(), false)?)
+            }
+            CertificateOp::List => {
+                let mut value = Vec::new();
+                for doc in self.store.list_certificates().await? {
+                    let cert: CaCertificate = parse_doc(&doc)?;
+                    value.push(cert.describe(doc.etag.as_str(), false)?);
+                }
+                ServiceResponse::Json(serde_json::json!({ "value": value }))
+            }
+            CertificateOp::Delete { name, if_match } => {
+                let key = certificate_key(&name)?;
+                let existing = self.store.get_certificate(&key).await?;
+                let cond = self.delete_condition("certificate", &name, &if_match, existing)?;
+                self.store.delete_certificate(&key, cond).await?;
+                ServiceResponse::NoContent
+            }
+            CertificateOp::GenerateVerificationCode { name, if_match } => {
+                let key = certificate_key(&name)?;
+                let doc = self
+                    .store
+                    .get_certificate(&key)
+                    .await?
+                    .ok_or_else(|| not_found(&name))?;
+                let cond = self.put_condition("certificate", &name, &if_match, Some(&doc))?;
+                let mut cert: CaCertificate = parse_doc(&doc)?;
+                cert.verification_code = Some(ca::new_verification_code());
+                cert.updated = now;
+                let etag = self.write_certificate(&key, &cert, cond).await?;
+                ServiceResponse::Json(cert.describe(etag.as_str(), true)?)
+            }
+            CertificateOp::Verify {
+                name,
+                body,
+                if_match,
+            } => {
+                let key = certificate_key(&name)?;
+                let doc = self
+                    .store
+                    .get_certificate(&key)
+                    .await?
+                    .ok_or_else(|| not_found(&name))?;
+                let cond = self.put_condition("certificate", &name, &if_match, Some(&doc))?;
+                let mut cert: CaCertificate = parse_doc(&doc)?;
+                let code = cert.verification_code.clone().ok_or_else(|| {
+                    ProvisioningError::InvalidArgument(format!(
+                        "The certificate '{name}' has no verification code; generate one with `opendps certificate generate-verification-code --certificate-name {name}` first."
+                    ))
+                })?;
+                let (proof, _) = body.parts();
+                let proof = proof.ok_or_else(|| {
+                    ProvisioningError::InvalidArgument(
+                        "The body needs the verification 'certificate'.".into(),
+                    )
+                })?;
+                ca::check_proof(&cert.der()?, &proof, &code, self.clock.now().as_second())?;
+                cert.is_verified = true;
+                cert.verification_code = None;
+                cert.updated = now;
+                let etag = self.write_certificate(&key, &cert, cond).await?;
+                tracing::info!(certificate = %name, "CA certificate verified");
+                ServiceResponse::Json(cert.describe(etag.as_str(), false)?)
+            }
+        })
+    }
+
+    /// The precondition of a write to a resource that may exist (ARM's create-or-update): an
+    /// `If-Match` etag must be the current one; otherwise the write must not race another.
+    fn put_condition(
+        &self,
+        label: &str,
+        id: &str,
+        if_match: &IfMatch,
+        existing: Option<&StoredDoc>,
+    ) -> Result<Precondition, ProvisioningError> {
+        match (if_match, existing) {
+            (IfMatch::Etag(wanted), Some(current)) if !current.etag.matches(wanted) => {
+                Err(ProvisioningError::PreconditionFailed(format!(
+                    "The etag {wanted} does not match the current version of the {label} '{id}'."
+                )))
+            }
+            (IfMatch::Etag(wanted), None) => Err(ProvisioningError::PreconditionFailed(format!(
+                "If-Match {wanted} was sent but the {label} '{id}' does not exist."
+            ))),
+            (_, Some(current)) => Ok(Precondition::EtagIs(current.etag.clone())),
+            (_, None) => Ok(Precondition::MustNotExist),
+        }
+    }
+
+    async fn write_certificate(
+        &self,
+        key: &str,
+        cert: &CaCertificate,
+        cond: Precondition,
+    ) -> Result<Etag, ProvisioningError> {
+        let etag = Etag::generate();
+        let doc = StoredDoc {
+            etag: etag.clone(),
+            doc: serde_json::to_string(cert)
+                .map_err(|e| ProvisioningError::internal("serializing a certificate", e))?,
+        };
+        self.store.put_certificate(key, doc, cond).await?;
+        Ok(etag)
     }
 }
 

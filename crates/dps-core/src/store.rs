@@ -155,6 +155,25 @@ pub trait LinkedHubStore: Send + Sync {
     async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError>;
 }
 
+/// CA certificates uploaded to the service (Azure keeps them on the DPS resource), keyed by
+/// lower-cased name.
+#[async_trait]
+pub trait CertificateStore: Send + Sync {
+    /// Writes one if `cond` holds.
+    async fn put_certificate(
+        &self,
+        key: &str,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError>;
+    /// Reads one.
+    async fn get_certificate(&self, key: &str) -> Result<Option<StoredDoc>, StoreError>;
+    /// All of them, in key order.
+    async fn list_certificates(&self) -> Result<Vec<StoredDoc>, StoreError>;
+    /// Deletes one if `cond` holds; `NotFound` if absent.
+    async fn delete_certificate(&self, key: &str, cond: Precondition) -> Result<(), StoreError>;
+}
+
 /// The service identity (ID scope, policies), created once.
 #[async_trait]
 pub trait IdentityStore: Send + Sync {
@@ -244,11 +263,22 @@ pub trait OperationStore: Send + Sync {
 
 /// Everything a backend provides.
 pub trait Store:
-    EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore + OperationStore
+    EnrollmentStore
+    + RegistrationStore
+    + LinkedHubStore
+    + IdentityStore
+    + OperationStore
+    + CertificateStore
 {
 }
 
-impl<T: EnrollmentStore + RegistrationStore + LinkedHubStore + IdentityStore + OperationStore> Store
-    for T
+impl<
+    T: EnrollmentStore
+        + RegistrationStore
+        + LinkedHubStore
+        + IdentityStore
+        + OperationStore
+        + CertificateStore,
+> Store for T
 {
 }

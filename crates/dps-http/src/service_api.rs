@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
 use dps_core::ids::IfMatch;
 use dps_core::management::{
-    EnrollmentRequest, LinkedHubOp, Paging, RegistrationRequest, ServiceRequest, ServiceResponse,
-    parse_page_size,
+    CertificateOp, EnrollmentRequest, LinkedHubOp, Paging, RegistrationRequest, ServiceRequest,
+    ServiceResponse, parse_page_size,
 };
 use dps_core::model::{BulkEnrollmentGroupOperation, BulkEnrollmentOperation};
 use percent_encoding::percent_decode_str;
@@ -55,6 +55,7 @@ pub(crate) fn is_service_collection(segment: &str) -> bool {
         "enrollmentgroups",
         "registrations",
         "linkedhubs",
+        "certificates",
     ]
     .iter()
     .any(|c| segment.eq_ignore_ascii_case(c))
@@ -177,6 +178,34 @@ fn decode(
         (["linkedhubs"], &Method::POST) => ServiceRequest::LinkedHub(LinkedHubOp::Put(json(body)?)),
         (["linkedhubs", _], &Method::DELETE) => {
             ServiceRequest::LinkedHub(LinkedHubOp::Delete { name: id(1) })
+        }
+        (["certificates"], &Method::GET) => ServiceRequest::Certificate(CertificateOp::List),
+        (["certificates", _], &Method::GET) => {
+            ServiceRequest::Certificate(CertificateOp::Get { name: id(1) })
+        }
+        (["certificates", _], &Method::PUT) => ServiceRequest::Certificate(CertificateOp::Put {
+            name: id(1),
+            body: json(body)?,
+            if_match: if_match(),
+        }),
+        (["certificates", _], &Method::DELETE) => {
+            ServiceRequest::Certificate(CertificateOp::Delete {
+                name: id(1),
+                if_match: if_match(),
+            })
+        }
+        (["certificates", _, "generateverificationcode"], &Method::POST) => {
+            ServiceRequest::Certificate(CertificateOp::GenerateVerificationCode {
+                name: id(1),
+                if_match: if_match(),
+            })
+        }
+        (["certificates", _, "verify"], &Method::POST) => {
+            ServiceRequest::Certificate(CertificateOp::Verify {
+                name: id(1),
+                body: json(body)?,
+                if_match: if_match(),
+            })
         }
         _ => return Err(no_route()),
     })

@@ -9,6 +9,10 @@ use super::*;
 pub(super) struct GroupAuth {
     pub(super) id: String,
     pub(super) keys: Vec<Vec<u8>>,
+    /// X.509: the signing certificates (DER) the group holds.
+    pub(super) signing_certificates: Vec<Vec<u8>>,
+    /// X.509: the names of the uploaded CA certificates the group refers to.
+    pub(super) ca_references: Vec<String>,
 }
 
 /// Versions of groups kept parsed; the cache starts over past this many.
@@ -94,9 +98,29 @@ impl Provisioning {
         }
         let group: EnrollmentGroup = parse(&doc.doc)?;
         let mut cache = self.group_auth.lock().unwrap_or_else(|e| e.into_inner());
+        let x509 = group
+            .attestation
+            .x509
+            .as_ref()
+            .filter(|_| group.attestation.kind == AttestationType::X509);
         let auth = Arc::new(GroupAuth {
             id: group.enrollment_group_id,
             keys: symmetric_keys(&group.attestation).unwrap_or_default(),
+            signing_certificates: x509
+                .and_then(|x| x.signing_certificates.as_ref())
+                .into_iter()
+                .flat_map(|c| [&c.primary, &c.secondary])
+                .flatten()
+                .filter_map(|c| c.certificate.as_deref())
+                .filter_map(|t| crate::certificate::decode_to_der(t).ok())
+                .collect(),
+            ca_references: x509
+                .and_then(|x| x.ca_references.as_ref())
+                .into_iter()
+                .flat_map(|r| [&r.primary, &r.secondary])
+                .flatten()
+                .cloned()
+                .collect(),
         });
         if cache.len() >= GROUP_AUTH_CACHE {
             cache.clear();
@@ -141,6 +165,27 @@ impl Provisioning {
         }
     }
 
+    /// Every enrollment group, parsed for authentication (from the cache when unchanged).
+    pub(super) async fn all_groups(&self) -> Result<Vec<Arc<GroupAuth>>, ProvisioningError> {
+        let mut groups = Vec::new();
+        for (key, etag) in self
+            .store
+            .enrollment_versions(EnrollmentKind::Group)
+            .await?
+        {
+            if let Some(known) = self.cached_group(&etag) {
+                groups.push(known);
+            } else if let Some(doc) = self
+                .store
+                .get_enrollment(EnrollmentKind::Group, &key)
+                .await?
+            {
+                groups.push(self.group_auth(&doc)?);
+            }
+        }
+        Ok(groups)
+    }
+
     /// Finds the enrollment the device's token was signed for. An individual enrollment takes
     /// precedence; otherwise every symmetric-key group is tried with the key derived for this device
     /// (the group key itself never verifies).
@@ -175,22 +220,7 @@ impl Provisioning {
             .registration(&key)
             .await?
             .and_then(|(r, _)| r.enrollment_group_id);
-        let mut groups = Vec::new();
-        for (key, etag) in self
-            .store
-            .enrollment_versions(EnrollmentKind::Group)
-            .await?
-        {
-            if let Some(known) = self.cached_group(&etag) {
-                groups.push(known);
-            } else if let Some(doc) = self
-                .store
-                .get_enrollment(EnrollmentKind::Group, &key)
-                .await?
-            {
-                groups.push(self.group_auth(&doc)?);
-            }
-        }
+        let mut groups = self.all_groups().await?;
         // The group the device used last time first: it is almost always the one.
         groups.sort_by_key(|g| Some(&g.id) != hint.as_ref());
         match groups

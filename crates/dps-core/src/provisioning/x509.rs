@@ -3,6 +3,7 @@
 //! certificate's subject, its validity and an enrollment decide. The registration id is the
 //! leaf's subject CN.
 
+use super::auth::GroupAuth;
 use super::*;
 use crate::certificate::{self, Presented};
 use crate::model::X509Attestation;
@@ -72,9 +73,48 @@ impl Provisioning {
         Ok(presented)
     }
 
-    /// Finds the enrollment of a device that presented `chain` (leaf first): the individual
-    /// enrollment of its registration id, which must hold the leaf as one of its client
-    /// certificates.
+    /// The uploaded CA certificates by lower-cased name: (DER, verified).
+    async fn ca_certificates(&self) -> Result<HashMap<String, (Vec<u8>, bool)>, ProvisioningError> {
+        let mut found = HashMap::new();
+        for doc in self.store.list_certificates().await? {
+            let ca: crate::ca::CaCertificate = parse(&doc.doc)?;
+            found.insert(ca.name.to_ascii_lowercase(), (ca.der()?, ca.is_verified));
+        }
+        Ok(found)
+    }
+
+    /// Validates `chain` up to a verified CA certificate, for client authentication. Returns the
+    /// certificates on the path (leaf first, the verified anchor last).
+    fn verified_path(
+        &self,
+        chain: &[Vec<u8>],
+        cas: &HashMap<String, (Vec<u8>, bool)>,
+    ) -> Result<Vec<Vec<u8>>, ProvisioningError> {
+        let anchors: Vec<Vec<u8>> = cas
+            .values()
+            .filter(|(_, verified)| *verified)
+            .map(|(der, _)| der.clone())
+            .collect();
+        certificate::verify_path(
+            chain,
+            &anchors,
+            self.clock.now().as_second(),
+            certificate::Usage::ClientAuth,
+        )
+        .map_err(|why| {
+            invalid(format!(
+                "the certificate chain does not lead to a verified CA certificate ({why}); send the chain up to it, and upload and verify the root or intermediate that issued it (opendps certificate create / verify)"
+            ))
+        })
+    }
+
+    /// Finds the enrollment of a device that presented `chain` (leaf first), as Azure does: the
+    /// individual enrollment of its registration id, which must hold the leaf; else, walking the
+    /// chain up from the leaf's issuer, the first enrollment group holding that certificate (as a
+    /// signing certificate or a CA reference), or one holding the certificate that issued the top
+    /// of the chain. A disabled enrollment found first stops the search (the registration is then
+    /// disabled). Except for a self-signed leaf held by an individual enrollment, the chain must
+    /// lead to a verified CA certificate.
     pub(super) async fn authenticate_x509(
         &self,
         scope: &str,
@@ -83,42 +123,104 @@ impl Provisioning {
     ) -> Result<(EnrollmentRef, PresentedCertificate), ProvisioningError> {
         let presented = self.check_certificate(scope, rid, chain)?;
         let leaf = &chain[0];
-        let Some(doc) = self
+        if let Some(doc) = self
             .store
             .get_enrollment(EnrollmentKind::Individual, &rid.key())
             .await?
-        else {
-            return Err(invalid(format!(
-                "no enrollment holds this certificate or one that issued it (registration id '{rid}')"
-            )));
-        };
-        let enrollment: IndividualEnrollment = parse(&doc.doc)?;
-        let attestation = match (&enrollment.attestation.kind, &enrollment.attestation.x509) {
-            (AttestationType::X509, Some(x509)) => x509,
-            _ => {
+        {
+            let enrollment: IndividualEnrollment = parse(&doc.doc)?;
+            let attestation = match (&enrollment.attestation.kind, &enrollment.attestation.x509) {
+                (AttestationType::X509, Some(x509)) => x509,
+                _ => {
+                    return Err(invalid(
+                        "the device's enrollment does not use X.509 attestation; sign a SAS token with its key instead",
+                    ));
+                }
+            };
+            if !client_certificates(attestation).iter().any(|c| c == leaf) {
                 return Err(invalid(
-                    "the device's enrollment does not use X.509 attestation; sign a SAS token with its key instead",
+                    "the certificate is not one of the enrollment's client certificates",
                 ));
             }
-        };
-        if !client_certificates(attestation).iter().any(|c| c == leaf) {
-            return Err(invalid(
-                "the certificate is not one of the enrollment's client certificates",
+            if !presented.self_issued {
+                let cas = self.ca_certificates().await?;
+                self.verified_path(chain, &cas)?;
+            }
+            return Ok((
+                EnrollmentRef {
+                    kind: EnrollmentKind::Individual,
+                    id: enrollment.registration_id,
+                },
+                PresentedCertificate {
+                    info: presented.info,
+                    signing_certificate_info: None,
+                },
             ));
         }
-        if !presented.self_issued {
-            return Err(invalid(
-                "the certificate was issued by a CA: enroll the CA (an enrollment group) or the device's own self-signed certificate",
-            ));
+
+        let cas = self.ca_certificates().await?;
+        let groups = self.all_groups().await?;
+        // Each group's certificates: its signing certificates and the CAs it refers to.
+        let held: Vec<(&GroupAuth, Vec<Vec<u8>>)> = groups
+            .iter()
+            .map(|g| {
+                let mut certs = g.signing_certificates.clone();
+                certs.extend(
+                    g.ca_references
+                        .iter()
+                        .filter_map(|name| cas.get(&name.to_ascii_lowercase()))
+                        .map(|(der, _)| der.clone()),
+                );
+                (&**g, certs)
+            })
+            .filter(|(_, certs)| !certs.is_empty())
+            .collect();
+        let in_chain = chain[1..].iter().find_map(|cert| {
+            held.iter()
+                .find_map(|(g, certs)| certs.iter().find(|c| *c == cert).map(|c| (*g, c.clone())))
+        });
+        let now = self.clock.now().as_second();
+        let found = in_chain.or_else(|| {
+            // The device may leave out the group's own certificate: the one that issued the top of
+            // what it sent.
+            held.iter().find_map(|(g, certs)| {
+                certs
+                    .iter()
+                    .find(|c| {
+                        certificate::verify_path(
+                            chain,
+                            std::slice::from_ref(*c),
+                            now,
+                            certificate::Usage::ClientAuth,
+                        )
+                        .is_ok()
+                    })
+                    .map(|c| (*g, c.clone()))
+            })
+        });
+        let Some((group, signing)) = found else {
+            return Err(invalid(format!(
+                "no enrollment holds this certificate or one that issued it (registration id '{rid}'); enroll the device, or its CA in an enrollment group"
+            )));
+        };
+        let path = self.verified_path(chain, &cas)?;
+        let group_verified = cas
+            .values()
+            .any(|(der, verified)| *verified && *der == signing);
+        if !group_verified && !path.contains(&signing) {
+            return Err(invalid(format!(
+                "the chain reaches a verified CA certificate, but not through enrollment group '{}''s certificate",
+                group.id
+            )));
         }
         Ok((
             EnrollmentRef {
-                kind: EnrollmentKind::Individual,
-                id: enrollment.registration_id,
+                kind: EnrollmentKind::Group,
+                id: group.id.clone(),
             },
             PresentedCertificate {
                 info: presented.info,
-                signing_certificate_info: None,
+                signing_certificate_info: certificate::info_of(&signing).ok(),
             },
         ))
     }

@@ -27,6 +27,10 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX operations_finished ON operations (pending, updated_ms);",
     // 3: leases held per process incarnation, so a worker never re-claims its own leases.
     "ALTER TABLE operations ADD COLUMN lease_incarnation TEXT;",
+    // 4: CA certificates uploaded to the service (verified by proof of possession).
+    "CREATE TABLE certificates (
+         name_key TEXT PRIMARY KEY, etag TEXT NOT NULL, doc TEXT NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// The store's schema.

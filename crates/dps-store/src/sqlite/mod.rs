@@ -18,8 +18,8 @@ use dps_core::error::Internal;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
-    EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore, OperationStore,
-    Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
+    CertificateStore, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore,
+    OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use sqlite_commit::{
@@ -491,6 +491,89 @@ impl LinkedHubStore for SqliteStore {
                 0 => Err(StoreError::NotFound(format!("linked hub '{host}'"))),
                 _ => Ok(()),
             }
+        })
+        .await
+    }
+}
+
+fn certificate_etag(conn: &Connection, key: &str) -> Result<Option<String>, StoreError> {
+    conn.query_row_cached(
+        "SELECT etag FROM certificates WHERE name_key = ?1",
+        params![key],
+        |r| r.get(0),
+    )
+    .optional()
+    .backend()
+}
+
+#[async_trait]
+impl CertificateStore for SqliteStore {
+    async fn put_certificate(
+        &self,
+        key: &str,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.write(move |conn| {
+            check(
+                &cond,
+                certificate_etag(conn, &key)?,
+                &format!("certificate '{key}'"),
+            )?;
+            conn.execute_cached(
+                "INSERT INTO certificates (name_key, etag, doc) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name_key) DO UPDATE SET etag = excluded.etag, doc = excluded.doc",
+                params![key, doc.etag.as_str(), doc.doc],
+            )
+            .backend()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_certificate(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            conn.query_row_cached(
+                "SELECT name_key, etag, doc FROM certificates WHERE name_key = ?1",
+                params![key],
+                doc_row,
+            )
+            .optional()
+            .backend()
+            .map(|r| r.map(|(_, d)| d))
+        })
+        .await
+    }
+
+    async fn list_certificates(&self) -> Result<Vec<StoredDoc>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name_key, etag, doc FROM certificates ORDER BY name_key")
+                .backend()?;
+            let rows = stmt
+                .query_map([], doc_row)
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            Ok(rows.into_iter().map(|(_, d)| d).collect())
+        })
+        .await
+    }
+
+    async fn delete_certificate(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.write(move |conn| {
+            let what = format!("certificate '{key}'");
+            let current = certificate_etag(conn, &key)?;
+            if current.is_none() {
+                return Err(StoreError::NotFound(what));
+            }
+            check(&cond, current, &what)?;
+            conn.execute_cached("DELETE FROM certificates WHERE name_key = ?1", params![key])
+                .backend()?;
+            Ok(())
         })
         .await
     }

@@ -245,3 +245,251 @@ async fn every_bad_certificate_is_refused_with_401002_on_both_transports() {
         assert_eq!(reply.status, 404, "{rid}: {reply:?}");
     }
 }
+
+/// A CA made here: its certificate, key and issuer.
+struct Ca {
+    pem: String,
+    key: KeyPair,
+    params: CertificateParams,
+}
+
+impl Ca {
+    fn root(cn: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let pem = params.self_signed(&key).expect("root").pem();
+        Self { pem, key, params }
+    }
+
+    fn intermediate(&self, cn: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let pem = params
+            .signed_by(&key, &self.issuer())
+            .expect("intermediate")
+            .pem();
+        Self { pem, key, params }
+    }
+
+    fn issuer(&self) -> rcgen::Issuer<'_, &KeyPair> {
+        rcgen::Issuer::from_params(&self.params, &self.key)
+    }
+
+    /// A device certificate for `cn` signed by this CA, written with `chain_above` (PEM) after it.
+    fn leaf(&self, dir: &Path, cn: &str, chain_above: &[&str]) -> DeviceCertificate {
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer()).expect("leaf");
+        let mut chain = cert.pem();
+        for above in chain_above {
+            chain.push_str(above);
+        }
+        let cert_file = dir.join(format!("{cn}.pem"));
+        let key_file = dir.join(format!("{cn}.key"));
+        std::fs::write(&cert_file, &chain).expect("write");
+        std::fs::write(&key_file, key.serialize_pem()).expect("write");
+        DeviceCertificate {
+            pem: cert.pem(),
+            der: cert.der().to_vec(),
+            cert_file,
+            key_file,
+        }
+    }
+
+    /// A proof-of-possession certificate: subject CN `code`, signed with this CA's key.
+    fn proof(&self, code: &str) -> String {
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, code);
+        let key = KeyPair::generate().expect("key");
+        params.signed_by(&key, &self.issuer()).expect("proof").pem()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_under_a_verified_root_admits_its_devices_and_an_individual_enrollment_disables_one()
+ {
+    let (server, _) = crate::server_with_hub(HUB).await;
+    let api = server.api().expect("client");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = Ca::root("opendps test root");
+    let intermediate = root.intermediate("opendps test intermediate");
+
+    // A certificate that is not a CA cannot be uploaded.
+    let not_ca = current(dir.path(), "not-a-ca");
+    let refused = api
+        .put(
+            "/certificates/not-a-ca",
+            json!({"certificate": not_ca.pem}),
+            None,
+        )
+        .await
+        .expect("put");
+    crate::assert_error(&refused, 400);
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a CA")
+    );
+
+    let uploaded = api
+        .put("/certificates/root", json!({"certificate": root.pem}), None)
+        .await
+        .expect("upload");
+    assert_eq!(uploaded.status, 200, "{uploaded:?}");
+    assert_eq!(uploaded.body["properties"]["isVerified"], false);
+    let group = api
+        .put(
+            "/enrollmentGroups/sensors",
+            json!({"attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": intermediate.pem}}}}}),
+            None,
+        )
+        .await
+        .expect("group");
+    assert_eq!(group.status, 200, "{group:?}");
+
+    let above = [intermediate.pem.as_str()];
+    let first = intermediate.leaf(dir.path(), "sensor-1", &above);
+    let second = intermediate.leaf(dir.path(), "sensor-2", &above);
+    // The root is not verified yet: the chain leads nowhere trusted.
+    let message = refused_message(&server, "sensor-1", &first, Transport::Https).await;
+    assert!(
+        message.contains("401002") && message.contains("verified CA"),
+        "{message}"
+    );
+
+    // Proof of possession: a wrong CN, then a certificate from another key, then the right one.
+    let code = api
+        .post("/certificates/root/generateVerificationCode", json!({}))
+        .await
+        .expect("code");
+    let code = code.body["properties"]["verificationCode"]
+        .as_str()
+        .expect("a code")
+        .to_owned();
+    for (proof, why) in [
+        (root.proof("not-the-code"), "not the verification code"),
+        (
+            Ca::root("impostor").proof(&code),
+            "not signed by this CA's key",
+        ),
+    ] {
+        let reply = api
+            .post("/certificates/root/verify", json!({"certificate": proof}))
+            .await
+            .expect("verify");
+        crate::assert_error(&reply, 400);
+        assert!(
+            reply.body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(why),
+            "{reply:?}"
+        );
+    }
+    let verified = api
+        .post(
+            "/certificates/root/verify",
+            json!({"certificate": root.proof(&code)}),
+        )
+        .await
+        .expect("verify");
+    assert_eq!(verified.status, 200, "{verified:?}");
+    assert_eq!(verified.body["properties"]["isVerified"], true);
+
+    for (device_cert, rid, transport) in [
+        (&first, "sensor-1", Transport::Https),
+        (&second, "sensor-2", Transport::Mqtt),
+    ] {
+        let device = device(
+            &server,
+            rid,
+            Attestation::X509(device_cert.identity()),
+            transport,
+        );
+        let done = serde_json::to_value(device.provision(&|_| ()).await.expect("provision"))
+            .expect("json");
+        assert_eq!(done["status"], "assigned", "{done}");
+        let x509 = &done["registrationState"]["x509"];
+        assert_eq!(x509["enrollmentGroupId"], "sensors", "{done}");
+        assert_eq!(
+            x509["signingCertificateInfo"]["subjectName"], "CN=opendps test intermediate",
+            "{done}"
+        );
+        assert_eq!(
+            x509["certificateInfo"]["sha256Thumbprint"],
+            device_cert.sha256()
+        );
+        let twin = device
+            .read_twin(HUB, rid)
+            .await
+            .expect("connects to its hub");
+        assert!(twin["desired"].is_object());
+    }
+
+    // Azure's way to stop one device of a group: a disabled individual enrollment for it.
+    let disabled = api
+        .put(
+            "/enrollments/sensor-2",
+            json!({"registrationId": "sensor-2", "provisioningStatus": "disabled", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": second.pem}}}}}),
+            None,
+        )
+        .await
+        .expect("disable");
+    assert_eq!(disabled.status, 200, "{disabled:?}");
+    let again = device(
+        &server,
+        "sensor-2",
+        Attestation::X509(second.identity()),
+        Transport::Https,
+    )
+    .provision(&|_| ())
+    .await
+    .expect("provision");
+    assert_eq!(
+        serde_json::to_value(&again).expect("json")["status"],
+        "disabled"
+    );
+    let still = device(
+        &server,
+        "sensor-1",
+        Attestation::X509(first.identity()),
+        Transport::Mqtt,
+    )
+    .provision(&|_| ())
+    .await
+    .expect("provision");
+    assert_eq!(
+        serde_json::to_value(&still).expect("json")["status"],
+        "assigned"
+    );
+}
+
+async fn refused_message(
+    server: &TestServer,
+    rid: &str,
+    certificate: &DeviceCertificate,
+    transport: Transport,
+) -> String {
+    refused(
+        server,
+        rid,
+        Attestation::X509(certificate.identity()),
+        transport,
+    )
+    .await
+}
