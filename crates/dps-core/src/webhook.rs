@@ -76,7 +76,12 @@ pub struct DeviceRuntimeContext {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_device_id: Option<String>,
     /// Present (empty) for symmetric-key attestation.
-    pub symmetric_key: serde_json::Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symmetric_key: Option<serde_json::Map<String, Value>>,
+    /// For X.509 attestation: the device's certificate (`certificateInfo`), and for a group device
+    /// the group (`enrollmentGroupId`) and its certificate (`signingCertificateInfo`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x509: Option<crate::device::X509RegistrationResult>,
     /// The device's custom payload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,

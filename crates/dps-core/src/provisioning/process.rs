@@ -603,7 +603,12 @@ impl Provisioning {
                     registration_id: op.registration_id.clone(),
                     current_iot_hub_host_name: current_hub.map(|h| h.host_name.clone()),
                     current_device_id,
-                    symmetric_key: serde_json::Map::new(),
+                    symmetric_key: op.certificate.is_none().then(serde_json::Map::new),
+                    x509: op.certificate.as_ref().map(|c| X509RegistrationResult {
+                        certificate_info: Some(c.info.clone()),
+                        enrollment_group_id: op.enrollment.group_id(),
+                        signing_certificate_info: c.signing_certificate_info.clone(),
+                    }),
                     payload: op.payload.clone(),
                 };
                 self.ask_webhook(op, &doc.doc, view.webhook_url.as_deref(), context, offered)
