@@ -393,6 +393,8 @@ impl Management {
             body.attestation_mut(),
             existing.as_ref().map(|(e, _)| e.attestation()),
         )?;
+        self.check_x509_certificates(T::KIND, &key, body.attestation_mut())
+            .await?;
         validate_allocation(&body)?;
         let now = format_utc(self.clock.now());
         let created = existing
@@ -754,6 +756,84 @@ impl Management {
         })
     }
 
+    /// An X.509 enrollment's CA references must name uploaded certificates, and no certificate may
+    /// belong to two enrollments (Azure's rule): its certificates are compared with every
+    /// enrollment group's (individual enrollments are told apart by their leaf's CN, which is their
+    /// registration id).
+    async fn check_x509_certificates(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        attestation: &mut AttestationMechanism,
+    ) -> Result<(), ProvisioningError> {
+        let Some(x509) = attestation
+            .x509
+            .as_ref()
+            .filter(|_| attestation.kind == AttestationType::X509)
+        else {
+            return Ok(());
+        };
+        let mut mine = x509_thumbprints(x509);
+        for name in ca_reference_names(x509) {
+            let doc = self
+                .store
+                .get_certificate(&name.to_ascii_lowercase())
+                .await?
+                .ok_or_else(|| {
+                    ProvisioningError::InvalidArgument(format!(
+                        "x509.caReferences names '{name}', but no CA certificate has that name; upload it first (opendps certificate create --certificate-name {name} --path FILE)."
+                    ))
+                })?;
+            let ca: CaCertificate = parse_doc(&doc)?;
+            mine.push((
+                certificate::sha256_thumbprint(&ca.der()?),
+                format!("CA certificate '{name}'"),
+            ));
+        }
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_enrollments(EnrollmentKind::Group, after.as_deref(), MAX_PAGE_SIZE)
+                .await?;
+            for doc in &page.items {
+                let group: EnrollmentGroup = parse_doc(doc)?;
+                if kind == EnrollmentKind::Group
+                    && group.enrollment_group_id.eq_ignore_ascii_case(key)
+                {
+                    continue;
+                }
+                let Some(theirs) = group.attestation.x509.as_ref() else {
+                    continue;
+                };
+                let mut held = x509_thumbprints(theirs);
+                for name in ca_reference_names(theirs) {
+                    if let Some(doc) = self
+                        .store
+                        .get_certificate(&name.to_ascii_lowercase())
+                        .await?
+                    {
+                        let ca: CaCertificate = parse_doc(&doc)?;
+                        held.push((certificate::sha256_thumbprint(&ca.der()?), String::new()));
+                    }
+                }
+                if let Some((_, what)) = mine
+                    .iter()
+                    .find(|(thumbprint, _)| held.iter().any(|(t, _)| t == thumbprint))
+                {
+                    return Err(ProvisioningError::InvalidArgument(format!(
+                        "The {what} already belongs to enrollment group '{}'; a certificate may belong to one enrollment only.",
+                        group.enrollment_group_id
+                    )));
+                }
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// The precondition of a write to a resource that may exist (ARM's create-or-update): an
     /// `If-Match` etag must be the current one; otherwise the write must not race another.
     fn put_condition(
@@ -963,6 +1043,37 @@ fn prepare_attestation(
         }
     }
     Ok(())
+}
+
+/// The CA certificate names an X.509 attestation refers to.
+fn ca_reference_names(x509: &crate::model::X509Attestation) -> Vec<String> {
+    x509.ca_references
+        .iter()
+        .flat_map(|r| [r.primary.clone(), r.secondary.clone()])
+        .flatten()
+        .collect()
+}
+
+/// The SHA-256 thumbprints of an X.509 attestation's certificates, with what each is.
+fn x509_thumbprints(x509: &crate::model::X509Attestation) -> Vec<(String, String)> {
+    [
+        ("clientCertificates", &x509.client_certificates),
+        ("signingCertificates", &x509.signing_certificates),
+    ]
+    .into_iter()
+    .flat_map(|(field, certs)| {
+        certs
+            .iter()
+            .flat_map(move |c| [("primary", &c.primary), ("secondary", &c.secondary)])
+            .filter_map(move |(which, c)| {
+                let der = certificate::decode_to_der(c.as_ref()?.certificate.as_deref()?).ok()?;
+                Some((
+                    certificate::sha256_thumbprint(&der),
+                    format!("certificate in x509.{field}.{which}"),
+                ))
+            })
+    })
+    .collect()
 }
 
 fn prepare_certificates(

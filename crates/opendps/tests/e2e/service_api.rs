@@ -282,6 +282,21 @@ async fn tpm_and_group_x509_are_stored_faithfully() {
         tpm.body["attestation"]["tpm"]["endorsementKey"],
         ek.as_str()
     );
+    // A CA reference names a CA certificate uploaded to the service.
+    let mut root = rcgen::CertificateParams::new(Vec::new()).expect("params");
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root = root
+        .self_signed(&rcgen::KeyPair::generate().expect("key"))
+        .expect("root");
+    let uploaded = api
+        .put(
+            "/certificates/my-root",
+            json!({"certificate": root.pem()}),
+            None,
+        )
+        .await
+        .expect("upload");
+    assert_eq!(uploaded.status, 200, "{uploaded:?}");
     let ca = api
         .put("/enrollmentGroups/ca-group", json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "my-root"}}}}), None)
         .await

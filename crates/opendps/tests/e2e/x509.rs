@@ -362,6 +362,30 @@ async fn a_group_under_a_verified_root_admits_its_devices_and_an_individual_enro
         .expect("group");
     assert_eq!(group.status, 200, "{group:?}");
 
+    // A certificate belongs to one enrollment only, and a CA reference must name an upload.
+    for (body, why) in [
+        (
+            json!({"attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": intermediate.pem}}}}}),
+            "already belongs to enrollment group 'sensors'",
+        ),
+        (
+            json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "no-such-ca"}}}}),
+            "no CA certificate has that name",
+        ),
+        (
+            json!({"attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"}}}}}),
+            "x509.signingCertificates.primary.certificate",
+        ),
+    ] {
+        let reply = api
+            .put("/enrollmentGroups/copycat", body, None)
+            .await
+            .expect("group");
+        crate::assert_error(&reply, 400);
+        let message = reply.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{message}");
+    }
+
     let above = [intermediate.pem.as_str()];
     let first = intermediate.leaf(dir.path(), "sensor-1", &above);
     let second = intermediate.leaf(dir.path(), "sensor-2", &above);
