@@ -59,6 +59,10 @@ enum Command {
     /// Manage the IoT hubs devices are assigned to.
     #[command(subcommand)]
     LinkedHub(cli::LinkedHubCommand),
+    /// Manage CA certificates for X.509 enrollment groups (upload, verify, list, delete), and make
+    /// a test PKI.
+    #[command(subcommand)]
+    Certificate(cli::certificate::CertificateCommand),
     /// Derive a device's symmetric key from its enrollment group's key.
     ComputeDeviceKey(cli::ComputeDeviceKeyArgs),
     /// Run the Azure DPS custom allocation tutorial on this machine: two hubs, the Contoso
@@ -252,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enrollment(cmd) => cli::enrollment(&ctx, cmd).await,
         Command::Registration(cmd) => cli::registration(&ctx, cmd).await,
         Command::LinkedHub(cmd) => cli::linked_hub(&ctx, cmd).await,
+        Command::Certificate(cmd) => cli::certificate::run(&ctx, cmd).await,
         Command::ComputeDeviceKey(args) => cli::compute_device_key(&ctx, args).await,
         Command::Device(device::DeviceCommand::Register(args)) => {
             device::register(

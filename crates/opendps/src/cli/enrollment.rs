@@ -120,7 +120,7 @@ pub struct EnrollmentSettings {
     #[arg(long, visible_alias = "scp")]
     pub secondary_certificate_path: Option<PathBuf>,
     /// Name of an uploaded CA certificate (groups).
-    #[arg(long)]
+    #[arg(long, visible_alias = "ca-name")]
     pub root_ca_name: Option<String>,
     /// Name of a second uploaded CA certificate (groups).
     #[arg(long)]

@@ -1,6 +1,7 @@
 //! The admin commands, modelled on `az iot dps`: enrollment groups, individual enrollments,
 //! registration states, linked hubs, and device key derivation.
 
+pub mod certificate;
 mod enrollment;
 
 use std::path::PathBuf;

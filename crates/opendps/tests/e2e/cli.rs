@@ -497,3 +497,151 @@ fn an_interrupted_demo_leaves_nothing_behind() {
         .expect("entries");
     assert!(left.is_empty(), "the demo left {left:?} behind:\n{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_fleet_from_the_test_chain_to_the_hub() {
+    let (server, _) = crate::server_with_hub("contoso-cli-x509-hub.azure-devices.net").await;
+    let pki = tempfile::tempdir().expect("tempdir");
+    let out = pki.path().to_string_lossy().into_owned();
+    let (ok, stdout, stderr) = run(
+        &server,
+        &[
+            "certificate",
+            "make-test-chain",
+            "--out",
+            &out,
+            "--device",
+            "cli-sensor-1",
+            "--device",
+            "cli-sensor-2",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("TEST"), "marked as test material: {stdout}");
+    let file = |name: &str| pki.path().join(name).to_string_lossy().into_owned();
+
+    // Upload the root; prove possession of its key with a certificate signed by it.
+    let root = json_ok(
+        &server,
+        &[
+            "certificate",
+            "create",
+            "--certificate-name",
+            "test-root",
+            "--path",
+            &file("root.pem"),
+        ],
+    );
+    assert_eq!(root["properties"]["isVerified"], false);
+    let code = json_ok(
+        &server,
+        &[
+            "certificate",
+            "generate-verification-code",
+            "--certificate-name",
+            "test-root",
+        ],
+    );
+    let code = code["properties"]["verificationCode"]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    let root_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(file("root.key")).expect("key"))
+            .expect("root key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(file("root.pem")).expect("root"),
+        root_key,
+    )
+    .expect("the root as an issuer");
+    let mut proof = rcgen::CertificateParams::new(Vec::new()).expect("params");
+    proof
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, code.as_str());
+    let proof = proof
+        .signed_by(&rcgen::KeyPair::generate().expect("key"), &issuer)
+        .expect("proof");
+    std::fs::write(pki.path().join("proof.pem"), proof.pem()).expect("write");
+    let verified = json_ok(
+        &server,
+        &[
+            "certificate",
+            "verify",
+            "--certificate-name",
+            "test-root",
+            "--path",
+            &file("proof.pem"),
+        ],
+    );
+    assert_eq!(verified["properties"]["isVerified"], true);
+    let (ok, table, _) = run(&server, &["certificate", "list"]);
+    assert!(
+        ok && table.contains("test-root") && table.contains("true"),
+        "{table}"
+    );
+
+    let group = json_ok(
+        &server,
+        &[
+            "enrollment-group",
+            "create",
+            "--enrollment-id",
+            "cli-sensors",
+            "--attestation-type",
+            "x509",
+            "--certificate-path",
+            &file("intermediate.pem"),
+        ],
+    );
+    assert_eq!(group["attestation"]["type"], "x509", "{group}");
+
+    let mqtt_port = server
+        .service_info()
+        .expect("info")
+        .listen
+        .mqtt
+        .expect("mqtt")
+        .port()
+        .to_string();
+    for (rid, transport) in [("cli-sensor-1", "https"), ("cli-sensor-2", "mqtt")] {
+        let (ok, stdout, stderr) = run(
+            &server,
+            &[
+                "device",
+                "register",
+                "--registration-id",
+                rid,
+                "--cert",
+                &file(&format!("{rid}.pem")),
+                "--key",
+                &file(&format!("{rid}.key")),
+                "--transport",
+                transport,
+                "--mqtt-port",
+                &mqtt_port,
+                "--connect",
+            ],
+        );
+        assert!(ok, "{rid}: {stdout} {stderr}");
+        assert!(stdout.contains(&format!("deviceId: {rid}")), "{stdout}");
+        assert!(stdout.contains(&format!("as {rid}. Twin:")), "{stdout}");
+    }
+    // A device certificate is not a CA: it cannot be uploaded as one.
+    let (ok, _, stderr) = run(
+        &server,
+        &[
+            "certificate",
+            "create",
+            "--certificate-name",
+            "leaf",
+            "--path",
+            &file("cli-sensor-1.pem"),
+        ],
+    );
+    assert!(!ok && stderr.contains("not a CA"), "{stderr}");
+    let (ok, _, stderr) = run(
+        &server,
+        &["certificate", "delete", "--certificate-name", "test-root"],
+    );
+    assert!(ok, "{stderr}");
+}
