@@ -253,3 +253,32 @@ def hub_telemetry(host, device_id):
     reply = requests.get(url, headers={"Authorization": hub_sas(host)}, verify=info()["caFile"], timeout=10)
     check(reply.status_code == 200, f"reading telemetry: HTTP {reply.status_code} {reply.text[:200]}")
     return reply.json()
+
+
+def service_request(method, path, body=None):
+    """A call to the service API outside the SDK's surface (opendps extensions such as
+    /certificates), signed with the owner policy's connection string."""
+    import base64
+    import hashlib
+    import hmac
+    import time
+    import urllib.parse
+
+    import requests
+
+    cs = dict(p.split("=", 1) for p in connection_string().split(";") if "=" in p)
+    host = cs["HostName"]
+    sr = urllib.parse.quote(host, safe="")
+    se = str(int(time.time()) + 3600)
+    sig = base64.b64encode(hmac.new(base64.b64decode(cs["SharedAccessKey"]), f"{sr}\n{se}".encode(), hashlib.sha256).digest()).decode()
+    token = f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={se}&skn={cs['SharedAccessKeyName']}"
+    reply = requests.request(
+        method,
+        f"https://{host}{path}?api-version=2021-10-01",
+        json=body,
+        headers={"Authorization": token},
+        verify=info()["caFile"],
+        timeout=10,
+    )
+    check(reply.status_code < 300, f"{method} {path}: HTTP {reply.status_code} {reply.text[:300]}")
+    return reply.json() if reply.text else None

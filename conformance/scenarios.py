@@ -598,6 +598,140 @@ def mqtt_individual_device_uses_its_hub(client, cleanup):
 
 
 # ---------------------------------------------------------------------------
+# X.509 devices with the official SDK: certificates made by the openssl command line
+# ---------------------------------------------------------------------------
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=cwd)
+
+
+def openssl_key_and_csr(cwd, name, cn):
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=cwd)
+
+
+def openssl_sign(cwd, name, ca, extensions):
+    with open(os.path.join(cwd, f"{name}.ext"), "w") as f:
+        f.write(extensions)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "30", "-sha256", "-extfile", f"{name}.ext", cwd=cwd)
+
+
+CA_EXTENSIONS = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n"
+LEAF_EXTENSIONS = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+
+
+def openssl_chain(cwd, devices):
+    """root -> intermediate -> one leaf per device; each device's `{id}-chain.pem` is its
+    certificate followed by the intermediate, as a device sends them."""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "root.key", "-out", "root.pem", "-days", "30", "-subj", "/CN=conformance root",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=cwd)
+    openssl_key_and_csr(cwd, "intermediate", "conformance intermediate")
+    openssl_sign(cwd, "intermediate", "root", CA_EXTENSIONS)
+    for rid in devices:
+        openssl_key_and_csr(cwd, rid, rid)
+        openssl_sign(cwd, rid, "intermediate", LEAF_EXTENSIONS)
+        with open(os.path.join(cwd, f"{rid}-chain.pem"), "w") as chain:
+            for part in (rid, "intermediate"):
+                with open(os.path.join(cwd, f"{part}.pem")) as f:
+                    chain.write(f.read())
+
+
+def x509_provisioning_client(registration_id, cert_file, key_file):
+    from azure.iot.device import ProvisioningDeviceClient, X509
+
+    data = common.info()
+    return ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host=common.service_hostname(),
+        registration_id=registration_id,
+        id_scope=data["idScope"],
+        x509=X509(cert_file=cert_file, key_file=key_file),
+        server_verification_cert=open(data["caFile"]).read(),
+    )
+
+
+def x509_device_reads_its_twin(rid, cert_file, key_file, hub):
+    """Registers over MQTT with the certificate, then connects to the assigned hub with the same
+    certificate and reads the initial twin."""
+    from azure.iot.device import IoTHubDeviceClient, X509
+
+    result = x509_provisioning_client(rid, cert_file, key_file).register()
+    check(result.status == "assigned", f"{rid}: status {result.status!r}: {result}")
+    state = result.registration_state
+    check(state.assigned_hub == hub and state.device_id == rid, f"{rid}: assigned {state.assigned_hub!r} / {state.device_id!r}")
+    device = common.registry_manager(hub).get_device(rid)
+    check(device.authentication.type == "selfSigned", f"{rid}: the hub identity is {device.authentication.type!r}, not selfSigned")
+    hub_client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(cert_file=cert_file, key_file=key_file),
+        hostname=state.assigned_hub,
+        device_id=state.device_id,
+        gateway_hostname=common.service_hostname(),
+        server_verification_cert=open(common.info()["caFile"]).read(),
+    )
+    try:
+        hub_client.connect()
+        twin = hub_client.get_twin()
+        desired = {k: v for k, v in twin["desired"].items() if not k.startswith("$")}
+        check(desired == {"state": "ready", "darknessSetting": "medium"}, f"{rid}: initial desired properties: {twin}")
+    finally:
+        hub_client.shutdown()
+
+
+@scenario("mqtt_x509_individual_device_uses_its_hub")
+def mqtt_x509_individual(client, cleanup):
+    rid = unique_id("x509-solo")
+    with tempfile.TemporaryDirectory() as d:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", "device.key", "-out", "device.pem", "-days", "30", "-subj", f"/CN={rid}", cwd=d)
+        pem = open(os.path.join(d, "device.pem")).read()
+        cleanup.add(INDIVIDUAL, rid)
+        body = {"registrationId": rid, "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}},
+                "iotHubs": [common.HEATPUMPS_HUB], "initialTwin": INITIAL_TWIN}
+        call("create the x509 enrollment", client.enrollment.create_or_update, rid, body)
+        x509_device_reads_its_twin(rid, os.path.join(d, "device.pem"), os.path.join(d, "device.key"), common.HEATPUMPS_HUB)
+
+
+@scenario("mqtt_x509_group_under_verified_root_and_a_disabled_device")
+def mqtt_x509_group(client, cleanup):
+    group = unique_id("x509-grp")
+    first, second = unique_id("x509-a"), unique_id("x509-b")
+    ca_name = unique_id("root")
+    with tempfile.TemporaryDirectory() as d:
+        openssl_chain(d, [first, second])
+        root = open(os.path.join(d, "root.pem")).read()
+        intermediate = open(os.path.join(d, "intermediate.pem")).read()
+        uploaded = common.service_request("PUT", f"/certificates/{ca_name}", {"certificate": root, "isVerified": True})
+        check(uploaded["properties"]["isVerified"] is True, f"the root upload: {uploaded}")
+        cleanup.add(GROUP, group)
+        body = {"enrollmentGroupId": group, "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": intermediate}}}},
+                "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}
+        call("create the x509 group", client.enrollment_group.create_or_update, group, body)
+        for rid in (first, second):
+            x509_device_reads_its_twin(rid, os.path.join(d, f"{rid}-chain.pem"), os.path.join(d, f"{rid}.key"), common.TOASTERS_HUB)
+        # A disabled individual enrollment for one device's certificate stops that device only.
+        leaf = open(os.path.join(d, f"{second}.pem")).read()
+        cleanup.add(INDIVIDUAL, second)
+        disabled = {"registrationId": second, "provisioningStatus": "disabled",
+                    "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": leaf}}}}}
+        call("disable one device", client.enrollment.create_or_update, second, disabled)
+        # The SDK reports a disabled registration as an error.
+        try:
+            result = x509_provisioning_client(second, os.path.join(d, f"{second}-chain.pem"), os.path.join(d, f"{second}.key")).register()
+            check(result.status == "disabled", f"the disabled device: {result}")
+        except common.ScenarioFailure:
+            raise
+        except Exception as e:  # ClientError from the SDK
+            out(f"  the disabled device: {type(e).__name__}")
+        state = common.service_request("GET", f"/registrations/{second}")
+        check(state.get("status") == "disabled", f"the disabled device's registration state: {state}")
+        result = x509_provisioning_client(first, os.path.join(d, f"{first}-chain.pem"), os.path.join(d, f"{first}.key")).register()
+        check(result.status == "assigned", f"the other device: {result}")
+        common.service_request("DELETE", f"/certificates/{ca_name}")
+
+
+# ---------------------------------------------------------------------------
 # The tutorial: custom allocation through the Contoso allocator (examples/contoso-allocator)
 # ---------------------------------------------------------------------------
 
