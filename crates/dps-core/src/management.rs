@@ -643,11 +643,6 @@ impl Management {
         &self,
         op: CertificateOp,
     ) -> Result<ServiceResponse, ProvisioningError> {
-        let not_found = |name: &str| {
-            ProvisioningError::NotFound(format!(
-                "No CA certificate is named '{name}'; upload it with `opendps certificate create`."
-            ))
-        };
         let now = format_utc(self.clock.now());
         Ok(match op {
             CertificateOp::Put {
@@ -683,13 +678,7 @@ impl Management {
                 ServiceResponse::Json(cert.describe(etag.as_str(), false)?)
             }
             CertificateOp::Get { name } => {
-                let key = certificate_key(&name)?;
-                let doc = self
-                    .store
-                    .get_certificate(&key)
-                    .await?
-                    .ok_or_else(|| not_found(&name))?;
-                let cert: CaCertificate = parse_doc(&doc)?;
+                let (_, doc, cert) = self.load_certificate(&name).await?;
                 ServiceResponse::Json(cert.describe(doc.etag.as_str(), false)?)
             }
             CertificateOp::List => {
@@ -708,14 +697,8 @@ impl Management {
                 ServiceResponse::NoContent
             }
             CertificateOp::GenerateVerificationCode { name, if_match } => {
-                let key = certificate_key(&name)?;
-                let doc = self
-                    .store
-                    .get_certificate(&key)
-                    .await?
-                    .ok_or_else(|| not_found(&name))?;
+                let (key, doc, mut cert) = self.load_certificate(&name).await?;
                 let cond = self.put_condition("certificate", &name, &if_match, Some(&doc))?;
-                let mut cert: CaCertificate = parse_doc(&doc)?;
                 cert.verification_code = Some(ca::new_verification_code());
                 cert.updated = now;
                 let etag = self.write_certificate(&key, &cert, cond).await?;
@@ -726,14 +709,8 @@ impl Management {
                 body,
                 if_match,
             } => {
-                let key = certificate_key(&name)?;
-                let doc = self
-                    .store
-                    .get_certificate(&key)
-                    .await?
-                    .ok_or_else(|| not_found(&name))?;
+                let (key, doc, mut cert) = self.load_certificate(&name).await?;
                 let cond = self.put_condition("certificate", &name, &if_match, Some(&doc))?;
-                let mut cert: CaCertificate = parse_doc(&doc)?;
                 let code = cert.verification_code.clone().ok_or_else(|| {
                     ProvisioningError::InvalidArgument(format!(
                         "The certificate '{name}' has no verification code; generate one with `opendps certificate generate-verification-code --certificate-name {name}` first."
@@ -855,6 +832,21 @@ impl Management {
             (_, Some(current)) => Ok(Precondition::EtagIs(current.etag.clone())),
             (_, None) => Ok(Precondition::MustNotExist),
         }
+    }
+
+    /// A stored CA certificate by name: its key, its stored form and the certificate.
+    async fn load_certificate(
+        &self,
+        name: &str,
+    ) -> Result<(String, StoredDoc, CaCertificate), ProvisioningError> {
+        let key = certificate_key(name)?;
+        let doc = self.store.get_certificate(&key).await?.ok_or_else(|| {
+            ProvisioningError::NotFound(format!(
+                "No CA certificate is named '{name}'; upload it with `opendps certificate create`."
+            ))
+        })?;
+        let cert = parse_doc(&doc)?;
+        Ok((key, doc, cert))
     }
 
     async fn write_certificate(

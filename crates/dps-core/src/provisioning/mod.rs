@@ -392,8 +392,21 @@ impl Provisioning {
             )));
         };
         let op: Operation = parse(&stored.doc)?;
-        self.authenticate_as(scope, &rid, credentials, &op.enrollment)
-            .await?;
+        match (&op.certificate, credentials.sas) {
+            // An X.509 device polls with the certificate it registered with: the handshake proved
+            // it holds its key, so the chain need not be walked again.
+            (Some(registered), None) if !credentials.certificates.is_empty() => {
+                let leaf = &credentials.certificates[0];
+                if crate::certificate::sha256_thumbprint(leaf) != registered.info.sha256_thumbprint
+                {
+                    self.authenticate(scope, &rid, credentials).await?;
+                }
+            }
+            _ => {
+                self.authenticate_as(scope, &rid, credentials, &op.enrollment)
+                    .await?
+            }
+        }
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
             status: op.status,
