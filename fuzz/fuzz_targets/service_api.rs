@@ -1,16 +1,19 @@
 //! A whole HTTP request through the service API decoder: method, path, `If-Match` and paging
-//! headers, and JSON bodies (enrollments, groups, bulk operations, linked hubs) become a typed
+//! headers, and JSON bodies (enrollments, groups, bulk operations, linked hubs, CA certificates
+//! and proofs of possession) become a typed
 //! request or a client error, never a panic. What the decoded request carries is then parsed the way
 //! the management layer parses it: ids, certificates (PEM, base64 DER or base64 PEM, then X.509)
 //! and linked-hub connection strings.
 
 #![no_main]
 
-use dps_core::certificate;
 use dps_core::ids::{EnrollmentGroupId, RegistrationId};
 use dps_core::linked_hub::LinkedHub;
-use dps_core::management::{EnrollmentRequest, LinkedHubOp, RegistrationRequest, ServiceRequest};
+use dps_core::management::{
+    CertificateOp, EnrollmentRequest, LinkedHubOp, RegistrationRequest, ServiceRequest,
+};
 use dps_core::model::{AttestationMechanism, X509Certificates};
+use dps_core::{ca, certificate};
 use libfuzzer_sys::fuzz_target;
 use opendps_fuzz::HttpRequest;
 
@@ -50,6 +53,25 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         ServiceRequest::LinkedHub(LinkedHubOp::List | LinkedHubOp::Delete { .. }) => {}
+        ServiceRequest::Certificate(CertificateOp::Put { body, .. }) => {
+            if let (Some(text), _) = body.parts() {
+                let _ = ca::parse_ca(&text);
+            }
+        }
+        ServiceRequest::Certificate(CertificateOp::Verify { body, .. }) => {
+            if let (Some(proof), _) = body.parts() {
+                // The proof is checked against itself as the CA: every parse path runs.
+                if let Ok(der) = certificate::decode_to_der(&proof) {
+                    let _ = ca::check_proof(&der, &proof, "0123456789ABCDEF", 0);
+                }
+            }
+        }
+        ServiceRequest::Certificate(
+            CertificateOp::Get { .. }
+            | CertificateOp::List
+            | CertificateOp::Delete { .. }
+            | CertificateOp::GenerateVerificationCode { .. },
+        ) => {}
     }
 });
 
