@@ -702,8 +702,17 @@ def mqtt_x509_group(client, cleanup):
         openssl_chain(d, [first, second])
         root = open(os.path.join(d, "root.pem")).read()
         intermediate = open(os.path.join(d, "intermediate.pem")).read()
-        uploaded = common.service_request("PUT", f"/certificates/{ca_name}", {"certificate": root, "isVerified": True})
-        check(uploaded["properties"]["isVerified"] is True, f"the root upload: {uploaded}")
+        # Upload the root, then prove possession of its key as Azure's documentation shows it: a
+        # certificate with CN=<code>, signed by `openssl x509 -req` without extensions (version 1).
+        uploaded = common.service_request("PUT", f"/certificates/{ca_name}", {"certificate": root})
+        check(uploaded["properties"]["isVerified"] is False, f"the root upload: {uploaded}")
+        code = common.service_request("POST", f"/certificates/{ca_name}/generateVerificationCode", {})["properties"]["verificationCode"]
+        openssl_key_and_csr(d, "verification", code)
+        openssl("x509", "-req", "-in", "verification.csr", "-CA", "root.pem", "-CAkey", "root.key",
+                "-CAcreateserial", "-out", "verification.pem", "-days", "30", "-sha256", cwd=d)
+        proof = open(os.path.join(d, "verification.pem")).read()
+        verified = common.service_request("POST", f"/certificates/{ca_name}/verify", {"certificate": proof})
+        check(verified["properties"]["isVerified"] is True, f"the root after proof of possession: {verified}")
         cleanup.add(GROUP, group)
         body = {"enrollmentGroupId": group, "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": intermediate}}}},
                 "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}

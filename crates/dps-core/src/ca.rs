@@ -134,12 +134,10 @@ pub fn check_proof(ca: &[u8], proof: &str, code: &str, now: i64) -> Result<(), P
             cn.unwrap_or_default()
         )));
     }
-    certificate::verify_path(&[der], &[ca.to_vec()], now, certificate::Usage::Any).map_err(
-        |why| {
-            invalid(format!(
-                "The verification certificate is not signed by this CA's key ({why}); sign it with the private key of the uploaded certificate."
-            ))
-        },
-    )?;
+    certificate::signed_by(&der, ca, now).map_err(|why| {
+        invalid(format!(
+            "The verification certificate is not accepted ({why}); sign a certificate with CN={code} with the private key of the uploaded certificate, valid now."
+        ))
+    })?;
     Ok(())
 }

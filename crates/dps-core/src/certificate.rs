@@ -146,6 +146,18 @@ pub fn common_name(der: &[u8]) -> Result<Option<String>, CertificateError> {
     Ok(presented(der)?.common_name)
 }
 
+/// Whether `issuer`'s subject name is `cert`'s issuer name (byte for byte, as path building
+/// compares them): the cheap test before a signature is checked. False when either does not parse.
+pub fn names_issuer(issuer: &[u8], cert: &[u8]) -> bool {
+    let (Ok((_, issuer)), Ok((_, cert))) = (
+        X509Certificate::from_der(issuer),
+        X509Certificate::from_der(cert),
+    ) else {
+        return false;
+    };
+    issuer.subject().as_raw() == cert.issuer().as_raw()
+}
+
 /// Which extended key usage a path must allow at its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
@@ -232,6 +244,31 @@ pub fn verify_path(
     Ok(on_path)
 }
 
+/// Checks that the key of `issuer` (DER) signed `cert` (DER) and that `cert` is valid at `now`
+/// (unix seconds). Unlike [`verify_path`] this takes any certificate version: proofs of
+/// possession made with `openssl x509 -req`, as the DPS documentation shows, are version 1.
+pub fn signed_by(cert: &[u8], issuer: &[u8], now: i64) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| e.to_string())?;
+    let validity = parsed.validity();
+    if now < validity.not_before.timestamp() || now > validity.not_after.timestamp() {
+        return Err(format!(
+            "it is valid from {} to {} only",
+            validity.not_before, validity.not_after
+        ));
+    }
+    let issuer_der = CertificateDer::from(issuer);
+    let issuer = webpki::EndEntityCert::try_from(&issuer_der).map_err(|e| e.to_string())?;
+    let message = parsed.tbs_certificate.as_ref();
+    let signature = parsed.signature_value.data.as_ref();
+    // A signature that verifies under any algorithm with the issuer's key was made with that key.
+    webpki::ALL_VERIFICATION_ALGS
+        .iter()
+        .any(|alg| issuer.verify_signature(*alg, message, signature).is_ok())
+        .then_some(())
+        .ok_or_else(|| "the signature does not verify with the CA's public key".to_owned())
+}
+
 /// The SHA-1 thumbprint of a DER certificate, upper-case hex.
 pub fn sha1_thumbprint(der: &[u8]) -> String {
     hex_upper(&Sha1::digest(der))
@@ -283,5 +320,32 @@ mod tests {
             Err(CertificateError::Parse(_))
         ));
         assert!(parse("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----").is_err());
+    }
+
+    #[test]
+    fn signed_by_accepts_the_issuers_signature_only_while_valid() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_der = ca.self_signed(&ca_key).expect("ca").der().to_vec();
+        let other_key = KeyPair::generate().expect("key");
+        let mut proof = CertificateParams::new(vec!["ABC123".into()]).expect("params");
+        proof.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        proof.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let leaf_key = KeyPair::generate().expect("key");
+        let signed = |key: &KeyPair| {
+            proof
+                .signed_by(&leaf_key, &Issuer::from_params(&ca, key))
+                .expect("signed")
+                .der()
+                .to_vec()
+        };
+        let now = 1_800_000_000; // 2027
+        assert_eq!(signed_by(&signed(&ca_key), &ca_der, now), Ok(()));
+        let forged = signed_by(&signed(&other_key), &ca_der, now).expect_err("another key");
+        assert!(forged.contains("does not verify"), "{forged}");
+        let expired = signed_by(&signed(&ca_key), &ca_der, 1_900_000_000).expect_err("2030");
+        assert!(expired.contains("valid from"), "{expired}");
     }
 }

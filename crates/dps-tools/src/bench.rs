@@ -5,6 +5,10 @@
 //! request with its group-derived SAS token, polls until the operation ends, and a close. The
 //! baseline phase opens and closes as many TLS connections against the same port and does nothing
 //! else, so the report can state registrations/s ÷ connections/s measured in the same run.
+//!
+//! With `--attestation x509` each device has its own certificate, signed by an intermediate under a
+//! test root that the run uploads as a verified CA certificate; symmetric-key devices register
+//! first in the same run, so the report can state the X.509 rate next to theirs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -29,6 +33,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::Transport;
 use crate::client::{ClientSettings, ServiceClient};
+use crate::pki::TestChain;
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
 use dps_device::https::{API_VERSION, retry_after_header};
@@ -90,6 +95,21 @@ pub struct BenchArgs {
     /// How long to hold the idle connections before measuring.
     #[arg(long, default_value_t = 10)]
     hold_secs: u64,
+    /// How the devices attest: a key derived from the group's (symmetric-key), or a certificate
+    /// each under a test root the run uploads as a verified CA certificate (x509). An x509 run
+    /// registers as many symmetric-key devices first and reports both rates.
+    #[arg(long, value_enum, default_value_t = BenchAttestation::SymmetricKey,
+        conflicts_with_all = ["group_id", "idle_connections", "reuse_connections"])]
+    attestation: BenchAttestation,
+}
+
+/// How the bench's devices attest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchAttestation {
+    /// A SAS token signed with the device's key, derived from the group's.
+    SymmetricKey,
+    /// The device's own certificate in the TLS handshake.
+    X509,
 }
 
 /// Where the service is.
@@ -99,6 +119,21 @@ struct Target {
     server_name: ServerName<'static>,
     scope: String,
     tls: TlsConnector,
+    /// The CA file the TLS connector trusts, for the X.509 devices' own connectors.
+    ca: Option<std::path::PathBuf>,
+}
+
+/// One simulated device: its registration id and what it proves itself with.
+struct SimDevice {
+    rid: String,
+    proof: Proof,
+}
+
+enum Proof {
+    /// The device key (derived from the group's), to sign SAS tokens with.
+    Key(String),
+    /// A TLS connector that presents the device's certificate.
+    Certificate(TlsConnector),
 }
 
 /// What one device saw.
@@ -130,6 +165,14 @@ struct Report {
     ratio_to_baseline: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     group: Option<String>,
+    /// `symmetricKey` or `x509`: how the devices of `registrations` attested.
+    attestation: &'static str,
+    /// In an X.509 run, the symmetric-key devices registered first for comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    symmetric_key_registrations: Option<RegistrationsReport>,
+    /// In an X.509 run, X.509 registrations/s ÷ symmetric-key registrations/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_to_symmetric_key: Option<f64>,
 }
 
 /// Bare TLS connections: connect, handshake, close.
@@ -244,7 +287,7 @@ pub async fn run(
         );
     };
     let ca = info.ca_file.clone();
-    let tls = TlsConnector::from(tls_client_config(ca.as_deref(), None)?);
+    let tls = TlsConnector::from(bench_tls(tls_client_config(ca.as_deref(), None)?));
     let port = match args.transport {
         Transport::Https => Some(info.listen.https),
         Transport::Mqtt => info.listen.mqtt,
@@ -263,6 +306,7 @@ pub async fn run(
         server_name: ServerName::try_from(name.clone())?,
         scope: info.id_scope.clone(),
         tls,
+        ca,
     });
 
     let mut report = Report {
@@ -279,6 +323,12 @@ pub async fn run(
         registrations: None,
         ratio_to_baseline: None,
         group: None,
+        attestation: match args.attestation {
+            BenchAttestation::SymmetricKey => "symmetricKey",
+            BenchAttestation::X509 => "x509",
+        },
+        symmetric_key_registrations: None,
+        ratio_to_symmetric_key: None,
     };
     let baseline = match args.no_baseline {
         true => None,
@@ -303,26 +353,8 @@ pub async fn run(
         _ => {
             let id = format!("bench-{}", random_hex(4));
             let key = dps_core::sas::generate_key();
-            let mut group = json!({
-                "enrollmentGroupId": id,
-                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
-                "allocationPolicy": "hashed",
-            });
-            if let Some(url) = &args.webhook_url {
-                group["allocationPolicy"] = json!("custom");
-                group["customAllocationDefinition"] =
-                    json!({"webhookUrl": url, "apiVersion": "2021-10-01"});
-            }
-            client
-                .send(
-                    Method::PUT,
-                    &format!("/enrollmentGroups/{id}"),
-                    None,
-                    &[],
-                    Some(&group),
-                )
-                .await
-                .context("while creating the bench's enrollment group")?;
+            let attestation = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}});
+            create_group(&client, &id, attestation, args.webhook_url.as_deref()).await?;
             (id, key, true)
         }
     };
@@ -330,36 +362,50 @@ pub async fn run(
         let pid = u64::from(running.pid);
         let idle = idle(&target, &args, n, pid, &group_key, json_output).await;
         if created && !args.keep_group {
-            delete_group(&client, &group_id).await;
+            delete(&client, "enrollmentGroups", &group_id).await;
         }
         report.idle = Some(idle?);
         return print(&report, json_output);
     }
     let run_id = random_hex(4);
-    let suffixes = match args.id_suffix.is_empty() {
-        true => vec![String::new()],
-        false => args.id_suffix.clone(),
-    };
-    let devices: Arc<Vec<(String, String)>> = Arc::new(
-        (0..args.devices)
-            .map(|i| {
-                let rid = format!("bench-{run_id}-{i}{}", suffixes[i % suffixes.len()]);
-                let key = dps_core::sas::derive_device_key(&group_key, &rid).unwrap_or_default();
-                (rid, key)
-            })
-            .collect(),
-    );
-    let results = register_all(&target, &args, devices, json_output).await;
+    let devices: Vec<SimDevice> = registration_ids(&args, &format!("bench-{run_id}-"))
+        .into_iter()
+        .map(|rid| {
+            let key = dps_core::sas::derive_device_key(&group_key, &rid).unwrap_or_default();
+            SimDevice {
+                rid,
+                proof: Proof::Key(key),
+            }
+        })
+        .collect();
+    let (mut results, wall) = register_all(&target, &args, Arc::new(devices), json_output).await;
     if created && !args.keep_group {
-        delete_group(&client, &group_id).await;
+        delete(&client, "enrollmentGroups", &group_id).await;
     }
-    summarize(&mut report, &results.0, results.1, baseline);
+    let mut registrations = summarize(&results, wall);
     report.group = Some(group_id);
+    if args.attestation == BenchAttestation::X509 {
+        let name = format!("bench-x509-{run_id}");
+        let (x509_results, x509_wall) =
+            x509_pass(&client, &target, &args, &name, json_output).await?;
+        let x509 = summarize(&x509_results, x509_wall);
+        if registrations.per_sec > 0.0 {
+            report.ratio_to_symmetric_key =
+                Some((x509.per_sec / registrations.per_sec * 1000.0).round() / 1000.0);
+        }
+        report.symmetric_key_registrations = Some(registrations);
+        report.group = Some(name);
+        registrations = x509;
+        results.extend(x509_results);
+    }
+    if let Some(base) = baseline.filter(|b| *b > 0.0) {
+        report.ratio_to_baseline = Some((registrations.per_sec / base * 1000.0).round() / 1000.0);
+    }
+    report.registrations = Some(registrations);
     print(&report, json_output)?;
-    let failed = results.0.iter().filter(|r| r.outcome.is_err()).count();
+    let failed = results.iter().filter(|r| r.outcome.is_err()).count();
     if failed > 0 {
         let hint = if results
-            .0
             .iter()
             .any(|r| r.outcome.as_ref().err().and_then(Failure::code) == Some(400_211))
         {
@@ -369,24 +415,140 @@ pub async fn run(
         };
         bail!(
             "{failed} of {} devices were not assigned.{hint}",
-            results.0.len()
+            results.len()
         );
     }
     Ok(())
 }
 
-async fn delete_group(client: &ServiceClient, group_id: &str) {
+/// The bench's TLS client settings: no session resumption, so that every device makes a full
+/// handshake as a device that registers once does (with one client configuration shared by every
+/// simulated device, rustls would resume sessions the previous devices were given).
+fn bench_tls(config: Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
+/// `--devices` registration ids: `{prefix}{i}` and the `--id-suffix` values in turn.
+fn registration_ids(args: &BenchArgs, prefix: &str) -> Vec<String> {
+    let suffixes = match args.id_suffix.is_empty() {
+        true => vec![String::new()],
+        false => args.id_suffix.clone(),
+    };
+    (0..args.devices)
+        .map(|i| format!("{prefix}{i}{}", suffixes[i % suffixes.len()]))
+        .collect()
+}
+
+/// Creates the bench's enrollment group: hashed over every linked hub, or custom through
+/// `webhook_url`.
+async fn create_group(
+    client: &ServiceClient,
+    id: &str,
+    attestation: Value,
+    webhook_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut group = json!({
+        "enrollmentGroupId": id,
+        "attestation": attestation,
+        "allocationPolicy": "hashed",
+    });
+    if let Some(url) = webhook_url {
+        group["allocationPolicy"] = json!("custom");
+        group["customAllocationDefinition"] =
+            json!({"webhookUrl": url, "apiVersion": "2021-10-01"});
+    }
+    client
+        .send(
+            Method::PUT,
+            &format!("/enrollmentGroups/{id}"),
+            None,
+            &[],
+            Some(&group),
+        )
+        .await
+        .context("while creating the bench's enrollment group")?;
+    Ok(())
+}
+
+/// The X.509 devices: a test root uploaded as a verified CA certificate named `name`, a group of
+/// that name referencing it, and a certificate per device signed by an intermediate (made before
+/// the clock starts); then the same registrations as the symmetric-key devices.
+async fn x509_pass(
+    client: &ServiceClient,
+    target: &Arc<Target>,
+    args: &BenchArgs,
+    name: &str,
+    quiet: bool,
+) -> anyhow::Result<(Vec<DeviceResult>, Duration)> {
+    let chain = TestChain::generate()?;
+    client
+        .send(
+            Method::PUT,
+            &format!("/certificates/{name}"),
+            None,
+            &[],
+            Some(&json!({"certificate": chain.root_pem, "isVerified": true})),
+        )
+        .await
+        .context("while uploading the bench's test root certificate")?;
+    let attestation = json!({"type": "x509", "x509": {"caReferences": {"primary": name}}});
+    let devices = match create_group(client, name, attestation, args.webhook_url.as_deref()).await {
+        Ok(()) => x509_devices(&chain, target, args, name, quiet),
+        Err(err) => Err(err),
+    };
+    let outcome = match devices {
+        Ok(devices) => Ok(register_all(target, args, Arc::new(devices), quiet).await),
+        Err(err) => Err(err),
+    };
+    if !args.keep_group {
+        delete(client, "enrollmentGroups", name).await;
+        delete(client, "certificates", name).await;
+    }
+    outcome
+}
+
+/// A certificate and a TLS connector presenting it for each device, with progress.
+fn x509_devices(
+    chain: &TestChain,
+    target: &Target,
+    args: &BenchArgs,
+    name: &str,
+    quiet: bool,
+) -> anyhow::Result<Vec<SimDevice>> {
+    let ids = registration_ids(args, &format!("{name}-"));
+    let bar = progress(ids.len(), "making device certificates", quiet);
+    let devices = ids
+        .into_iter()
+        .map(|rid| {
+            let identity = chain.device(&rid)?;
+            let config = tls_client_config(target.ca.as_deref(), Some(&identity))?;
+            bar.inc(1);
+            Ok(SimDevice {
+                rid,
+                proof: Proof::Certificate(TlsConnector::from(bench_tls(config))),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>();
+    bar.finish_and_clear();
+    devices
+}
+
+/// Deletes what the bench made (`kind` is `enrollmentGroups` or `certificates`); a failure is a
+/// warning.
+async fn delete(client: &ServiceClient, kind: &str, name: &str) {
     let deleted = client
         .send(
             Method::DELETE,
-            &format!("/enrollmentGroups/{group_id}"),
+            &format!("/{kind}/{name}"),
             Some("*"),
             &[],
             None,
         )
         .await;
     if let Err(err) = deleted {
-        eprintln!("warning: could not delete the bench's group {group_id}: {err:#}");
+        eprintln!("warning: could not delete the bench's {kind}/{name}: {err:#}");
     }
 }
 
@@ -504,7 +666,7 @@ async fn baseline(target: &Arc<Target>, n: usize, concurrency: usize, quiet: boo
         tasks.spawn(async move {
             let mut failures = 0;
             while next.fetch_add(1, Ordering::Relaxed) < n {
-                match tls_connect(&target).await {
+                match tls_connect(&target, &target.tls).await {
                     Ok(mut stream) => {
                         let _ = stream.shutdown().await;
                     }
@@ -528,17 +690,18 @@ async fn baseline(target: &Arc<Target>, n: usize, concurrency: usize, quiet: boo
 
 async fn tls_connect(
     target: &Target,
+    tls: &TlsConnector,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(target.addr).await?;
     tcp.set_nodelay(true)?;
-    Ok(target.tls.connect(target.server_name.clone(), tcp).await?)
+    Ok(tls.connect(target.server_name.clone(), tcp).await?)
 }
 
 /// Registers every device, `concurrency` at a time; returns each device's result and the wall time.
 async fn register_all(
     target: &Arc<Target>,
     args: &BenchArgs,
-    devices: Arc<Vec<(String, String)>>,
+    devices: Arc<Vec<SimDevice>>,
     quiet: bool,
 ) -> (Vec<DeviceResult>, Duration) {
     let bar = progress(devices.len(), "registering", quiet);
@@ -564,12 +727,12 @@ async fn register_all(
             let mut kept: Option<SendRequest<Full<Bytes>>> = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((rid, key)) = devices.get(i) else {
+                let Some(device) = devices.get(i) else {
                     break;
                 };
                 let result = match settings.transport {
-                    Transport::Https => https_device(&target, &settings, rid, key, &mut kept).await,
-                    Transport::Mqtt => mqtt_device(&target, &settings, rid, key).await,
+                    Transport::Https => https_device(&target, &settings, device, &mut kept).await,
+                    Transport::Mqtt => mqtt_device(&target, &settings, device).await,
                 };
                 if let Err(err) = &result.outcome {
                     bar.set_message(format!("last error: {err}"));
@@ -607,26 +770,44 @@ fn device_token(scope: &str, rid: &str, key: &str) -> String {
     .unwrap_or_default()
 }
 
+impl SimDevice {
+    /// The SAS token of a symmetric-key device, none for an X.509 one.
+    fn token(&self, scope: &str) -> Option<String> {
+        match &self.proof {
+            Proof::Key(key) => Some(device_token(scope, &self.rid, key)),
+            Proof::Certificate(_) => None,
+        }
+    }
+
+    /// The TLS connector: the bench's, or one that presents the device's certificate.
+    fn tls<'a>(&'a self, target: &'a Target) -> &'a TlsConnector {
+        match &self.proof {
+            Proof::Key(_) => &target.tls,
+            Proof::Certificate(tls) => tls,
+        }
+    }
+}
+
 /// One device over HTTPS: register, poll until the end.
 async fn https_device(
     target: &Target,
     settings: &DeviceSettings,
-    rid: &str,
-    key: &str,
+    device: &SimDevice,
     kept: &mut Option<SendRequest<Full<Bytes>>>,
 ) -> DeviceResult {
     let started = Instant::now();
     let mut waited = Duration::ZERO;
+    let rid = device.rid.as_str();
     let outcome = tokio::time::timeout(settings.timeout, async {
         let sender = match kept.take().filter(|s| !s.is_closed()) {
             Some(sender) => sender,
-            None => http_connect(target).await?,
+            None => http_connect(target, device.tls(target)).await?,
         };
         let mut link = HttpsLink {
             sender,
             target,
             base: format!("/{}/registrations/{rid}", target.scope),
-            token: device_token(&target.scope, rid, key),
+            token: device.token(&target.scope),
         };
         let ended = provision(&mut link, settings, rid, &mut waited).await;
         if settings.reuse {
@@ -643,16 +824,16 @@ async fn https_device(
 async fn mqtt_device(
     target: &Target,
     settings: &DeviceSettings,
-    rid: &str,
-    key: &str,
+    device: &SimDevice,
 ) -> DeviceResult {
     let started = Instant::now();
     let mut waited = Duration::ZERO;
+    let rid = device.rid.as_str();
     let outcome = tokio::time::timeout(settings.timeout, async {
-        let token = device_token(&target.scope, rid, key);
+        let token = device.token(&target.scope).unwrap_or_default();
         let name = server_name_text(&target.server_name);
         let mut link = DpsMqtt::connect_with(
-            &tls_config_of(target),
+            device.tls(target).config(),
             &name,
             target.addr.port(),
             &target.scope,
@@ -695,8 +876,11 @@ async fn provision(
     }
 }
 
-async fn http_connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, Failure> {
-    let tls = tls_connect(target)
+async fn http_connect(
+    target: &Target,
+    tls: &TlsConnector,
+) -> Result<SendRequest<Full<Bytes>>, Failure> {
+    let tls = tls_connect(target, tls)
         .await
         .map_err(|e| Failure::Transport(format!("connect: {e}")))?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -711,7 +895,8 @@ struct HttpsLink<'a> {
     sender: SendRequest<Full<Bytes>>,
     target: &'a Target,
     base: String,
-    token: String,
+    /// A symmetric-key device's SAS token; an X.509 device has none.
+    token: Option<String>,
 }
 
 impl HttpsLink<'_> {
@@ -722,14 +907,16 @@ impl HttpsLink<'_> {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<Reply> {
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("Host", &self.target.host_header)
-            .header("Authorization", &self.token)
             .header("Content-Type", "application/json; charset=utf-8")
-            .header("Accept", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            .header("Accept", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", token);
+        }
+        let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
@@ -784,7 +971,7 @@ fn terminal(done: &RegistrationOperationStatus) -> Result<(), Failure> {
     Err(Failure::Ended { status, code })
 }
 
-fn summarize(report: &mut Report, results: &[DeviceResult], wall: Duration, baseline: Option<f64>) {
+fn summarize(results: &[DeviceResult], wall: Duration) -> RegistrationsReport {
     let assigned: Vec<&DeviceResult> = results.iter().filter(|r| r.outcome.is_ok()).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for r in results {
@@ -794,16 +981,13 @@ fn summarize(report: &mut Report, results: &[DeviceResult], wall: Duration, base
     }
     #[allow(clippy::cast_precision_loss)]
     let rate = assigned.len() as f64 / wall.as_secs_f64();
-    report.registrations = Some(RegistrationsReport {
+    RegistrationsReport {
         assigned: assigned.len(),
         errors,
         seconds: round(wall.as_secs_f64()),
         per_sec: round(rate),
         latency_ms: percentiles(assigned.iter().map(|r| r.total)),
         service_latency_ms: percentiles(assigned.iter().map(|r| r.service)),
-    });
-    if let Some(base) = baseline.filter(|b| *b > 0.0) {
-        report.ratio_to_baseline = Some((rate / base * 1000.0).round() / 1000.0);
     }
 }
 
@@ -889,36 +1073,48 @@ fn print(report: &Report, json_output: bool) -> anyhow::Result<()> {
             idle.kib_per_connection
         );
     }
+    if let Some(r) = &report.symmetric_key_registrations {
+        println!("symmetric-key devices (for comparison):");
+        print_registrations(r);
+        println!("X.509 devices:");
+    }
     if let Some(r) = &report.registrations {
-        println!(
-            "registrations: {} assigned in {} s = {}/s",
-            r.assigned, r.seconds, r.per_sec
-        );
+        print_registrations(r);
         if let Some(ratio) = report.ratio_to_baseline {
             println!("ratio:         {ratio} of the baseline connection rate");
         }
-        for (name, latency) in [
-            ("latency", r.latency_ms),
-            ("service time", r.service_latency_ms),
-        ] {
-            let Some(l) = latency else {
-                continue;
-            };
-            println!(
-                "{:<14} p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
-                format!("{name}:"),
-                l.p50,
-                l.p95,
-                l.p99,
-                l.max
-            );
-        }
-        if !r.errors.is_empty() {
-            println!("errors:");
-            for (code, n) in &r.errors {
-                println!("  {code}: {n}");
-            }
+        if let Some(ratio) = report.ratio_to_symmetric_key {
+            println!("ratio:         {ratio} of the symmetric-key registration rate");
         }
     }
     Ok(())
+}
+
+fn print_registrations(r: &RegistrationsReport) {
+    println!(
+        "registrations: {} assigned in {} s = {}/s",
+        r.assigned, r.seconds, r.per_sec
+    );
+    for (name, latency) in [
+        ("latency", r.latency_ms),
+        ("service time", r.service_latency_ms),
+    ] {
+        let Some(l) = latency else {
+            continue;
+        };
+        println!(
+            "{:<14} p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
+            format!("{name}:"),
+            l.p50,
+            l.p95,
+            l.p99,
+            l.max
+        );
+    }
+    if !r.errors.is_empty() {
+        println!("errors:");
+        for (code, n) in &r.errors {
+            println!("  {code}: {n}");
+        }
+    }
 }

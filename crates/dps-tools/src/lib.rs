@@ -1,12 +1,13 @@
 //! Tools built on opendps, for the `opendps` command: the service API client the admin commands
 //! use ([`client`]) and their output formats ([`output`]), the load generator ([`mod@bench`]) and the
-//! custom allocation tutorial on one machine ([`demo`]). The device side comes from `dps-device`,
+//! custom allocation tutorial on one machine ([`demo`]), and a test PKI for X.509 devices ([`pki`]). The device side comes from `dps-device`,
 //! the service from `dps-server`.
 
 pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod output;
+pub mod pki;
 
 use clap::ValueEnum;
 

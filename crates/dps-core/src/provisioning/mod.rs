@@ -392,13 +392,20 @@ impl Provisioning {
             )));
         };
         let op: Operation = parse(&stored.doc)?;
-        match (&op.certificate, credentials.sas) {
+        // The thumbprint of the certificate an X.509 device registered with: kept in the operation
+        // while it is assigning, in its result once finished.
+        let registered = op.certificate.as_ref().map(|c| &c.info).or_else(|| {
+            op.result
+                .as_ref()
+                .and_then(|r| r.x509.as_ref())
+                .and_then(|x| x.certificate_info.as_ref())
+        });
+        match (registered, credentials.sas) {
             // An X.509 device polls with the certificate it registered with: the handshake proved
             // it holds its key, so the chain need not be walked again.
             (Some(registered), None) if !credentials.certificates.is_empty() => {
                 let leaf = &credentials.certificates[0];
-                if crate::certificate::sha256_thumbprint(leaf) != registered.info.sha256_thumbprint
-                {
+                if crate::certificate::sha256_thumbprint(leaf) != registered.sha256_thumbprint {
                     self.authenticate(scope, &rid, credentials).await?;
                 }
             }

@@ -320,8 +320,12 @@ impl Provisioning {
         let mut done = op.clone();
         done.status = record.state.status;
         done.result = Some(result_of(record));
-        // The trace now lives in the registration record; polls need only the result.
+        // The trace now lives in the registration record; polls need only the result, which also
+        // carries an X.509 device's certificate info.
         done.trace = None;
+        if done.result.as_ref().is_some_and(|r| r.x509.is_some()) {
+            done.certificate = None;
+        }
         let stored = StoredOperation {
             operation_id: done.operation_id.clone(),
             registration_key: done.registration_id.to_ascii_lowercase(),

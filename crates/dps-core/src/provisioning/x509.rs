@@ -180,38 +180,50 @@ impl Provisioning {
                 .find_map(|(g, certs)| certs.iter().find(|c| *c == cert).map(|c| (*g, c.clone())))
         });
         let now = self.clock.now().as_second();
-        let found = in_chain.or_else(|| {
-            // The device may leave out the group's own certificate: the one that issued the top of
-            // what it sent.
-            held.iter().find_map(|(g, certs)| {
-                certs
-                    .iter()
-                    .find(|c| {
-                        certificate::verify_path(
-                            chain,
-                            std::slice::from_ref(*c),
-                            now,
-                            certificate::Usage::ClientAuth,
-                        )
-                        .is_ok()
+        // The device may leave out the group's own certificate: the one that issued the top of
+        // what it sent. Only certificates named as that issuer are tried, each with one path
+        // validation, whose path is kept.
+        let (found, path_to_group) = match in_chain {
+            Some(found) => (Some(found), None),
+            None => {
+                let top = chain.last().unwrap_or(leaf);
+                held.iter()
+                    .find_map(|(g, certs)| {
+                        certs.iter().find_map(|c| {
+                            if !certificate::names_issuer(c, top) {
+                                return None;
+                            }
+                            certificate::verify_path(
+                                chain,
+                                std::slice::from_ref(c),
+                                now,
+                                certificate::Usage::ClientAuth,
+                            )
+                            .ok()
+                            .map(|path| ((*g, c.clone()), path))
+                        })
                     })
-                    .map(|c| (*g, c.clone()))
-            })
-        });
+                    .map_or((None, None), |(found, path)| (Some(found), Some(path)))
+            }
+        };
         let Some((group, signing)) = found else {
             return Err(invalid(format!(
                 "no enrollment holds this certificate or one that issued it (registration id '{rid}'); enroll the device, or its CA in an enrollment group"
             )));
         };
-        let path = self.verified_path(chain, &cas)?;
         let group_verified = cas
             .values()
             .any(|(der, verified)| *verified && *der == signing);
-        if !group_verified && !path.contains(&signing) {
-            return Err(invalid(format!(
-                "the chain reaches a verified CA certificate, but not through enrollment group '{}''s certificate",
-                group.id
-            )));
+        // A path to the group's certificate is a path to a verified one when that is verified;
+        // otherwise the chain must reach a verified CA certificate through it.
+        if !(group_verified && path_to_group.is_some()) {
+            let path = self.verified_path(chain, &cas)?;
+            if !group_verified && !path.contains(&signing) {
+                return Err(invalid(format!(
+                    "the chain reaches a verified CA certificate, but not through enrollment group '{}''s certificate",
+                    group.id
+                )));
+            }
         }
         Ok((
             EnrollmentRef {

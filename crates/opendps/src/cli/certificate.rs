@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use dps_tools::pki::TestChain;
 use reqwest::Method;
 use serde_json::json;
 
@@ -205,65 +202,25 @@ pub async fn run(ctx: &CommandContext, cmd: CertificateCommand) -> anyhow::Resul
     Ok(())
 }
 
-/// A CA's parameters and key, to sign with.
-struct TestCa {
-    params: CertificateParams,
-    key: KeyPair,
-}
-
-fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
-    let mut params = CertificateParams::new(Vec::new())?;
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(params)
-}
-
 /// Writes the test PKI: `root.pem`/`root.key`, `intermediate.pem`/`intermediate.key`, and for each
 /// device `{id}.pem` (its certificate then the intermediate: the chain a device sends) and
 /// `{id}.key`.
 fn make_test_chain(out: &Path, devices: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("while creating {}", out.display()))?;
-    let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+    let write = |name: &str, text: &[u8]| -> anyhow::Result<PathBuf> {
         let file = out.join(name);
         std::fs::write(&file, text).with_context(|| format!("while writing {}", file.display()))?;
         Ok(file)
     };
-    let root = TestCa {
-        params: ca_params("opendps TEST root CA - not for production")?,
-        key: KeyPair::generate()?,
-    };
-    let root_cert = root.params.self_signed(&root.key)?;
-    write("root.pem", &root_cert.pem())?;
-    write("root.key", &root.key.serialize_pem())?;
-    let intermediate = TestCa {
-        params: ca_params("opendps TEST intermediate CA - not for production")?,
-        key: KeyPair::generate()?,
-    };
-    let root_issuer = Issuer::from_params(&root.params, &root.key);
-    let intermediate_cert = intermediate
-        .params
-        .signed_by(&intermediate.key, &root_issuer)?;
-    write("intermediate.pem", &intermediate_cert.pem())?;
-    write("intermediate.key", &intermediate.key.serialize_pem())?;
-    let issuer = Issuer::from_params(&intermediate.params, &intermediate.key);
+    let chain = TestChain::generate()?;
+    write("root.pem", chain.root_pem.as_bytes())?;
+    write("root.key", chain.root_key_pem.as_bytes())?;
+    write("intermediate.pem", chain.intermediate_pem.as_bytes())?;
+    write("intermediate.key", chain.intermediate_key_pem.as_bytes())?;
     for id in devices {
-        let mut params = CertificateParams::new(Vec::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, id.as_str());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &issuer)?;
-        write(
-            &format!("{id}.pem"),
-            &format!("{}{}", cert.pem(), intermediate_cert.pem()),
-        )?;
-        write(&format!("{id}.key"), &key.serialize_pem())?;
+        let device = chain.device(id)?;
+        write(&format!("{id}.pem"), &device.chain_pem)?;
+        write(&format!("{id}.key"), &device.key_pem)?;
     }
     println!(
         "Wrote TEST certificates and UNENCRYPTED keys to {} (never use them in production):",

@@ -421,6 +421,86 @@ async fn bench_registers_every_device_and_reports_the_baseline() {
         let groups = json_ok(&server, &["enrollment-group", "list"]);
         assert_eq!(groups, serde_json::json!([]), "the bench removes its group");
     }
+    // X.509: each device its own certificate under a verified test root, symmetric-key devices
+    // first for comparison; the root and both groups are removed afterwards.
+    for transport in ["https", "mqtt"] {
+        let report = json_ok(
+            &server,
+            &[
+                "bench",
+                "--devices",
+                "20",
+                "--concurrency",
+                "4",
+                "--transport",
+                transport,
+                "--poll-interval-ms",
+                "10",
+                "--no-baseline",
+                "--attestation",
+                "x509",
+            ],
+        );
+        assert_eq!(report["attestation"], "x509", "{report}");
+        for part in ["registrations", "symmetricKeyRegistrations"] {
+            assert_eq!(report[part]["assigned"], 20, "{report}");
+            assert_eq!(report[part]["errors"], serde_json::json!({}), "{report}");
+        }
+        assert!(
+            report["ratioToSymmetricKey"].as_f64() > Some(0.0),
+            "{report}"
+        );
+        assert_eq!(
+            json_ok(&server, &["enrollment-group", "list"]),
+            serde_json::json!([])
+        );
+        assert_eq!(
+            json_ok(&server, &["certificate", "list"]),
+            serde_json::json!([])
+        );
+    }
+    // The X.509 devices registered through the X.509 group, whose only attestation is the CA
+    // reference (kept to look at, then removed).
+    let report = json_ok(
+        &server,
+        &[
+            "bench",
+            "--devices",
+            "2",
+            "--no-baseline",
+            "--attestation",
+            "x509",
+            "--keep-group",
+            "--poll-interval-ms",
+            "10",
+        ],
+    );
+    let group = report["group"].as_str().expect("group");
+    let states = json_ok(&server, &["registration", "list", "--group-id", group]);
+    let states = states.as_array().expect("states");
+    assert_eq!(states.len(), 2, "{states:?}");
+    for state in states {
+        assert_eq!(state["status"], "assigned", "{state}");
+        assert!(
+            state["registrationId"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(group))
+        );
+    }
+    for kept in json_ok(&server, &["enrollment-group", "list"])
+        .as_array()
+        .expect("groups")
+    {
+        let id = kept["enrollmentGroupId"].as_str().expect("id");
+        assert!(run(&server, &["enrollment-group", "delete", "--group-id", id]).0);
+    }
+    assert!(
+        run(
+            &server,
+            &["certificate", "delete", "--certificate-name", group]
+        )
+        .0
+    );
     let refused = run(
         &server,
         &[
