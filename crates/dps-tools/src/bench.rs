@@ -8,7 +8,8 @@
 //!
 //! With `--attestation x509` each device has its own certificate, signed by an intermediate under a
 //! test root that the run uploads as a verified CA certificate; symmetric-key devices register
-//! first in the same run, so the report can state the X.509 rate next to theirs.
+//! in the same run (half before the X.509 devices, half after), so the report can state the X.509
+//! rate next to theirs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -97,7 +98,7 @@ pub struct BenchArgs {
     hold_secs: u64,
     /// How the devices attest: a key derived from the group's (symmetric-key), or a certificate
     /// each under a test root the run uploads as a verified CA certificate (x509). An x509 run
-    /// registers as many symmetric-key devices first and reports both rates.
+    /// registers as many symmetric-key devices too (half before, half after) and reports both rates.
     #[arg(long, value_enum, default_value_t = BenchAttestation::SymmetricKey,
         conflicts_with_all = ["group_id", "idle_connections", "reuse_connections"])]
     attestation: BenchAttestation,
@@ -378,25 +379,73 @@ pub async fn run(
             }
         })
         .collect();
-    let (mut results, wall) = register_all(&target, &args, Arc::new(devices), json_output).await;
+    let x509_name = format!("bench-x509-{run_id}");
+    let x509_devices = match args.attestation {
+        BenchAttestation::SymmetricKey => None,
+        BenchAttestation::X509 => {
+            match x509_setup(&client, &target, &args, &x509_name, json_output).await {
+                Ok(devices) => Some(devices),
+                Err(err) => {
+                    if created && !args.keep_group {
+                        delete(&client, "enrollmentGroups", &group_id).await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+    };
+    let (results, registrations) = match x509_devices {
+        None => {
+            let (done, wall) =
+                register_all(&target, &args, devices, "registering", json_output).await;
+            report.group = Some(group_id.clone());
+            let registrations = summarize(&done, wall);
+            (done, registrations)
+        }
+        Some(x509_devices) => {
+            // Half the symmetric-key devices, all the X.509 ones in two halves, then the other
+            // half of the symmetric-key ones: the service slows as its databases grow, and this
+            // order gives both kinds the same share of early and late registrations.
+            let mut sym = devices;
+            let sym_late = sym.split_off(sym.len() / 2);
+            let mut x509 = x509_devices;
+            let x509_late = x509.split_off(x509.len() / 2);
+            let mut passes = Vec::new();
+            for (devices, what) in [
+                (sym, "symmetric-key devices (1/2)"),
+                (x509, "X.509 devices (1/2)"),
+                (x509_late, "X.509 devices (2/2)"),
+                (sym_late, "symmetric-key devices (2/2)"),
+            ] {
+                passes.push(register_all(&target, &args, devices, what, json_output).await);
+            }
+            let mut joined = |first: usize, second: usize| {
+                let (mut done, wall) = std::mem::take(&mut passes[first]);
+                let (more, more_wall) = std::mem::take(&mut passes[second]);
+                done.extend(more);
+                (done, wall + more_wall)
+            };
+            let (sym_done, sym_wall) = joined(0, 3);
+            let (x509_done, x509_wall) = joined(1, 2);
+            let sym = summarize(&sym_done, sym_wall);
+            let registrations = summarize(&x509_done, x509_wall);
+            if sym.per_sec > 0.0 {
+                report.ratio_to_symmetric_key =
+                    Some((registrations.per_sec / sym.per_sec * 1000.0).round() / 1000.0);
+            }
+            report.symmetric_key_registrations = Some(sym);
+            report.group = Some(x509_name.clone());
+            if !args.keep_group {
+                delete(&client, "enrollmentGroups", &x509_name).await;
+                delete(&client, "certificates", &x509_name).await;
+            }
+            let mut results = sym_done;
+            results.extend(x509_done);
+            (results, registrations)
+        }
+    };
     if created && !args.keep_group {
         delete(&client, "enrollmentGroups", &group_id).await;
-    }
-    let mut registrations = summarize(&results, wall);
-    report.group = Some(group_id);
-    if args.attestation == BenchAttestation::X509 {
-        let name = format!("bench-x509-{run_id}");
-        let (x509_results, x509_wall) =
-            x509_pass(&client, &target, &args, &name, json_output).await?;
-        let x509 = summarize(&x509_results, x509_wall);
-        if registrations.per_sec > 0.0 {
-            report.ratio_to_symmetric_key =
-                Some((x509.per_sec / registrations.per_sec * 1000.0).round() / 1000.0);
-        }
-        report.symmetric_key_registrations = Some(registrations);
-        report.group = Some(name);
-        registrations = x509;
-        results.extend(x509_results);
     }
     if let Some(base) = baseline.filter(|b| *b > 0.0) {
         report.ratio_to_baseline = Some((registrations.per_sec / base * 1000.0).round() / 1000.0);
@@ -474,14 +523,14 @@ async fn create_group(
 
 /// The X.509 devices: a test root uploaded as a verified CA certificate named `name`, a group of
 /// that name referencing it, and a certificate per device signed by an intermediate (made before
-/// the clock starts); then the same registrations as the symmetric-key devices.
-async fn x509_pass(
+/// the clock starts). What was made is deleted again if a step fails.
+async fn x509_setup(
     client: &ServiceClient,
     target: &Arc<Target>,
     args: &BenchArgs,
     name: &str,
     quiet: bool,
-) -> anyhow::Result<(Vec<DeviceResult>, Duration)> {
+) -> anyhow::Result<Vec<SimDevice>> {
     let chain = TestChain::generate()?;
     client
         .send(
@@ -498,15 +547,11 @@ async fn x509_pass(
         Ok(()) => x509_devices(&chain, target, args, name, quiet),
         Err(err) => Err(err),
     };
-    let outcome = match devices {
-        Ok(devices) => Ok(register_all(target, args, Arc::new(devices), quiet).await),
-        Err(err) => Err(err),
-    };
-    if !args.keep_group {
+    if devices.is_err() {
         delete(client, "enrollmentGroups", name).await;
         delete(client, "certificates", name).await;
     }
-    outcome
+    devices
 }
 
 /// A certificate and a TLS connector presenting it for each device, with progress.
@@ -701,10 +746,12 @@ async fn tls_connect(
 async fn register_all(
     target: &Arc<Target>,
     args: &BenchArgs,
-    devices: Arc<Vec<SimDevice>>,
+    devices: Vec<SimDevice>,
+    what: &str,
     quiet: bool,
 ) -> (Vec<DeviceResult>, Duration) {
-    let bar = progress(devices.len(), "registering", quiet);
+    let devices = Arc::new(devices);
+    let bar = progress(devices.len(), what, quiet);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
