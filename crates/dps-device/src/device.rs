@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::exchange::{DeviceExchange, Ended, Reply, register_and_poll};
 use crate::https::{API_VERSION, HttpsExchange};
-use crate::mqtt::DpsMqtt;
+use crate::mqtt::{Carrier, DpsMqtt};
 
 /// Lifetime of the device's SAS token.
 const TOKEN_TTL_SECS: i64 = 3600;
@@ -22,6 +22,9 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS, as the Python, C, C# and Node SDKs can.
     Mqtt,
+    /// MQTT 3.1.1 over WebSockets on the HTTPS port (`/$iothub/websocket`), for networks that
+    /// pass only 443.
+    MqttWs,
 }
 
 /// How a device proves who it is.
@@ -89,6 +92,21 @@ impl Device {
             .map_or(self.host.as_str(), |(name, _)| name)
     }
 
+    /// Where MQTT goes: the MQTT port over TLS, or the HTTPS port over WebSockets.
+    fn mqtt_endpoint(&self) -> (u16, Carrier) {
+        match self.transport {
+            Transport::MqttWs => {
+                let port = self
+                    .host
+                    .rsplit_once(':')
+                    .and_then(|(_, port)| port.parse().ok())
+                    .unwrap_or(443);
+                (port, Carrier::WebSocket)
+            }
+            Transport::Https | Transport::Mqtt => (self.mqtt_port, Carrier::Tls),
+        }
+    }
+
     /// Registers and polls, honouring `Retry-After`, until the operation ends, reporting progress
     /// through `say` in the C sample's words. Returns the final operation status (assigned, failed
     /// or disabled); a refused request (401, 400, …) or a timeout is an error.
@@ -120,13 +138,15 @@ impl Device {
                 token,
                 identity,
             )?),
-            Transport::Mqtt => {
+            Transport::Mqtt | Transport::MqttWs => {
                 let config = crate::mqtt::tls_client_config(self.ca.as_deref(), identity)?;
+                let (port, carrier) = self.mqtt_endpoint();
                 Channel::Mqtt(Box::new(
                     DpsMqtt::connect_with(
                         &config,
                         self.host_name(),
-                        self.mqtt_port,
+                        port,
+                        carrier,
                         &self.scope,
                         &self.registration_id,
                         token.as_deref().unwrap_or_default(),
@@ -163,12 +183,14 @@ impl Device {
         }
     }
 
-    /// Connects to the assigned hub over MQTT (through this host, as a gateway) and reads the
-    /// device's twin.
+    /// Connects to the assigned hub over MQTT (through this host, as a gateway; over WebSockets
+    /// when the device registered that way) and reads the device's twin.
     pub async fn read_twin(&self, hub: &str, device_id: &str) -> anyhow::Result<Value> {
+        let (port, carrier) = self.mqtt_endpoint();
         crate::mqtt::read_twin(
             self.host_name(),
-            self.mqtt_port,
+            port,
+            carrier,
             self.ca.as_deref(),
             hub,
             device_id,

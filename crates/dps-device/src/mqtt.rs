@@ -1,4 +1,4 @@
-//! A minimal MQTT 3.1.1 client over TLS: the DPS register/poll exchange
+//! A minimal MQTT 3.1.1 client over TLS or over WebSockets: the DPS register/poll exchange
 //! exactly as the SDKs perform it (CONNECT with the SAS as password, SUBSCRIBE to the response
 //! topic, QoS 1 requests with a `$rid`, PUBACK of every response), and a device's twin read from
 //! its IoT hub.
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::BytesMut;
+use futures_util::{SinkExt as _, StreamExt as _};
 use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
 };
@@ -20,6 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::device::{Attestation, ClientIdentity};
 use crate::exchange::Reply;
@@ -30,9 +34,59 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const DPS_RESPONSES: &str = "$dps/registrations/res/";
 const TWIN_RESPONSES: &str = "$iothub/twin/res/";
 
+/// How MQTT packets travel to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Carrier {
+    /// MQTT over TLS (port 8883).
+    #[default]
+    Tls,
+    /// MQTT over WebSockets over TLS on the HTTPS port: path `/$iothub/websocket`, subprotocol
+    /// `mqtt`, each packet in a binary message (as the SDKs' `websockets` option does).
+    WebSocket,
+}
+
+/// The byte pipe under an MQTT connection. (One per connection: the size of the TLS variant
+/// does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    Tls(TlsStream<TcpStream>),
+    WebSocket(WebSocketStream<TlsStream<TcpStream>>),
+}
+
+impl Link {
+    async fn write(&mut self, bytes: BytesMut) -> anyhow::Result<()> {
+        match self {
+            Self::Tls(stream) => {
+                stream.write_all(&bytes).await?;
+                stream.flush().await?;
+            }
+            Self::WebSocket(socket) => socket.send(Message::Binary(bytes.freeze())).await?,
+        }
+        Ok(())
+    }
+
+    /// Appends what arrives next to `buffer`; 0 when the server closed.
+    async fn read_into(&mut self, buffer: &mut BytesMut) -> anyhow::Result<usize> {
+        match self {
+            Self::Tls(stream) => Ok(stream.read_buf(buffer).await?),
+            Self::WebSocket(socket) => loop {
+                match socket.next().await {
+                    Some(Ok(Message::Binary(data))) => {
+                        buffer.extend_from_slice(&data);
+                        return Ok(data.len());
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(0),
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => return Err(err.into()),
+                }
+            },
+        }
+    }
+}
+
 /// An open MQTT connection of one device.
 pub struct DpsMqtt {
-    stream: TlsStream<TcpStream>,
+    stream: Link,
     buffer: BytesMut,
     next_id: u16,
     client_id: String,
@@ -43,6 +97,7 @@ pub struct DpsMqtt {
 pub async fn read_twin(
     gateway: &str,
     port: u16,
+    carrier: Carrier,
     ca: Option<&Path>,
     hub: &str,
     device_id: &str,
@@ -74,6 +129,7 @@ pub async fn read_twin(
         &config,
         gateway,
         port,
+        carrier,
         device_id,
         &username,
         &sas,
@@ -173,14 +229,25 @@ impl DpsMqtt {
         sas: &str,
     ) -> anyhow::Result<Self> {
         let config = tls_client_config(ca, None)?;
-        Self::connect_with(&config, host, port, scope, registration_id, sas).await
+        Self::connect_with(
+            &config,
+            host,
+            port,
+            Carrier::Tls,
+            scope,
+            registration_id,
+            sas,
+        )
+        .await
     }
 
-    /// Connects to DPS with a TLS client configuration made once (see [`tls_client_config`]).
+    /// Connects to DPS with a TLS client configuration made once (see [`tls_client_config`]),
+    /// over `carrier` (`port` is then the MQTT or the HTTPS port).
     pub async fn connect_with(
         config: &Arc<rustls::ClientConfig>,
         host: &str,
         port: u16,
+        carrier: Carrier,
         scope: &str,
         registration_id: &str,
         sas: &str,
@@ -193,6 +260,7 @@ impl DpsMqtt {
             config,
             host,
             port,
+            carrier,
             registration_id,
             &username,
             sas,
@@ -203,10 +271,12 @@ impl DpsMqtt {
 
     /// TLS, CONNECT (clean session, the SAS as password, or none for an X.509 device), SUBSCRIBE
     /// to `filter` at QoS 1.
+    #[allow(clippy::too_many_arguments)]
     async fn open_with(
         config: &Arc<rustls::ClientConfig>,
         host: &str,
         port: u16,
+        carrier: Carrier,
         client_id: &str,
         username: &str,
         sas: &str,
@@ -224,6 +294,26 @@ impl DpsMqtt {
             .connect(name, tcp)
             .await
             .context("the TLS handshake failed")?;
+        let stream = match carrier {
+            Carrier::Tls => Link::Tls(stream),
+            Carrier::WebSocket => {
+                let mut request = format!("wss://{host}:{port}/$iothub/websocket")
+                    .into_client_request()
+                    .context("the host is not valid in a URL")?;
+                request.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    tokio_tungstenite::tungstenite::http::HeaderValue::from_static("mqtt"),
+                );
+                let (socket, _) = tokio::time::timeout(
+                    ANSWER_TIMEOUT,
+                    tokio_tungstenite::client_async(request, stream),
+                )
+                .await
+                .context("the WebSocket upgrade timed out")?
+                .with_context(|| format!("{host}:{port} refused the WebSocket upgrade"))?;
+                Link::WebSocket(socket)
+            }
+        };
         let mut link = Self {
             stream,
             buffer: BytesMut::new(),
@@ -320,9 +410,7 @@ impl DpsMqtt {
     async fn send(&mut self, packet: Packet) -> anyhow::Result<()> {
         let mut out = BytesMut::new();
         packet.write(&mut out, MAX_PACKET)?;
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await?;
-        Ok(())
+        self.stream.write(out).await
     }
 
     async fn receive(&mut self) -> anyhow::Result<Packet> {
@@ -332,11 +420,12 @@ impl DpsMqtt {
                 Err(mqttbytes::Error::InsufficientBytes(_)) => {}
                 Err(err) => bail!("malformed packet from the service: {err}"),
             }
-            let read = tokio::time::timeout(ANSWER_TIMEOUT, self.stream.read_buf(&mut self.buffer))
-                .await
-                .with_context(|| {
-                    format!("no answer for {} within {ANSWER_TIMEOUT:?}", self.client_id)
-                })??;
+            let read =
+                tokio::time::timeout(ANSWER_TIMEOUT, self.stream.read_into(&mut self.buffer))
+                    .await
+                    .with_context(|| {
+                        format!("no answer for {} within {ANSWER_TIMEOUT:?}", self.client_id)
+                    })??;
             if read == 0 {
                 bail!("the service closed the MQTT connection");
             }

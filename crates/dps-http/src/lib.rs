@@ -34,6 +34,10 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 #[derive(Debug, Clone, Default)]
 pub struct ClientCertificates(pub std::sync::Arc<[Vec<u8>]>);
 
+/// The address a request's connection came from, carried with each of its requests.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Shared state of the HTTPS front end.
 pub struct AppState {
     /// The service API use cases.

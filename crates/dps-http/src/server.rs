@@ -46,9 +46,9 @@ pub async fn serve(
             };
             let service =
                 TowerToHyperService::new(app.map_request(move |req: hyper::Request<Incoming>| {
-                    log_refused_upgrade(&req, peer);
                     let mut req = req.map(axum::body::Body::new);
                     req.extensions_mut().insert(certificates.clone());
+                    req.extensions_mut().insert(crate::PeerAddr(peer));
                     req
                 }));
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -63,30 +63,6 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some HTTPS connections did not finish within {DRAIN_TIMEOUT:?}");
-    }
-}
-
-/// WebSocket upgrades (MQTT or AMQP over WebSockets, as SDKs ask on `/$iothub/websocket`) are not
-/// served: the request goes on to the routers, which answer 404, and the operator sees why the
-/// device failed.
-fn log_refused_upgrade<B>(req: &hyper::Request<B>, peer: std::net::SocketAddr) {
-    let upgrade = req
-        .headers()
-        .get(hyper::header::UPGRADE)
-        .and_then(|v| v.to_str().ok());
-    if let Some(upgrade) = upgrade {
-        let protocol = req
-            .headers()
-            .get(hyper::header::SEC_WEBSOCKET_PROTOCOL)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none");
-        tracing::warn!(
-            %peer,
-            path = req.uri().path(),
-            upgrade,
-            protocol,
-            "refused a protocol upgrade: MQTT and AMQP over WebSockets are not served; devices can use MQTT over TLS (the mqtt listener) or HTTPS"
-        );
     }
 }
 

@@ -31,6 +31,7 @@ pub fn parse_username(username: &str) -> Option<(String, String)> {
 pub struct DpsConnector {
     provisioning: Arc<Provisioning>,
     others: Option<Arc<dyn Connector>>,
+    transport: Transport,
 }
 
 impl DpsConnector {
@@ -39,7 +40,16 @@ impl DpsConnector {
         Self {
             provisioning,
             others,
+            transport: Transport::Mqtt,
         }
+    }
+
+    /// The same, for connections that arrive another way (MQTT over WebSockets): registrations
+    /// and metrics are labelled with `transport`.
+    #[must_use]
+    pub fn over(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 }
 
@@ -77,6 +87,7 @@ impl Connector for DpsConnector {
             registration_id,
             sas,
             certificates: certificates.to_vec(),
+            transport: self.transport,
         }))
     }
 }
@@ -88,6 +99,7 @@ struct DpsConnection {
     registration_id: String,
     sas: Option<String>,
     certificates: Vec<Vec<u8>>,
+    transport: Transport,
 }
 
 impl DpsConnection {
@@ -139,7 +151,7 @@ impl Connection for DpsConnection {
                         Ok(registration) => self
                             .provisioning
                             .register(
-                                Transport::Mqtt,
+                                self.transport,
                                 &self.scope,
                                 &self.registration_id,
                                 registration,

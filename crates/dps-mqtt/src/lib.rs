@@ -11,4 +11,4 @@ pub mod server;
 pub mod session;
 
 pub use dps::DpsConnector;
-pub use server::{Connection, Connector, Handled, MqttLimits, serve};
+pub use server::{Connection, Connector, Handled, MqttLimits, serve, serve_connection};

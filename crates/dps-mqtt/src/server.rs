@@ -84,11 +84,25 @@ pub async fn serve(
         let (connector, stop) = (Arc::clone(&connector), shutdown.clone());
         accepted.spawn(move |stream, peer| async move {
             let certificates = tls_accept::peer_certificates(&stream);
-            let client = Client { peer, certificates };
-            if let Err(reason) = run_connection(stream, client, connector, limits, stop).await {
-                tracing::debug!(%peer, %reason, "MQTT connection closed");
-            }
+            serve_connection(stream, peer, certificates, connector, limits, stop).await;
         });
+    }
+}
+
+/// Serves one MQTT connection over `stream`, a byte stream another front end accepted (MQTT over
+/// WebSockets on the HTTPS listener), until the client leaves or `stop` turns true. `certificates`
+/// are those of the TLS session underneath, leaf first.
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    certificates: Vec<Vec<u8>>,
+    connector: Arc<dyn Connector>,
+    limits: MqttLimits,
+    stop: watch::Receiver<bool>,
+) {
+    let client = Client { peer, certificates };
+    if let Err(reason) = run_connection(stream, client, connector, limits, stop).await {
+        tracing::debug!(%peer, %reason, "MQTT connection closed");
     }
 }
 

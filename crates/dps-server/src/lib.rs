@@ -10,4 +10,5 @@ pub mod hub;
 pub mod info;
 pub mod pki;
 pub mod serve;
+mod websocket;
 pub mod worker;

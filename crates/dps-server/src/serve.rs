@@ -17,7 +17,7 @@ use dps_core::hub::{
 };
 use dps_core::linked_hub::{LinkedHub, LinkedHubRequest};
 use dps_core::management::Management;
-use dps_core::provisioning::{Provisioning, ProvisioningSettings};
+use dps_core::provisioning::{Provisioning, ProvisioningSettings, Transport};
 use dps_core::store::LinkedHubStore as _;
 use dps_core::store::{IdentityStore as _, Store};
 use dps_http::AppState;
@@ -33,6 +33,7 @@ use tower::ServiceExt as _;
 
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirLock, Runtime};
+use crate::websocket::{WebSockets, with_websockets};
 use crate::{pki, worker};
 
 /// Binds the configured listeners and runs the service until a stop signal.
@@ -228,23 +229,32 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
             .collect(),
         None => Vec::new(),
     };
-    let app = with_metrics(with_minihub(app, minihub));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Devices of in-process hubs share the MQTT listener and the WebSockets, told apart by their
+    // CONNECT username.
+    let hubs =
+        minihub_for_mqtt.map(|hub| Arc::new(HubMqtt::new(hub)) as Arc<dyn dps_mqtt::Connector>);
+    let mqtt_limits = MqttLimits {
+        max_connections: config.mqtt.max_connections,
+        ..MqttLimits::default()
+    };
+    let sockets = Arc::new(WebSockets {
+        connector: Arc::new(
+            DpsConnector::new(Arc::clone(&provisioning), hubs.clone()).over(Transport::MqttWs),
+        ),
+        limits: mqtt_limits,
+        stop: stop_rx.clone(),
+    });
+    let app = with_websockets(with_metrics(with_minihub(app, minihub)), sockets);
     let mqtt = match mqtt_listener {
         Some(mqtt_listener) => {
             let bound = mqtt_listener.local_addr()?;
-            // Devices of in-process hubs share the listener, told apart by their CONNECT username.
-            let hubs = minihub_for_mqtt
-                .map(|hub| Arc::new(HubMqtt::new(hub)) as Arc<dyn dps_mqtt::Connector>);
             let connector = Arc::new(DpsConnector::new(Arc::clone(&provisioning), hubs));
             let task = tokio::spawn(dps_mqtt::serve(
                 mqtt_listener,
                 mqtt_tls,
                 connector,
-                MqttLimits {
-                    max_connections: config.mqtt.max_connections,
-                    ..MqttLimits::default()
-                },
+                mqtt_limits,
                 stop_rx.clone(),
             ));
             Some((bound, task))

@@ -38,7 +38,7 @@ use crate::pki::TestChain;
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
 use dps_device::https::{API_VERSION, retry_after_header};
-use dps_device::mqtt::{DpsMqtt, tls_client_config};
+use dps_device::mqtt::{Carrier, DpsMqtt, tls_client_config};
 use dps_device::{DeviceExchange, Ended, Reply, register_and_poll};
 
 /// `opendps bench`.
@@ -122,6 +122,8 @@ struct Target {
     tls: TlsConnector,
     /// The CA file the TLS connector trusts, for the X.509 devices' own connectors.
     ca: Option<std::path::PathBuf>,
+    /// For MQTT: over TLS, or over WebSockets on the HTTPS port.
+    carrier: Carrier,
 }
 
 /// One simulated device: its registration id and what it proves itself with.
@@ -268,7 +270,7 @@ pub async fn run(
     settings: ClientSettings,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    if args.reuse_connections && args.transport == Transport::Mqtt {
+    if args.reuse_connections && args.transport != Transport::Https {
         bail!("--reuse-connections is for HTTPS; an MQTT connection is one device's session");
     }
     if args.devices == 0 || args.concurrency == 0 {
@@ -290,7 +292,7 @@ pub async fn run(
     let ca = info.ca_file.clone();
     let tls = TlsConnector::from(bench_tls(tls_client_config(ca.as_deref(), None)?));
     let port = match args.transport {
-        Transport::Https => Some(info.listen.https),
+        Transport::Https | Transport::MqttWs => Some(info.listen.https),
         Transport::Mqtt => info.listen.mqtt,
     }
     .map(|a| a.port())
@@ -308,12 +310,17 @@ pub async fn run(
         scope: info.id_scope.clone(),
         tls,
         ca,
+        carrier: match args.transport {
+            Transport::MqttWs => Carrier::WebSocket,
+            Transport::Https | Transport::Mqtt => Carrier::Tls,
+        },
     });
 
     let mut report = Report {
         transport: match args.transport {
             Transport::Https => "https",
             Transport::Mqtt => "mqtt",
+            Transport::MqttWs => "mqtt-ws",
         },
         devices: args.devices,
         concurrency: args.concurrency,
@@ -607,8 +614,8 @@ async fn idle(
     group_key: &str,
     quiet: bool,
 ) -> anyhow::Result<IdleReport> {
-    if args.transport != Transport::Mqtt {
-        bail!("--idle-connections holds MQTT sessions; add --transport mqtt");
+    if args.transport == Transport::Https {
+        bail!("--idle-connections holds MQTT sessions; add --transport mqtt (or mqtt-ws)");
     }
     let rss = move || {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -652,6 +659,7 @@ async fn idle(
                     &tls,
                     &name,
                     target.addr.port(),
+                    target.carrier,
                     &target.scope,
                     &rid,
                     &token,
@@ -779,7 +787,9 @@ async fn register_all(
                 };
                 let result = match settings.transport {
                     Transport::Https => https_device(&target, &settings, device, &mut kept).await,
-                    Transport::Mqtt => mqtt_device(&target, &settings, device).await,
+                    Transport::Mqtt | Transport::MqttWs => {
+                        mqtt_device(&target, &settings, device).await
+                    }
                 };
                 if let Err(err) = &result.outcome {
                     bar.set_message(format!("last error: {err}"));
@@ -883,6 +893,7 @@ async fn mqtt_device(
             device.tls(target).config(),
             &name,
             target.addr.port(),
+            target.carrier,
             &target.scope,
             rid,
             &token,

@@ -18,6 +18,9 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS, as the Python, C, C# and Node SDKs can.
     Mqtt,
+    /// MQTT 3.1.1 over WebSockets on the HTTPS port, as the SDKs' websockets option does.
+    #[value(name = "mqtt-ws")]
+    MqttWs,
 }
 
 impl From<Transport> for dps_device::Transport {
@@ -25,6 +28,7 @@ impl From<Transport> for dps_device::Transport {
         match transport {
             Transport::Https => Self::Https,
             Transport::Mqtt => Self::Mqtt,
+            Transport::MqttWs => Self::MqttWs,
         }
     }
 }

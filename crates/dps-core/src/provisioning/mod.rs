@@ -199,6 +199,9 @@ pub enum Transport {
     Https,
     /// MQTT over TLS.
     Mqtt,
+    /// MQTT over WebSockets on the HTTPS listener.
+    #[serde(rename = "mqtt-ws")]
+    MqttWs,
 }
 
 impl Transport {
@@ -207,6 +210,7 @@ impl Transport {
         match self {
             Self::Https => "https",
             Self::Mqtt => "mqtt",
+            Self::MqttWs => "mqtt-ws",
         }
     }
 }

@@ -10,6 +10,7 @@ mod real_hubs;
 mod service_api;
 mod tls;
 mod webhook;
+mod websocket;
 mod x509;
 
 use std::time::{Duration, Instant};

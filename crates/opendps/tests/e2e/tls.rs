@@ -168,8 +168,8 @@ async fn send_over_tls(server: &TestServer, addr: std::net::SocketAddr, bytes: &
     answer
 }
 
-/// WebSocket upgrades and AMQP clients are refused with a log line naming the peer and what it
-/// asked, on either listener.
+/// AMQP clients on either listener, and WebSocket upgrades for AMQP, are refused with a log line
+/// naming the peer and what it asked.
 #[tokio::test]
 async fn websocket_and_amqp_attempts_are_logged() {
     let server = crate::server().await;
@@ -198,8 +198,8 @@ async fn websocket_and_amqp_attempts_are_logged() {
         let seen = [
             "refused an AMQP connection on the HTTPS listener",
             "refused a connection speaking AMQP on the MQTT listener",
-            "refused a protocol upgrade",
-            "AMQPWSB10",
+            "refused a WebSocket upgrade",
+            "subprotocols=AMQPWSB10",
         ]
         .iter()
         .all(|line| log.contains(line));

@@ -101,6 +101,7 @@ async fn a_self_signed_device_registers_and_connects_to_its_hub_with_its_certifi
     for (rid, transport) in [
         ("x509-over-https", Transport::Https),
         ("x509-over-mqtt", Transport::Mqtt),
+        ("x509-over-mqtt-ws", Transport::MqttWs),
     ] {
         let certificate = current(dir.path(), rid);
         enroll(&server, rid, &certificate.pem).await;
