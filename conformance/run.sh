@@ -108,7 +108,7 @@ start_server() {
     local addr="$1" rc out
     rm -rf "$DATA"
     # (OPENDPS_BIN is ours, not a server setting: keep it out of the server's environment.)
-    env -u OPENDPS_BIN "$BIN" serve --data-dir "$DATA" --listen "$addr:$HTTPS_PORT" --mqtt-listen "$addr:8883" \
+    env -u OPENDPS_BIN "$BIN" serve --data-dir "$DATA" --listen "$addr:$HTTPS_PORT" --mqtt-listen "$addr:8883" --amqp-listen "$addr:5671" \
         --public-host "$SUITE_HOST" --tls-name "$SUITE_HOST" --tls-name "$addr" \
         --hub contoso-toasters-hub-1.azure-devices.net --hub contoso-heatpumps-hub-1.azure-devices.net \
         >"$DIR/serve.log" 2>&1 &

@@ -8,6 +8,7 @@ use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
 use serde_json::Value;
 
+use crate::amqp::DpsAmqp;
 use crate::exchange::{DeviceExchange, Ended, Reply, register_and_poll};
 use crate::https::{API_VERSION, HttpsExchange};
 use crate::mqtt::{Carrier, DpsMqtt};
@@ -25,6 +26,10 @@ pub enum Transport {
     /// MQTT 3.1.1 over WebSockets on the HTTPS port (`/$iothub/websocket`), for networks that
     /// pass only 443.
     MqttWs,
+    /// AMQP 1.0 over TLS, as the C, C#, Node and Java SDKs can.
+    Amqp,
+    /// AMQP 1.0 over WebSockets on the HTTPS port.
+    AmqpWs,
 }
 
 /// How a device proves who it is.
@@ -68,6 +73,8 @@ pub struct Device {
     pub host: String,
     /// MQTT port at the same host.
     pub mqtt_port: u16,
+    /// AMQP port at the same host.
+    pub amqp_port: u16,
     /// ID scope.
     pub scope: String,
     /// CA to trust instead of the system roots.
@@ -95,16 +102,19 @@ impl Device {
     /// Where MQTT goes: the MQTT port over TLS, or the HTTPS port over WebSockets.
     fn mqtt_endpoint(&self) -> (u16, Carrier) {
         match self.transport {
-            Transport::MqttWs => {
-                let port = self
-                    .host
-                    .rsplit_once(':')
-                    .and_then(|(_, port)| port.parse().ok())
-                    .unwrap_or(443);
-                (port, Carrier::WebSocket)
-            }
-            Transport::Https | Transport::Mqtt => (self.mqtt_port, Carrier::Tls),
+            // Devices on WebSockets reach their hub that way too.
+            Transport::MqttWs | Transport::AmqpWs => (self.https_port(), Carrier::WebSocket),
+            // minihub does not serve AMQP: an AMQP device reaches its hub over MQTT.
+            Transport::Https | Transport::Mqtt | Transport::Amqp => (self.mqtt_port, Carrier::Tls),
         }
+    }
+
+    /// The HTTPS port of the provisioning host, where WebSockets are opened.
+    fn https_port(&self) -> u16 {
+        self.host
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or(443)
     }
 
     /// Registers and polls, honouring `Retry-After`, until the operation ends, reporting progress
@@ -154,10 +164,31 @@ impl Device {
                     .await?,
                 ))
             }
+            Transport::Amqp | Transport::AmqpWs => {
+                let config = crate::mqtt::tls_client_config(self.ca.as_deref(), identity)?;
+                let (port, carrier) = match self.transport {
+                    Transport::AmqpWs => (self.https_port(), Carrier::WebSocket),
+                    _ => (self.amqp_port, Carrier::Tls),
+                };
+                Channel::Amqp(Box::new(
+                    DpsAmqp::connect(
+                        &config,
+                        self.host_name(),
+                        port,
+                        carrier,
+                        &self.scope,
+                        &self.registration_id,
+                        token.as_deref(),
+                    )
+                    .await?,
+                ))
+            }
         };
         let outcome = self.poll_to_end(&mut channel, say).await;
-        if let Channel::Mqtt(mqtt) = channel {
-            mqtt.disconnect().await;
+        match channel {
+            Channel::Mqtt(mqtt) => mqtt.disconnect().await,
+            Channel::Amqp(amqp) => amqp.close().await,
+            Channel::Https(_) => {}
         }
         outcome
     }
@@ -239,6 +270,7 @@ pub fn refusal(status: u16, reply: &Value) -> String {
 enum Channel {
     Https(HttpsExchange),
     Mqtt(Box<DpsMqtt>),
+    Amqp(Box<DpsAmqp>),
 }
 
 impl DeviceExchange for Channel {
@@ -246,6 +278,7 @@ impl DeviceExchange for Channel {
         match self {
             Self::Https(https) => https.register(body).await,
             Self::Mqtt(mqtt) => mqtt.register(body).await,
+            Self::Amqp(amqp) => amqp.register(body).await,
         }
     }
 
@@ -253,6 +286,7 @@ impl DeviceExchange for Channel {
         match self {
             Self::Https(https) => https.poll(operation_id).await,
             Self::Mqtt(mqtt) => mqtt.poll(operation_id).await,
+            Self::Amqp(amqp) => amqp.poll(operation_id).await,
         }
     }
 }

@@ -195,6 +195,27 @@ pub fn tls_client_config(
     Ok(Arc::new(config))
 }
 
+/// A TCP connection to `host:port` (without Nagle's delay: small request packets must not wait
+/// for the previous one's ACK) and the TLS handshake with `config`; `what` names the protocol in
+/// errors.
+pub(crate) async fn connect_tls(
+    config: &Arc<rustls::ClientConfig>,
+    host: &str,
+    port: u16,
+    what: &str,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(ANSWER_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .context("connecting timed out")?
+        .with_context(|| format!("could not reach {host}:{port} ({what})"))?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(host.to_owned()).context("the host is not a valid TLS name")?;
+    TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+        .context("the TLS handshake failed")
+}
+
 impl crate::exchange::DeviceExchange for DpsMqtt {
     /// Publishes the register request; returns (status, retry-after, body).
     async fn register(&mut self, body: &Value) -> anyhow::Result<Reply> {
@@ -282,18 +303,7 @@ impl DpsMqtt {
         sas: &str,
         filter: &str,
     ) -> anyhow::Result<Self> {
-        let tcp = tokio::time::timeout(ANSWER_TIMEOUT, TcpStream::connect((host, port)))
-            .await
-            .context("connecting timed out")?
-            .with_context(|| format!("could not reach {host}:{port} (MQTT)"))?;
-        // Small request packets must not wait for the previous one's ACK (Nagle).
-        tcp.set_nodelay(true)?;
-        let name =
-            ServerName::try_from(host.to_owned()).context("the host is not a valid TLS name")?;
-        let stream = TlsConnector::from(Arc::clone(config))
-            .connect(name, tcp)
-            .await
-            .context("the TLS handshake failed")?;
+        let stream = connect_tls(config, host, port, "MQTT").await?;
         let stream = match carrier {
             Carrier::Tls => Link::Tls(stream),
             Carrier::WebSocket => {

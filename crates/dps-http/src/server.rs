@@ -1,8 +1,6 @@
 //! HTTPS on a [`TlsListener`]: HTTP/1.1 and HTTP/2 over rustls, one task per connection, and a
 //! graceful stop that lets requests in flight finish.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,8 +9,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tls_accept::{HANDSHAKE_TIMEOUT, TlsListener};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tls_accept::{HANDSHAKE_TIMEOUT, Prefixed, TlsListener};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -41,7 +39,7 @@ pub async fn serve(
         accepted.spawn(move |stream, peer| async move {
             let certificates =
                 crate::ClientCertificates(tls_accept::peer_certificates(&stream).into());
-            let Some(stream) = Sniffed::http_only(stream, peer).await else {
+            let Some(stream) = http_only(stream, peer).await else {
                 return;
             };
             let service =
@@ -66,90 +64,29 @@ pub async fn serve(
     }
 }
 
-/// A TLS stream whose first bytes were read to see what the client speaks, then handed back to
-/// the HTTP server as if unread.
-struct Sniffed<S> {
-    head: Vec<u8>,
-    served: usize,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> Sniffed<S> {
-    /// The stream, unless the client opened with an AMQP header (an AMQP device pointed at this
-    /// port), sent nothing in time, or closed: those are logged and dropped.
-    async fn http_only(mut inner: S, peer: std::net::SocketAddr) -> Option<Self> {
-        let mut head = vec![0u8; 1024];
-        let read = match tokio::time::timeout(HANDSHAKE_TIMEOUT, inner.read(&mut head)).await {
-            Ok(Ok(read)) if read > 0 => read,
-            Ok(_) => return None,
-            Err(_) => {
-                tracing::debug!(%peer, "no request within {HANDSHAKE_TIMEOUT:?} of the handshake");
-                return None;
-            }
-        };
-        head.truncate(read);
-        if head.starts_with(b"AMQP") {
-            tracing::warn!(
-                %peer,
-                "refused an AMQP connection on the HTTPS listener: AMQP is not served; devices can use MQTT over TLS (the mqtt listener) or HTTPS"
-            );
+/// The stream, with its first bytes read to see what the client speaks and handed back to the HTTP
+/// server as if unread; `None` if the client opened with an AMQP header (an AMQP device pointed at
+/// this port), sent nothing in time, or closed: those are logged and dropped.
+async fn http_only<S: AsyncRead + Unpin>(
+    mut inner: S,
+    peer: std::net::SocketAddr,
+) -> Option<Prefixed<S>> {
+    let mut head = vec![0u8; 1024];
+    let read = match tokio::time::timeout(HANDSHAKE_TIMEOUT, inner.read(&mut head)).await {
+        Ok(Ok(read)) if read > 0 => read,
+        Ok(_) => return None,
+        Err(_) => {
+            tracing::debug!(%peer, "no request within {HANDSHAKE_TIMEOUT:?} of the handshake");
             return None;
         }
-        Some(Self {
-            head,
-            served: 0,
-            inner,
-        })
+    };
+    head.truncate(read);
+    if head.starts_with(b"AMQP") {
+        tracing::warn!(
+            %peer,
+            "refused an AMQP connection on the HTTPS listener: AMQP devices connect to the AMQP listener (port 5671 by default), or over WebSockets at /$iothub/websocket"
+        );
+        return None;
     }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.served < self.head.len() {
-            let n = buf.remaining().min(self.head.len() - self.served);
-            let start = self.served;
-            buf.put_slice(&self.head[start..start + n]);
-            self.served += n;
-            if self.served == self.head.len() {
-                self.head = Vec::new();
-                self.served = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    Some(Prefixed::new(head, inner))
 }

@@ -320,7 +320,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 protocol,
                 "refused a connection speaking {protocol} on the MQTT listener: only MQTT 3.1.1 is served here{}",
                 if protocol == "AMQP" {
-                    "; AMQP is not served, devices can use MQTT or HTTPS"
+                    "; AMQP devices connect to the AMQP listener (port 5671 by default)"
                 } else {
                     "; HTTPS is served on the https listener"
                 }

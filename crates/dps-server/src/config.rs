@@ -37,6 +37,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// The MQTT/TLS listener (device API, and devices of in-process hubs).
     pub mqtt: MqttConfig,
+    /// The AMQP/TLS listener (device API).
+    pub amqp: AmqpConfig,
     /// Server certificate.
     pub tls: TlsConfig,
     /// Where state is kept.
@@ -57,6 +59,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./opendps-data"),
             http: HttpConfig::default(),
             mqtt: MqttConfig::default(),
+            amqp: AmqpConfig::default(),
             tls: TlsConfig::default(),
             storage: StorageConfig::default(),
             service_api: ServiceApiConfig::default(),
@@ -112,6 +115,29 @@ impl Default for MqttConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             max_connections: dps_mqtt::MqttLimits::default().max_connections,
+        }
+    }
+}
+
+/// `[amqp]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Serve AMQP at all.
+    pub enabled: bool,
+    /// Address of the AMQP/TLS listener. Devices dial 5671.
+    #[serde(deserialize_with = "listen_address")]
+    pub listen: SocketAddr,
+    /// Most connections open at once; more are closed before their TLS handshake.
+    pub max_connections: usize,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5671)),
+            max_connections: dps_amqp::AmqpLimits::default().max_connections,
         }
     }
 }
@@ -294,6 +320,9 @@ pub struct FlagOverrides {
     /// `--mqtt-listen`.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub mqtt: serde_json::Map<String, serde_json::Value>,
+    /// `--amqp-listen`.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub amqp: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Config {
@@ -415,6 +444,7 @@ const FLAG_KEYS: &[(&str, &str)] = &[
     ("http.listen", "--listen"),
     ("http.public_host", "--public-host"),
     ("mqtt.listen", "--mqtt-listen"),
+    ("amqp.listen", "--amqp-listen"),
     ("tls.names", "--tls-name"),
     ("minihub.hubs", "--hub"),
 ];

@@ -31,6 +31,9 @@ pub struct Runtime {
     /// The bound MQTT address, if MQTT is served.
     #[serde(default)]
     pub mqtt: Option<SocketAddr>,
+    /// The bound AMQP address, if AMQP is served.
+    #[serde(default)]
+    pub amqp: Option<SocketAddr>,
     /// The host clients should use (public host and port).
     pub service_host: String,
     /// In-process hubs and their `iothubowner` connection strings (secrets: the file is owner-only).

@@ -60,6 +60,9 @@ pub struct ListenInfo {
     pub https: SocketAddr,
     /// MQTT over TLS, when served.
     pub mqtt: Option<SocketAddr>,
+    /// AMQP over TLS, when served.
+    #[serde(default)]
+    pub amqp: Option<SocketAddr>,
 }
 
 /// An in-process hub (minihub) and its owner connection string.
@@ -145,6 +148,11 @@ pub async fn collect(config: &Config) -> anyhow::Result<ServiceInfo> {
                 .map_or(config.mqtt.enabled.then_some(config.mqtt.listen), |r| {
                     r.mqtt
                 }),
+            amqp: runtime
+                .as_ref()
+                .map_or(config.amqp.enabled.then_some(config.amqp.listen), |r| {
+                    r.amqp
+                }),
         },
         linked_hubs: hubs.iter().map(LinkedHub::describe).collect(),
         minihubs,
@@ -174,6 +182,12 @@ pub fn print_human(info: &ServiceInfo) {
         "MQTT listener:       {}",
         info.listen
             .mqtt
+            .map_or_else(|| "off".to_owned(), |a| a.to_string())
+    );
+    println!(
+        "AMQP listener:       {}",
+        info.listen
+            .amqp
             .map_or_else(|| "off".to_owned(), |a| a.to_string())
     );
     match info.running {

@@ -10,6 +10,7 @@ use axum::Router;
 use axum::extract::Request;
 use axum::http::header;
 use axum::routing::get;
+use dps_amqp::AmqpLimits;
 use dps_core::access::{Authorizer, ServiceIdentity};
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::hub::{
@@ -67,10 +68,13 @@ pub struct Listeners {
     pub https: TcpListener,
     /// MQTT over TLS, when MQTT is served.
     pub mqtt: Option<TcpListener>,
+    /// AMQP over TLS, when AMQP is served.
+    pub amqp: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds the addresses `config` names (`[http] listen`, and `[mqtt] listen` when enabled).
+    /// Binds the addresses `config` names (`[http] listen`, and `[mqtt] listen` and
+    /// `[amqp] listen` when enabled).
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
         let https = TcpListener::bind(config.http.listen).await.with_context(|| {
             format!("while binding {}; is another service using it? Choose another address with --listen", config.http.listen)
@@ -81,7 +85,13 @@ impl Listeners {
             })?),
             false => None,
         };
-        Ok(Self { https, mqtt })
+        let amqp = match config.amqp.enabled {
+            true => Some(TcpListener::bind(config.amqp.listen).await.with_context(|| {
+                format!("while binding AMQP on {}; is another AMQP server using it? Choose another address with --amqp-listen, or turn AMQP off with [amqp] enabled = false", config.amqp.listen)
+            })?),
+            false => None,
+        };
+        Ok(Self { https, mqtt, amqp })
     }
 }
 
@@ -91,6 +101,8 @@ pub struct Service {
     pub https: SocketAddr,
     /// The bound MQTT address, when MQTT is enabled.
     pub mqtt: Option<SocketAddr>,
+    /// The bound AMQP address, when AMQP is enabled.
+    pub amqp: Option<SocketAddr>,
     /// `host[:port]` clients use.
     pub service_host: String,
     /// The ID scope.
@@ -152,10 +164,12 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         tracing::info!(ca = %data.ca_file().display(), "created a development CA; clients must trust this file");
     }
     let mqtt_tls = TlsAcceptor::from(pki::mqtt_server_config(server_identity.clone())?);
+    let amqp_tls = mqtt_tls.clone();
     let tls = TlsAcceptor::from(pki::server_config(server_identity)?);
     let Listeners {
         https: listener,
         mqtt: mqtt_listener,
+        amqp: amqp_listener,
     } = listeners;
     let https = listener.local_addr()?;
     let service_host = service_host(&config.http.public_host, https.port());
@@ -238,11 +252,17 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         max_connections: config.mqtt.max_connections,
         ..MqttLimits::default()
     };
+    let amqp_limits = AmqpLimits {
+        max_connections: config.amqp.max_connections,
+        ..AmqpLimits::default()
+    };
     let sockets = Arc::new(WebSockets {
         connector: Arc::new(
             DpsConnector::new(Arc::clone(&provisioning), hubs.clone()).over(Transport::MqttWs),
         ),
         limits: mqtt_limits,
+        provisioning: Arc::clone(&provisioning),
+        amqp_limits,
         stop: stop_rx.clone(),
     });
     let app = with_websockets(with_metrics(with_minihub(app, minihub)), sockets);
@@ -255,6 +275,20 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
                 mqtt_tls,
                 connector,
                 mqtt_limits,
+                stop_rx.clone(),
+            ));
+            Some((bound, task))
+        }
+        None => None,
+    };
+    let amqp = match amqp_listener {
+        Some(amqp_listener) => {
+            let bound = amqp_listener.local_addr()?;
+            let task = tokio::spawn(dps_amqp::serve(
+                amqp_listener,
+                amqp_tls,
+                Arc::clone(&provisioning),
+                amqp_limits,
                 stop_rx.clone(),
             ));
             Some((bound, task))
@@ -284,6 +318,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         pid: std::process::id(),
         https,
         mqtt: mqtt.as_ref().map(|(addr, _)| *addr),
+        amqp: amqp.as_ref().map(|(addr, _)| *addr),
         service_host: service_host.clone(),
         minihubs,
     })?;
@@ -292,10 +327,15 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         tasks.push(("MQTT server", task));
         addr
     });
+    let amqp = amqp.map(|(addr, task)| {
+        tasks.push(("AMQP server", task));
+        addr
+    });
     tasks.push(("registration worker", worker));
     Ok(Service {
         https,
         mqtt,
+        amqp,
         service_host,
         id_scope: identity.id_scope.to_string(),
         minihub: minihub_handle,

@@ -1,7 +1,8 @@
-//! MQTT over WebSockets on the HTTPS listener, as devices behind firewalls that pass only 443 use
-//! it: `GET /$iothub/websocket` (the C, Node and Python SDKs; C# asks on `/`) with the subprotocol
-//! `mqtt`. Each binary message carries MQTT bytes, and the connection is then served exactly as one
-//! on the MQTT listener, by the same connector (DPS, or an in-process hub by CONNECT username).
+//! MQTT and AMQP over WebSockets on the HTTPS listener, as devices behind firewalls that pass only
+//! 443 use them: `GET /$iothub/websocket` (the C, Node and Python SDKs; C# asks on `/`) with the
+//! subprotocol `mqtt` or `AMQPWSB10`. Binary messages carry the protocol's bytes, and the
+//! connection is then served exactly as one on the MQTT listener (by the same connector: DPS, or an
+//! in-process hub by CONNECT username) or on the AMQP listener.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use axum::extract::Request;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
+use dps_amqp::AmqpLimits;
+use dps_core::provisioning::{Provisioning, Transport};
 use dps_http::{ClientCertificates, PeerAddr};
 use dps_mqtt::{Connector, MqttLimits};
 use futures_util::{Sink, Stream};
@@ -24,8 +27,10 @@ use tower::ServiceExt as _;
 /// The paths SDKs open WebSockets on.
 const PATHS: [&str; 2] = ["/$iothub/websocket", "/"];
 
-/// The subprotocols served (the C SDK asks for `MQTT`, the others for `mqtt`).
+/// The MQTT subprotocol names (the C SDK asks for `MQTT`, the others for `mqtt`).
 const MQTT_PROTOCOLS: [&str; 2] = ["mqtt", "MQTT"];
+/// The AMQP subprotocol name.
+const AMQP_PROTOCOL: &str = "AMQPWSB10";
 
 /// What a WebSocket connection is served with.
 pub(crate) struct WebSockets {
@@ -33,11 +38,15 @@ pub(crate) struct WebSockets {
     pub connector: Arc<dyn Connector>,
     /// The MQTT listener's limits (the largest packet bounds a message too).
     pub limits: MqttLimits,
+    /// Device registration, for AMQP.
+    pub provisioning: Arc<Provisioning>,
+    /// The AMQP listener's limits.
+    pub amqp_limits: AmqpLimits,
     /// Turns true when the service stops.
     pub stop: watch::Receiver<bool>,
 }
 
-/// `app`, with WebSocket upgrades on [`PATHS`] served as MQTT connections; every other request,
+/// `app`, with WebSocket upgrades on [`PATHS`] served as MQTT or AMQP connections; every other request,
 /// a plain `GET /` included, goes to `app`.
 pub(crate) fn with_websockets(app: Router, sockets: Arc<WebSockets>) -> Router {
     Router::new().fallback_service(tower::service_fn(move |request: Request| {
@@ -68,8 +77,8 @@ fn wants_websocket(request: &Request) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Accepts the upgrade with the client's MQTT subprotocol, or refuses it with a 400 that names the
-/// subprotocols served.
+/// Accepts the upgrade with the client's MQTT or AMQP subprotocol, or refuses it with a 400 that
+/// names the subprotocols served.
 async fn upgrade(request: Request, sockets: Arc<WebSockets>) -> Response {
     let peer = request
         .extensions()
@@ -91,7 +100,7 @@ async fn upgrade(request: Request, sockets: Arc<WebSockets>) -> Response {
         .collect();
     let Some(protocol) = asked
         .iter()
-        .find(|p| MQTT_PROTOCOLS.contains(&p.as_str()))
+        .find(|p| MQTT_PROTOCOLS.contains(&p.as_str()) || p.as_str() == AMQP_PROTOCOL)
         .cloned()
     else {
         let asked = match asked.is_empty() {
@@ -102,7 +111,7 @@ async fn upgrade(request: Request, sockets: Arc<WebSockets>) -> Response {
         return (
             StatusCode::BAD_REQUEST,
             format!(
-                "Unsupported WebSocket subprotocol ({asked}). This service speaks MQTT 3.1.1 over WebSockets: ask for the subprotocol 'mqtt'.\n"
+                "Unsupported WebSocket subprotocol ({asked}). This service speaks MQTT 3.1.1 ('mqtt') and AMQP 1.0 ('AMQPWSB10') over WebSockets.\n"
             ),
         )
             .into_response();
@@ -112,19 +121,37 @@ async fn upgrade(request: Request, sockets: Arc<WebSockets>) -> Response {
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
+    let amqp = protocol == AMQP_PROTOCOL;
     upgrade
         .protocols([protocol])
         .max_message_size(sockets.limits.max_packet_bytes)
         .on_upgrade(move |socket| async move {
-            dps_mqtt::serve_connection(
-                WsBytes::new(socket),
-                peer,
-                certificates,
-                Arc::clone(&sockets.connector),
-                sockets.limits,
-                sockets.stop.clone(),
-            )
-            .await;
+            let stream = WsBytes::new(socket);
+            match amqp {
+                true => {
+                    dps_amqp::serve_connection(
+                        stream,
+                        peer,
+                        certificates,
+                        Arc::clone(&sockets.provisioning),
+                        Transport::AmqpWs,
+                        sockets.amqp_limits,
+                        sockets.stop.clone(),
+                    )
+                    .await;
+                }
+                false => {
+                    dps_mqtt::serve_connection(
+                        stream,
+                        peer,
+                        certificates,
+                        Arc::clone(&sockets.connector),
+                        sockets.limits,
+                        sockets.stop.clone(),
+                    )
+                    .await;
+                }
+            }
         })
 }
 
@@ -133,6 +160,14 @@ struct WsBytes {
     socket: WebSocket,
     /// What is left of the last message read.
     pending: Bytes,
+}
+
+impl std::fmt::Debug for WsBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsBytes")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl WsBytes {

@@ -88,6 +88,8 @@ impl TestServer {
                 "127.0.0.1:0",
                 "--mqtt-listen",
                 "127.0.0.1:0",
+                "--amqp-listen",
+                "127.0.0.1:0",
             ])
             .arg("--data-dir")
             .arg(self.dir.path())

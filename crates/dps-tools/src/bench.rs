@@ -37,6 +37,7 @@ use crate::client::{ClientSettings, ServiceClient};
 use crate::pki::TestChain;
 use dps_core::device::RegistrationOperationStatus;
 use dps_core::model::EnrollmentStatus;
+use dps_device::amqp::DpsAmqp;
 use dps_device::https::{API_VERSION, retry_after_header};
 use dps_device::mqtt::{Carrier, DpsMqtt, tls_client_config};
 use dps_device::{DeviceExchange, Ended, Reply, register_and_poll};
@@ -292,8 +293,9 @@ pub async fn run(
     let ca = info.ca_file.clone();
     let tls = TlsConnector::from(bench_tls(tls_client_config(ca.as_deref(), None)?));
     let port = match args.transport {
-        Transport::Https | Transport::MqttWs => Some(info.listen.https),
+        Transport::Https | Transport::MqttWs | Transport::AmqpWs => Some(info.listen.https),
         Transport::Mqtt => info.listen.mqtt,
+        Transport::Amqp => info.listen.amqp,
     }
     .map(|a| a.port())
     .context("the service does not listen on that transport")?;
@@ -311,8 +313,8 @@ pub async fn run(
         tls,
         ca,
         carrier: match args.transport {
-            Transport::MqttWs => Carrier::WebSocket,
-            Transport::Https | Transport::Mqtt => Carrier::Tls,
+            Transport::MqttWs | Transport::AmqpWs => Carrier::WebSocket,
+            Transport::Https | Transport::Mqtt | Transport::Amqp => Carrier::Tls,
         },
     });
 
@@ -321,6 +323,8 @@ pub async fn run(
             Transport::Https => "https",
             Transport::Mqtt => "mqtt",
             Transport::MqttWs => "mqtt-ws",
+            Transport::Amqp => "amqp",
+            Transport::AmqpWs => "amqp-ws",
         },
         devices: args.devices,
         concurrency: args.concurrency,
@@ -614,7 +618,7 @@ async fn idle(
     group_key: &str,
     quiet: bool,
 ) -> anyhow::Result<IdleReport> {
-    if args.transport == Transport::Https {
+    if !matches!(args.transport, Transport::Mqtt | Transport::MqttWs) {
         bail!("--idle-connections holds MQTT sessions; add --transport mqtt (or mqtt-ws)");
     }
     let rss = move || {
@@ -790,6 +794,9 @@ async fn register_all(
                     Transport::Mqtt | Transport::MqttWs => {
                         mqtt_device(&target, &settings, device).await
                     }
+                    Transport::Amqp | Transport::AmqpWs => {
+                        amqp_device(&target, &settings, device).await
+                    }
                 };
                 if let Err(err) = &result.outcome {
                     bar.set_message(format!("last error: {err}"));
@@ -902,6 +909,39 @@ async fn mqtt_device(
         .map_err(|e| Failure::Transport(format!("connect: {e}")))?;
         let ended = provision(&mut link, settings, rid, &mut waited).await;
         link.disconnect().await;
+        ended
+    })
+    .await
+    .unwrap_or(Err(Failure::Timeout));
+    finished(started, waited, outcome)
+}
+
+/// One device over AMQP: connect (SASL PLAIN with its token, or its certificate), attach both
+/// links, register, poll until the end, close.
+async fn amqp_device(
+    target: &Target,
+    settings: &DeviceSettings,
+    device: &SimDevice,
+) -> DeviceResult {
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let rid = device.rid.as_str();
+    let outcome = tokio::time::timeout(settings.timeout, async {
+        let token = device.token(&target.scope);
+        let name = server_name_text(&target.server_name);
+        let mut link = DpsAmqp::connect(
+            device.tls(target).config(),
+            &name,
+            target.addr.port(),
+            target.carrier,
+            &target.scope,
+            rid,
+            token.as_deref(),
+        )
+        .await
+        .map_err(|e| Failure::Transport(format!("connect: {e:#}")))?;
+        let ended = provision(&mut link, settings, rid, &mut waited).await;
+        link.close().await;
         ended
     })
     .await

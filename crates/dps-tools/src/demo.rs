@@ -78,6 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     config.http.listen = ([127, 0, 0, 1], 0).into();
     config.mqtt.listen = ([127, 0, 0, 1], 0).into();
+    config.amqp.listen = ([127, 0, 0, 1], 0).into();
     config.minihub.hubs = hubs.to_vec();
     config.minihub.link = true;
     config.provisioning.retry_after_secs = 1;
@@ -283,6 +284,7 @@ impl Tutorial<'_> {
         Ok(Device {
             host: self.service.service_host.clone(),
             mqtt_port: self.mqtt_port()?,
+            amqp_port: self.service.amqp.map_or(5671, |a| a.port()),
             scope: self.service.id_scope.clone(),
             ca: Some(self.service.ca_file()),
             registration_id: registration_id.to_owned(),

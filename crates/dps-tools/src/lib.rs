@@ -21,6 +21,11 @@ pub enum Transport {
     /// MQTT 3.1.1 over WebSockets on the HTTPS port, as the SDKs' websockets option does.
     #[value(name = "mqtt-ws")]
     MqttWs,
+    /// AMQP 1.0 over TLS, as the C, C#, Node and Java SDKs can.
+    Amqp,
+    /// AMQP 1.0 over WebSockets on the HTTPS port.
+    #[value(name = "amqp-ws")]
+    AmqpWs,
 }
 
 impl From<Transport> for dps_device::Transport {
@@ -29,6 +34,8 @@ impl From<Transport> for dps_device::Transport {
             Transport::Https => Self::Https,
             Transport::Mqtt => Self::Mqtt,
             Transport::MqttWs => Self::MqttWs,
+            Transport::Amqp => Self::Amqp,
+            Transport::AmqpWs => Self::AmqpWs,
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct RegisterArgs {
     /// service's MQTT listener, from --data-dir; else 8883, the port Azure's devices dial].
     #[arg(long)]
     mqtt_port: Option<u16>,
+    /// AMQP port at the provisioning host, for --transport amqp [default: the local service's
+    /// AMQP listener, from --data-dir; else 5671, the port Azure's devices dial].
+    #[arg(long)]
+    amqp_port: Option<u16>,
     /// After assignment, connect to the hub over MQTT (at the provisioning host, as a gateway) and
     /// print the device's twin.
     #[arg(long)]
@@ -70,6 +74,7 @@ pub async fn register(
         || args.id_scope.is_none()
         || ca_file.is_none()
         || args.mqtt_port.is_none()
+        || args.amqp_port.is_none()
     {
         let config = dps_server::config::Config {
             data_dir,
@@ -85,12 +90,18 @@ pub async fn register(
         .filter(|_| args.provisioning_host.is_none())
         .and_then(|i| i.listen.mqtt)
         .map(|a| a.port());
+    let local_amqp_port = local
+        .as_ref()
+        .filter(|_| args.provisioning_host.is_none())
+        .and_then(|i| i.listen.amqp)
+        .map(|a| a.port());
     let device = Device {
         host: args
             .provisioning_host
             .or_else(|| local.as_ref().map(|i| i.service_host.clone()))
             .context("give --provisioning-host (no local service found)")?,
         mqtt_port: args.mqtt_port.or(local_mqtt_port).unwrap_or(8883),
+        amqp_port: args.amqp_port.or(local_amqp_port).unwrap_or(5671),
         scope: args
             .id_scope
             .or_else(|| local.as_ref().map(|i| i.id_scope.clone()))

@@ -89,6 +89,9 @@ struct ServeArgs {
     /// Address to listen on for MQTT over TLS (port 0 picks a free port).
     #[arg(long)]
     mqtt_listen: Option<String>,
+    /// Address to listen on for AMQP over TLS (port 0 picks a free port).
+    #[arg(long)]
+    amqp_listen: Option<String>,
     /// Extra DNS name or IP address for the development certificate (repeatable).
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
@@ -190,6 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(listen) = args.mqtt_listen {
                 flags.mqtt.insert("listen".into(), listen.into());
+            }
+            if let Some(listen) = args.amqp_listen {
+                flags.amqp.insert("listen".into(), listen.into());
             }
             if !args.hubs.is_empty() {
                 flags

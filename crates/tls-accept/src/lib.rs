@@ -27,8 +27,10 @@
 //! ```
 
 mod client_auth;
+mod prefixed;
 
 pub use client_auth::{RequestClientCertificates, peer_certificates};
+pub use prefixed::Prefixed;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -202,6 +202,11 @@ pub enum Transport {
     /// MQTT over WebSockets on the HTTPS listener.
     #[serde(rename = "mqtt-ws")]
     MqttWs,
+    /// AMQP 1.0 over TLS.
+    Amqp,
+    /// AMQP 1.0 over WebSockets on the HTTPS listener.
+    #[serde(rename = "amqp-ws")]
+    AmqpWs,
 }
 
 impl Transport {
@@ -211,6 +216,8 @@ impl Transport {
             Self::Https => "https",
             Self::Mqtt => "mqtt",
             Self::MqttWs => "mqtt-ws",
+            Self::Amqp => "amqp",
+            Self::AmqpWs => "amqp-ws",
         }
     }
 }

@@ -138,6 +138,8 @@ async fn a_second_server_on_the_same_data_directory_is_refused() {
             "127.0.0.1:0",
             "--mqtt-listen",
             "127.0.0.1:0",
+            "--amqp-listen",
+            "127.0.0.1:0",
         ])
         .expect("run");
     assert!(!second.status.success(), "the second server must not start");
@@ -205,6 +207,8 @@ async fn a_linked_hub_no_longer_served_in_process_is_warned_about() {
             "--listen",
             "127.0.0.1:0",
             "--mqtt-listen",
+            "127.0.0.1:0",
+            "--amqp-listen",
             "127.0.0.1:0",
         ])
         .arg("--data-dir")

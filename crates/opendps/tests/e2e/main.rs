@@ -1,6 +1,7 @@
 //! End-to-end tests: real `opendps` processes on loopback, spoken to over HTTPS with JSON, and the
 //! real CLI binary. One binary, unique data directory per test, so tests run in parallel.
 
+mod amqp;
 mod auth;
 mod cli;
 mod device_api;
@@ -42,6 +43,48 @@ pub async fn server_with_hub(hub: &str) -> (TestServer, String) {
         .expect("the hub's connection string")
         .to_owned();
     (server, cs)
+}
+
+/// A simulated device of `server` (its listeners, ID scope and CA) over `transport`.
+pub fn device(
+    server: &TestServer,
+    rid: &str,
+    attestation: dps_device::Attestation,
+    transport: dps_device::Transport,
+) -> dps_device::Device {
+    let info = server.service_info().expect("info");
+    dps_device::Device {
+        host: server.service_host(),
+        mqtt_port: info.listen.mqtt.expect("mqtt listener").port(),
+        amqp_port: info.listen.amqp.expect("amqp listener").port(),
+        scope: info.id_scope.clone(),
+        ca: info.ca_file.clone(),
+        registration_id: rid.to_owned(),
+        attestation,
+        payload: None,
+        transport,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+/// Creates the symmetric-key enrollment group `id` with `settings` merged in (an initial twin, …);
+/// returns its primary key.
+pub async fn symmetric_group(server: &TestServer, id: &str, settings: serde_json::Value) -> String {
+    let key = dps_core::sas::generate_key();
+    let mut body = serde_json::json!({
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
+    });
+    if let (Some(body), Some(settings)) = (body.as_object_mut(), settings.as_object()) {
+        body.extend(settings.clone());
+    }
+    let reply = server
+        .api()
+        .expect("client")
+        .put(&format!("/enrollmentGroups/{id}"), body, None)
+        .await
+        .expect("group");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    key
 }
 
 /// Asserts an error reply: status, DPS code family, JSON content type, tracking id.

@@ -1,6 +1,7 @@
 //! MQTT over WebSockets on the HTTPS listener (`/$iothub/websocket`, subprotocol `mqtt`): a device
 //! registers and reads its twin on its hub that way, a wrong key is refused as over MQTT, and
 //! upgrades the service cannot serve are refused with a reason while it keeps serving others.
+//! (AMQP over WebSockets is in `amqp.rs`.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,38 +16,24 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, http::HeaderValu
 const HUB: &str = "contoso-ws-hub.azure-devices.net";
 
 fn device(server: &TestServer, rid: &str, key: &str) -> Device {
-    let info = server.service_info().expect("info");
-    Device {
-        host: server.service_host(),
-        mqtt_port: info.listen.mqtt.expect("mqtt listener").port(),
-        scope: info.id_scope.clone(),
-        ca: info.ca_file.clone(),
-        registration_id: rid.to_owned(),
-        attestation: Attestation::SymmetricKey(key.to_owned()),
-        payload: Some(json!({"firmware": "1.0"})),
-        transport: Transport::MqttWs,
-        timeout: Duration::from_secs(30),
-    }
+    let mut device = crate::device(
+        server,
+        rid,
+        Attestation::SymmetricKey(key.to_owned()),
+        Transport::MqttWs,
+    );
+    device.payload = Some(json!({"firmware": "1.0"}));
+    device
 }
 
-/// A group on `HUB` with an initial twin; returns its primary key.
+/// A group with an initial twin; returns its primary key.
 async fn group(server: &TestServer) -> String {
-    let key = dps_core::sas::generate_key();
-    let reply = server
-        .api()
-        .expect("client")
-        .put(
-            "/enrollmentGroups/ws-devices",
-            json!({
-                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}},
-                "initialTwin": {"properties": {"desired": {"mode": "eco"}}},
-            }),
-            None,
-        )
-        .await
-        .expect("group");
-    assert_eq!(reply.status, 200, "{reply:?}");
-    key
+    crate::symmetric_group(
+        server,
+        "ws-devices",
+        json!({"initialTwin": {"properties": {"desired": {"mode": "eco"}}}}),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,11 +126,13 @@ async fn upgrades_it_cannot_serve_are_refused_and_bad_bytes_end_only_their_conne
     let (server, _) = crate::server_with_hub(HUB).await;
     let key = group(&server).await;
 
-    for protocol in [Some("AMQPWSB10"), Some("chat"), None] {
+    for protocol in [Some("chat"), Some("amqp"), None] {
         let (status, body) = refusal(open(&server, "/$iothub/websocket", protocol).await);
         assert_eq!(status, 400, "{protocol:?}: {body}");
         assert!(
-            body.contains("Unsupported WebSocket subprotocol") && body.contains("'mqtt'"),
+            body.contains("Unsupported WebSocket subprotocol")
+                && body.contains("'mqtt'")
+                && body.contains("'AMQPWSB10'"),
             "{protocol:?}: {body}"
         );
     }

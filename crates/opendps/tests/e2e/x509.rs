@@ -4,7 +4,6 @@
 //! certificate is refused, on both transports. Certificates are made here with rcgen.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use dps_device::{Attestation, ClientIdentity, Device, Transport};
 use dps_testkit::TestServer;
@@ -80,18 +79,7 @@ fn device(
     attestation: Attestation,
     transport: Transport,
 ) -> Device {
-    let info = server.service_info().expect("info");
-    Device {
-        host: server.service_host(),
-        mqtt_port: info.listen.mqtt.expect("mqtt listener").port(),
-        scope: info.id_scope.clone(),
-        ca: info.ca_file.clone(),
-        registration_id: rid.to_owned(),
-        attestation,
-        payload: None,
-        transport,
-        timeout: Duration::from_secs(30),
-    }
+    crate::device(server, rid, attestation, transport)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,6 +90,8 @@ async fn a_self_signed_device_registers_and_connects_to_its_hub_with_its_certifi
         ("x509-over-https", Transport::Https),
         ("x509-over-mqtt", Transport::Mqtt),
         ("x509-over-mqtt-ws", Transport::MqttWs),
+        ("x509-over-amqp", Transport::Amqp),
+        ("x509-over-amqp-ws", Transport::AmqpWs),
     ] {
         let certificate = current(dir.path(), rid);
         enroll(&server, rid, &certificate.pem).await;

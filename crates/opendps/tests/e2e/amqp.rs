@@ -1,0 +1,294 @@
+//! The DPS device API over AMQP 1.0, driven the way the C# and C SDKs drive it (PROTOCOL §4): a
+//! device registers over AMQP/TLS and over AMQP on a WebSocket, refusals are rejected deliveries
+//! carrying the DPS error, and malformed or misdirected input ends only its own exchange.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dps_device::{Attestation, Device, Transport};
+use dps_testkit::TestServer;
+use fe2o3_amqp::link::delivery::Delivery;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Data, Message, Outcome};
+use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const HUB: &str = "contoso-amqp-hub.azure-devices.net";
+
+fn device(server: &TestServer, rid: &str, key: &str, transport: Transport) -> Device {
+    let mut device = crate::device(
+        server,
+        rid,
+        Attestation::SymmetricKey(key.to_owned()),
+        transport,
+    );
+    device.payload = Some(json!({"firmware": "1.0"}));
+    device
+}
+
+/// A group with an initial twin; returns its primary key.
+async fn group(server: &TestServer) -> String {
+    crate::symmetric_group(
+        server,
+        "amqp-devices",
+        json!({"initialTwin": {"properties": {"desired": {"mode": "eco"}}}}),
+    )
+    .await
+}
+
+fn derived(key: &str, rid: &str) -> String {
+    dps_core::sas::derive_device_key(key, rid).expect("derive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_register_over_amqp_and_amqp_on_websockets() {
+    let (server, _) = crate::server_with_hub(HUB).await;
+    let key = group(&server).await;
+    for (rid, transport) in [
+        ("amqp-sensor-1", Transport::Amqp),
+        ("amqp-ws-sensor-1", Transport::AmqpWs),
+    ] {
+        let device = device(&server, rid, &derived(&key, rid), transport);
+        let done = device.provision(&|_| ()).await.expect("provision");
+        let done = serde_json::to_value(&done).expect("json");
+        assert_eq!(done["status"], "assigned", "{transport:?}: {done}");
+        assert_eq!(done["registrationState"]["assignedHub"], HUB, "{done}");
+        // minihub serves no AMQP: the device reads its twin over MQTT (or MQTT on WebSockets).
+        let twin = device.read_twin(HUB, rid).await.expect("twin");
+        assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
+    }
+
+    // Refusals come back as the DPS error, as over HTTPS and MQTT.
+    let wrong = device(&server, "amqp-sensor-2", &key, Transport::Amqp);
+    let refused = format!(
+        "{:#}",
+        wrong.provision(&|_| ()).await.expect_err("wrong key")
+    );
+    assert!(refused.contains("401002"), "{refused}");
+
+    let metrics = server
+        .api()
+        .expect("client")
+        .with_auth(None)
+        .get("/metrics")
+        .await
+        .expect("metrics");
+    let text = metrics.body.as_str().unwrap_or_default().to_owned();
+    for line in [
+        r#"opendps_registrations_total{transport="amqp",outcome="assigned"} 1"#,
+        r#"opendps_registrations_total{transport="amqp-ws",outcome="assigned"} 1"#,
+        r#"opendps_registrations_total{transport="amqp",outcome="refused"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+}
+
+/// A TLS connection to the AMQP listener.
+async fn tls(server: &TestServer) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let info = server.service_info().expect("info");
+    let addr = info.listen.amqp.expect("amqp listener");
+    let config = dps_device::mqtt::tls_client_config(info.ca_file.as_deref(), None).expect("tls");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let host = server.service_host();
+    let name = host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n);
+    tokio_rustls::TlsConnector::from(Arc::clone(&config))
+        .connect(
+            rustls_pki_types::ServerName::try_from(name.to_owned()).expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls")
+}
+
+/// An AMQP connection logged in as `rid` with `sas`, and a session.
+async fn login(
+    server: &TestServer,
+    rid: &str,
+    sas: &str,
+) -> (
+    fe2o3_amqp::connection::ConnectionHandle<()>,
+    fe2o3_amqp::session::SessionHandle<()>,
+) {
+    let scope = server.service_info().expect("info").id_scope.clone();
+    let mut connection = Connection::builder()
+        .container_id("e2e")
+        .sasl_profile(SaslProfile::Plain {
+            username: format!("{scope}/registrations/{rid}"),
+            password: sas.to_owned(),
+        })
+        .open_with_stream(tls(server).await)
+        .await
+        .expect("open");
+    let session = Session::begin(&mut connection).await.expect("session");
+    (connection, session)
+}
+
+fn token(server: &TestServer, rid: &str, key: &str) -> String {
+    let scope = server.service_info().expect("info").id_scope.clone();
+    dps_core::sas::generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        key,
+        Some("registration"),
+        dps_testkit::far_future(),
+    )
+    .expect("token")
+}
+
+fn request(operation: Option<&str>, body: &[u8]) -> Message<Data> {
+    let mut application = ApplicationProperties::builder();
+    if let Some(operation) = operation {
+        application = application.insert(
+            "iotdps-operation-type",
+            SimpleValue::String(operation.into()),
+        );
+    }
+    Message::builder()
+        .application_properties(application.build())
+        .data(Binary::from(body.to_vec()))
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
+    let (server, _) = crate::server_with_hub(HUB).await;
+    let key = group(&server).await;
+    let scope = server.service_info().expect("info").id_scope.clone();
+    let rid = "amqp-c-style";
+    let (mut connection, mut session) =
+        login(&server, rid, &token(&server, rid, &derived(&key, rid))).await;
+    // The C SDK's links: the URL form of the address, and no correlation id on its requests.
+    let address = format!(
+        "amqps://{}/{scope}/registrations/{rid}",
+        server.service_host()
+    );
+    let mut sender = Sender::attach(&mut session, "sender_link", address.clone())
+        .await
+        .expect("sender");
+    let mut receiver = Receiver::attach(&mut session, "recv_link", address)
+        .await
+        .expect("receiver");
+    let outcome = sender
+        .send(request(
+            Some("iotdps-register"),
+            br#"{"registrationId":"amqp-c-style"}"#,
+        ))
+        .await
+        .expect("send");
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let delivery: Delivery<Body<Value>> =
+        tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .expect("an answer in time")
+            .expect("answer");
+    receiver.accept(&delivery).await.expect("accept");
+    let message = delivery.message();
+    let Body::Data(data) = &message.body else {
+        panic!("the answer is not one data section: {message:?}");
+    };
+    let answer: serde_json::Value = serde_json::from_slice(
+        &data
+            .iter()
+            .flat_map(|d| d.0.iter().copied())
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    assert_eq!(answer["status"], "assigning", "{answer}");
+    assert!(answer["operationId"].is_string(), "{answer}");
+    let properties = &message
+        .application_properties
+        .as_ref()
+        .expect("properties")
+        .0;
+    for name in ["retry-after", "Retry-After"] {
+        assert!(
+            matches!(properties.get(name), Some(SimpleValue::String(s)) if s.parse::<u32>().is_ok()),
+            "{name} in {properties:?}"
+        );
+    }
+
+    // No operation type, an unknown one, and a body that is not JSON: rejected, with the reason.
+    for (message, why) in [
+        (request(None, b"{}"), "iotdps-operation-type"),
+        (
+            request(Some("iotdps-delete-everything"), b"{}"),
+            "is not served",
+        ),
+        (request(Some("iotdps-register"), b"{not json"), "400"),
+    ] {
+        let outcome = sender.send(message).await.expect("send");
+        let Outcome::Rejected(rejected) = outcome else {
+            panic!("not rejected: {outcome:?}");
+        };
+        let description = rejected
+            .error
+            .and_then(|e| e.description)
+            .unwrap_or_default();
+        assert!(description.contains(why), "{why}: {description}");
+    }
+    let _ = sender.close().await;
+    let _ = receiver.close().await;
+    let _ = session.close().await;
+    let _ = connection.close().await;
+
+    // A connection logged in as one device may not attach to another device's address.
+    let (mut connection, mut session) =
+        login(&server, rid, &token(&server, rid, &derived(&key, rid))).await;
+    let other = format!("{scope}/registrations/someone-else");
+    let refused = match Sender::attach(&mut session, "sender_link", other).await {
+        Err(err) => format!("{err:?}"),
+        Ok(mut sender) => format!(
+            "{:?}",
+            sender
+                .send(request(Some("iotdps-register"), b"{}"))
+                .await
+                .expect_err("the link was closed")
+        ),
+    };
+    assert!(
+        refused.contains("logged in as")
+            || refused.contains("UnauthorizedAccess")
+            || refused.contains("Detached"),
+        "{refused}"
+    );
+    let _ = connection.close().await;
+    assert!(
+        server.log().contains("refused an AMQP link"),
+        "{}",
+        server.log()
+    );
+
+    // Bytes that are not AMQP get the AMQP header back and the connection closes; a broken frame
+    // after a good header closes that connection only.
+    let mut stream = tls(&server).await;
+    stream
+        .write_all(b"\x10\x20\x00\x04MQTT\x04\x02\x00\x3c")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(answer.starts_with(b"AMQP"), "{answer:?}");
+    let mut stream = tls(&server).await;
+    stream
+        .write_all(b"AMQP\x03\x01\x00\x00\xff\xff\xff\xff\x02\x01\x00\x00")
+        .await
+        .expect("write");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
+
+    // Everyone else is still served.
+    let rid = "amqp-after-garbage";
+    let done = device(&server, rid, &derived(&key, rid), Transport::Amqp)
+        .provision(&|_| ())
+        .await
+        .expect("provision");
+    assert_eq!(
+        serde_json::to_value(&done).expect("json")["status"],
+        "assigned"
+    );
+}
