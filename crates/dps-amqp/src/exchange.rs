@@ -54,18 +54,32 @@ pub fn parse_address(address: &str) -> Option<(String, String)> {
 impl Device {
     /// The registration a link is for; a device that logged in with SASL PLAIN may only attach
     /// to its own address.
-    pub(crate) fn registration_of(&self, address: &str) -> Result<(String, String), String> {
+    pub(crate) fn registration_of(
+        &self,
+        address: &str,
+    ) -> Result<(String, String), definitions::Error> {
         let (scope, rid) = parse_address(address).ok_or_else(|| {
-            format!("'{address}' is not a DPS address; attach to {{idScope}}/registrations/{{registrationId}}")
+            // Most likely an IoT hub device ($cbs, /devices/…) pointed at this gateway.
+            definitions::Error::new(
+                AmqpError::NotImplemented,
+                format!(
+                    "'{address}' is not a DPS address ({{idScope}}/registrations/{{registrationId}}). This service serves DPS over AMQP; its IoT hubs (minihub) serve devices over MQTT and MQTT over WebSockets only"
+                ),
+                None,
+            )
         })?;
         if let Some(login) = &self.login {
             let same = parse_address(&login.authcid).is_some_and(|(s, r)| {
                 s.eq_ignore_ascii_case(&scope) && r.eq_ignore_ascii_case(&rid)
             });
             if !same {
-                return Err(format!(
-                    "the link is for '{scope}/registrations/{rid}', but the connection logged in as '{}'",
-                    login.authcid
+                return Err(definitions::Error::new(
+                    AmqpError::UnauthorizedAccess,
+                    format!(
+                        "the link is for '{scope}/registrations/{rid}', but the connection logged in as '{}'",
+                        login.authcid
+                    ),
+                    None,
                 ));
             }
         }

@@ -20,7 +20,6 @@ use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
     ListenerSessionHandle, SessionAcceptor,
 };
-use fe2o3_amqp::types::definitions::{self, AmqpError};
 use fe2o3_amqp::types::performatives::Attach;
 use tls_accept::{DEFAULT_MAX_CONNECTIONS, TlsListener};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -223,10 +222,7 @@ async fn serve_session(
     let mut links = tokio::task::JoinSet::new();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = attach_address(&attach);
-        let checked = address
-            .as_deref()
-            .ok_or_else(|| "the link has no address".to_owned())
-            .and_then(|a| device.registration_of(a));
+        let checked = device.registration_of(address.as_deref().unwrap_or_default());
         let endpoint = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
@@ -236,9 +232,13 @@ async fn serve_session(
         };
         let (scope, rid) = match checked {
             Ok(found) => found,
-            Err(why) => {
-                tracing::warn!(%peer, address = address.as_deref().unwrap_or(""), %why, "refused an AMQP link");
-                let error = definitions::Error::new(AmqpError::UnauthorizedAccess, why, None);
+            Err(error) => {
+                tracing::warn!(
+                    %peer,
+                    address = address.as_deref().unwrap_or(""),
+                    why = error.description.as_deref().unwrap_or(""),
+                    "refused an AMQP link"
+                );
                 match endpoint {
                     LinkEndpoint::Sender(link) => {
                         let _ = link.close_with_error(error).await;

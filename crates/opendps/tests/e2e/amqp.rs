@@ -259,6 +259,38 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
         server.log()
     );
 
+    // An IoT hub device pointed at this gateway over AMQP (its CBS node): told that minihub serves
+    // devices over MQTT only.
+    let mut connection = Connection::builder()
+        .container_id("hub-device")
+        .sasl_profile(SaslProfile::Anonymous)
+        .open_with_stream(tls(&server).await)
+        .await
+        .expect("open");
+    let mut session = Session::begin(&mut connection).await.expect("session");
+    let refused = match Sender::attach(&mut session, "cbs", "$cbs").await {
+        Err(err) => format!("{err:?}"),
+        Ok(mut sender) => format!(
+            "{:?}",
+            sender
+                .send(request(Some("put-token"), b""))
+                .await
+                .expect_err("the link was closed")
+        ),
+    };
+    assert!(
+        refused.contains("NotImplemented") || refused.contains("Detached"),
+        "{refused}"
+    );
+    let _ = connection.close().await;
+    assert!(
+        server
+            .log()
+            .contains("serve devices over MQTT and MQTT over WebSockets only"),
+        "{}",
+        server.log()
+    );
+
     // Bytes that are not AMQP get the AMQP header back and the connection closes; a broken frame
     // after a good header closes that connection only.
     let mut stream = tls(&server).await;
