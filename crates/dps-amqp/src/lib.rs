@@ -33,6 +33,9 @@ use crate::sasl::DeviceSasl;
 /// How long a client has after its TLS handshake to send the AMQP protocol header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client has from its protocol header to the end of SASL and its Open.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The SASL protocol header (`AMQP 3 1 0 0`).
 const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 /// The AMQP protocol header without SASL (`AMQP 0 1 0 0`): X.509 devices of some SDKs.
@@ -115,6 +118,8 @@ pub async fn serve_connection<S>(
 enum Closed {
     #[error("no protocol header in time")]
     NoHeader,
+    #[error("SASL and Open did not finish in time")]
+    NoOpen,
     #[error("reading the protocol header failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the client speaks {0}, not AMQP")]
@@ -160,17 +165,20 @@ where
             .idle_time_out(idle_ms)
             .sasl_acceptor(DeviceSasl::new(Arc::clone(&login)))
             .build();
-        let connection = acceptor.accept(stream).await?;
+        let connection = tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream))
+            .await
+            .map_err(|_| Closed::NoOpen)??;
         device.login = login.lock().ok().and_then(|mut l| l.take());
         connection
     } else {
-        ConnectionAcceptor::builder()
+        let acceptor = ConnectionAcceptor::builder()
             .container_id("opendps")
             .max_frame_size(limits.max_message_bytes.max(4096))
             .idle_time_out(idle_ms)
-            .build()
-            .accept(stream)
-            .await?
+            .build();
+        tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream))
+            .await
+            .map_err(|_| Closed::NoOpen)??
     };
     let device = Arc::new(device);
     let mut sessions = tokio::task::JoinSet::new();

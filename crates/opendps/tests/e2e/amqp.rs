@@ -313,6 +313,19 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     .await;
     assert!(closed.is_ok(), "the connection stayed open");
 
+    // A client that sends its protocol header and then nothing is closed (10 s for SASL and Open).
+    let mut silent = tls(&server).await;
+    silent
+        .write_all(b"AMQP\x03\x01\x00\x00")
+        .await
+        .expect("write");
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut sink = Vec::new();
+        let _ = silent.read_to_end(&mut sink).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent client was kept open");
+
     // Everyone else is still served.
     let rid = "amqp-after-garbage";
     let done = device(&server, rid, &derived(&key, rid), Transport::Amqp)
