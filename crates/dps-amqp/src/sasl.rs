@@ -116,4 +116,61 @@ mod tests {
         assert_eq!(parse_plain(b"a\x00b\x00c\x00d"), None);
         assert_eq!(parse_plain(b"\x00\xff\x00pw"), None);
     }
+
+    fn init(mechanism: &str, response: Option<&[u8]>) -> SaslInit {
+        SaslInit {
+            mechanism: Symbol::from(mechanism),
+            initial_response: response
+                .map(|r| fe2o3_amqp::types::primitives::Binary::from(r.to_vec())),
+            hostname: None,
+        }
+    }
+
+    fn code(frame: SaslServerFrame) -> SaslCode {
+        match frame {
+            SaslServerFrame::Outcome(outcome) => outcome.code,
+            SaslServerFrame::Challenge(_) => panic!("no mechanism offered here challenges"),
+        }
+    }
+
+    #[test]
+    fn plain_is_kept_for_the_requests_and_other_mechanisms_are_refused() {
+        let login: Arc<Mutex<Option<PlainLogin>>> = Arc::default();
+        let mut sasl = DeviceSasl::new(Arc::clone(&login));
+        assert_eq!(
+            code(sasl.on_init(init("PLAIN", Some(b"\x00scope/registrations/d\x00token")))),
+            SaslCode::Ok
+        );
+        assert_eq!(
+            login
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .map(|l| l.authcid.as_str()),
+            Some("scope/registrations/d")
+        );
+        let mut fresh = DeviceSasl::default();
+        assert_eq!(
+            code(fresh.on_init(init("PLAIN", Some(b"no separators")))),
+            SaslCode::Auth
+        );
+        assert_eq!(code(fresh.on_init(init("PLAIN", None))), SaslCode::Auth);
+        assert_eq!(
+            code(fresh.on_init(init("SCRAM-SHA-1", Some(b"n,,n=user")))),
+            SaslCode::Auth
+        );
+        assert_eq!(
+            code(fresh.on_init(init("TPM", Some(b"\x00scope\x00d\x00ek")))),
+            SaslCode::Auth
+        );
+        assert_eq!(code(fresh.on_init(init("EXTERNAL", None))), SaslCode::Ok);
+        assert_eq!(code(fresh.on_init(init("ANONYMOUS", None))), SaslCode::Ok);
+        assert_eq!(
+            code(fresh.on_response(SaslResponse {
+                response: fe2o3_amqp::types::primitives::Binary::from(vec![1]),
+            })),
+            SaslCode::Auth
+        );
+        assert!(fresh.login.lock().expect("lock").is_none());
+    }
 }
