@@ -522,6 +522,26 @@ mod tests {
             .extract()
             .expect("the default config parses");
         assert_eq!(parsed, Config::default());
+        // Every section and key is documented there, not only defaulted.
+        let defaults = serde_json::to_value(Config::default()).expect("json");
+        for (section, keys) in defaults.as_object().expect("a table") {
+            match keys.as_object() {
+                Some(keys) => {
+                    assert!(
+                        DEFAULT_TOML.contains(&format!("[{section}]")),
+                        "[{section}]"
+                    );
+                    for key in keys.keys() {
+                        assert!(
+                            DEFAULT_TOML.contains(&format!("\n{key} ="))
+                                || DEFAULT_TOML.contains(&format!("# {key} =")),
+                            "{section}.{key}"
+                        );
+                    }
+                }
+                None => assert!(DEFAULT_TOML.contains(&format!("{section} =")), "{section}"),
+            }
+        }
     }
 
     #[test]
