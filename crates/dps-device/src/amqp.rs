@@ -29,7 +29,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// An open AMQP connection of one device, with its two links.
 pub struct DpsAmqp {
     connection: ConnectionHandle<()>,
-    session: SessionHandle<()>,
+    /// Held for as long as the links are used; closing the connection ends it.
+    _session: SessionHandle<()>,
     sender: Sender,
     receiver: Receiver,
     next_id: u64,
@@ -71,7 +72,7 @@ impl DpsAmqp {
             .context("the service refused the receiving link")?;
         Ok(Self {
             connection,
-            session,
+            _session: session,
             sender,
             receiver,
             next_id: 1,
@@ -81,9 +82,7 @@ impl DpsAmqp {
 
     /// Detaches the links and closes the connection.
     pub async fn close(mut self) {
-        let _ = self.sender.close().await;
-        let _ = self.receiver.close().await;
-        let _ = self.session.close().await;
+        // As the C# SDK does: closing the connection ends its session and links.
         let _ = self.connection.close().await;
     }
 
