@@ -586,15 +586,22 @@ def provision_then_use_the_hub(rid, key, device_id, hub, websockets=False):
 INITIAL_TWIN = {"tags": {"deviceType": "toaster"}, "properties": {"desired": {"state": "ready", "darknessSetting": "medium"}}}
 
 
-@scenario("mqtt_group_device_uses_its_hub")
-def mqtt_group_device_uses_its_hub(client, cleanup):
-    group = unique_id("grp-flow")
+def group_device_uses_its_hub(client, cleanup, tag, websockets=False):
+    """A group on the toasters hub with an initial twin, and one of its devices through the whole
+    flow (provision_then_use_the_hub); returns the device's registration id."""
+    group = unique_id(f"grp-{tag}")
     cleanup.add(GROUP, group)
     body = {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}, "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}
     call("create the group", client.enrollment_group.create_or_update, group, body)
     keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
-    rid = unique_id("breakroom499-contoso-tstrsd")
-    provision_then_use_the_hub(rid, derived_key(keys["primaryKey"], rid), rid, common.TOASTERS_HUB)
+    rid = unique_id(f"{tag}-contoso-tstrsd")
+    provision_then_use_the_hub(rid, derived_key(keys["primaryKey"], rid), rid, common.TOASTERS_HUB, websockets=websockets)
+    return rid
+
+
+@scenario("mqtt_group_device_uses_its_hub")
+def mqtt_group_device_uses_its_hub(client, cleanup):
+    group_device_uses_its_hub(client, cleanup, "flow")
 
 
 @scenario("mqtt_individual_device_uses_its_hub")
@@ -611,13 +618,7 @@ def mqtt_individual_device_uses_its_hub(client, cleanup):
 def websocket_group_device_uses_its_hub(client, cleanup):
     """The same flow as mqtt_group_device_uses_its_hub, all of it over MQTT over WebSockets on 443."""
     require_websockets()
-    group = unique_id("grp-ws")
-    cleanup.add(GROUP, group)
-    body = {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}, "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}
-    call("create the group", client.enrollment_group.create_or_update, group, body)
-    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
-    rid = unique_id("ws-contoso-tstrsd")
-    provision_then_use_the_hub(rid, derived_key(keys["primaryKey"], rid), rid, common.TOASTERS_HUB, websockets=True)
+    rid = group_device_uses_its_hub(client, cleanup, "ws", websockets=True)
     state = call("the registration state", client.device_registration_state.get, rid)
     check(state.get("status") == "assigned", f"registration state: {state}")
 

@@ -103,21 +103,21 @@ impl Device {
         let (correlation, request) = decode(message)?;
         let result = match request {
             Request::Register { body } => match DeviceRegistration::from_body(&body) {
-                Ok(registration) => self
-                    .provisioning
-                    .register(self.transport, scope, rid, registration, self.credentials())
-                    .await
-                    .map(|status| (true, serde_json::to_vec(&status))),
+                Ok(registration) => {
+                    self.provisioning
+                        .register(self.transport, scope, rid, registration, self.credentials())
+                        .await
+                }
                 Err(err) => Err(err),
             },
-            Request::OperationStatus { operation_id } => self
-                .provisioning
-                .operation_status(scope, rid, &operation_id, self.credentials())
-                .await
-                .map(|status| (status.response_status() == 202, serde_json::to_vec(&status))),
+            Request::OperationStatus { operation_id } => {
+                self.provisioning
+                    .operation_status(scope, rid, &operation_id, self.credentials())
+                    .await
+            }
         };
-        let (in_progress, body) = result.map_err(|err| self.rejection(&err))?;
-        let body = body.map_err(|_| {
+        let status = result.map_err(|err| self.rejection(&err))?;
+        let body = serde_json::to_vec(&status).map_err(|_| {
             definitions::Error::new(
                 AmqpError::InternalError,
                 "the answer did not encode".to_owned(),
@@ -125,9 +125,9 @@ impl Device {
             )
         })?;
         let mut application = ApplicationProperties::builder();
-        if in_progress {
+        if let Some(wait) = self.provisioning.retry_after_for(&status) {
             // C and Node read `retry-after`, C# `Retry-After`.
-            let wait = self.provisioning.retry_after_secs().to_string();
+            let wait = wait.to_string();
             application = application
                 .insert("retry-after", SimpleValue::String(wait.clone()))
                 .insert("Retry-After", SimpleValue::String(wait));

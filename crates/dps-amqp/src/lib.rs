@@ -145,7 +145,11 @@ where
         .await
         .map_err(|_| Closed::NoHeader)??;
     if head != SASL_HEADER && head != AMQP_HEADER {
-        let protocol = foreign_protocol(&head);
+        let protocol = match tls_accept::protocol_of(&head) {
+            Some("AMQP") => "another AMQP version",
+            Some(other) => other,
+            None => "an unknown protocol",
+        };
         tracing::warn!(
             %peer,
             protocol,
@@ -157,29 +161,22 @@ where
     }
     let stream = tls_accept::Prefixed::new(head.to_vec(), stream);
     let idle_ms = u32::try_from(limits.idle_timeout.as_millis()).unwrap_or(u32::MAX);
-    let mut connection: ListenerConnectionHandle = if head == SASL_HEADER {
-        let login: Arc<Mutex<Option<PlainLogin>>> = Arc::default();
-        let acceptor = ConnectionAcceptor::builder()
-            .container_id("opendps")
-            .max_frame_size(limits.max_message_bytes.max(4096))
-            .idle_time_out(idle_ms)
-            .sasl_acceptor(DeviceSasl::new(Arc::clone(&login)))
-            .build();
-        let connection = tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream))
-            .await
-            .map_err(|_| Closed::NoOpen)??;
-        device.login = login.lock().ok().and_then(|mut l| l.take());
-        connection
-    } else {
-        let acceptor = ConnectionAcceptor::builder()
-            .container_id("opendps")
-            .max_frame_size(limits.max_message_bytes.max(4096))
-            .idle_time_out(idle_ms)
-            .build();
-        tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream))
-            .await
-            .map_err(|_| Closed::NoOpen)??
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id("opendps")
+        .max_frame_size(limits.max_message_bytes.max(4096))
+        .idle_time_out(idle_ms);
+    let login: Arc<Mutex<Option<PlainLogin>>> = Arc::default();
+    let opened = match head == SASL_HEADER {
+        true => {
+            let acceptor = acceptor
+                .sasl_acceptor(DeviceSasl::new(Arc::clone(&login)))
+                .build();
+            tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream)).await
+        }
+        false => tokio::time::timeout(OPEN_TIMEOUT, acceptor.build().accept(stream)).await,
     };
+    let mut connection: ListenerConnectionHandle = opened.map_err(|_| Closed::NoOpen)??;
+    device.login = login.lock().ok().and_then(|mut l| l.take());
     let device = Arc::new(device);
     let mut sessions = tokio::task::JoinSet::new();
     loop {
@@ -197,22 +194,6 @@ where
     sessions.abort_all();
     let _ = connection.close().await;
     Ok(())
-}
-
-/// What a client that is not speaking AMQP opened with, for the log.
-fn foreign_protocol(head: &[u8]) -> &'static str {
-    if head.starts_with(b"AMQP") {
-        "another AMQP version"
-    } else if head.first().is_some_and(|b| b >> 4 == 1) {
-        "MQTT"
-    } else if [&b"GET "[..], b"POST", b"PUT ", b"HEAD", b"PRI "]
-        .iter()
-        .any(|m| head.starts_with(m))
-    {
-        "HTTP"
-    } else {
-        "an unknown protocol"
-    }
 }
 
 /// The links of one session: the device's sender (our receiver) brings requests, its receiver

@@ -158,32 +158,15 @@ pub fn names_issuer(issuer: &[u8], cert: &[u8]) -> bool {
     issuer.subject().as_raw() == cert.issuer().as_raw()
 }
 
-/// Which extended key usage a path must allow at its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Usage {
-    /// TLS client authentication (when the leaf names extended key usages at all).
-    ClientAuth,
-    /// Any: a proof-of-possession certificate is never used in TLS.
-    Any,
-}
-
-struct AnyUsage;
-
-impl webpki::ExtendedKeyUsageValidator for AnyUsage {
-    fn validate(&self, _: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
-        Ok(())
-    }
-}
-
 /// Validates the path from `chain[0]` (the end entity) through the intermediates in
 /// `chain[1..]` to one of `anchors` at `now` (unix seconds): signatures, validity periods, basic
-/// constraints and path lengths, and `usage`. Returns the DER of every certificate on the path
-/// found, the end entity first and the anchor last.
+/// constraints and path lengths, and TLS client authentication where the end entity names
+/// extended key usages at all. Returns the DER of every certificate on the path found, the end
+/// entity first and the anchor last.
 pub fn verify_path(
     chain: &[Vec<u8>],
     anchors: &[Vec<u8>],
     now: i64,
-    usage: Usage,
 ) -> Result<Vec<Vec<u8>>, String> {
     use rustls_pki_types::{CertificateDer, UnixTime};
     let leaf = chain.first().ok_or("no certificate")?;
@@ -204,28 +187,17 @@ pub fn verify_path(
     let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         u64::try_from(now).unwrap_or(0),
     ));
-    let algorithms = webpki::ALL_VERIFICATION_ALGS;
-    let path = match usage {
-        Usage::ClientAuth => end_entity.verify_for_usage(
-            algorithms,
+    let path = end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
             &trust,
             &intermediates,
             time,
             webpki::KeyUsage::client_auth(),
             None,
             None,
-        ),
-        Usage::Any => end_entity.verify_for_usage(
-            algorithms,
-            &trust,
-            &intermediates,
-            time,
-            AnyUsage,
-            None,
-            None,
-        ),
-    }
-    .map_err(|e| e.to_string())?;
+        )
+        .map_err(|e| e.to_string())?;
     let mut on_path = vec![leaf.clone()];
     on_path.extend(path.intermediate_certificates().map(|c| c.der().to_vec()));
     let anchor = path.anchor();

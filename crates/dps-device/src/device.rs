@@ -99,13 +99,23 @@ impl Device {
             .map_or(self.host.as_str(), |(name, _)| name)
     }
 
-    /// Where MQTT goes: the MQTT port over TLS, or the HTTPS port over WebSockets.
-    fn mqtt_endpoint(&self) -> (u16, Carrier) {
+    /// Where the device's transport connects: its own port over TLS, or the HTTPS port over a
+    /// WebSocket.
+    fn endpoint(&self) -> (u16, Carrier) {
         match self.transport {
-            // Devices on WebSockets reach their hub that way too.
+            Transport::Https => (self.https_port(), Carrier::Tls),
+            Transport::Mqtt => (self.mqtt_port, Carrier::Tls),
+            Transport::Amqp => (self.amqp_port, Carrier::Tls),
             Transport::MqttWs | Transport::AmqpWs => (self.https_port(), Carrier::WebSocket),
-            // minihub does not serve AMQP: an AMQP device reaches its hub over MQTT.
-            Transport::Https | Transport::Mqtt | Transport::Amqp => (self.mqtt_port, Carrier::Tls),
+        }
+    }
+
+    /// Where the device reaches its hub, over MQTT: on WebSockets if it registered on them, else
+    /// the MQTT port (minihub serves no AMQP, so an AMQP device reaches its hub over MQTT).
+    fn hub_endpoint(&self) -> (u16, Carrier) {
+        match self.endpoint() {
+            (port, Carrier::WebSocket) => (port, Carrier::WebSocket),
+            (_, Carrier::Tls) => (self.mqtt_port, Carrier::Tls),
         }
     }
 
@@ -150,7 +160,7 @@ impl Device {
             )?),
             Transport::Mqtt | Transport::MqttWs => {
                 let config = crate::mqtt::tls_client_config(self.ca.as_deref(), identity)?;
-                let (port, carrier) = self.mqtt_endpoint();
+                let (port, carrier) = self.endpoint();
                 Channel::Mqtt(Box::new(
                     DpsMqtt::connect_with(
                         &config,
@@ -166,10 +176,7 @@ impl Device {
             }
             Transport::Amqp | Transport::AmqpWs => {
                 let config = crate::mqtt::tls_client_config(self.ca.as_deref(), identity)?;
-                let (port, carrier) = match self.transport {
-                    Transport::AmqpWs => (self.https_port(), Carrier::WebSocket),
-                    _ => (self.amqp_port, Carrier::Tls),
-                };
+                let (port, carrier) = self.endpoint();
                 Channel::Amqp(Box::new(
                     DpsAmqp::connect(
                         &config,
@@ -217,7 +224,7 @@ impl Device {
     /// Connects to the assigned hub over MQTT (through this host, as a gateway; over WebSockets
     /// when the device registered that way) and reads the device's twin.
     pub async fn read_twin(&self, hub: &str, device_id: &str) -> anyhow::Result<Value> {
-        let (port, carrier) = self.mqtt_endpoint();
+        let (port, carrier) = self.hub_endpoint();
         crate::mqtt::read_twin(
             self.host_name(),
             port,

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::BytesMut;
-use futures_util::{SinkExt as _, StreamExt as _};
 use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
 };
@@ -17,20 +16,17 @@ use rumqttc::mqttbytes::{self, QoS};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::device::{Attestation, ClientIdentity};
 use crate::exchange::Reply;
 
 const MAX_PACKET: usize = 256 * 1024;
 /// How long to wait for any answer from the service.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const DPS_RESPONSES: &str = "$dps/registrations/res/";
 const TWIN_RESPONSES: &str = "$iothub/twin/res/";
 
@@ -45,48 +41,14 @@ pub enum Carrier {
     WebSocket,
 }
 
-/// The byte pipe under an MQTT connection. (One per connection: the size of the TLS variant
-/// does not matter.)
-#[allow(clippy::large_enum_variant)]
-enum Link {
-    Tls(TlsStream<TcpStream>),
-    WebSocket(WebSocketStream<TlsStream<TcpStream>>),
-}
+/// The bytes under an MQTT connection: a TLS stream, or a WebSocket on one.
+trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
 
-impl Link {
-    async fn write(&mut self, bytes: BytesMut) -> anyhow::Result<()> {
-        match self {
-            Self::Tls(stream) => {
-                stream.write_all(&bytes).await?;
-                stream.flush().await?;
-            }
-            Self::WebSocket(socket) => socket.send(Message::Binary(bytes.freeze())).await?,
-        }
-        Ok(())
-    }
-
-    /// Appends what arrives next to `buffer`; 0 when the server closed.
-    async fn read_into(&mut self, buffer: &mut BytesMut) -> anyhow::Result<usize> {
-        match self {
-            Self::Tls(stream) => Ok(stream.read_buf(buffer).await?),
-            Self::WebSocket(socket) => loop {
-                match socket.next().await {
-                    Some(Ok(Message::Binary(data))) => {
-                        buffer.extend_from_slice(&data);
-                        return Ok(data.len());
-                    }
-                    Some(Ok(Message::Close(_))) | None => return Ok(0),
-                    Some(Ok(_)) => {}
-                    Some(Err(err)) => return Err(err.into()),
-                }
-            },
-        }
-    }
-}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for S {}
 
 /// An open MQTT connection of one device.
 pub struct DpsMqtt {
-    stream: Link,
+    stream: Box<dyn ByteStream>,
     buffer: BytesMut,
     next_id: u16,
     client_id: String,
@@ -304,25 +266,9 @@ impl DpsMqtt {
         filter: &str,
     ) -> anyhow::Result<Self> {
         let stream = connect_tls(config, host, port, "MQTT").await?;
-        let stream = match carrier {
-            Carrier::Tls => Link::Tls(stream),
-            Carrier::WebSocket => {
-                let mut request = format!("wss://{host}:{port}/$iothub/websocket")
-                    .into_client_request()
-                    .context("the host is not valid in a URL")?;
-                request.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    tokio_tungstenite::tungstenite::http::HeaderValue::from_static("mqtt"),
-                );
-                let (socket, _) = tokio::time::timeout(
-                    ANSWER_TIMEOUT,
-                    tokio_tungstenite::client_async(request, stream),
-                )
-                .await
-                .context("the WebSocket upgrade timed out")?
-                .with_context(|| format!("{host}:{port} refused the WebSocket upgrade"))?;
-                Link::WebSocket(socket)
-            }
+        let stream: Box<dyn ByteStream> = match carrier {
+            Carrier::Tls => Box::new(stream),
+            Carrier::WebSocket => Box::new(crate::ws::open(stream, host, port, "mqtt").await?),
         };
         let mut link = Self {
             stream,
@@ -420,7 +366,9 @@ impl DpsMqtt {
     async fn send(&mut self, packet: Packet) -> anyhow::Result<()> {
         let mut out = BytesMut::new();
         packet.write(&mut out, MAX_PACKET)?;
-        self.stream.write(out).await
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(())
     }
 
     async fn receive(&mut self) -> anyhow::Result<Packet> {
@@ -430,12 +378,11 @@ impl DpsMqtt {
                 Err(mqttbytes::Error::InsufficientBytes(_)) => {}
                 Err(err) => bail!("malformed packet from the service: {err}"),
             }
-            let read =
-                tokio::time::timeout(ANSWER_TIMEOUT, self.stream.read_into(&mut self.buffer))
-                    .await
-                    .with_context(|| {
-                        format!("no answer for {} within {ANSWER_TIMEOUT:?}", self.client_id)
-                    })??;
+            let read = tokio::time::timeout(ANSWER_TIMEOUT, self.stream.read_buf(&mut self.buffer))
+                .await
+                .with_context(|| {
+                    format!("no answer for {} within {ANSWER_TIMEOUT:?}", self.client_id)
+                })??;
             if read == 0 {
                 bail!("the service closed the MQTT connection");
             }

@@ -1,6 +1,5 @@
-//! A client WebSocket (`/$iothub/websocket` on the HTTPS port) as a byte stream, for protocols
-//! whose library wants one (AMQP): each write goes out as one binary message, and binary messages
-//! are read back as bytes.
+//! A client WebSocket (`/$iothub/websocket` on the HTTPS port) as a byte stream, for MQTT and
+//! AMQP: each write goes out as one binary message, and binary messages are read back as bytes.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -30,9 +29,13 @@ pub(crate) async fn open(
         "Sec-WebSocket-Protocol",
         HeaderValue::from_static(subprotocol),
     );
-    let (socket, _) = tokio_tungstenite::client_async(request, tls)
-        .await
-        .with_context(|| format!("{host}:{port} refused the WebSocket upgrade"))?;
+    let (socket, _) = tokio::time::timeout(
+        crate::mqtt::ANSWER_TIMEOUT,
+        tokio_tungstenite::client_async(request, tls),
+    )
+    .await
+    .context("the WebSocket upgrade timed out")?
+    .with_context(|| format!("{host}:{port} refused the WebSocket upgrade"))?;
     Ok(WsBytes {
         socket,
         pending: Bytes::new(),

@@ -87,7 +87,6 @@ pub(crate) async fn handle(
         .and_then(|v| v.to_str().ok());
     let credentials = Credentials { sas, certificates };
     let provisioning = &state.provisioning;
-    let retry_after = provisioning.retry_after_secs();
     match request {
         DeviceRequest::Register {
             scope,
@@ -103,7 +102,8 @@ pub(crate) async fn handle(
                     credentials,
                 )
                 .await?;
-            Ok(json(StatusCode::ACCEPTED, &status, Some(retry_after)))
+            let retry = provisioning.retry_after_for(&status);
+            Ok(json(StatusCode::ACCEPTED, &status, retry))
         }
         DeviceRequest::Operation {
             scope,
@@ -113,10 +113,9 @@ pub(crate) async fn handle(
             let status = provisioning
                 .operation_status(&scope, &registration_id, &operation_id, credentials)
                 .await?;
-            let code = status.response_status();
-            let retry = (code == 202).then_some(retry_after);
+            let retry = provisioning.retry_after_for(&status);
             Ok(json(
-                StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+                StatusCode::from_u16(status.response_status()).unwrap_or(StatusCode::OK),
                 &status,
                 retry,
             ))

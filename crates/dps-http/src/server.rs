@@ -81,7 +81,7 @@ async fn http_only<S: AsyncRead + Unpin>(
         }
     };
     head.truncate(read);
-    if head.starts_with(b"AMQP") {
+    if tls_accept::protocol_of(&head) == Some("AMQP") {
         tracing::warn!(
             %peer,
             "refused an AMQP connection on the HTTPS listener: AMQP devices connect to the AMQP listener (port 5671 by default), or over WebSockets at /$iothub/websocket"

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dps_core::ProvisioningError;
-use dps_core::device::DeviceRegistration;
+use dps_core::device::{DeviceRegistration, RegistrationOperationStatus};
 use dps_core::model::ProvisioningServiceErrorDetails;
 use dps_core::provisioning::{Credentials, Provisioning, Transport};
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet};
@@ -111,14 +111,15 @@ impl DpsConnection {
     }
 
     /// Status, Retry-After and JSON body of a response.
-    fn answer<T: serde::Serialize>(
+    fn answer(
         &self,
-        result: Result<(u16, T), ProvisioningError>,
+        result: Result<RegistrationOperationStatus, ProvisioningError>,
     ) -> (u16, Option<u32>, Vec<u8>) {
         match result {
-            Ok((status, body)) => {
-                let retry = (status == 202).then(|| self.provisioning.retry_after_secs());
-                (status, retry, serde_json::to_vec(&body).unwrap_or_default())
+            Ok(status) => {
+                let code = status.response_status();
+                let retry = self.provisioning.retry_after_for(&status);
+                (code, retry, serde_json::to_vec(&status).unwrap_or_default())
             }
             Err(err) => {
                 let body = ProvisioningServiceErrorDetails::report(&err, self.provisioning.now());
@@ -148,17 +149,17 @@ impl Connection for DpsConnection {
                 }
                 Output::Register { rid, body } => {
                     let result = match DeviceRegistration::from_body(&body) {
-                        Ok(registration) => self
-                            .provisioning
-                            .register(
-                                self.transport,
-                                &self.scope,
-                                &self.registration_id,
-                                registration,
-                                self.credentials(),
-                            )
-                            .await
-                            .map(|status| (202, status)),
+                        Ok(registration) => {
+                            self.provisioning
+                                .register(
+                                    self.transport,
+                                    &self.scope,
+                                    &self.registration_id,
+                                    registration,
+                                    self.credentials(),
+                                )
+                                .await
+                        }
                         Err(err) => Err(err),
                     };
                     (rid, self.answer(result))
@@ -172,8 +173,7 @@ impl Connection for DpsConnection {
                             &operation_id,
                             self.credentials(),
                         )
-                        .await
-                        .map(|status| (status.response_status(), status));
+                        .await;
                     (rid, self.answer(result))
                 }
             };

@@ -122,28 +122,6 @@ fn opens_client_packet(byte: u8) -> bool {
     }
 }
 
-/// The protocol a client that opened with `head` speaks instead of MQTT, when it is one a device
-/// or a person points at the wrong port: AMQP (its protocol header) or HTTP (a request line).
-fn foreign_protocol(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"AMQP") {
-        Some("AMQP")
-    } else if [
-        &b"GET "[..],
-        b"POST ",
-        b"PUT ",
-        b"HEAD ",
-        b"DELETE ",
-        b"PRI * HTTP",
-    ]
-    .iter()
-    .any(|method| head.starts_with(method))
-    {
-        Some("HTTP")
-    } else {
-        None
-    }
-}
-
 /// The remaining length a fixed-size packet must declare, if the packet type has one.
 fn fixed_remaining_length(byte: u8) -> Option<u8> {
     match byte >> 4 {
@@ -220,8 +198,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             if let Some(&first) = self.buffer.first() {
                 if let Some(protocol) = self
                     .before_connect
-                    .then(|| foreign_protocol(&self.buffer))
+                    .then(|| tls_accept::protocol_of(&self.buffer))
                     .flatten()
+                    .filter(|protocol| *protocol != "MQTT")
                 {
                     return Err(ReadError::Foreign(protocol));
                 }

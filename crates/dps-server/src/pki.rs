@@ -132,9 +132,9 @@ impl Clone for ServerIdentity {
     }
 }
 
-/// The TLS configuration of the MQTT listener: as [`server_config`], without ALPN (MQTT clients
-/// offer none, or names of their own that must not make the handshake fail).
-pub fn mqtt_server_config(identity: ServerIdentity) -> anyhow::Result<Arc<ServerConfig>> {
+/// The TLS configuration of the MQTT and AMQP listeners: as [`server_config`], without ALPN
+/// (their clients offer none, or names of their own that must not make the handshake fail).
+pub fn device_server_config(identity: ServerIdentity) -> anyhow::Result<Arc<ServerConfig>> {
     let mut config = Arc::unwrap_or_clone(server_config(identity)?);
     config.alpn_protocols.clear();
     Ok(Arc::new(config))

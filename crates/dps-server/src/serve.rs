@@ -163,7 +163,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     if ca_created {
         tracing::info!(ca = %data.ca_file().display(), "created a development CA; clients must trust this file");
     }
-    let mqtt_tls = TlsAcceptor::from(pki::mqtt_server_config(server_identity.clone())?);
+    let mqtt_tls = TlsAcceptor::from(pki::device_server_config(server_identity.clone())?);
     let amqp_tls = mqtt_tls.clone();
     let tls = TlsAcceptor::from(pki::server_config(server_identity)?);
     let Listeners {
@@ -260,7 +260,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         connector: Arc::new(
             DpsConnector::new(Arc::clone(&provisioning), hubs.clone()).over(Transport::MqttWs),
         ),
-        limits: mqtt_limits,
+        mqtt_limits,
         provisioning: Arc::clone(&provisioning),
         amqp_limits,
         stop: stop_rx.clone(),

@@ -37,7 +37,7 @@ pub(crate) struct WebSockets {
     /// DPS, then the in-process hubs, as on the MQTT listener.
     pub connector: Arc<dyn Connector>,
     /// The MQTT listener's limits (the largest packet bounds a message too).
-    pub limits: MqttLimits,
+    pub mqtt_limits: MqttLimits,
     /// Device registration, for AMQP.
     pub provisioning: Arc<Provisioning>,
     /// The AMQP listener's limits.
@@ -124,7 +124,7 @@ async fn upgrade(request: Request, sockets: Arc<WebSockets>) -> Response {
     let amqp = protocol == AMQP_PROTOCOL;
     upgrade
         .protocols([protocol])
-        .max_message_size(sockets.limits.max_packet_bytes)
+        .max_message_size(sockets.mqtt_limits.max_packet_bytes)
         .on_upgrade(move |socket| async move {
             let stream = WsBytes::new(socket);
             match amqp {
@@ -146,7 +146,7 @@ async fn upgrade(request: Request, sockets: Arc<WebSockets>) -> Response {
                         peer,
                         certificates,
                         Arc::clone(&sockets.connector),
-                        sockets.limits,
+                        sockets.mqtt_limits,
                         sockets.stop.clone(),
                     )
                     .await;

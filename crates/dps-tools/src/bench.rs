@@ -791,12 +791,7 @@ async fn register_all(
                 };
                 let result = match settings.transport {
                     Transport::Https => https_device(&target, &settings, device, &mut kept).await,
-                    Transport::Mqtt | Transport::MqttWs => {
-                        mqtt_device(&target, &settings, device).await
-                    }
-                    Transport::Amqp | Transport::AmqpWs => {
-                        amqp_device(&target, &settings, device).await
-                    }
+                    _ => session_device(&target, &settings, device).await,
                 };
                 if let Err(err) = &result.outcome {
                     bar.set_message(format!("last error: {err}"));
@@ -852,6 +847,25 @@ impl SimDevice {
     }
 }
 
+/// Runs one device's exchange within the timeout: its outcome, the time from its first byte to
+/// the end, and that time less what it chose to wait before polling.
+async fn timed(
+    settings: &DeviceSettings,
+    exchange: impl AsyncFnOnce(&mut Duration) -> Result<(), Failure>,
+) -> DeviceResult {
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let outcome = tokio::time::timeout(settings.timeout, exchange(&mut waited))
+        .await
+        .unwrap_or(Err(Failure::Timeout));
+    let total = started.elapsed();
+    DeviceResult {
+        total,
+        service: total.saturating_sub(waited),
+        outcome,
+    }
+}
+
 /// One device over HTTPS: register, poll until the end.
 async fn https_device(
     target: &Target,
@@ -859,10 +873,8 @@ async fn https_device(
     device: &SimDevice,
     kept: &mut Option<SendRequest<Full<Bytes>>>,
 ) -> DeviceResult {
-    let started = Instant::now();
-    let mut waited = Duration::ZERO;
     let rid = device.rid.as_str();
-    let outcome = tokio::time::timeout(settings.timeout, async {
+    timed(settings, async |waited: &mut Duration| {
         let sender = match kept.take().filter(|s| !s.is_closed()) {
             Some(sender) => sender,
             None => http_connect(target, device.tls(target)).await?,
@@ -873,80 +885,59 @@ async fn https_device(
             base: format!("/{}/registrations/{rid}", target.scope),
             token: device.token(&target.scope),
         };
-        let ended = provision(&mut link, settings, rid, &mut waited).await;
+        let ended = provision(&mut link, settings, rid, waited).await;
         if settings.reuse {
             *kept = Some(link.sender);
         }
         ended
     })
     .await
-    .unwrap_or(Err(Failure::Timeout));
-    finished(started, waited, outcome)
 }
 
-/// One device over MQTT: connect, register, poll until the end, disconnect.
-async fn mqtt_device(
+/// One device over MQTT (its SAS as password, or its certificate) or AMQP (SASL PLAIN with its
+/// token, or its certificate), on TLS or a WebSocket: connect, register, poll until the end, leave.
+async fn session_device(
     target: &Target,
     settings: &DeviceSettings,
     device: &SimDevice,
 ) -> DeviceResult {
-    let started = Instant::now();
-    let mut waited = Duration::ZERO;
     let rid = device.rid.as_str();
-    let outcome = tokio::time::timeout(settings.timeout, async {
-        let token = device.token(&target.scope).unwrap_or_default();
-        let name = server_name_text(&target.server_name);
-        let mut link = DpsMqtt::connect_with(
-            device.tls(target).config(),
-            &name,
-            target.addr.port(),
-            target.carrier,
-            &target.scope,
-            rid,
-            &token,
-        )
-        .await
-        .map_err(|e| Failure::Transport(format!("connect: {e}")))?;
-        let ended = provision(&mut link, settings, rid, &mut waited).await;
-        link.disconnect().await;
-        ended
+    let config = device.tls(target).config();
+    let name = server_name_text(&target.server_name);
+    let token = device.token(&target.scope);
+    let (port, scope) = (target.addr.port(), target.scope.as_str());
+    let refused = |e: anyhow::Error| Failure::Transport(format!("connect: {e:#}"));
+    timed(settings, async |waited: &mut Duration| {
+        match settings.transport {
+            Transport::Amqp | Transport::AmqpWs => {
+                let mut link = DpsAmqp::connect(
+                    config,
+                    &name,
+                    port,
+                    target.carrier,
+                    scope,
+                    rid,
+                    token.as_deref(),
+                )
+                .await
+                .map_err(refused)?;
+                let ended = provision(&mut link, settings, rid, waited).await;
+                link.close().await;
+                ended
+            }
+            _ => {
+                let sas = token.as_deref().unwrap_or_default();
+                let mut link =
+                    DpsMqtt::connect_with(config, &name, port, target.carrier, scope, rid, sas)
+                        .await
+                        .map_err(refused)?;
+                let ended = provision(&mut link, settings, rid, waited).await;
+                link.disconnect().await;
+                ended
+            }
+        }
     })
     .await
-    .unwrap_or(Err(Failure::Timeout));
-    finished(started, waited, outcome)
-}
-
-/// One device over AMQP: connect (SASL PLAIN with its token, or its certificate), attach both
-/// links, register, poll until the end, close.
-async fn amqp_device(
-    target: &Target,
-    settings: &DeviceSettings,
-    device: &SimDevice,
-) -> DeviceResult {
-    let started = Instant::now();
-    let mut waited = Duration::ZERO;
-    let rid = device.rid.as_str();
-    let outcome = tokio::time::timeout(settings.timeout, async {
-        let token = device.token(&target.scope);
-        let name = server_name_text(&target.server_name);
-        let mut link = DpsAmqp::connect(
-            device.tls(target).config(),
-            &name,
-            target.addr.port(),
-            target.carrier,
-            &target.scope,
-            rid,
-            token.as_deref(),
-        )
-        .await
-        .map_err(|e| Failure::Transport(format!("connect: {e:#}")))?;
-        let ended = provision(&mut link, settings, rid, &mut waited).await;
-        link.close().await;
-        ended
-    })
-    .await
-    .unwrap_or(Err(Failure::Timeout));
-    finished(started, waited, outcome)
 }
 
 /// Registers and polls as the device simulator does; `assigned`, or the error by its code.
@@ -1045,15 +1036,6 @@ impl DeviceExchange for HttpsLink<'_> {
 
 fn tls_config_of(target: &Target) -> Arc<rustls::ClientConfig> {
     Arc::clone(target.tls.config())
-}
-
-fn finished(started: Instant, waited: Duration, outcome: Result<(), Failure>) -> DeviceResult {
-    let total = started.elapsed();
-    DeviceResult {
-        total,
-        service: total.saturating_sub(waited),
-        outcome,
-    }
 }
 
 /// `assigned`, or the registration's status and error code.

@@ -80,7 +80,7 @@ fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dps_core::certificate::{self, Usage};
+    use dps_core::certificate;
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
 
@@ -103,9 +103,8 @@ mod tests {
         let root = certificate::decode_to_der(&chain.root_pem).expect("root");
         assert!(certificate::is_ca(&root).expect("parses"));
         let now = dps_core::clock::Clock::now(&dps_core::clock::SystemClock).as_second();
-        let path =
-            certificate::verify_path(&sent, std::slice::from_ref(&root), now, Usage::ClientAuth)
-                .expect("a valid path");
+        let path = certificate::verify_path(&sent, std::slice::from_ref(&root), now)
+            .expect("a valid path");
         assert_eq!(path.len(), 3);
         assert_eq!(path[2], root);
     }

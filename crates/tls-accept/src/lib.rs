@@ -30,7 +30,7 @@ mod client_auth;
 mod prefixed;
 
 pub use client_auth::{RequestClientCertificates, peer_certificates};
-pub use prefixed::Prefixed;
+pub use prefixed::{Prefixed, protocol_of};
 
 use std::future::Future;
 use std::net::SocketAddr;

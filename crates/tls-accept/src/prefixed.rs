@@ -1,10 +1,26 @@
-//! A stream whose first bytes were read to see what the client speaks (HTTP or AMQP, SASL or
-//! not), handed on to the protocol's library as if they had not been read.
+//! What a client's first bytes say it speaks, and a stream whose first bytes were read to see it
+//! (HTTP or AMQP, SASL or not), handed on to the protocol's library as if they had not been read.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The protocol a client that opened with `head` speaks, when it is one a device or a person may
+/// point at the wrong listener: AMQP (its protocol header), HTTP (a request line, or the HTTP/2
+/// preface) or MQTT (a CONNECT packet). Each listener names what it got instead of what it serves.
+pub fn protocol_of(head: &[u8]) -> Option<&'static str> {
+    const HTTP: [&[u8]; 6] = [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PRI * "];
+    if head.starts_with(b"AMQP") {
+        Some("AMQP")
+    } else if HTTP.iter().any(|method| head.starts_with(method)) {
+        Some("HTTP")
+    } else if head.first() == Some(&0x10) {
+        Some("MQTT")
+    } else {
+        None
+    }
+}
 
 /// `head`, then the rest of `inner`; writes go straight to `inner`.
 #[derive(Debug)]
@@ -80,6 +96,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt as _;
+
+    #[test]
+    fn first_bytes_name_the_protocol() {
+        assert_eq!(protocol_of(b"AMQP\x03\x01\x00\x00"), Some("AMQP"));
+        assert_eq!(protocol_of(b"GET /healthz HTTP/1.1"), Some("HTTP"));
+        assert_eq!(protocol_of(b"PRI * HTTP/2.0\r\n"), Some("HTTP"));
+        assert_eq!(protocol_of(b"\x10\x20\x00\x04MQTT"), Some("MQTT"));
+        assert_eq!(protocol_of(b"\x16\x03\x01"), None);
+        assert_eq!(protocol_of(b""), None);
+    }
 
     #[tokio::test]
     async fn the_head_comes_first_then_the_rest() {

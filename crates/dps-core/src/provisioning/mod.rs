@@ -314,6 +314,12 @@ impl Provisioning {
         self.settings.retry_after_secs
     }
 
+    /// The Retry-After a device is answered with on every transport: the wait before its next
+    /// poll while its registration is assigning, none once it is terminal.
+    pub fn retry_after_for(&self, status: &RegistrationOperationStatus) -> Option<u32> {
+        (!status.status.is_terminal()).then_some(self.settings.retry_after_secs)
+    }
+
     /// `PUT /{idScope}/registrations/{registrationId}/register`: authenticates the device and records
     /// an `assigning` operation before answering.
     pub async fn register(

@@ -99,7 +99,6 @@ impl Provisioning {
             chain,
             &anchors,
             self.clock.now().as_second(),
-            certificate::Usage::ClientAuth,
         )
         .map_err(|why| {
             invalid(format!(
@@ -193,14 +192,9 @@ impl Provisioning {
                             if !certificate::names_issuer(c, top) {
                                 return None;
                             }
-                            certificate::verify_path(
-                                chain,
-                                std::slice::from_ref(c),
-                                now,
-                                certificate::Usage::ClientAuth,
-                            )
-                            .ok()
-                            .map(|path| ((*g, c.clone()), path))
+                            certificate::verify_path(chain, std::slice::from_ref(c), now)
+                                .ok()
+                                .map(|path| ((*g, c.clone()), path))
                         })
                     })
                     .map_or((None, None), |(found, path)| (Some(found), Some(path)))

@@ -5,38 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dps_device::{Attestation, Device, Transport};
+use dps_device::Transport;
 use dps_testkit::TestServer;
 use fe2o3_amqp::link::delivery::Delivery;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Data, Message, Outcome};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const HUB: &str = "contoso-amqp-hub.azure-devices.net";
-
-fn device(server: &TestServer, rid: &str, key: &str, transport: Transport) -> Device {
-    let mut device = crate::device(
-        server,
-        rid,
-        Attestation::SymmetricKey(key.to_owned()),
-        transport,
-    );
-    device.payload = Some(json!({"firmware": "1.0"}));
-    device
-}
-
-/// A group with an initial twin; returns its primary key.
-async fn group(server: &TestServer) -> String {
-    crate::symmetric_group(
-        server,
-        "amqp-devices",
-        json!({"initialTwin": {"properties": {"desired": {"mode": "eco"}}}}),
-    )
-    .await
-}
 
 fn derived(key: &str, rid: &str) -> String {
     dps_core::sas::derive_device_key(key, rid).expect("derive")
@@ -45,12 +23,12 @@ fn derived(key: &str, rid: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_register_over_amqp_and_amqp_on_websockets() {
     let (server, _) = crate::server_with_hub(HUB).await;
-    let key = group(&server).await;
+    let key = crate::symmetric_group(&server, "amqp-devices", crate::eco_twin()).await;
     for (rid, transport) in [
         ("amqp-sensor-1", Transport::Amqp),
         ("amqp-ws-sensor-1", Transport::AmqpWs),
     ] {
-        let device = device(&server, rid, &derived(&key, rid), transport);
+        let device = crate::keyed_device(&server, rid, &derived(&key, rid), transport);
         let done = device.provision(&|_| ()).await.expect("provision");
         let done = serde_json::to_value(&done).expect("json");
         assert_eq!(done["status"], "assigned", "{transport:?}: {done}");
@@ -61,27 +39,27 @@ async fn devices_register_over_amqp_and_amqp_on_websockets() {
     }
 
     // Refusals come back as the DPS error, as over HTTPS and MQTT.
-    let wrong = device(&server, "amqp-sensor-2", &key, Transport::Amqp);
+    let wrong = crate::keyed_device(&server, "amqp-sensor-2", &key, Transport::Amqp);
     let refused = format!(
         "{:#}",
         wrong.provision(&|_| ()).await.expect_err("wrong key")
     );
     assert!(refused.contains("401002"), "{refused}");
 
-    let metrics = server
-        .api()
-        .expect("client")
-        .with_auth(None)
-        .get("/metrics")
-        .await
-        .expect("metrics");
-    let text = metrics.body.as_str().unwrap_or_default().to_owned();
-    for line in [
-        r#"opendps_registrations_total{transport="amqp",outcome="assigned"} 1"#,
-        r#"opendps_registrations_total{transport="amqp-ws",outcome="assigned"} 1"#,
-        r#"opendps_registrations_total{transport="amqp",outcome="refused"} 1"#,
+    let text = crate::metrics_text(&server).await;
+    for (transport, outcome) in [
+        ("amqp", "assigned"),
+        ("amqp-ws", "assigned"),
+        ("amqp", "refused"),
     ] {
-        assert!(text.contains(line), "{line} in {text}");
+        let sample = format!(
+            r#"opendps_registrations_total{{transport="{transport}",outcome="{outcome}"}}"#
+        );
+        assert_eq!(
+            crate::device_api::sample(&text, &sample),
+            1.0,
+            "{sample} in {text}"
+        );
     }
 }
 
@@ -153,7 +131,7 @@ fn request(operation: Option<&str>, body: &[u8]) -> Message<Data> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     let (server, _) = crate::server_with_hub(HUB).await;
-    let key = group(&server).await;
+    let key = crate::symmetric_group(&server, "amqp-devices", crate::eco_twin()).await;
     let scope = server.service_info().expect("info").id_scope.clone();
     let rid = "amqp-c-style";
     let (mut connection, mut session) =
@@ -328,7 +306,7 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
 
     // Everyone else is still served.
     let rid = "amqp-after-garbage";
-    let done = device(&server, rid, &derived(&key, rid), Transport::Amqp)
+    let done = crate::keyed_device(&server, rid, &derived(&key, rid), Transport::Amqp)
         .provision(&|_| ())
         .await
         .expect("provision");

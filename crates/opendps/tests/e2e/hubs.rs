@@ -218,13 +218,7 @@ async fn the_device_exists_on_its_hub_written_over_the_rest_api() {
 async fn device_on_its_hub(written: Written) {
     let server = server_with_hubs_written(written).await;
     check_device_on_its_hub(&server).await;
-    let metrics = server
-        .api()
-        .expect("client")
-        .get("/metrics")
-        .await
-        .expect("metrics");
-    let text = metrics.body.as_str().expect("text");
+    let text = crate::metrics_text(&server).await;
     let rest = text.contains(r#"operation="create device",status="200",via="rest"}"#);
     let direct = text.contains(r#"operation="create device",status="200",via="direct"}"#);
     match written {

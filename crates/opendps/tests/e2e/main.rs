@@ -67,6 +67,26 @@ pub fn device(
     }
 }
 
+/// A symmetric-key device of `server` with `key` over `transport`.
+pub fn keyed_device(
+    server: &TestServer,
+    rid: &str,
+    key: &str,
+    transport: dps_device::Transport,
+) -> dps_device::Device {
+    device(
+        server,
+        rid,
+        dps_device::Attestation::SymmetricKey(key.to_owned()),
+        transport,
+    )
+}
+
+/// Group settings with an initial twin, for the transport tests.
+pub fn eco_twin() -> serde_json::Value {
+    serde_json::json!({"initialTwin": {"properties": {"desired": {"mode": "eco"}}}})
+}
+
 /// Creates the symmetric-key enrollment group `id` with `settings` merged in (an initial twin, …);
 /// returns its primary key.
 pub async fn symmetric_group(server: &TestServer, id: &str, settings: serde_json::Value) -> String {
@@ -85,6 +105,21 @@ pub async fn symmetric_group(server: &TestServer, id: &str, settings: serde_json
         .expect("group");
     assert_eq!(reply.status, 200, "{reply:?}");
     key
+}
+
+/// The service's `/metrics` text.
+pub async fn metrics_text(server: &TestServer) -> String {
+    let metrics = server
+        .api()
+        .expect("client")
+        .with_auth(None)
+        .get("/metrics")
+        .await
+        .expect("metrics");
+    metrics
+        .body
+        .as_str()
+        .map_or_else(|| metrics.body.to_string(), str::to_owned)
 }
 
 /// Asserts an error reply: status, DPS code family, JSON content type, tracking id.

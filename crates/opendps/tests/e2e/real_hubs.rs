@@ -196,17 +196,7 @@ async fn a_throttling_hub_is_waited_for_and_counted() {
             .any(|r| r.starts_with("PUT /devices/throttled-device ") && r.ends_with(" 200")),
         "{requests:?}"
     );
-    let metrics = server
-        .api()
-        .expect("client")
-        .get("/metrics")
-        .await
-        .expect("metrics");
-    let text = metrics
-        .body
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| metrics.body.to_string());
+    let text = crate::metrics_text(&server).await;
     let line = format!(
         "opendps_hub_throttled_total{{hub=\"{}\",status=\"429\"}} 2",
         hub.host_name()

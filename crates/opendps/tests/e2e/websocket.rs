@@ -6,43 +6,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dps_device::{Attestation, Device, Transport};
+use dps_device::Transport;
 use dps_testkit::TestServer;
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, http::HeaderValue};
 
 const HUB: &str = "contoso-ws-hub.azure-devices.net";
 
-fn device(server: &TestServer, rid: &str, key: &str) -> Device {
-    let mut device = crate::device(
-        server,
-        rid,
-        Attestation::SymmetricKey(key.to_owned()),
-        Transport::MqttWs,
-    );
-    device.payload = Some(json!({"firmware": "1.0"}));
-    device
-}
-
-/// A group with an initial twin; returns its primary key.
-async fn group(server: &TestServer) -> String {
-    crate::symmetric_group(
-        server,
-        "ws-devices",
-        json!({"initialTwin": {"properties": {"desired": {"mode": "eco"}}}}),
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_registers_and_reads_its_twin_over_websockets() {
     let (server, _) = crate::server_with_hub(HUB).await;
-    let key = group(&server).await;
+    let key = crate::symmetric_group(&server, "ws-devices", crate::eco_twin()).await;
     let rid = "ws-sensor-1";
     let device_key = dps_core::sas::derive_device_key(&key, rid).expect("derive");
-    let device = device(&server, rid, &device_key);
+    let device = crate::keyed_device(&server, rid, &device_key, Transport::MqttWs);
     let done = device.provision(&|_| ()).await.expect("provision");
     let done = serde_json::to_value(&done).expect("json");
     assert_eq!(done["status"], "assigned", "{done}");
@@ -51,26 +29,20 @@ async fn a_device_registers_and_reads_its_twin_over_websockets() {
     assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
 
     // A wrong key is refused as over MQTT: 401002 on the response topic.
-    let wrong = self::device(&server, "ws-sensor-2", &key);
+    let wrong = crate::keyed_device(&server, "ws-sensor-2", &key, Transport::MqttWs);
     let refused = format!("{:#}", wrong.provision(&|_| ()).await.expect_err("refused"));
     assert!(refused.contains("401002"), "{refused}");
 
-    let metrics = server
-        .api()
-        .expect("client")
-        .with_auth(None)
-        .get("/metrics")
-        .await
-        .expect("metrics");
-    let text = metrics.body.as_str().unwrap_or_default().to_owned();
-    assert!(
-        text.contains(r#"opendps_registrations_total{transport="mqtt-ws",outcome="assigned"} 1"#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#"opendps_registrations_total{transport="mqtt-ws",outcome="refused"} 1"#),
-        "{text}"
-    );
+    let text = crate::metrics_text(&server).await;
+    for outcome in ["assigned", "refused"] {
+        let sample =
+            format!(r#"opendps_registrations_total{{transport="mqtt-ws",outcome="{outcome}"}}"#);
+        assert_eq!(
+            crate::device_api::sample(&text, &sample),
+            1.0,
+            "{sample} in {text}"
+        );
+    }
 }
 
 /// A WebSocket client of the service: TLS with its CA, then the upgrade on `path` asking for
@@ -124,7 +96,7 @@ fn refusal(result: Result<impl std::fmt::Debug, WsError>) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_it_cannot_serve_are_refused_and_bad_bytes_end_only_their_connection() {
     let (server, _) = crate::server_with_hub(HUB).await;
-    let key = group(&server).await;
+    let key = crate::symmetric_group(&server, "ws-devices", crate::eco_twin()).await;
 
     for protocol in [Some("chat"), Some("amqp"), None] {
         let (status, body) = refusal(open(&server, "/$iothub/websocket", protocol).await);
@@ -194,7 +166,7 @@ async fn upgrades_it_cannot_serve_are_refused_and_bad_bytes_end_only_their_conne
     // And everyone else is still served.
     let rid = "ws-after-garbage";
     let device_key = dps_core::sas::derive_device_key(&key, rid).expect("derive");
-    let done = device(&server, rid, &device_key)
+    let done = crate::keyed_device(&server, rid, &device_key, Transport::MqttWs)
         .provision(&|_| ())
         .await
         .expect("provision");
