@@ -19,8 +19,9 @@ PY="$VENV/bin/python"
 SCENARIO_TIMEOUT=60
 START_TIMEOUT=30
 
-# --- Python SDKs --------------------------------------------------------------
+# --- Python SDKs, and the Node.js SDK for AMQP ---------------------------------
 "$CONF/venv.sh"
+"$CONF/node.sh"
 
 # --- Server binary ------------------------------------------------------------
 # A relative OPENDPS_BIN (or CONTOSO_ALLOCATOR_BIN) is relative to where run.sh was started; the

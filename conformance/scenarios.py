@@ -677,6 +677,22 @@ def openssl_chain(cwd, devices):
                     chain.write(f.read())
 
 
+def upload_and_verify_root(d, ca_name):
+    """Uploads `root.pem` of openssl_chain as CA certificate `ca_name`, then proves possession of its
+    key as Azure's documentation shows it: a certificate with CN=<code>, signed by
+    `openssl x509 -req` without extensions (version 1)."""
+    root = open(os.path.join(d, "root.pem")).read()
+    uploaded = common.service_request("PUT", f"/certificates/{ca_name}", {"certificate": root})
+    check(uploaded["properties"]["isVerified"] is False, f"the root upload: {uploaded}")
+    code = common.service_request("POST", f"/certificates/{ca_name}/generateVerificationCode", {})["properties"]["verificationCode"]
+    openssl_key_and_csr(d, "verification", code)
+    openssl("x509", "-req", "-in", "verification.csr", "-CA", "root.pem", "-CAkey", "root.key",
+            "-CAcreateserial", "-out", "verification.pem", "-days", "30", "-sha256", cwd=d)
+    proof = open(os.path.join(d, "verification.pem")).read()
+    verified = common.service_request("POST", f"/certificates/{ca_name}/verify", {"certificate": proof})
+    check(verified["properties"]["isVerified"] is True, f"the root after proof of possession: {verified}")
+
+
 def x509_provisioning_client(registration_id, cert_file, key_file):
     from azure.iot.device import ProvisioningDeviceClient, X509
 
@@ -738,19 +754,8 @@ def mqtt_x509_group(client, cleanup):
     ca_name = unique_id("root")
     with tempfile.TemporaryDirectory() as d:
         openssl_chain(d, [first, second])
-        root = open(os.path.join(d, "root.pem")).read()
         intermediate = open(os.path.join(d, "intermediate.pem")).read()
-        # Upload the root, then prove possession of its key as Azure's documentation shows it: a
-        # certificate with CN=<code>, signed by `openssl x509 -req` without extensions (version 1).
-        uploaded = common.service_request("PUT", f"/certificates/{ca_name}", {"certificate": root})
-        check(uploaded["properties"]["isVerified"] is False, f"the root upload: {uploaded}")
-        code = common.service_request("POST", f"/certificates/{ca_name}/generateVerificationCode", {})["properties"]["verificationCode"]
-        openssl_key_and_csr(d, "verification", code)
-        openssl("x509", "-req", "-in", "verification.csr", "-CA", "root.pem", "-CAkey", "root.key",
-                "-CAcreateserial", "-out", "verification.pem", "-days", "30", "-sha256", cwd=d)
-        proof = open(os.path.join(d, "verification.pem")).read()
-        verified = common.service_request("POST", f"/certificates/{ca_name}/verify", {"certificate": proof})
-        check(verified["properties"]["isVerified"] is True, f"the root after proof of possession: {verified}")
+        upload_and_verify_root(d, ca_name)
         cleanup.add(GROUP, group)
         body = {"enrollmentGroupId": group, "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": intermediate}}}},
                 "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}
@@ -818,6 +823,218 @@ def tutorial_devices(client, cleanup):
     state = call("the stranger's registration state", client.device_registration_state.get, stranger)
     check(state.get("errorCode") == 400207, f"the unknown device's state: {state}")
     check("Unrecognized device registration." in (state.get("errorMessage") or ""), f"the allocator's message: {state}")
+
+# ---------------------------------------------------------------------------
+# Device side with the official Node.js SDK: AMQP, AMQP over WebSockets, MQTT, MQTT over WebSockets
+# ---------------------------------------------------------------------------
+
+NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
+NODE_TRANSPORTS = ("amqp", "amqp-ws", "mqtt", "mqtt-ws")
+
+
+def require_node():
+    """node.sh (run by run.sh) installs the pinned SDK into node/node_modules when Node.js is here;
+    without Node.js the Node scenarios are skipped, except in CI, where node.sh stops the run."""
+    import shutil
+
+    if shutil.which("node") is None or not os.path.isdir(os.path.join(NODE_DIR, "node_modules")):
+        raise Skipped("Node.js or the pinned Node SDK (conformance/node.sh) is not installed here")
+
+
+def node_register(transport, registration_id, *, key=None, cert_file=None, key_file=None, payload=None):
+    """One registration by node/register.js (ProvisioningDeviceClient of azure-iot-provisioning-device
+    with the transport's official package), which dials the suite's host name: amqps://host (5671),
+    wss://host:443, mqtts://host:8883. Returns what it printed: {"ok": true, "ms", "result"} or
+    {"ok": false, "ms", "name", "error", "condition", "description", "result"}."""
+    require_node()
+    if transport.endswith("-ws"):
+        require_websockets()
+    spec = {"transport": transport, "host": common.service_hostname(), "address": common.suite_address(),
+            "idScope": common.info()["idScope"], "registrationId": registration_id}
+    if key is not None:
+        spec["symmetricKey"] = key
+    else:
+        spec["certFile"], spec["keyFile"] = cert_file, key_file
+    if payload is not None:
+        spec["payload"] = payload
+    env = dict(os.environ, NODE_EXTRA_CA_CERTS=common.info()["caFile"])
+    proc = subprocess.run(["node", os.path.join(NODE_DIR, "register.js"), json.dumps(spec)],
+                          capture_output=True, text=True, timeout=45, env=env, cwd=NODE_DIR)
+    # The SDK's dependencies may print lines of their own; ours is the one that starts {"ok":
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"ok":')]
+    check(proc.returncode == 0 and lines,
+          f"node register.js over {transport} exited {proc.returncode}: {proc.stdout[-1000:]} {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def node_assigned(transport, rid, hub, device_id=None, **kwargs):
+    """Registers with the Node SDK and checks the assignment; returns the registration result."""
+    seen = node_register(transport, rid, **kwargs)
+    check(seen["ok"], f"{rid} over {transport}: {seen}")
+    result = seen["result"]
+    check(result.get("status") == "assigned", f"{rid} over {transport}: {result}")
+    check(result.get("assignedHub") == hub and result.get("deviceId") == (device_id or rid),
+          f"{rid} over {transport}: assigned {result.get('assignedHub')!r} / {result.get('deviceId')!r}")
+    out(f"  {transport}: {rid} assigned to {hub} in {seen['ms']} ms")
+    return result
+
+
+def node_fails_fast(transport, rid, what, **kwargs):
+    """Registration must fail, well under 5 s (a registration that the service accepted and then
+    failed takes one poll: the SDK waits the Retry-After the service sent); returns what the SDK
+    reported."""
+    seen = node_register(transport, rid, **kwargs)
+    check(not seen["ok"], f"{what} over {transport}: registration did not fail: {seen}")
+    check(seen["ms"] < 5000, f"{what} over {transport}: the SDK failed only after {seen['ms']} ms: {seen}")
+    out(f"  {what} over {transport}: {seen.get('condition') or seen.get('name')} after {seen['ms']} ms")
+    return seen
+
+
+def dps_error_code(seen):
+    """The DPS error code in a failure the Node SDK reported: in the rejected delivery's
+    description (AMQP) or in the error's result (MQTT, and a failed registration)."""
+    if seen.get("description"):
+        return json.loads(seen["description"]).get("errorCode")
+    result = seen.get("result") or {}
+    return result.get("errorCode") or (result.get("registrationState") or {}).get("errorCode")
+
+
+@scenario("node_group_device_with_payload_over_every_transport")
+def node_every_transport(client, cleanup):
+    """The Node SDK registers group devices (derived keys, a custom payload) over AMQP, MQTT, and,
+    where the HTTPS listener holds 443, AMQP and MQTT over WebSockets; each lands on the hub with
+    its key and the group's initial twin."""
+    require_node()
+    group = unique_id("grp-node")
+    cleanup.add(GROUP, group)
+    body = {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}, "iotHubs": [common.TOASTERS_HUB], "initialTwin": INITIAL_TWIN}
+    call("create the group", client.enrollment_group.create_or_update, group, body)
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    rm = common.registry_manager(common.TOASTERS_HUB)
+    transports = NODE_TRANSPORTS if os.environ.get("CONFORMANCE_HTTPS_PORT") == "443" else ("amqp", "mqtt")
+    for transport in transports:
+        rid = unique_id(f"node-{transport}")
+        key = derived_key(keys["primaryKey"], rid)
+        result = node_assigned(transport, rid, common.TOASTERS_HUB, key=key,
+                               payload={"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"})
+        check(result.get("substatus") == "initialAssignment", f"{rid}: substatus {result.get('substatus')!r}")
+        check(rm.get_device(rid).authentication.symmetric_key.primary_key == key, f"{rid}: the hub identity carries the derived key")
+        twin = rm.get_twin(rid)
+        check(twin.tags == {"deviceType": "toaster"}, f"{rid}: twin tags {twin.tags!r}")
+        state = call("the registration state", client.device_registration_state.get, rid)
+        check(state.get("status") == "assigned", f"{rid}: registration state {state}")
+        rm.delete_device(rid)
+    if transports == ("amqp", "mqtt"):
+        raise Skipped("AMQP and MQTT passed; the WebSocket transports need the HTTPS listener on 443 (run as root)")
+
+
+@scenario("node_amqp_wrong_key_disabled_unknown_fail_fast")
+def node_amqp_failures(client, cleanup):
+    """Over AMQP the service rejects the request delivery with amqp:unauthorized-access and the DPS
+    error JSON (401002); the Node SDK hands that error to the application at once."""
+    require_node()
+    group = unique_id("grp-node-bad")
+    cleanup.add(GROUP, group)
+    call("create the group", client.enrollment_group.create_or_update, group, {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}})
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    rid = unique_id("node-dev")
+    cases = [
+        (rid, derived_key(keys["primaryKey"], rid + "x"), "wrong key"),
+        (rid, keys["primaryKey"], "the group key itself"),
+        (unique_id("node-stranger"), base64.b64encode(secrets.token_bytes(32)).decode(), "unknown device"),
+    ]
+    for transport in ("amqp", "amqp-ws") if os.environ.get("CONFORMANCE_HTTPS_PORT") == "443" else ("amqp",):
+        for who, key, what in cases:
+            seen = node_fails_fast(transport, who, what, key=key)
+            check(seen.get("condition") == "amqp:unauthorized-access", f"{what} over {transport}: {seen}")
+            check(dps_error_code(seen) == 401002, f"{what} over {transport}: {seen}")
+    disabled = unique_id("node-off")
+    cleanup.add(INDIVIDUAL, disabled)
+    call("create a disabled enrollment", client.enrollment.create_or_update, disabled,
+         {"registrationId": disabled, "attestation": {"type": "symmetricKey"}, "provisioningStatus": "disabled"})
+    off_key = call("its keys", client.enrollment.get_attestation_mechanism, disabled)["symmetricKey"]["primaryKey"]
+    seen = node_fails_fast("amqp", disabled, "disabled enrollment", key=off_key)
+    state = call("the disabled device's registration state", client.device_registration_state.get, disabled)
+    check(state.get("status") == "disabled", f"the disabled device's registration state: {state}")
+    # Its key was right: the registration was accepted and ended `disabled`, which the SDK reports.
+    check((seen.get("result") or {}).get("status") == "disabled", f"disabled enrollment: {seen}")
+
+
+@scenario("node_amqp_tutorial_devices_through_the_contoso_allocator")
+def node_amqp_tutorial(client, cleanup):
+    """The tutorial's custom allocation with the Node SDK over AMQP (the transport the C# samples
+    use by default): the allocator routes by suffix and sets each twin; an unknown suffix fails
+    with 400207, which the SDK reports as a failed registration."""
+    require_node()
+    group = unique_id("contoso-custom-allocated-devices")
+    cleanup.add(GROUP, group)
+    body = {
+        "enrollmentGroupId": group,
+        "attestation": {"type": "symmetricKey"},
+        "allocationPolicy": "custom",
+        "iotHubs": [common.TOASTERS_HUB, common.HEATPUMPS_HUB],
+        "customAllocationDefinition": {"webhookUrl": os.environ["CONFORMANCE_ALLOCATOR_URL"], "apiVersion": "2021-10-01"},
+    }
+    call("create the group", client.enrollment_group.create_or_update, group, body)
+    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    payload = {"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}
+    for suffix, hub, tags in (("-contoso-tstrsd-007", common.TOASTERS_HUB, {"deviceType": "toaster"}),
+                              ("-contoso-hpsd-088", common.HEATPUMPS_HUB, {"deviceType": "heatpump"})):
+        rid = unique_id("device") + suffix
+        node_assigned("amqp", rid, hub, key=derived_key(keys["primaryKey"], rid), payload=payload)
+        rm = common.registry_manager(hub)
+        check(rm.get_twin(rid).tags == tags, f"{rid}: twin tags {rm.get_twin(rid).tags!r}")
+        rm.delete_device(rid)
+    stranger = unique_id("elevator1") + "-contoso-elvtr-001"
+    seen = node_fails_fast("amqp", stranger, "unknown suffix (the allocator answers 400)", key=derived_key(keys["primaryKey"], stranger), payload=payload)
+    check(seen.get("result", {}).get("status") == "failed" and dps_error_code(seen) == 400207, f"the unknown device: {seen}")
+
+
+@scenario("node_amqp_x509_individual_and_group_devices")
+def node_amqp_x509(client, cleanup):
+    """X.509 with the Node SDK (X509Security): over AMQP the device's certificate is its TLS client
+    certificate and no SASL is used; over AMQP over WebSockets the same certificate goes on the
+    WebSocket's TLS connection. A self-signed individual enrollment, and two devices of a group on
+    an intermediate."""
+    require_node()
+    solo, first, second = unique_id("node-x509-solo"), unique_id("node-x509-a"), unique_id("node-x509-b")
+    group, ca_name = unique_id("node-x509-grp"), unique_id("node-root")
+    with tempfile.TemporaryDirectory() as d:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", "solo.key", "-out", "solo.pem", "-days", "30", "-subj", f"/CN={solo}", cwd=d)
+        cleanup.add(INDIVIDUAL, solo)
+        pem = open(os.path.join(d, "solo.pem")).read()
+        call("create the x509 enrollment", client.enrollment.create_or_update, solo,
+             {"registrationId": solo, "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}},
+              "iotHubs": [common.HEATPUMPS_HUB]})
+        node_assigned("amqp", solo, common.HEATPUMPS_HUB, cert_file=os.path.join(d, "solo.pem"), key_file=os.path.join(d, "solo.key"))
+        check(common.registry_manager(common.HEATPUMPS_HUB).get_device(solo).authentication.type == "selfSigned", f"{solo}: not selfSigned on the hub")
+
+        openssl_chain(d, [first, second])
+        intermediate = open(os.path.join(d, "intermediate.pem")).read()
+        upload_and_verify_root(d, ca_name)
+        cleanup.add(GROUP, group)
+        call("create the x509 group", client.enrollment_group.create_or_update, group,
+             {"enrollmentGroupId": group, "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": intermediate}}}},
+              "iotHubs": [common.TOASTERS_HUB]})
+        ws = os.environ.get("CONFORMANCE_HTTPS_PORT") == "443"
+        for rid, transport in ((first, "amqp"), (second, "amqp-ws" if ws else "amqp")):
+            node_assigned(transport, rid, common.TOASTERS_HUB, cert_file=os.path.join(d, f"{rid}-chain.pem"), key_file=os.path.join(d, f"{rid}.key"))
+            # Azure DPS gives every X.509 device a thumbprint identity, CA-issued or not.
+            check(common.registry_manager(common.TOASTERS_HUB).get_device(rid).authentication.type == "selfSigned",
+                  f"{rid}: not selfSigned on the hub")
+        # The intermediate alone does not make a self-signed certificate of the same name valid.
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", "forged.key", "-out", "forged.pem", "-days", "30", "-subj", f"/CN={first}", cwd=d)
+        seen = node_fails_fast("amqp", first, "a self-signed certificate with a group device's name",
+                               cert_file=os.path.join(d, "forged.pem"), key_file=os.path.join(d, "forged.key"))
+        check(seen.get("condition") == "amqp:unauthorized-access" and dps_error_code(seen) == 401002, f"the forged certificate: {seen}")
+    for hub, rid in ((common.HEATPUMPS_HUB, solo), (common.TOASTERS_HUB, first), (common.TOASTERS_HUB, second)):
+        common.registry_manager(hub).delete_device(rid)
+    common.service_request("DELETE", f"/certificates/{ca_name}")
+    if not ws:
+        raise Skipped("AMQP passed; AMQP over WebSockets needs the HTTPS listener on 443 (run as root)")
+
 
 # ---------------------------------------------------------------------------
 
