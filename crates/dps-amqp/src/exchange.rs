@@ -249,6 +249,16 @@ pub(crate) async fn requests(
     loop {
         let delivery: Delivery<Body<Value>> = match link.recv().await {
             Ok(delivery) => delivery,
+            Err(fe2o3_amqp::link::RecvError::MessageSizeExceeded(too_big)) => {
+                // fe2o3-amqp has detached the link with amqp:link:message-size-exceeded.
+                tracing::warn!(
+                    registration_id = %rid,
+                    size = too_big.size,
+                    max = too_big.max_size,
+                    "refused an AMQP request larger than the link allows; the link is detached with amqp:link:message-size-exceeded"
+                );
+                break;
+            }
             Err(err) => {
                 tracing::debug!(registration_id = %rid, %err, "an AMQP request link ended");
                 break;

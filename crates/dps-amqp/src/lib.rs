@@ -36,6 +36,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client has from its protocol header to the end of SASL and its Open.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection's tasks may take to finish once it has ended.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// The SASL protocol header (`AMQP 3 1 0 0`).
 const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 /// The AMQP protocol header without SASL (`AMQP 0 1 0 0`): X.509 devices of some SDKs.
@@ -191,9 +194,18 @@ where
             _ = stop.changed() => break,
         }
     }
-    sessions.abort_all();
     let _ = connection.close().await;
+    linger(sessions).await;
     Ok(())
+}
+
+/// Gives the tasks of a connection's sessions (or of a session's links) a moment to see their
+/// connection end and finish (a link that refused a message logs why once the client has
+/// answered its detach), then drops the rest.
+async fn linger(mut tasks: tokio::task::JoinSet<()>) {
+    let _ =
+        tokio::time::timeout(LINGER, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
 }
 
 /// The links of one session: the device's sender (our receiver) brings requests, its receiver
@@ -254,8 +266,8 @@ async fn serve_session(
             }
         }
     }
-    links.abort_all();
     let _ = session.end().await;
+    linger(links).await;
 }
 
 /// The address a device attached a link to: the target of its sender, the source of its

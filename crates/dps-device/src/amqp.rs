@@ -21,14 +21,14 @@ use fe2o3_amqp::frames::sasl::{Frame as SaslFrame, FrameCodec as SaslCodec};
 use fe2o3_amqp::types::definitions::{
     DeliveryTag, Handle, ReceiverSettleMode, Role, SenderSettleMode,
 };
-use fe2o3_amqp::types::messaging::{
-    Accepted, ApplicationProperties, Body, DeliveryState, MessageId,
-    Properties, Source, Target, TargetArchetype,
-};
 use fe2o3_amqp::types::messaging::Data;
 use fe2o3_amqp::types::messaging::message::DecodeIntoMessage as _;
+use fe2o3_amqp::types::messaging::{
+    Accepted, ApplicationProperties, Body, DeliveryState, MessageId, Properties, Source, Target,
+    TargetArchetype,
+};
 use fe2o3_amqp::types::performatives::{
-    Attach, Begin, ChannelMax, Close, Disposition, Flow, MaxFrameSize, Open, Transfer,
+    Attach, Begin, ChannelMax, Close, Detach, Disposition, Flow, MaxFrameSize, Open, Transfer,
 };
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit};
@@ -53,6 +53,9 @@ const MAX_FRAME: u32 = 256 * 1024;
 const FRAME_AMQP: u8 = 0;
 const FRAME_SASL: u8 = 1;
 
+/// Room left in a frame for the transfer performative and the frame header.
+const FRAME_OVERHEAD: usize = 128;
+
 /// This client's link handles: its sender (requests) and its receiver (answers).
 const SENDER: Handle = Handle(0);
 const RECEIVER: Handle = Handle(1);
@@ -76,6 +79,8 @@ pub struct DpsAmqp {
     peer_sender: Option<Handle>,
     /// Credit the service gave our sending link.
     credit: u32,
+    /// The largest frame the service accepts (its open's max-frame-size).
+    peer_max_frame: usize,
     /// Our next delivery id (and delivery tag).
     next_delivery: u32,
     registration_id: String,
@@ -106,6 +111,7 @@ impl DpsAmqp {
             peer_receiver: None,
             peer_sender: None,
             credit: 0,
+            peer_max_frame: 512,
             next_delivery: 0,
             registration_id: registration_id.to_owned(),
         };
@@ -141,7 +147,12 @@ impl DpsAmqp {
         let SaslFrame::Mechanisms(offered) = self.read_sasl().await? else {
             bail!("the service did not start SASL with its mechanisms");
         };
-        if !offered.sasl_server_mechanisms.0.iter().any(|m| m.0 == "PLAIN") {
+        if !offered
+            .sasl_server_mechanisms
+            .0
+            .iter()
+            .any(|m| m.0 == "PLAIN")
+        {
             bail!("the service does not offer SASL PLAIN: {offered:?}");
         }
         let mut login = Vec::with_capacity(address.len() + sas.len() + 2);
@@ -160,7 +171,10 @@ impl DpsAmqp {
         match self.read_sasl().await? {
             SaslFrame::Outcome(outcome) if outcome.code == SaslCode::Ok => Ok(()),
             SaslFrame::Outcome(outcome) => {
-                bail!("the service refused the SAS token (SASL outcome {:?})", outcome.code)
+                bail!(
+                    "the service refused the SAS token (SASL outcome {:?})",
+                    outcome.code
+                )
             }
             other => bail!("expected the SASL outcome, got {other:?}"),
         }
@@ -195,8 +209,18 @@ impl DpsAmqp {
             properties: None,
         };
         put_frame(&mut out, FRAME_AMQP, &begin, &[])?;
-        put_frame(&mut out, FRAME_AMQP, &attach("sender_link", SENDER, Role::Sender, address), &[])?;
-        put_frame(&mut out, FRAME_AMQP, &attach("recv_link", RECEIVER, Role::Receiver, address), &[])?;
+        put_frame(
+            &mut out,
+            FRAME_AMQP,
+            &attach("sender_link", SENDER, Role::Sender, address),
+            &[],
+        )?;
+        put_frame(
+            &mut out,
+            FRAME_AMQP,
+            &attach("recv_link", RECEIVER, Role::Receiver, address),
+            &[],
+        )?;
         let flow = Flow {
             next_incoming_id: None,
             incoming_window: 2048,
@@ -215,7 +239,7 @@ impl DpsAmqp {
         self.expect_header(AMQP_HEADER).await?;
         while self.peer_sender.is_none() || self.credit == 0 {
             let frame = self.read_frame().await?;
-            self.on_frame(frame)?;
+            self.on_frame(frame).await?;
         }
         Ok(())
     }
@@ -229,7 +253,7 @@ impl DpsAmqp {
     ) -> anyhow::Result<Reply> {
         while self.credit == 0 {
             let frame = self.read_frame().await?;
-            self.on_frame(frame)?;
+            self.on_frame(frame).await?;
         }
         let delivery = self.next_delivery;
         self.next_delivery = self.next_delivery.wrapping_add(1);
@@ -262,8 +286,17 @@ impl DpsAmqp {
             aborted: false,
             batchable: false,
         };
+        // One frame, or as many as the service's largest frame needs (`more` on all but the
+        // last); what is too big for the link is the service's to refuse.
         let mut out = std::mem::take(&mut self.outbox);
-        put_frame(&mut out, FRAME_AMQP, &transfer, &payload)?;
+        let room = self.peer_max_frame.saturating_sub(FRAME_OVERHEAD).max(512);
+        let mut chunks = payload.chunks(room).peekable();
+        let mut transfer = Some(transfer);
+        while let Some(chunk) = chunks.next() {
+            let mut frame = transfer.take().unwrap_or_else(|| continuation(SENDER));
+            frame.more = chunks.peek().is_some();
+            put_frame(&mut out, FRAME_AMQP, &frame, chunk)?;
+        }
         self.send(&out).await?;
         tokio::time::timeout(ANSWER_TIMEOUT, self.answer(delivery, &correlation))
             .await
@@ -353,14 +386,17 @@ impl DpsAmqp {
                         body,
                     });
                 }
-                body => self.on_frame(Frame::new(frame.channel, body))?,
+                body => self.on_frame(Frame::new(frame.channel, body)).await?,
             }
         }
     }
 
     /// Takes in what the service says about the connection, session and links.
-    fn on_frame(&mut self, frame: Frame) -> anyhow::Result<()> {
+    async fn on_frame(&mut self, frame: Frame) -> anyhow::Result<()> {
         match frame.body {
+            FrameBody::Open(open) => {
+                self.peer_max_frame = usize::try_from(open.max_frame_size.0).unwrap_or(usize::MAX);
+            }
             FrameBody::Attach(attach) => {
                 // A refused link comes back without its terminus and is detached at once with
                 // the error, which the Detach arm reports.
@@ -377,18 +413,40 @@ impl DpsAmqp {
                 let credit = flow.link_credit.unwrap_or(0);
                 self.credit = theirs.wrapping_add(credit).wrapping_sub(self.next_delivery);
             }
-            FrameBody::Detach(detach) => match detach.error {
-                Some(error) => bail!(
-                    "the service refused the link: {}",
-                    error.description.unwrap_or_else(|| format!("{:?}", error.condition))
-                ),
-                None => bail!("the service detached a link"),
-            },
+            FrameBody::Detach(detach) => {
+                // Answer the detach, as AMQP 1.0 §2.6.5 asks (the service waits for it), and
+                // close: this client needs both links.
+                let ours = if Some(&detach.handle) == self.peer_receiver.as_ref() {
+                    SENDER
+                } else {
+                    RECEIVER
+                };
+                let reply = Detach {
+                    handle: ours,
+                    closed: true,
+                    error: None,
+                };
+                let mut out = std::mem::take(&mut self.outbox);
+                put_frame(&mut out, FRAME_AMQP, &reply, &[])?;
+                put_frame(&mut out, FRAME_AMQP, &Close { error: None }, &[])?;
+                let _ = self.send(&out).await;
+                match detach.error {
+                    Some(error) => bail!(
+                        "the service refused the link: {}",
+                        error
+                            .description
+                            .unwrap_or_else(|| format!("{:?}", error.condition))
+                    ),
+                    None => bail!("the service detached a link"),
+                }
+            }
             FrameBody::End(end) => bail!("the service ended the session: {:?}", end.error),
             FrameBody::Close(close) => match close.error {
                 Some(error) => bail!(
                     "the service closed the connection: {}",
-                    error.description.unwrap_or_else(|| format!("{:?}", error.condition))
+                    error
+                        .description
+                        .unwrap_or_else(|| format!("{:?}", error.condition))
                 ),
                 None => bail!("the service closed the connection"),
             },
@@ -465,11 +523,34 @@ impl DpsAmqp {
     }
 }
 
+/// A further frame of the delivery being sent on `handle`: its fields are the first frame's.
+fn continuation(handle: Handle) -> Transfer {
+    Transfer {
+        handle,
+        delivery_id: None,
+        delivery_tag: None,
+        message_format: None,
+        settled: None,
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    }
+}
+
 /// The attach of one of our links on `address`.
 fn attach(name: &str, handle: Handle, role: Role, address: &str) -> Attach {
     let (source, target) = match role {
-        Role::Sender => (Source::default(), Target::builder().address(address).build()),
-        Role::Receiver => (Source::builder().address(address).build(), Target::default()),
+        Role::Sender => (
+            Source::default(),
+            Target::builder().address(address).build(),
+        ),
+        Role::Receiver => (
+            Source::builder().address(address).build(),
+            Target::default(),
+        ),
     };
     let initial_delivery_count = (role == Role::Sender).then_some(0);
     Attach {

@@ -144,6 +144,18 @@ impl TestServer {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Waits up to ten seconds for `needle` to appear in the server's log (a line about what a
+    /// client was just told may be written a moment after the client read it); whether it did.
+    pub async fn log_shows(&self, needle: &str) -> bool {
+        for _ in 0..100 {
+            if self.log().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub async fn stop(&mut self) -> anyhow::Result<bool> {
         let Some(mut child) = self.child.take() else {

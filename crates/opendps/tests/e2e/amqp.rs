@@ -304,6 +304,23 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     .await;
     assert!(closed.is_ok(), "a silent client was kept open");
 
+    // A request larger than the link allows (96 KiB): the client splits it over frames as the
+    // service's max-frame-size requires, and the service detaches the link with
+    // amqp:link:message-size-exceeded, saying so in its log.
+    let rid = "amqp-oversized";
+    let mut big = crate::keyed_device(&server, rid, &derived(&key, rid), Transport::Amqp);
+    big.payload = Some(serde_json::json!({ "blob": "x".repeat(200 * 1024) }));
+    let refused = format!("{:#}", big.provision(&|_| ()).await.expect_err("oversized"));
+    assert!(
+        refused.contains("larger than max size"),
+        "the device should read why: {refused}"
+    );
+    assert!(
+        server.log_shows("amqp:link:message-size-exceeded").await,
+        "{}",
+        server.log()
+    );
+
     // Everyone else is still served.
     let rid = "amqp-after-garbage";
     let done = crate::keyed_device(&server, rid, &derived(&key, rid), Transport::Amqp)
