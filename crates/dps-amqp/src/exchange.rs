@@ -318,6 +318,13 @@ impl Responders {
         self.attached.notify_waiters();
     }
 
+    /// Lets every answering link end once it has sent what it holds (the session is over).
+    pub(crate) fn close_all(&self) {
+        if let Ok(mut links) = self.links.lock() {
+            links.clear();
+        }
+    }
+
     /// The answering link of `rid`, waiting a little for a device that attaches it after sending.
     async fn get(&self, rid: &str) -> Option<mpsc::Sender<Message<Data>>> {
         let key = rid.to_ascii_lowercase();

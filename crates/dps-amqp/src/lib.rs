@@ -266,6 +266,7 @@ async fn serve_session(
             }
         }
     }
+    responders.close_all();
     let _ = session.end().await;
     linger(links).await;
 }
