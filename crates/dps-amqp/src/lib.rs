@@ -172,7 +172,7 @@ where
     let opened = match head == SASL_HEADER {
         true => {
             let acceptor = acceptor
-                .sasl_acceptor(DeviceSasl::new(Arc::clone(&login)))
+                .sasl_acceptor(DeviceSasl::new(Arc::clone(&login), peer))
                 .build();
             tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream)).await
         }

@@ -20,15 +20,16 @@ pub struct PlainLogin {
     pub password: String,
 }
 
-/// A SASL acceptor for one connection; what the device sent is left in `login`.
-#[derive(Debug, Clone, Default)]
+/// A SASL acceptor for one connection (from `peer`); what the device sent is left in `login`.
+#[derive(Debug, Clone)]
 pub(crate) struct DeviceSasl {
     login: Arc<Mutex<Option<PlainLogin>>>,
+    peer: std::net::SocketAddr,
 }
 
 impl DeviceSasl {
-    pub(crate) fn new(login: Arc<Mutex<Option<PlainLogin>>>) -> Self {
-        Self { login }
+    pub(crate) fn new(login: Arc<Mutex<Option<PlainLogin>>>, peer: std::net::SocketAddr) -> Self {
+        Self { login, peer }
     }
 }
 
@@ -76,7 +77,10 @@ impl SaslAcceptor for DeviceSasl {
                         outcome(SaslCode::Ok)
                     }
                     None => {
-                        tracing::debug!("refused a malformed SASL PLAIN response");
+                        tracing::warn!(
+                            peer = %self.peer,
+                            "refused a malformed SASL PLAIN response; it must be NUL, {{idScope}}/registrations/{{registrationId}}, NUL, the SAS token"
+                        );
                         outcome(SaslCode::Auth)
                     }
                 }
@@ -84,7 +88,11 @@ impl SaslAcceptor for DeviceSasl {
             // The TLS client certificate, checked on each request, is the credential.
             "EXTERNAL" | "ANONYMOUS" => outcome(SaslCode::Ok),
             other => {
-                tracing::debug!(mechanism = other, "refused a SASL mechanism not offered");
+                tracing::warn!(
+                    peer = %self.peer,
+                    mechanism = other,
+                    "refused a SASL mechanism not offered; devices use PLAIN with their SAS token, or EXTERNAL with a TLS client certificate"
+                );
                 outcome(SaslCode::Auth)
             }
         }
@@ -92,6 +100,7 @@ impl SaslAcceptor for DeviceSasl {
 
     fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
         // No mechanism offered here sends a challenge, so a response is out of turn.
+        tracing::warn!(peer = %self.peer, "refused a SASL response sent without a challenge");
         outcome(SaslCode::Auth)
     }
 }
@@ -136,7 +145,8 @@ mod tests {
     #[test]
     fn plain_is_kept_for_the_requests_and_other_mechanisms_are_refused() {
         let login: Arc<Mutex<Option<PlainLogin>>> = Arc::default();
-        let mut sasl = DeviceSasl::new(Arc::clone(&login));
+        let peer: std::net::SocketAddr = ([127, 0, 0, 1], 5671).into();
+        let mut sasl = DeviceSasl::new(Arc::clone(&login), peer);
         assert_eq!(
             code(sasl.on_init(init("PLAIN", Some(b"\x00scope/registrations/d\x00token")))),
             SaslCode::Ok
@@ -149,7 +159,7 @@ mod tests {
                 .map(|l| l.authcid.as_str()),
             Some("scope/registrations/d")
         );
-        let mut fresh = DeviceSasl::default();
+        let mut fresh = DeviceSasl::new(Arc::default(), peer);
         assert_eq!(
             code(fresh.on_init(init("PLAIN", Some(b"no separators")))),
             SaslCode::Auth

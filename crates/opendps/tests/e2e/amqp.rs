@@ -103,6 +103,16 @@ async fn login(
     (connection, session)
 }
 
+/// The body of the next frame on `stream` (what follows its 8-byte header).
+async fn read_frame<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+    let mut head = [0u8; 8];
+    stream.read_exact(&mut head).await.expect("frame header");
+    let size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let mut body = vec![0u8; size - 8];
+    stream.read_exact(&mut body).await.expect("frame body");
+    body
+}
+
 fn token(server: &TestServer, rid: &str, key: &str) -> String {
     let scope = server.service_info().expect("info").id_scope.clone();
     dps_core::sas::generate_token(
@@ -290,6 +300,50 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     })
     .await;
     assert!(closed.is_ok(), "the connection stayed open");
+
+    // A SASL mechanism the service does not offer fails SASL with `auth`, and says so in its log.
+    let mut stream = tls(&server).await;
+    stream
+        .write_all(b"AMQP\x03\x01\x00\x00")
+        .await
+        .expect("write");
+    let mut header = [0u8; 8];
+    stream.read_exact(&mut header).await.expect("header");
+    assert_eq!(&header, b"AMQP\x03\x01\x00\x00");
+    let mechanisms = read_frame(&mut stream).await;
+    let offered: fe2o3_amqp::types::sasl::SaslMechanisms =
+        serde_amqp::from_slice(&mechanisms).expect("sasl-mechanisms");
+    assert!(
+        offered
+            .sasl_server_mechanisms
+            .0
+            .iter()
+            .all(|m| m.0 != "SCRAM-SHA-256"),
+        "{offered:?}"
+    );
+    let init = fe2o3_amqp::types::sasl::SaslInit {
+        mechanism: "SCRAM-SHA-256".into(),
+        initial_response: Some(Binary::from(b"n,,n=device".to_vec())),
+        hostname: None,
+    };
+    let body = serde_amqp::to_vec(&init).expect("encode");
+    let mut frame = u32::try_from(body.len() + 8)
+        .expect("size")
+        .to_be_bytes()
+        .to_vec();
+    frame.extend([2, 1, 0, 0]);
+    frame.extend(body);
+    stream.write_all(&frame).await.expect("write");
+    let outcome: fe2o3_amqp::types::sasl::SaslOutcome =
+        serde_amqp::from_slice(&read_frame(&mut stream).await).expect("sasl-outcome");
+    assert_eq!(outcome.code, fe2o3_amqp::types::sasl::SaslCode::Auth);
+    assert!(
+        server
+            .log_shows("refused a SASL mechanism not offered")
+            .await,
+        "{}",
+        server.log()
+    );
 
     // A client that sends its protocol header and then nothing is closed (10 s for SASL and Open).
     let mut silent = tls(&server).await;
