@@ -114,12 +114,17 @@ async fn read_frame<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> 
 }
 
 fn token(server: &TestServer, rid: &str, key: &str) -> String {
+    token_until(server, rid, key, dps_testkit::far_future())
+}
+
+/// A device SAS token for `rid` that expires at `expiry` (Unix seconds).
+fn token_until(server: &TestServer, rid: &str, key: &str, expiry: i64) -> String {
     let scope = server.service_info().expect("info").id_scope.clone();
     dps_core::sas::generate_token(
         &format!("{scope}/registrations/{rid}"),
         key,
         Some("registration"),
-        dps_testkit::far_future(),
+        expiry,
     )
     .expect("token")
 }
@@ -218,6 +223,44 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     let _ = sender.close().await;
     let _ = receiver.close().await;
     let _ = session.close().await;
+    let _ = connection.close().await;
+
+    // A token that expired two hours ago: the request is rejected as unauthorized, with the DPS
+    // error JSON (401002), as over HTTPS and MQTT.
+    let expired = token_until(
+        &server,
+        rid,
+        &derived(&key, rid),
+        dps_testkit::far_future() - 7200,
+    );
+    let (mut connection, mut session) = login(&server, rid, &expired).await;
+    let own = format!("{scope}/registrations/{rid}");
+    let mut sender = Sender::attach(&mut session, "sender_link", own)
+        .await
+        .expect("sender");
+    let outcome = sender
+        .send(request(
+            Some("iotdps-register"),
+            br#"{"registrationId":"amqp-c-style"}"#,
+        ))
+        .await
+        .expect("send");
+    let Outcome::Rejected(rejected) = outcome else {
+        panic!("an expired token was not rejected: {outcome:?}");
+    };
+    let error = rejected.error.expect("error");
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
+    );
+    assert!(
+        error
+            .description
+            .as_deref()
+            .unwrap_or("")
+            .contains("401002"),
+        "{error:?}"
+    );
     let _ = connection.close().await;
 
     // A connection logged in as one device may not attach to another device's address.
