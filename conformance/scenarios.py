@@ -354,6 +354,14 @@ def bulk_create(client, cleanup):
 # ---------------------------------------------------------------------------
 
 
+def symmetric_group(client, cleanup, tag):
+    """A symmetric-key enrollment group with nothing else set (fresh id from `tag`); its keys."""
+    group = unique_id(tag)
+    cleanup.add(GROUP, group)
+    call("create the group", client.enrollment_group.create_or_update, group, {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}})
+    return call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+
+
 def derived_key(group_key, registration_id):
     return base64.b64encode(hmac.new(base64.b64decode(group_key), registration_id.encode(), hashlib.sha256).digest()).decode()
 
@@ -518,10 +526,7 @@ def mqtt_individual(client, cleanup):
 
 @scenario("mqtt_wrong_key_disabled_unknown_fail_fast")
 def mqtt_failures(client, cleanup):
-    group = unique_id("grp-mqtt-bad")
-    cleanup.add(GROUP, group)
-    call("create the group", client.enrollment_group.create_or_update, group, {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}})
-    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    keys = symmetric_group(client, cleanup, "grp-mqtt-bad")
     rid = unique_id("mqtt-dev")
     register_expecting_failure(rid, derived_key(keys["primaryKey"], rid + "x"), "wrong key")
     register_expecting_failure(rid, keys["primaryKey"], "the group key itself")
@@ -626,10 +631,7 @@ def websocket_group_device_uses_its_hub(client, cleanup):
 @scenario("websocket_wrong_key_and_unknown_device_fail_fast")
 def websocket_failures(client, cleanup):
     require_websockets()
-    group = unique_id("grp-ws-bad")
-    cleanup.add(GROUP, group)
-    call("create the group", client.enrollment_group.create_or_update, group, {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}})
-    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    keys = symmetric_group(client, cleanup, "grp-ws-bad")
     rid = unique_id("ws-dev")
     register_expecting_failure(rid, derived_key(keys["primaryKey"], rid + "x"), "wrong key", websockets=True)
     register_expecting_failure(unique_id("ws-stranger"), base64.b64encode(secrets.token_bytes(32)).decode(), "unknown device", websockets=True)
@@ -788,8 +790,9 @@ def mqtt_x509_group(client, cleanup):
 # ---------------------------------------------------------------------------
 
 
-@scenario("tutorial_devices_through_the_contoso_allocator")
-def tutorial_devices(client, cleanup):
+def tutorial_group(client, cleanup):
+    """The tutorial's enrollment group: symmetric keys, custom allocation through the Contoso
+    allocator over both hubs; returns its keys."""
     group = unique_id("contoso-custom-allocated-devices")
     cleanup.add(GROUP, group)
     body = {
@@ -800,7 +803,12 @@ def tutorial_devices(client, cleanup):
         "customAllocationDefinition": {"webhookUrl": os.environ["CONFORMANCE_ALLOCATOR_URL"], "apiVersion": "2021-10-01"},
     }
     call("create the group", client.enrollment_group.create_or_update, group, body)
-    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    return call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+
+
+@scenario("tutorial_devices_through_the_contoso_allocator")
+def tutorial_devices(client, cleanup):
+    keys = tutorial_group(client, cleanup)
     expected = [
         ("-contoso-tstrsd-007", common.TOASTERS_HUB, {"deviceType": "toaster"}, {"state": "ready", "darknessSetting": "medium"}),
         ("-contoso-hpsd-088", common.HEATPUMPS_HUB, {"deviceType": "heatpump"}, {"state": "on", "temperatureSetting": "65"}),
@@ -933,10 +941,7 @@ def node_amqp_failures(client, cleanup):
     """Over AMQP the service rejects the request delivery with amqp:unauthorized-access and the DPS
     error JSON (401002); the Node SDK hands that error to the application at once."""
     require_node()
-    group = unique_id("grp-node-bad")
-    cleanup.add(GROUP, group)
-    call("create the group", client.enrollment_group.create_or_update, group, {"enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}})
-    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    keys = symmetric_group(client, cleanup, "grp-node-bad")
     rid = unique_id("node-dev")
     cases = [
         (rid, derived_key(keys["primaryKey"], rid + "x"), "wrong key"),
@@ -966,17 +971,7 @@ def node_amqp_tutorial(client, cleanup):
     use by default): the allocator routes by suffix and sets each twin; an unknown suffix fails
     with 400207, which the SDK reports as a failed registration."""
     require_node()
-    group = unique_id("contoso-custom-allocated-devices")
-    cleanup.add(GROUP, group)
-    body = {
-        "enrollmentGroupId": group,
-        "attestation": {"type": "symmetricKey"},
-        "allocationPolicy": "custom",
-        "iotHubs": [common.TOASTERS_HUB, common.HEATPUMPS_HUB],
-        "customAllocationDefinition": {"webhookUrl": os.environ["CONFORMANCE_ALLOCATOR_URL"], "apiVersion": "2021-10-01"},
-    }
-    call("create the group", client.enrollment_group.create_or_update, group, body)
-    keys = call("group keys", client.enrollment_group.get_attestation_mechanism, group)["symmetricKey"]
+    keys = tutorial_group(client, cleanup)
     payload = {"MyDeviceFirmwareVersion": "12.0.2.5", "MyDeviceProvisioningVersion": "1.0.0.0"}
     for suffix, hub, tags in (("-contoso-tstrsd-007", common.TOASTERS_HUB, {"deviceType": "toaster"}),
                               ("-contoso-hpsd-088", common.HEATPUMPS_HUB, {"deviceType": "heatpump"})):

@@ -274,17 +274,11 @@ impl DpsAmqp {
         payload.extend(serde_amqp::to_vec(&application.build())?);
         payload.extend(serde_amqp::to_vec(&Data(Binary::from(body)))?);
         let transfer = Transfer {
-            handle: SENDER,
             delivery_id: Some(delivery),
             delivery_tag: Some(DeliveryTag::from(delivery.to_be_bytes().to_vec())),
             message_format: Some(0),
             settled: Some(false),
-            more: false,
-            rcv_settle_mode: None,
-            state: None,
-            resume: false,
-            aborted: false,
-            batchable: false,
+            ..continuation(SENDER)
         };
         // One frame, or as many as the service's largest frame needs (`more` on all but the
         // last); what is too big for the link is the service's to refuse.
@@ -430,26 +424,12 @@ impl DpsAmqp {
                 put_frame(&mut out, FRAME_AMQP, &reply, &[])?;
                 put_frame(&mut out, FRAME_AMQP, &Close { error: None }, &[])?;
                 let _ = self.send(&out).await;
-                match detach.error {
-                    Some(error) => bail!(
-                        "the service refused the link: {}",
-                        error
-                            .description
-                            .unwrap_or_else(|| format!("{:?}", error.condition))
-                    ),
-                    None => bail!("the service detached a link"),
-                }
+                bail!("the service detached a link{}", because(detach.error))
             }
-            FrameBody::End(end) => bail!("the service ended the session: {:?}", end.error),
-            FrameBody::Close(close) => match close.error {
-                Some(error) => bail!(
-                    "the service closed the connection: {}",
-                    error
-                        .description
-                        .unwrap_or_else(|| format!("{:?}", error.condition))
-                ),
-                None => bail!("the service closed the connection"),
-            },
+            FrameBody::End(end) => bail!("the service ended the session{}", because(end.error)),
+            FrameBody::Close(close) => {
+                bail!("the service closed the connection{}", because(close.error))
+            }
             _ => {}
         }
         Ok(())
@@ -523,7 +503,20 @@ impl DpsAmqp {
     }
 }
 
-/// A further frame of the delivery being sent on `handle`: its fields are the first frame's.
+/// What an AMQP error says, as the end of a sentence: ": " and its description (or condition),
+/// or nothing without an error.
+fn because(error: Option<fe2o3_amqp::types::definitions::Error>) -> String {
+    error.map_or_else(String::new, |e| {
+        format!(
+            ": {}",
+            e.description
+                .unwrap_or_else(|| format!("{:?}", e.condition))
+        )
+    })
+}
+
+/// A transfer on `handle` with no field of its own: a further frame of the delivery being sent
+/// (whose fields are the first frame's), or the base of a first frame.
 fn continuation(handle: Handle) -> Transfer {
     Transfer {
         handle,

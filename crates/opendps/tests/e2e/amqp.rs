@@ -129,6 +129,12 @@ fn token_until(server: &TestServer, rid: &str, key: &str, expiry: i64) -> String
     .expect("token")
 }
 
+/// The register request of `rid`, as the C SDK sends it (no correlation id).
+fn register_request(rid: &str) -> Message<Data> {
+    let body = serde_json::json!({ "registrationId": rid }).to_string();
+    request(Some("iotdps-register"), body.as_bytes())
+}
+
 fn request(operation: Option<&str>, body: &[u8]) -> Message<Data> {
     let mut application = ApplicationProperties::builder();
     if let Some(operation) = operation {
@@ -162,13 +168,7 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     let mut receiver = Receiver::attach(&mut session, "recv_link", address)
         .await
         .expect("receiver");
-    let outcome = sender
-        .send(request(
-            Some("iotdps-register"),
-            br#"{"registrationId":"amqp-c-style"}"#,
-        ))
-        .await
-        .expect("send");
+    let outcome = sender.send(register_request(rid)).await.expect("send");
     assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
     let delivery: Delivery<Body<Value>> =
         tokio::time::timeout(Duration::from_secs(10), receiver.recv())
@@ -238,13 +238,7 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     let mut sender = Sender::attach(&mut session, "sender_link", own)
         .await
         .expect("sender");
-    let outcome = sender
-        .send(request(
-            Some("iotdps-register"),
-            br#"{"registrationId":"amqp-c-style"}"#,
-        ))
-        .await
-        .expect("send");
+    let outcome = sender.send(register_request(rid)).await.expect("send");
     let Outcome::Rejected(rejected) = outcome else {
         panic!("an expired token was not rejected: {outcome:?}");
     };
