@@ -1,10 +1,13 @@
 //! opendps storage backends.
 //!
-//! [`sqlite::SqliteStore`] is the embedded default. Every backend implements the seam traits of
+//! [`sqlite::SqliteStore`] is the embedded default; [`postgres::PgStore`] serves several nodes on one
+//! PostgreSQL database. Every backend implements the seam traits of
 //! `dps_core::store` and must pass the shared contract suite (module `contract`, feature `contract-tests`).
 
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

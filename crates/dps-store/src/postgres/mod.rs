@@ -1,0 +1,911 @@
+//! The PostgreSQL backend, for several nodes sharing one database: a connection pool (sqlx), one
+//! statement per write where a single row is involved (conditions are part of the statement, so
+//! they hold under concurrency), a transaction where two rows must change together, and leases
+//! claimed with `FOR UPDATE SKIP LOCKED` so that no operation goes to two nodes at once. A write
+//! returns once PostgreSQL has committed it.
+
+mod migrations;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dps_core::access::ServiceIdentity;
+use dps_core::clock::{Clock, SystemClock};
+use dps_core::error::Internal;
+use dps_core::ids::Etag;
+use dps_core::linked_hub::LinkedHub;
+use dps_core::store::{
+    CertificateStore, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore,
+    OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+// Dynamic SQL here is built only from this file's table and column names, never from input;
+// values are always bound.
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row as _};
+
+/// A PostgreSQL-backed store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// When writes happen (operations record when they were last written, for pruning).
+    clock: Arc<dyn Clock>,
+}
+
+/// Connections a node keeps open at most.
+const MAX_CONNECTIONS: u32 = 16;
+/// How long a request waits for a connection (or for the server to answer a new one) before it
+/// fails: an unreachable database must not hang clients.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn backend(context: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| StoreError::Backend(Internal::caused(context, e))
+}
+
+impl PgStore {
+    /// Connects with `options` (host, credentials, database, TLS, search path) and brings the
+    /// schema up to date.
+    pub async fn connect(options: PgConnectOptions) -> Result<Self, StoreError> {
+        Self::connect_with_clock(options, Arc::new(SystemClock)).await
+    }
+
+    /// Connects as [`PgStore::connect`] does, with `clock` telling the time of writes.
+    pub async fn connect_with_clock(
+        options: PgConnectOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(backend("connecting to PostgreSQL"))?;
+        migrations::migrate(&pool).await?;
+        Ok(Self { pool, clock })
+    }
+
+    /// Closes every connection, after the queries running now.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn kind_tag(kind: EnrollmentKind) -> &'static str {
+    match kind {
+        EnrollmentKind::Individual => "individual",
+        EnrollmentKind::Group => "group",
+    }
+}
+
+fn doc_of(row: &PgRow) -> Result<StoredDoc, StoreError> {
+    Ok(StoredDoc {
+        etag: Etag::new(
+            row.try_get::<String, _>("etag")
+                .map_err(backend("reading a row"))?,
+        ),
+        doc: row.try_get("doc").map_err(backend("reading a row"))?,
+    })
+}
+
+fn page_of(rows: &[PgRow], key: &str, limit: usize) -> Result<Page<StoredDoc>, StoreError> {
+    let more = rows.len() > limit;
+    let rows = &rows[..rows.len().min(limit)];
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => Some(
+            last.try_get::<String, _>(key)
+                .map_err(backend("reading a row"))?,
+        ),
+        _ => None,
+    };
+    Ok(Page {
+        items: rows.iter().map(doc_of).collect::<Result<_, _>>()?,
+        next,
+    })
+}
+
+fn fetch_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1
+}
+
+/// A table of documents with an etag under one text key (and, for enrollments, a kind): the
+/// conditional writes and deletes every such table shares.
+struct Docs {
+    table: &'static str,
+    key: &'static str,
+    /// `kind = '…' AND ` for enrollments, empty otherwise.
+    scope: String,
+    /// What messages call one (`enrollment 'x'` …), by key.
+    what: String,
+}
+
+impl Docs {
+    fn enrollments(kind: EnrollmentKind, key: &str) -> Self {
+        Self {
+            table: "enrollments",
+            key: "id_key",
+            scope: format!("kind = '{}' AND ", kind_tag(kind)),
+            what: format!("{} '{key}'", kind.label()),
+        }
+    }
+
+    fn certificates(key: &str) -> Self {
+        Self {
+            table: "certificates",
+            key: "name_key",
+            scope: String::new(),
+            what: format!("certificate '{key}'"),
+        }
+    }
+
+    fn registrations(key: &str) -> Self {
+        Self {
+            table: "registrations",
+            key: "id_key",
+            scope: String::new(),
+            what: format!("registration '{key}'"),
+        }
+    }
+
+    /// Why an update or delete of `key` under `cond` touched no row.
+    async fn why_not(&self, conn: &mut PgConnection, key: &str, cond: &Precondition) -> StoreError {
+        let sql = format!(
+            "SELECT 1 FROM {} WHERE {}{} = $1",
+            self.table, self.scope, self.key
+        );
+        match sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .fetch_optional(conn)
+            .await
+        {
+            Ok(None) => StoreError::NotFound(self.what.clone()),
+            Ok(Some(_)) if matches!(cond, Precondition::EtagIs(_)) => {
+                StoreError::EtagMismatch(self.what.clone())
+            }
+            Ok(Some(_)) => StoreError::Backend(Internal::new(format!(
+                "{} changed while it was written",
+                self.what
+            ))),
+            Err(e) => backend("checking a precondition")(e),
+        }
+    }
+
+    /// Deletes `key` if `cond` holds; `NotFound` if absent.
+    async fn delete(
+        &self,
+        pool: &PgPool,
+        key: &str,
+        cond: &Precondition,
+    ) -> Result<(), StoreError> {
+        let mut conn = pool.acquire().await.map_err(backend("connecting"))?;
+        let deleted = match cond {
+            // A delete that wants the document absent deletes nothing: it is found or not.
+            Precondition::MustNotExist => {
+                return Err(
+                    match self.why_not(&mut conn, key, &Precondition::None).await {
+                        StoreError::NotFound(what) => StoreError::NotFound(what),
+                        _ => StoreError::AlreadyExists(self.what.clone()),
+                    },
+                );
+            }
+            Precondition::EtagIs(etag) => {
+                let sql = format!(
+                    "DELETE FROM {} WHERE {}{} = $1 AND etag = $2",
+                    self.table, self.scope, self.key
+                );
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(key)
+                    .bind(etag.as_str())
+                    .execute(&mut *conn)
+                    .await
+            }
+            Precondition::None => {
+                let sql = format!(
+                    "DELETE FROM {} WHERE {}{} = $1",
+                    self.table, self.scope, self.key
+                );
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await
+            }
+        }
+        .map_err(backend("deleting"))?;
+        match deleted.rows_affected() {
+            0 => Err(self.why_not(&mut conn, key, cond).await),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes `doc` under `key` in `docs` if `cond` holds. `extra` names one more column and its value
+/// (a registration's group), written with the document.
+async fn put_doc(
+    conn: &mut PgConnection,
+    docs: &Docs,
+    key: &str,
+    kind: Option<&str>,
+    extra: Option<(&str, Option<&str>)>,
+    doc: &StoredDoc,
+    cond: &Precondition,
+) -> Result<(), StoreError> {
+    // Columns: [kind,] key, [extra,] etag, doc.
+    let mut columns = Vec::new();
+    if kind.is_some() {
+        columns.push("kind");
+    }
+    columns.push(docs.key);
+    if let Some((column, _)) = extra {
+        columns.push(column);
+    }
+    columns.extend(["etag", "doc"]);
+    let values: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+    let conflict = if kind.is_some() {
+        format!("kind, {}", docs.key)
+    } else {
+        docs.key.to_owned()
+    };
+    let mut updated: Vec<&str> = Vec::new();
+    if let Some((column, _)) = extra {
+        updated.push(column);
+    }
+    updated.extend(["etag", "doc"]);
+    let set = updated
+        .iter()
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        docs.table,
+        columns.join(", "),
+        values.join(", ")
+    );
+    let sql = match cond {
+        Precondition::None => format!("{insert} ON CONFLICT ({conflict}) DO UPDATE SET {set}"),
+        Precondition::MustNotExist => format!("{insert} ON CONFLICT ({conflict}) DO NOTHING"),
+        Precondition::EtagIs(_) => {
+            // An update of the row that has the expected etag; the etag to match comes last.
+            let assignments = updated
+                .iter()
+                .map(|c| {
+                    let at = columns.iter().position(|x| x == c).unwrap_or(0) + 1;
+                    format!("{c} = ${at}")
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "UPDATE {} SET {assignments} WHERE {}{} = ${} AND etag = ${}",
+                docs.table,
+                docs.scope,
+                docs.key,
+                columns.iter().position(|c| *c == docs.key).unwrap_or(0) + 1,
+                columns.len() + 1
+            )
+        }
+    };
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    if let Some(kind) = kind {
+        query = query.bind(kind);
+    }
+    query = query.bind(key);
+    if let Some((_, value)) = extra {
+        query = query.bind(value);
+    }
+    query = query.bind(doc.etag.as_str()).bind(&doc.doc);
+    if let Precondition::EtagIs(etag) = cond {
+        query = query.bind(etag.as_str());
+    }
+    let written = query
+        .execute(&mut *conn)
+        .await
+        .map_err(backend("writing"))?;
+    if written.rows_affected() > 0 {
+        return Ok(());
+    }
+    Err(match cond {
+        Precondition::MustNotExist => StoreError::AlreadyExists(docs.what.clone()),
+        _ => docs.why_not(conn, key, cond).await,
+    })
+}
+
+/// Inserts or replaces an operation, releasing any lease on it.
+async fn write_operation(
+    conn: &mut PgConnection,
+    op: &StoredOperation,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
+         VALUES ($1, $2, $3, $4, NULL, NULL, NULL, $5, $6)
+         ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
+             lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
+    )
+    .bind(&op.operation_id)
+    .bind(&op.registration_key)
+    .bind(op.pending)
+    .bind(op.next_attempt_ms)
+    .bind(now_ms)
+    .bind(&op.doc)
+    .execute(conn)
+    .await
+    .map_err(backend("writing an operation"))?;
+    Ok(())
+}
+
+fn operation_of(row: &PgRow) -> Result<StoredOperation, StoreError> {
+    let read = backend("reading an operation");
+    Ok(StoredOperation {
+        operation_id: row.try_get("operation_id").map_err(&read)?,
+        registration_key: row.try_get("registration_key").map_err(&read)?,
+        pending: row.try_get("pending").map_err(&read)?,
+        next_attempt_ms: row.try_get("next_attempt_ms").map_err(&read)?,
+        doc: row.try_get("doc").map_err(&read)?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Backend(Internal::caused("serializing", e)))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Backend(Internal::caused("a stored row does not parse", e)))
+}
+
+impl PgStore {
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(backend("connecting to PostgreSQL"))
+    }
+}
+
+#[async_trait]
+impl EnrollmentStore for PgStore {
+    async fn put_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let docs = Docs::enrollments(kind, key);
+        put_doc(
+            &mut conn,
+            &docs,
+            key,
+            Some(kind_tag(kind)),
+            None,
+            &doc,
+            &cond,
+        )
+        .await
+    }
+
+    async fn get_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+    ) -> Result<Option<StoredDoc>, StoreError> {
+        sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
+            .bind(kind_tag(kind))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend("reading an enrollment"))?
+            .as_ref()
+            .map(doc_of)
+            .transpose()
+    }
+
+    async fn delete_enrollment(
+        &self,
+        kind: EnrollmentKind,
+        key: &str,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        Docs::enrollments(kind, key)
+            .delete(&self.pool, key, &cond)
+            .await
+    }
+
+    async fn list_enrollments(
+        &self,
+        kind: EnrollmentKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<StoredDoc>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id_key, etag, doc FROM enrollments WHERE kind = $1 AND id_key > $2
+             ORDER BY id_key LIMIT $3",
+        )
+        .bind(kind_tag(kind))
+        .bind(after.unwrap_or(""))
+        .bind(fetch_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend("listing enrollments"))?;
+        page_of(&rows, "id_key", limit)
+    }
+
+    async fn enrollment_versions(
+        &self,
+        kind: EnrollmentKind,
+    ) -> Result<Vec<(String, Etag)>, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id_key, etag FROM enrollments WHERE kind = $1 ORDER BY id_key")
+                .bind(kind_tag(kind))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend("listing enrollment versions"))?;
+        Ok(rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect())
+    }
+}
+
+#[async_trait]
+impl RegistrationStore for PgStore {
+    async fn put_registration(
+        &self,
+        key: &str,
+        group_key: Option<&str>,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let docs = Docs::registrations(key);
+        put_doc(
+            &mut conn,
+            &docs,
+            key,
+            None,
+            Some(("group_key", group_key)),
+            &doc,
+            &cond,
+        )
+        .await
+    }
+
+    async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
+        sqlx::query("SELECT etag, doc FROM registrations WHERE id_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend("reading a registration"))?
+            .as_ref()
+            .map(doc_of)
+            .transpose()
+    }
+
+    async fn delete_registration(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
+        Docs::registrations(key)
+            .delete(&self.pool, key, &cond)
+            .await
+    }
+
+    async fn list_registrations_by_group(
+        &self,
+        group_key: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<StoredDoc>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id_key, etag, doc FROM registrations WHERE group_key = $1 AND id_key > $2
+             ORDER BY id_key LIMIT $3",
+        )
+        .bind(group_key)
+        .bind(after.unwrap_or(""))
+        .bind(fetch_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend("listing registrations"))?;
+        page_of(&rows, "id_key", limit)
+    }
+}
+
+#[async_trait]
+impl LinkedHubStore for PgStore {
+    async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO linked_hubs (host_name, doc) VALUES ($1, $2)
+             ON CONFLICT (host_name) DO UPDATE SET doc = excluded.doc",
+        )
+        .bind(&hub.host_name)
+        .bind(to_json(hub)?)
+        .execute(&self.pool)
+        .await
+        .map_err(backend("writing a linked hub"))?;
+        Ok(())
+    }
+
+    async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
+        let docs: Vec<String> =
+            sqlx::query_scalar("SELECT doc FROM linked_hubs ORDER BY host_name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend("listing linked hubs"))?;
+        docs.iter().map(|d| from_json(d)).collect()
+    }
+
+    async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM linked_hubs WHERE host_name = $1")
+            .bind(host_name)
+            .execute(&self.pool)
+            .await
+            .map_err(backend("deleting a linked hub"))?;
+        match deleted.rows_affected() {
+            0 => Err(StoreError::NotFound(format!("linked hub '{host_name}'"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl CertificateStore for PgStore {
+    async fn put_certificate(
+        &self,
+        key: &str,
+        doc: StoredDoc,
+        cond: Precondition,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        put_doc(
+            &mut conn,
+            &Docs::certificates(key),
+            key,
+            None,
+            None,
+            &doc,
+            &cond,
+        )
+        .await
+    }
+
+    async fn get_certificate(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
+        sqlx::query("SELECT etag, doc FROM certificates WHERE name_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend("reading a certificate"))?
+            .as_ref()
+            .map(doc_of)
+            .transpose()
+    }
+
+    async fn list_certificates(&self) -> Result<Vec<StoredDoc>, StoreError> {
+        let rows = sqlx::query("SELECT etag, doc FROM certificates ORDER BY name_key")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend("listing certificates"))?;
+        rows.iter().map(doc_of).collect()
+    }
+
+    async fn delete_certificate(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
+        Docs::certificates(key).delete(&self.pool, key, &cond).await
+    }
+}
+
+#[async_trait]
+impl IdentityStore for PgStore {
+    async fn init_identity(
+        &self,
+        candidate: &ServiceIdentity,
+    ) -> Result<ServiceIdentity, StoreError> {
+        let mut conn = self.conn().await?;
+        sqlx::query(
+            "INSERT INTO service_identity (id, doc) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(to_json(candidate)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend("writing the service identity"))?;
+        let stored: String = sqlx::query_scalar("SELECT doc FROM service_identity WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend("reading the service identity"))?;
+        from_json(&stored)
+    }
+
+    async fn identity(&self) -> Result<Option<ServiceIdentity>, StoreError> {
+        let doc: Option<String> =
+            sqlx::query_scalar("SELECT doc FROM service_identity WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend("reading the service identity"))?;
+        doc.map(|d| from_json(&d)).transpose()
+    }
+}
+
+#[async_trait]
+impl OperationStore for PgStore {
+    async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        write_operation(&mut conn, op, self.clock.now().as_millisecond()).await
+    }
+
+    async fn put_registration_and_operation(
+        &self,
+        key: &str,
+        group_key: Option<&str>,
+        doc: StoredDoc,
+        cond: Precondition,
+        op: &StoredOperation,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now().as_millisecond();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(backend("starting a transaction"))?;
+        let docs = Docs::registrations(key);
+        put_doc(
+            &mut tx,
+            &docs,
+            key,
+            None,
+            Some(("group_key", group_key)),
+            &doc,
+            &cond,
+        )
+        .await?;
+        write_operation(&mut tx, op, now).await?;
+        tx.commit().await.map_err(backend("committing"))
+    }
+
+    async fn get_operation(
+        &self,
+        operation_id: &str,
+    ) -> Result<Option<StoredOperation>, StoreError> {
+        sqlx::query(
+            "SELECT operation_id, registration_key, pending, next_attempt_ms, doc FROM operations
+             WHERE operation_id = $1",
+        )
+        .bind(operation_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend("reading an operation"))?
+        .as_ref()
+        .map(operation_of)
+        .transpose()
+    }
+
+    async fn claim_operations(
+        &self,
+        owner: &LeaseOwner,
+        now: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredOperation>, StoreError> {
+        // Rows another node is claiming right now are skipped, not waited for: each due
+        // operation goes to exactly one claimer.
+        let rows = sqlx::query(
+            "UPDATE operations SET lease_owner = $1, lease_incarnation = $5, lease_until_ms = $2
+             WHERE operation_id IN (
+                 SELECT operation_id FROM operations
+                 WHERE pending AND next_attempt_ms <= $3
+                   AND (lease_until_ms IS NULL OR lease_until_ms < $3
+                        OR (lease_owner = $1 AND lease_incarnation IS DISTINCT FROM $5))
+                 ORDER BY next_attempt_ms LIMIT $4
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
+        )
+        .bind(&owner.node)
+        .bind(now.saturating_add(lease_ms))
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(&owner.incarnation)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend("claiming operations"))?;
+        let mut claimed = rows
+            .iter()
+            .map(operation_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        claimed.sort_by_key(|op| op.next_attempt_ms);
+        Ok(claimed)
+    }
+
+    async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM operations WHERE operation_id IN (
+                 SELECT operation_id FROM operations WHERE NOT pending AND updated_ms < $1
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(before_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(backend("pruning operations"))?;
+        Ok(usize::try_from(deleted.rows_affected()).unwrap_or(usize::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A schema of its own in the test database (`OPENDPS_TEST_POSTGRES`, default
+    /// `postgres://postgres@127.0.0.1:5432/test`), dropped when the guard goes.
+    struct Schema {
+        admin: PgConnectOptions,
+        name: String,
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            // Dropped outside the test's runtime, which is shutting down.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async {
+                        if let Ok(pool) = PgPoolOptions::new()
+                            .max_connections(1)
+                            .connect_with(admin)
+                            .await
+                        {
+                            let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+                                "DROP SCHEMA IF EXISTS {name} CASCADE"
+                            )))
+                            .execute(&pool)
+                            .await;
+                            pool.close().await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+
+    impl Schema {
+        /// A new, empty schema.
+        async fn create() -> Self {
+            let url = std::env::var("OPENDPS_TEST_POSTGRES")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+            let admin: PgConnectOptions = url
+                .parse()
+                .expect("OPENDPS_TEST_POSTGRES is a PostgreSQL URL");
+            let mut bytes = [0u8; 6];
+            dps_core::sas::fill_random(&mut bytes);
+            let name = format!(
+                "contract_{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(admin.clone())
+                .await
+                .expect("PostgreSQL for the store tests (set OPENDPS_TEST_POSTGRES)");
+            sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+                .execute(&pool)
+                .await
+                .expect("create schema");
+            pool.close().await;
+            Self { admin, name }
+        }
+
+        /// Connection options whose search path is this schema.
+        fn options(&self) -> PgConnectOptions {
+            self.admin
+                .clone()
+                .options([("search_path", self.name.as_str())])
+        }
+    }
+
+    async fn fresh() -> (Schema, Arc<dyn dps_core::store::Store>) {
+        let schema = Schema::create().await;
+        let store = PgStore::connect(schema.options()).await.expect("connect");
+        (schema, Arc::new(store))
+    }
+
+    crate::contract_tests!(fresh().await);
+
+    fn op(id: usize) -> StoredOperation {
+        StoredOperation {
+            operation_id: format!("op-{id:04}"),
+            registration_key: format!("dev-{id:04}"),
+            pending: true,
+            next_attempt_ms: 0,
+            doc: "{}".into(),
+        }
+    }
+
+    /// Two nodes on one database claiming the same due operations at once: each goes to exactly
+    /// one of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_never_claim_the_same_operation() {
+        let schema = Schema::create().await;
+        let a = PgStore::connect(schema.options()).await.expect("node a");
+        let b = PgStore::connect(schema.options()).await.expect("node b");
+        for id in 0..300 {
+            a.put_operation(&op(id)).await.expect("put");
+        }
+        let claim_all = |store: PgStore, node: &'static str| async move {
+            let owner = LeaseOwner::new(node);
+            let mut mine = Vec::new();
+            loop {
+                let batch = store
+                    .claim_operations(&owner, 1_000, 60_000, 7)
+                    .await
+                    .expect("claim");
+                if batch.is_empty() {
+                    break mine;
+                }
+                mine.extend(batch.into_iter().map(|o| o.operation_id));
+            }
+        };
+        let (from_a, from_b) = tokio::join!(
+            tokio::spawn(claim_all(a.clone(), "a")),
+            tokio::spawn(claim_all(b.clone(), "b"))
+        );
+        let (from_a, from_b) = (from_a.expect("a"), from_b.expect("b"));
+        let mut all: Vec<_> = from_a.iter().chain(&from_b).cloned().collect();
+        all.sort();
+        let total = all.len();
+        all.dedup();
+        assert_eq!(total, 300, "claimed {total} for 300 operations");
+        assert_eq!(all.len(), 300, "an operation was claimed by both nodes");
+        assert!(
+            !from_a.is_empty() && !from_b.is_empty(),
+            "one node got nothing: the test shows nothing"
+        );
+    }
+
+    /// Nodes starting at once on an empty database: one migrates, the others wait and find it done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_migrate_once() {
+        let schema = Schema::create().await;
+        let starts = (0..4).map(|_| PgStore::connect(schema.options()));
+        for started in futures_join_all(starts).await {
+            started.expect("every node starts");
+        }
+    }
+
+    /// A database migrated by a newer opendps is refused, and left as it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_newer_schema_is_refused() {
+        let schema = Schema::create().await;
+        let store = PgStore::connect(schema.options()).await.expect("connect");
+        sqlx::query("UPDATE opendps_schema SET version = 99 WHERE name = 'opendps'")
+            .execute(&store.pool)
+            .await
+            .expect("pretend a newer version");
+        let refused = PgStore::connect(schema.options())
+            .await
+            .err()
+            .expect("a newer schema is refused");
+        assert!(refused.to_string().contains("storage backend"), "{refused}");
+        let StoreError::Backend(cause) = refused else {
+            panic!("not a backend error");
+        };
+        assert!(
+            cause.chain().contains("upgrade opendps"),
+            "{}",
+            cause.chain()
+        );
+        let version: i32 = sqlx::query_scalar("SELECT version FROM opendps_schema")
+            .fetch_one(&store.pool)
+            .await
+            .expect("version");
+        assert_eq!(version, 99);
+    }
+
+    /// Runs `futures` concurrently, each in its own task; their outputs in order.
+    async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let handles: Vec<_> = futures.map(tokio::spawn).collect();
+        let mut out = Vec::new();
+        for handle in handles {
+            out.push(handle.await.expect("join"));
+        }
+        out
+    }
+}
