@@ -155,22 +155,48 @@ pub struct TlsConfig {
     pub names: Vec<String>,
 }
 
-/// `[storage]`: which backend keeps the state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
-pub enum StorageConfig {
-    /// One SQLite file (the default).
-    Sqlite {
-        /// The database file; unset means `<data_dir>/opendps.db`.
-        #[serde(default)]
-        path: Option<PathBuf>,
-    },
+/// `[storage]`: which backend keeps the state. SQLite in the data directory unless `url` names a
+/// PostgreSQL database, which several nodes may share.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `sqlite` or `postgres`; optional, `url` alone selects PostgreSQL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<StorageBackend>,
+    /// The SQLite database file; unset means `<data_dir>/opendps.db`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL URL (`postgres://user@host:5432/db?sslmode=verify-full&sslrootcert=…`). Keep the
+    /// password out of it: use `password_file` or the `PGPASSWORD` environment variable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password (its first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self::Sqlite { path: None }
-    }
+/// The storage backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// One SQLite file.
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// Where the state lives, as the configuration decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database: its URL, and the password file if one is configured.
+    Postgres {
+        /// `storage.url`.
+        url: String,
+        /// `storage.password_file`.
+        password_file: Option<PathBuf>,
+    },
 }
 
 /// `[service_api]`.
@@ -323,6 +349,9 @@ pub struct FlagOverrides {
     /// `--amqp-listen`.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub amqp: serde_json::Map<String, serde_json::Value>,
+    /// `--storage-url`.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub storage: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Config {
@@ -369,6 +398,19 @@ impl Config {
         Ok(config)
     }
 
+    /// The configuration of the service whose data directory is `data_dir`, as a command that
+    /// reads its state (the admin CLI, `device`, `bench`) needs it: the file named by
+    /// `OPENDPS_CONFIG` and the `OPENDPS_*` variables, so that it finds the same store (a
+    /// PostgreSQL `storage.url`) as the service.
+    pub fn for_data_dir(data_dir: &Path) -> anyhow::Result<Self> {
+        let file = std::env::var_os("OPENDPS_CONFIG").map(PathBuf::from);
+        let flags = FlagOverrides {
+            data_dir: Some(data_dir.to_path_buf()),
+            ..FlagOverrides::default()
+        };
+        Self::load(file.as_deref(), flags, &[])
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
@@ -402,14 +444,49 @@ impl Config {
         if self.provisioning.device_sas_clock_skew_secs < 0 {
             bail!("provisioning.device_sas_clock_skew_secs must not be negative");
         }
+        let storage = &self.storage;
+        match (storage.backend, &storage.url) {
+            (Some(StorageBackend::Postgres), None) => {
+                bail!(
+                    "storage.backend is postgres but storage.url is not set (--storage-url, OPENDPS_STORAGE__URL)"
+                )
+            }
+            (Some(StorageBackend::Sqlite), Some(_)) => bail!(
+                "storage.url names a PostgreSQL database but storage.backend is sqlite; remove one of them"
+            ),
+            (_, Some(url))
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) =>
+            {
+                bail!(
+                    "storage.url must be a PostgreSQL URL (postgres://user@host:5432/database), not '{url}'"
+                )
+            }
+            (_, Some(_)) if storage.path.is_some() => {
+                bail!(
+                    "storage.path (a SQLite file) and storage.url (PostgreSQL) cannot both be set"
+                )
+            }
+            (None, None) if storage.password_file.is_some() => {
+                bail!("storage.password_file is set but storage.url is not")
+            }
+            _ => {}
+        }
         Ok(())
     }
 
-    /// The SQLite database file.
-    pub fn database_path(&self) -> PathBuf {
-        match &self.storage {
-            StorageConfig::Sqlite { path: Some(path) } => path.clone(),
-            StorageConfig::Sqlite { path: None } => self.data_dir.join("opendps.db"),
+    /// Where the state lives (checked by [`Config::validate`]).
+    pub fn store_location(&self) -> StoreLocation {
+        match &self.storage.url {
+            Some(url) => StoreLocation::Postgres {
+                url: url.clone(),
+                password_file: self.storage.password_file.clone(),
+            },
+            None => StoreLocation::Sqlite(
+                self.storage
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("opendps.db")),
+            ),
         }
     }
 }
@@ -445,6 +522,7 @@ const FLAG_KEYS: &[(&str, &str)] = &[
     ("http.public_host", "--public-host"),
     ("mqtt.listen", "--mqtt-listen"),
     ("amqp.listen", "--amqp-listen"),
+    ("storage.url", "--storage-url"),
     ("tls.names", "--tls-name"),
     ("minihub.hubs", "--hub"),
 ];

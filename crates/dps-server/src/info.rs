@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use crate::storage::ServiceStore;
+use anyhow::Context;
 use dps_core::access::{OWNER_POLICY, Right};
 use dps_core::linked_hub::{LinkedHub, LinkedHubDescription};
-use dps_core::store::{IdentityStore as _, LinkedHubStore as _};
-use dps_store::SqliteStore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -85,18 +84,10 @@ pub struct RunningInfo {
 /// Reads the service's details from its data directory, without taking any lock.
 pub async fn collect(config: &Config) -> anyhow::Result<ServiceInfo> {
     let data = DataDir::new(&config.data_dir);
-    let db = config.database_path();
-    if !db.exists() {
-        bail!(
-            "there is no opendps database at {}; start the service once with `opendps serve --data-dir {}`",
-            db.display(),
-            config.data_dir.display()
-        );
-    }
     // Read only: `info` (and every CLI command that finds its service through it) must never take
-    // the write lock or migrate the file of a service that may be running.
-    let store = SqliteStore::open_read_only(&db)
-        .with_context(|| format!("while opening {}", db.display()))?;
+    // the write lock or migrate the store of a service that may be running.
+    let opened = ServiceStore::open_existing(config).await?;
+    let store = opened.shared();
     let identity = store
         .identity()
         .await?

@@ -10,5 +10,6 @@ pub mod hub;
 pub mod info;
 pub mod pki;
 pub mod serve;
+pub mod storage;
 mod websocket;
 pub mod worker;

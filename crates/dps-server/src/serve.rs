@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::storage::ServiceStore;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::Request;
@@ -19,12 +20,10 @@ use dps_core::hub::{
 use dps_core::linked_hub::{LinkedHub, LinkedHubRequest};
 use dps_core::management::Management;
 use dps_core::provisioning::{Provisioning, ProvisioningSettings, Transport};
-use dps_core::store::LinkedHubStore as _;
-use dps_core::store::{IdentityStore as _, Store};
+use dps_core::store::Store;
 use dps_http::AppState;
 use dps_mqtt::{DpsConnector, MqttLimits};
 use dps_outbound::{HubEndpoints, ReqwestWebhookClient, RestHubClient, RestHubSettings};
-use dps_store::SqliteStore;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use minihub::{DirectHubClient, HubMqtt, Minihub};
 use tokio::net::TcpListener;
@@ -112,7 +111,7 @@ pub struct Service {
     data: DataDir,
     /// Held while the service runs: no second server on the same data directory.
     _lock: DataDirLock,
-    store: SqliteStore,
+    store: ServiceStore,
     stop: watch::Sender<bool>,
     tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 }
@@ -131,7 +130,7 @@ impl Service {
                 tracing::error!(%err, "the {name} task failed");
             }
         }
-        self.store.close();
+        self.store.close().await;
         self.data.remove_runtime();
     }
 }
@@ -143,14 +142,9 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     data.create()?;
     let lock = data.lock("service")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = SqliteStore::open_with_clock(config.database_path(), Arc::clone(&clock))
-        .with_context(|| {
-            format!(
-                "while opening the database {}",
-                config.database_path().display()
-            )
-        })?;
-    let identity = store
+    let store = ServiceStore::open(&config, Arc::clone(&clock)).await?;
+    let shared: Arc<dyn Store> = store.shared();
+    let identity = shared
         .init_identity(&ServiceIdentity::generate())
         .await
         .context("while reading the service identity")?;
@@ -174,7 +168,6 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     let https = listener.local_addr()?;
     let service_host = service_host(&config.http.public_host, https.port());
 
-    let shared: Arc<dyn Store> = Arc::new(store.clone());
     let authorizer = Authorizer::new(
         identity.clone(),
         Arc::clone(&clock),
@@ -219,9 +212,9 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     if let Some(hub) = &minihub
         && config.minihub.link
     {
-        link_minihubs(hub, &config.minihub.hubs, &store).await?;
+        link_minihubs(hub, &config.minihub.hubs, shared.as_ref()).await?;
     }
-    warn_about_unserved_hubs(&config, &data, &store).await;
+    warn_about_unserved_hubs(&config, &data, shared.as_ref()).await;
     let app = dps_http::router(Arc::new(AppState {
         management,
         provisioning: Arc::clone(&provisioning),
@@ -349,7 +342,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
 
 /// Linked hubs that an earlier `serve --hub` served in-process and this one does not: every device
 /// allocated to them would fail, so say so at startup, with the two ways out.
-async fn warn_about_unserved_hubs(config: &Config, data: &DataDir, store: &SqliteStore) {
+async fn warn_about_unserved_hubs(config: &Config, data: &DataDir, store: &dyn Store) {
     let path = data.root().join("minihub.db");
     if !path.exists() {
         return;
@@ -451,7 +444,7 @@ impl HubClient for RoutedHubClient {
 }
 
 /// Links each in-process hub that is not linked yet, with weight 1.
-async fn link_minihubs(hub: &Minihub, names: &[String], store: &SqliteStore) -> anyhow::Result<()> {
+async fn link_minihubs(hub: &Minihub, names: &[String], store: &dyn Store) -> anyhow::Result<()> {
     let linked = store.list_linked_hubs().await?;
     for info in hub.hubs().await? {
         let wanted = names

@@ -9,5 +9,5 @@ pub mod contract;
 pub mod postgres;
 pub mod sqlite;
 
-pub use postgres::PgStore;
+pub use postgres::{PgLocation, PgStore};
 pub use sqlite::SqliteStore;

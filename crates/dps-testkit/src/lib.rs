@@ -4,11 +4,13 @@
 
 mod fake_hub;
 mod fake_webhook;
+mod postgres;
 mod scripted_hub;
 mod webhook_server;
 
 pub use fake_hub::FakeHub;
 pub use fake_webhook::FakeWebhook;
+pub use postgres::PgSchema;
 pub use scripted_hub::{HubAnswer, ScriptedHub};
 pub use webhook_server::{Scripted, WebhookServer};
 
@@ -25,6 +27,8 @@ use serde_json::Value;
 pub struct TestServer {
     bin: PathBuf,
     extra_args: Vec<String>,
+    /// Environment variables given to the server and to every CLI command run against it.
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// `opendps info --json` of the running server.
@@ -59,21 +63,42 @@ impl TestServer {
         Self::start_in(dir, bin, &args).await
     }
 
+    /// Starts `bin serve` with `env` set for it and for every CLI command run against it (for
+    /// example `OPENDPS_STORAGE__URL`), and `extra_args`.
+    pub async fn start_with_env(
+        bin: &Path,
+        env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut server = Self::unstarted(tempfile::tempdir()?, bin, extra_args);
+        server.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        server.launch().await?;
+        Ok(server)
+    }
+
     async fn start_in(
         dir: tempfile::TempDir,
         bin: &Path,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut server = Self {
+        let mut server = Self::unstarted(dir, bin, extra_args);
+        server.launch().await?;
+        Ok(server)
+    }
+
+    fn unstarted(dir: tempfile::TempDir, bin: &Path, extra_args: &[&str]) -> Self {
+        Self {
             bin: bin.to_owned(),
             extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            env: Vec::new(),
             dir,
             child: None,
             info: Value::Null,
             service_info: None,
-        };
-        server.launch().await?;
-        Ok(server)
+        }
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
@@ -94,6 +119,7 @@ impl TestServer {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,dps_http=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -246,6 +272,7 @@ impl TestServer {
         Command::new(&self.bin)
             .args(args)
             .env("OPENDPS_DATA_DIR", self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("OPENDPS_CONNECTION_STRING")
             .env_remove("OPENDPS_CA_FILE")
             .stdin(Stdio::null())

@@ -278,12 +278,9 @@ pub async fn run(
         bail!("--devices and --concurrency must be at least 1");
     }
     let data_dir = settings.data_dir.clone();
-    let info = dps_server::info::collect(&dps_server::config::Config {
-        data_dir: data_dir.clone(),
-        ..Default::default()
-    })
-    .await
-    .context("no local service found; start `opendps serve` or give --data-dir")?;
+    let info = dps_server::info::collect(&dps_server::config::Config::for_data_dir(&data_dir)?)
+        .await
+        .context("no local service found; start `opendps serve` or give --data-dir")?;
     let Some(running) = info.running else {
         bail!(
             "the service of {} is not running; start it with `opendps serve`",

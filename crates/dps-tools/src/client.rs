@@ -44,10 +44,7 @@ impl ServiceClient {
         let (login, ca_file) = match settings.login {
             Some(login) => (login, settings.ca_file),
             None => {
-                let config = dps_server::config::Config {
-                    data_dir: settings.data_dir.clone(),
-                    ..Default::default()
-                };
+                let config = dps_server::config::Config::for_data_dir(&settings.data_dir)?;
                 let info = dps_server::info::collect(&config).await.context(
                     "no connection string: pass --login or set OPENDPS_CONNECTION_STRING, or point --data-dir at a local service",
                 )?;

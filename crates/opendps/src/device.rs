@@ -76,11 +76,10 @@ pub async fn register(
         || args.mqtt_port.is_none()
         || args.amqp_port.is_none()
     {
-        let config = dps_server::config::Config {
-            data_dir,
-            ..Default::default()
-        };
-        dps_server::info::collect(&config).await.ok()
+        match dps_server::config::Config::for_data_dir(&data_dir) {
+            Ok(config) => dps_server::info::collect(&config).await.ok(),
+            Err(_) => None,
+        }
     } else {
         None
     };

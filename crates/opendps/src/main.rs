@@ -92,6 +92,11 @@ struct ServeArgs {
     /// Address to listen on for AMQP over TLS (port 0 picks a free port).
     #[arg(long)]
     amqp_listen: Option<String>,
+    /// Keep the state in this PostgreSQL database, which several nodes may share
+    /// (postgres://user@host:5432/database); the password goes in storage.password_file or
+    /// PGPASSWORD, not here. Without it, SQLite in the data directory.
+    #[arg(long, value_name = "URL")]
+    storage_url: Option<String>,
     /// Extra DNS name or IP address for the development certificate (repeatable).
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
@@ -196,6 +201,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(listen) = args.amqp_listen {
                 flags.amqp.insert("listen".into(), listen.into());
+            }
+            if let Some(url) = args.storage_url {
+                flags.storage.insert("url".into(), url.into());
             }
             if !args.hubs.is_empty() {
                 flags

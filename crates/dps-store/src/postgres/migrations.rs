@@ -89,3 +89,34 @@ pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         .await
         .map_err(failed("committing the migration"))
 }
+
+/// Checks, without changing anything, that the schema is exactly the one this build knows: for
+/// commands that read a service's state while it may be running.
+pub(super) async fn check(pool: &PgPool) -> Result<(), StoreError> {
+    let found: Option<i32> =
+        match sqlx::query_scalar("SELECT version FROM opendps_schema WHERE name = 'opendps'")
+            .fetch_optional(pool)
+            .await
+        {
+            Ok(found) => found,
+            // No version table: nothing of opendps' is in this database (or its search path).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => None,
+            Err(e) => {
+                return Err(StoreError::Backend(Internal::caused(
+                    "reading the schema version",
+                    e,
+                )));
+            }
+        };
+    let found = usize::try_from(found.unwrap_or(0)).unwrap_or(0);
+    match found.cmp(&MIGRATIONS.len()) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(StoreError::Backend(Internal::new(format!(
+            "the database has schema version {found}, newer than this opendps knows ({}); upgrade opendps",
+            MIGRATIONS.len()
+        )))),
+        std::cmp::Ordering::Less => Err(StoreError::Backend(Internal::new(
+            "the database holds no opendps service yet, or needs a newer schema; start `opendps serve` on it",
+        ))),
+    }
+}

@@ -42,7 +42,57 @@ fn backend(context: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
     move |e| StoreError::Backend(Internal::caused(context, e))
 }
 
+/// Where a PostgreSQL store is: a URL (`postgres://user@host:5432/database?sslmode=…`) and the
+/// password, kept out of the URL (read from a file or the environment by the caller; without one,
+/// libpq's `PGPASSWORD` and `.pgpass` apply).
+#[derive(Clone)]
+pub struct PgLocation {
+    /// The URL.
+    pub url: String,
+    /// The password, if given apart from the URL.
+    pub password: Option<dps_core::secret::Secret>,
+}
+
+impl PgLocation {
+    fn options(&self) -> Result<PgConnectOptions, StoreError> {
+        let options: PgConnectOptions = self.url.parse().map_err(|e| {
+            StoreError::Backend(Internal::caused(
+                "the storage URL is not a PostgreSQL URL",
+                e,
+            ))
+        })?;
+        Ok(match &self.password {
+            Some(password) => options.password(password.expose()),
+            None => options,
+        })
+    }
+
+    /// `user@host:port/database`, for logs and messages: never the password.
+    pub fn describe(&self) -> String {
+        match self.options() {
+            Ok(o) => format!(
+                "{}@{}:{}/{}",
+                o.get_username(),
+                o.get_host(),
+                o.get_port(),
+                o.get_database().unwrap_or(o.get_username())
+            ),
+            Err(_) => "an invalid URL".to_owned(),
+        }
+    }
+}
+
 impl PgStore {
+    /// Connects to `location` and brings the schema up to date.
+    pub async fn open(location: &PgLocation, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        Self::connect_with_clock(location.options()?, clock).await
+    }
+
+    /// Connects to `location` without migrating: see [`PgStore::connect_existing`].
+    pub async fn open_existing(location: &PgLocation) -> Result<Self, StoreError> {
+        Self::connect_existing(location.options()?).await
+    }
+
     /// Connects with `options` (host, credentials, database, TLS, search path) and brings the
     /// schema up to date.
     pub async fn connect(options: PgConnectOptions) -> Result<Self, StoreError> {
@@ -54,14 +104,30 @@ impl PgStore {
         options: PgConnectOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+        let pool = Self::pool(options, MAX_CONNECTIONS).await?;
+        migrations::migrate(&pool).await?;
+        Ok(Self { pool, clock })
+    }
+
+    /// Connects to a database a service has set up, without migrating it: for commands that read
+    /// the state of a service that may be running. Fails unless the schema is the one this build
+    /// knows.
+    pub async fn connect_existing(options: PgConnectOptions) -> Result<Self, StoreError> {
+        let pool = Self::pool(options, 2).await?;
+        migrations::check(&pool).await?;
+        Ok(Self {
+            pool,
+            clock: Arc::new(SystemClock),
+        })
+    }
+
+    async fn pool(options: PgConnectOptions, size: u32) -> Result<PgPool, StoreError> {
+        PgPoolOptions::new()
+            .max_connections(size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
-            .map_err(backend("connecting to PostgreSQL"))?;
-        migrations::migrate(&pool).await?;
-        Ok(Self { pool, clock })
+            .map_err(backend("connecting to PostgreSQL"))
     }
 
     /// Closes every connection, after the queries running now.

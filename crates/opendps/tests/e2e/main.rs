@@ -7,6 +7,7 @@ mod cli;
 mod device_api;
 mod hubs;
 mod lifecycle;
+mod postgres;
 mod real_hubs;
 mod service_api;
 mod tls;

@@ -1,0 +1,110 @@
+//! The store a service keeps its state in, as the configuration chooses it: a SQLite file in the
+//! data directory, or a PostgreSQL database that several nodes share.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use dps_core::clock::Clock;
+use dps_core::secret::Secret;
+use dps_core::store::Store;
+use dps_store::{PgLocation, PgStore, SqliteStore};
+
+use crate::config::{Config, StoreLocation};
+
+/// An open store.
+#[derive(Clone)]
+pub enum ServiceStore {
+    /// A SQLite file.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database.
+    Postgres(PgStore),
+}
+
+impl ServiceStore {
+    /// Opens the store the service writes to, creating or migrating its schema.
+    pub async fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        match config.store_location() {
+            StoreLocation::Sqlite(path) => SqliteStore::open_with_clock(&path, clock)
+                .map(Self::Sqlite)
+                .with_context(|| format!("while opening the database {}", path.display())),
+            StoreLocation::Postgres { url, password_file } => {
+                let location = postgres_location(url, password_file.as_deref())?;
+                PgStore::open(&location, clock)
+                    .await
+                    .map(Self::Postgres)
+                    .with_context(|| unreachable_hint(&location))
+            }
+        }
+    }
+
+    /// Opens the store of a service that may be running, to read it: no lock, no migration.
+    pub async fn open_existing(config: &Config) -> anyhow::Result<Self> {
+        match config.store_location() {
+            StoreLocation::Sqlite(path) => {
+                if !path.exists() {
+                    anyhow::bail!(
+                        "there is no opendps database at {}; start the service once with `opendps serve --data-dir {}`",
+                        path.display(),
+                        config.data_dir.display()
+                    );
+                }
+                SqliteStore::open_read_only(&path)
+                    .map(Self::Sqlite)
+                    .with_context(|| format!("while opening {}", path.display()))
+            }
+            StoreLocation::Postgres { url, password_file } => {
+                let location = postgres_location(url, password_file.as_deref())?;
+                PgStore::open_existing(&location)
+                    .await
+                    .map(Self::Postgres)
+                    .with_context(|| unreachable_hint(&location))
+            }
+        }
+    }
+
+    /// The store for the core.
+    pub fn shared(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Sqlite(store) => Arc::new(store.clone()),
+            Self::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// Finishes what is being written and closes the store.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(store) => store.close(),
+            Self::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+/// The PostgreSQL location of `url`, with the password from `password_file` when there is one.
+fn postgres_location(
+    url: String,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<PgLocation> {
+    let password = match password_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "while reading the PostgreSQL password from {} (storage.password_file)",
+                    file.display()
+                )
+            })?;
+            Some(Secret::new(
+                text.lines().next().unwrap_or_default().to_owned(),
+            ))
+        }
+        None => None,
+    };
+    Ok(PgLocation { url, password })
+}
+
+/// What to check when PostgreSQL cannot be reached or refuses.
+fn unreachable_hint(location: &PgLocation) -> String {
+    format!(
+        "while opening the PostgreSQL database {} (storage.url): check that the server runs and accepts this user, and its password (storage.password_file or PGPASSWORD)",
+        location.describe()
+    )
+}
