@@ -184,6 +184,11 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     .context("while setting up the IoT hub client")?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
+    if let ServiceStore::Postgres(pg) = &store {
+        // Work another node accepts wakes this node's worker too; the watcher ends when the
+        // store closes.
+        drop(pg.watch_work(Arc::clone(&wake)));
+    }
     let webhooks =
         ReqwestWebhookClient::new(&dev_ca, config.provisioning.webhook_max_response_bytes)
             .context("while setting up the webhook client")?;

@@ -70,7 +70,18 @@ impl TestServer {
         env: &[(&str, &str)],
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut server = Self::unstarted(tempfile::tempdir()?, bin, extra_args);
+        Self::start_in_with_env(tempfile::tempdir()?, bin, env, extra_args).await
+    }
+
+    /// As [`TestServer::start_with_env`], in the data directory `dir` (which may hold files made
+    /// beforehand, such as another node's `tls/`).
+    pub async fn start_in_with_env(
+        dir: tempfile::TempDir,
+        bin: &Path,
+        env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut server = Self::unstarted(dir, bin, extra_args);
         server.env = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -32,6 +32,10 @@ pub struct PgStore {
     clock: Arc<dyn Clock>,
 }
 
+/// The channel on which a write of pending work is announced to every node: this prefix and the
+/// schema, so that services in other schemas of the same database are not woken.
+const WORK_CHANNEL: &str = "opendps_work:";
+
 /// Connections a node keeps open at most.
 const MAX_CONNECTIONS: u32 = 16;
 /// How long a request waits for a connection (or for the server to answer a new one) before it
@@ -128,6 +132,53 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(backend("connecting to PostgreSQL"))
+    }
+
+    /// Wakes `wake` whenever any node records pending work (LISTEN/NOTIFY), so that a node's
+    /// worker starts on what another node accepted at once rather than at its next scan. Runs
+    /// until the store is closed; after a lost connection it listens again and wakes once, for
+    /// what it may have missed.
+    pub fn watch_work(&self, wake: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            while !pool.is_closed() {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let channel = match sqlx::query_scalar::<_, String>("SELECT $1 || current_schema()")
+                    .bind(WORK_CHANNEL)
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(channel) => channel,
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if let Err(err) = listener.listen(&channel).await {
+                    tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                wake.notify_one();
+                // `try_recv` ends with `None` when the connection is lost (and reconnects on the
+                // next call); an error means the pool is gone or closing.
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => wake.notify_one(),
+                        Ok(None) => wake.notify_one(),
+                        Err(_) => break,
+                    }
+                }
+            }
+        })
     }
 
     /// Closes every connection, after the queries running now.
@@ -392,9 +443,17 @@ async fn write_operation(
     .bind(op.next_attempt_ms)
     .bind(now_ms)
     .bind(&op.doc)
-    .execute(conn)
+    .execute(&mut *conn)
     .await
     .map_err(backend("writing an operation"))?;
+    if op.pending {
+        // Delivered when the write commits, to every node listening (see `PgStore::watch_work`).
+        sqlx::query("SELECT pg_notify($1 || current_schema(), '')")
+            .bind(WORK_CHANNEL)
+            .execute(conn)
+            .await
+            .map_err(backend("announcing work"))?;
+    }
     Ok(())
 }
 
@@ -920,6 +979,42 @@ mod tests {
             !from_a.is_empty() && !from_b.is_empty(),
             "one node got nothing: the test shows nothing"
         );
+    }
+
+    /// Work recorded by one node wakes the others' workers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_work_wakes_every_node() {
+        let schema = Schema::create().await;
+        let a = PgStore::connect(schema.options()).await.expect("node a");
+        let b = PgStore::connect(schema.options()).await.expect("node b");
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let watcher = b.watch_work(Arc::clone(&wake));
+        // The first wake comes when the listener is in place.
+        tokio::time::timeout(Duration::from_secs(10), wake.notified())
+            .await
+            .expect("listening");
+        a.put_operation(&op(1)).await.expect("put");
+        tokio::time::timeout(Duration::from_secs(10), wake.notified())
+            .await
+            .expect("node b is woken by node a's work");
+        // Finished work wakes nobody.
+        a.put_operation(&StoredOperation {
+            pending: false,
+            ..op(1)
+        })
+        .await
+        .expect("finish");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), wake.notified())
+                .await
+                .is_err(),
+            "a finished operation woke a node"
+        );
+        b.close().await;
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher ends with its store")
+            .expect("join");
     }
 
     /// Nodes starting at once on an empty database: one migrates, the others wait and find it done.

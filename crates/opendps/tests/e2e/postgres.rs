@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use dps_device::Transport;
 use dps_testkit::{PgSchema, TestServer};
@@ -118,5 +119,125 @@ async fn a_database_it_cannot_use_stops_it_at_startup() {
             "{url}: took {:?} to fail",
             started.elapsed()
         );
+    }
+}
+
+/// Two nodes on one database, each with its own data directory and node id, the same
+/// certificate (as behind a TCP load balancer), and one linked hub: they share the service
+/// identity; devices register through either and poll the other; each device is created on the
+/// hub once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_database() {
+    let schema = PgSchema::create("nodes").expect("a test schema on the local PostgreSQL");
+    let url = schema.url();
+    let env = [("OPENDPS_STORAGE__URL", url.as_str())];
+    let a = TestServer::start_with_env(bin(), &env, &[])
+        .await
+        .expect("node a starts");
+    // Node b gets node a's certificate and CA, as nodes behind one name do.
+    let b_dir = tempfile::tempdir().expect("dir");
+    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
+    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &[])
+        .await
+        .expect("node b starts");
+    let (ia, ib) = (a.service_info().expect("a"), b.service_info().expect("b"));
+    assert_eq!(ia.id_scope, ib.id_scope, "one service identity");
+    let key_of = |cs: &Option<String>| {
+        cs.as_deref()
+            .and_then(|cs| cs.split(';').find(|p| p.starts_with("SharedAccessKey=")))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        key_of(&ia.service_connection_string),
+        key_of(&ib.service_connection_string),
+        "one owner policy"
+    );
+    assert_ne!(
+        std::fs::read_to_string(a.data_dir().join("node-id")).ok(),
+        std::fs::read_to_string(b.data_dir().join("node-id")).ok(),
+        "each node has its own node id"
+    );
+
+    let hub = dps_testkit::ScriptedHub::start(a.data_dir())
+        .await
+        .expect("hub");
+    let linked = a
+        .api()
+        .expect("client")
+        .post(
+            "/linkedHubs",
+            serde_json::json!({"connectionString": hub.connection_string("iothubowner").expect("cs")}),
+        )
+        .await
+        .expect("link");
+    assert!(linked.status.is_success(), "{linked:?}");
+    // Made on node a, seen by node b.
+    let key = crate::symmetric_group(&a, "two-nodes", serde_json::json!({})).await;
+    let group = b
+        .api()
+        .expect("client")
+        .get("/enrollmentGroups/two-nodes")
+        .await
+        .expect("group on b");
+    assert_eq!(group.status, 200, "{group:?}");
+
+    // Each device registers through one node and polls the other.
+    let scope = ia.id_scope.clone();
+    for i in 0..6 {
+        let rid = format!("pair-device-{i}");
+        let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let derived = dps_core::sas::derive_device_key(&key, &rid).expect("derive");
+        let token = dps_core::sas::generate_token(
+            &format!("{scope}/registrations/{rid}"),
+            &derived,
+            Some("registration"),
+            dps_testkit::far_future(),
+        )
+        .expect("token");
+        let accepted = first
+            .api()
+            .expect("client")
+            .with_auth(Some(token.clone()))
+            .put(
+                &format!("/{scope}/registrations/{rid}/register"),
+                serde_json::json!({ "registrationId": rid }),
+                None,
+            )
+            .await
+            .expect("register");
+        assert_eq!(accepted.status, 202, "{accepted:?}");
+        let operation = accepted.body["operationId"]
+            .as_str()
+            .expect("operation id")
+            .to_owned();
+        let poller = second.api().expect("client").with_auth(Some(token));
+        let done =
+            crate::poll_until_done(&poller, &scope, &rid, &operation, Duration::from_secs(20))
+                .await;
+        assert_eq!(done["status"], "assigned", "{rid}: {done}");
+        assert_eq!(
+            done["registrationState"]["assignedHub"],
+            hub.host_name(),
+            "{done}"
+        );
+    }
+    let created = hub
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PUT /devices/") && !r.contains("/modules"))
+        .count();
+    assert_eq!(
+        created,
+        6,
+        "each device created once on the hub: {:?}",
+        hub.requests()
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
 }
