@@ -107,6 +107,9 @@ pub enum ProvisioningError {
     /// `500001`: something failed inside the service; details are in its log under the tracking id.
     #[error("An internal error occurred. Quote the tracking id when reporting it.")]
     Internal(#[source] Internal),
+    /// `503001`: the service cannot reach its database; nothing was changed, retry later.
+    #[error("The service cannot reach its database right now; nothing was changed. Retry later.")]
+    Unavailable(#[source] Internal),
 }
 
 impl ProvisioningError {
@@ -123,6 +126,7 @@ impl ProvisioningError {
             Self::PreconditionFailed(_) => 412_002,
             Self::PayloadTooLarge { .. } => 413_001,
             Self::Internal(_) => 500_001,
+            Self::Unavailable(_) => 503_001,
         }
     }
 
@@ -139,7 +143,7 @@ impl ProvisioningError {
     /// The internal cause to log, with its chain, if any.
     pub fn internal_cause(&self) -> Option<String> {
         match self {
-            Self::Internal(cause) => Some(cause.chain()),
+            Self::Internal(cause) | Self::Unavailable(cause) => Some(cause.chain()),
             _ => None,
         }
     }
@@ -161,6 +165,7 @@ impl From<StoreError> for ProvisioningError {
             )),
             StoreError::NotFound(what) => Self::NotFound(format!("{what} does not exist.")),
             StoreError::Backend(cause) => Self::Internal(cause),
+            StoreError::Unavailable(cause) => Self::Unavailable(cause),
         }
     }
 }
@@ -188,6 +193,7 @@ mod tests {
             ProvisioningError::PreconditionFailed(String::new()),
             ProvisioningError::PayloadTooLarge { limit: 1 },
             ProvisioningError::Internal(Internal::new("disk on fire")),
+            ProvisioningError::Unavailable(Internal::new("database down")),
         ];
         for err in all {
             assert_eq!(u32::from(err.http_status()), err.error_code() / 1000);

@@ -79,6 +79,10 @@ pub enum StoreError {
     /// The backend failed; the cause is for logs only.
     #[error("storage backend: {0}")]
     Backend(#[source] crate::error::Internal),
+    /// The backend cannot be reached (a database server that is down or restarting): nothing was
+    /// written, and the same request may succeed later.
+    #[error("storage backend unavailable: {0}")]
+    Unavailable(#[source] crate::error::Internal),
 }
 
 /// Enrollments and enrollment groups, keyed by lower-cased id.

@@ -36,6 +36,12 @@ impl IntoResponse for ApiError {
         if let Ok(value) = HeaderValue::from_str(&code.to_string()) {
             response.headers_mut().insert("x-ms-error-code", value);
         }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The database is out of reach: nothing was changed, and the client may try again.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         response
     }
 }

@@ -10,7 +10,7 @@ mod webhook_server;
 
 pub use fake_hub::FakeHub;
 pub use fake_webhook::FakeWebhook;
-pub use postgres::PgSchema;
+pub use postgres::{PgCluster, PgSchema};
 pub use scripted_hub::{HubAnswer, ScriptedHub};
 pub use webhook_server::{Scripted, WebhookServer};
 

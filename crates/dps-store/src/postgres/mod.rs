@@ -42,8 +42,28 @@ const MAX_CONNECTIONS: u32 = 16;
 /// fails: an unreachable database must not hang clients.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A sqlx error as a store error: the database out of reach (no connection within the timeout, a
+/// broken connection, a server shutting down or starting) is `Unavailable`, anything else
+/// `Backend`.
 fn backend(context: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    move |e| StoreError::Backend(Internal::caused(context, e))
+    move |e| {
+        let unreachable = match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => true,
+            // Class 08: connection exceptions; 57P01-03: shutting down or not accepting yet;
+            // 53300: too many connections.
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        };
+        match unreachable {
+            true => StoreError::Unavailable(Internal::caused(context, e)),
+            false => StoreError::Backend(Internal::caused(context, e)),
+        }
+    }
 }
 
 /// Where a PostgreSQL store is: a URL (`postgres://user@host:5432/database?sslmode=…`) and the

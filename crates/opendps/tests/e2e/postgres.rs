@@ -241,3 +241,62 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
 }
+
+/// The database going away and coming back under a running node: requests fail fast with 503 and
+/// 503001 (nothing half-written), and the node serves again once PostgreSQL is back, without a
+/// restart of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_rides_out_a_database_restart() {
+    let cluster = dps_testkit::PgCluster::start().expect("a PostgreSQL cluster of the test's own");
+    let url = cluster.url();
+    let server = TestServer::start_with_env(
+        bin(),
+        &[("OPENDPS_STORAGE__URL", url.as_str())],
+        &["--hub", HUB],
+    )
+    .await
+    .expect("opendps starts");
+    let key = crate::symmetric_group(&server, "restart-devices", serde_json::json!({})).await;
+    let api = server.api().expect("client");
+
+    cluster.stop().expect("stop PostgreSQL");
+    let started = std::time::Instant::now();
+    let refused = api
+        .get("/enrollmentGroups/restart-devices")
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body["errorCode"], 503001, "{refused:?}");
+    assert_eq!(refused.header("retry-after"), Some("5"), "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    let device = crate::keyed_device(
+        &server,
+        "restart-device",
+        &dps_core::sas::derive_device_key(&key, "restart-device").expect("derive"),
+        Transport::Https,
+    );
+    let failed = format!(
+        "{:#}",
+        device.provision(&|_| ()).await.expect_err("no database")
+    );
+    assert!(failed.contains("503"), "{failed}");
+
+    cluster.start_again().expect("start PostgreSQL again");
+    let back = api
+        .get("/enrollmentGroups/restart-devices")
+        .await
+        .expect("answer");
+    assert_eq!(back.status, 200, "{back:?}");
+    let done = device
+        .provision(&|_| ())
+        .await
+        .expect("provision once the database is back");
+    assert_eq!(
+        serde_json::to_value(&done).expect("json")["status"],
+        "assigned"
+    );
+}
