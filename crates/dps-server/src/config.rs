@@ -227,6 +227,9 @@ pub struct ProvisioningConfig {
     pub max_payload_bytes: usize,
     /// Seconds a finished registration operation is kept for devices to poll; then it is deleted.
     pub operation_retention_secs: u64,
+    /// Seconds a node holds a registration operation it claimed: if the node dies, another node
+    /// (or this one restarted under another data directory) takes it over after this long.
+    pub operation_lease_secs: u64,
     /// Allocation policy of enrollments that set none: `hashed`, `geoLatency` or `static`.
     pub default_allocation_policy: AllocationPolicy,
     /// This node's region label; `geoLatency` prefers linked hubs with the same `location`.
@@ -260,6 +263,7 @@ impl Default for ProvisioningConfig {
             device_sas_clock_skew_secs: 300,
             max_payload_bytes: 64 * 1024,
             operation_retention_secs: 3600,
+            operation_lease_secs: 60,
             default_allocation_policy: AllocationPolicy::Hashed,
             region: None,
             hub_retry_for_secs: 900,
@@ -439,6 +443,16 @@ impl Config {
         if self.provisioning.operation_retention_secs == 0 {
             bail!(
                 "provisioning.operation_retention_secs must be at least 1: devices poll an operation after it finishes"
+            );
+        }
+        let p = &self.provisioning;
+        let one_call_ms = p
+            .hub_timeout_secs
+            .saturating_mul(1000)
+            .max(p.webhook_timeout_ms);
+        if p.operation_lease_secs.saturating_mul(1000) <= one_call_ms {
+            bail!(
+                "provisioning.operation_lease_secs must be longer than one hub request (hub_timeout_secs) and one webhook call (webhook_timeout_ms): a node holds its claim while it waits for them"
             );
         }
         if self.provisioning.device_sas_clock_skew_secs < 0 {

@@ -307,9 +307,10 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         clock,
         wake,
         node,
-        i64::try_from(config.provisioning.operation_retention_secs)
-            .unwrap_or(i64::MAX / 1000)
-            .saturating_mul(1000),
+        worker::Timing {
+            retention_ms: millis(config.provisioning.operation_retention_secs),
+            lease_ms: millis(config.provisioning.operation_lease_secs),
+        },
         stop_rx,
     ));
     data.write_runtime(&Runtime {
@@ -644,4 +645,11 @@ pub async fn stop_signal() {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// `secs` in milliseconds, saturating.
+fn millis(secs: u64) -> i64 {
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000)
 }

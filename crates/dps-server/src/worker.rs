@@ -19,8 +19,6 @@ use tokio::task::{Id, JoinSet};
 
 /// Operations held at once (running, or queued behind another of the same device).
 const MAX_HELD: usize = 512;
-/// How long a claim is exclusive; an operation still leased after that is taken over.
-const LEASE_MS: i64 = 60_000;
 /// How often the store is scanned when nothing wakes the worker (retries that come due).
 const SCAN: Duration = Duration::from_millis(250);
 /// Finished operations deleted in one store write; more wait for the next write.
@@ -44,6 +42,16 @@ impl Process for Provisioning {
     }
 }
 
+/// How long the worker keeps things.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a finished operation is kept for devices to poll.
+    pub retention_ms: i64,
+    /// How long a claim is exclusive: an operation still leased after that (its node died) is
+    /// taken over by any node.
+    pub lease_ms: i64,
+}
+
 /// Runs until `stop` turns true, then finishes the operations in progress. Operations claimed but
 /// not started keep their lease; this node takes them again when it restarts. Finished operations
 /// are deleted once `retention_ms` has passed since they finished (a device polling one later gets
@@ -54,9 +62,13 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
     node: String,
-    retention_ms: i64,
+    timing: Timing,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Timing {
+        retention_ms,
+        lease_ms,
+    } = timing;
     let prune_every = (retention_ms / 2).clamp(250, PRUNE_EVERY_MS);
     let owner = LeaseOwner::new(node);
     let mut work = Work::new(provisioning);
@@ -88,7 +100,7 @@ pub async fn run(
         }
         let room = MAX_HELD.saturating_sub(work.schedule.held());
         if claim && room > 0 {
-            match store.claim_operations(&owner, now, LEASE_MS, room).await {
+            match store.claim_operations(&owner, now, lease_ms, room).await {
                 Ok(claimed) => {
                     // A full claim may have left due operations behind: claim again at once.
                     claim = claimed.len() == room;
@@ -329,7 +341,10 @@ mod tests {
             clock.clone(),
             Arc::new(Notify::new()),
             "test-node".into(),
-            10_000,
+            Timing {
+                retention_ms: 10_000,
+                lease_ms: 60_000,
+            },
             stop_rx,
         ));
         while recorder.ran.lock().expect("lock").len() < 4 {

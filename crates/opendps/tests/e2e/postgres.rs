@@ -300,3 +300,118 @@ async fn a_node_rides_out_a_database_restart() {
         "assigned"
     );
 }
+
+/// Two nodes on one database and two hubs; 500 devices register through node a, which is killed
+/// (SIGKILL) at once: node b finishes every accepted operation, each device ends `assigned` and
+/// has an identity on its assigned hub only. Leases are 5 s here so that the test does not wait
+/// out the default minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_registrations_are_finished_by_the_other() {
+    let schema = PgSchema::create("crash").expect("a test schema on the local PostgreSQL");
+    let url = schema.url();
+    let env = [
+        ("OPENDPS_STORAGE__URL", url.as_str()),
+        ("OPENDPS_PROVISIONING__OPERATION_LEASE_SECS", "5"),
+        ("OPENDPS_PROVISIONING__HUB_TIMEOUT_SECS", "2"),
+        ("OPENDPS_PROVISIONING__WEBHOOK_TIMEOUT_MS", "2000"),
+    ];
+    let mut a = TestServer::start_with_env(bin(), &env, &[])
+        .await
+        .expect("node a starts");
+    let b_dir = tempfile::tempdir().expect("dir");
+    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
+    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &[])
+        .await
+        .expect("node b starts");
+    let hubs = [
+        dps_testkit::ScriptedHub::start(a.data_dir())
+            .await
+            .expect("hub 1"),
+        dps_testkit::ScriptedHub::start(a.data_dir())
+            .await
+            .expect("hub 2"),
+    ];
+    for hub in &hubs {
+        let linked = a
+            .api()
+            .expect("client")
+            .post(
+                "/linkedHubs",
+                serde_json::json!({"connectionString": hub.connection_string("iothubowner").expect("cs")}),
+            )
+            .await
+            .expect("link");
+        assert!(linked.status.is_success(), "{linked:?}");
+    }
+    let key = crate::symmetric_group(&a, "crash-devices", serde_json::json!({})).await;
+    let scope = a.service_info().expect("info").id_scope.clone();
+
+    let api = a.api().expect("client");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let (api, scope, key) = (api.clone(), scope.clone(), key.clone());
+        tasks.spawn(async move {
+            let rid = format!("crash-{i:03}");
+            let derived = dps_core::sas::derive_device_key(&key, &rid).expect("derive");
+            let token = dps_core::sas::generate_token(
+                &format!("{scope}/registrations/{rid}"),
+                &derived,
+                Some("registration"),
+                dps_testkit::far_future(),
+            )
+            .expect("token");
+            let reply = api
+                .with_auth(Some(token.clone()))
+                .put(
+                    &format!("/{scope}/registrations/{rid}/register"),
+                    serde_json::json!({ "registrationId": rid }),
+                    None,
+                )
+                .await
+                .expect("register");
+            assert_eq!(reply.status, 202, "{reply:?}");
+            let operation = reply.body["operationId"].as_str().expect("op").to_owned();
+            (rid, token, operation)
+        });
+    }
+    let mut accepted = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        accepted.push(joined.expect("task"));
+    }
+    a.kill();
+    let pending = schema
+        .query("SELECT count(*) FROM operations WHERE pending")
+        .expect("count");
+    eprintln!("{pending} of 500 operations were unfinished when node a was killed");
+
+    let api = b.api().expect("client");
+    for (rid, token, operation) in &accepted {
+        let poller = api.with_auth(Some(token.clone()));
+        let done =
+            crate::poll_until_done(&poller, &scope, rid, operation, Duration::from_secs(60)).await;
+        assert_eq!(done["status"], "assigned", "{rid}: {done}");
+        let assigned = done["registrationState"]["assignedHub"]
+            .as_str()
+            .expect("hub");
+        for hub in &hubs {
+            let held = hub
+                .minihub()
+                .get_device("localhost", rid)
+                .await
+                .expect("read the hub")
+                .is_some();
+            assert_eq!(
+                held,
+                hub.host_name() == assigned,
+                "{rid} must exist on {assigned} only (checked {})",
+                hub.host_name()
+            );
+        }
+    }
+    assert_eq!(
+        schema
+            .query("SELECT count(*) FROM operations WHERE pending")
+            .expect("count"),
+        "0"
+    );
+}
