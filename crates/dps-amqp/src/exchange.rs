@@ -146,7 +146,7 @@ impl Device {
     /// The rejection of a refused request: the DPS error body as the description (C# parses it
     /// and decides from its code whether to retry), and a condition Node understands: it retries
     /// only on `amqp:internal-error` and `com.microsoft:device-container-throttled`, waiting the
-    /// `retry-after` of the error's info.
+    /// `retry-after` of the error's info (the error's own wait, else the assigning one).
     fn rejection(&self, err: &ProvisioningError) -> definitions::Error {
         let status = err.http_status();
         let condition: ErrorCondition = match status {
@@ -159,7 +159,10 @@ impl Device {
         let body = ProvisioningServiceErrorDetails::report(err, self.provisioning.now());
         let description = serde_json::to_string(&body).unwrap_or_default();
         let info = (status == 429 || status >= 500).then(|| {
-            let wait = Value::String(self.provisioning.retry_after_secs().to_string());
+            let seconds = err
+                .retry_after_secs()
+                .unwrap_or_else(|| self.provisioning.retry_after_secs());
+            let wait = Value::String(seconds.to_string());
             let mut info = Fields::new();
             info.insert(Symbol::from("retry-after"), wait.clone());
             info.insert(Symbol::from("Retry-After"), wait);

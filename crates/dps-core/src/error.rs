@@ -61,6 +61,9 @@ impl Internal {
     }
 }
 
+/// The wait suggested while the database is out of reach.
+const UNAVAILABLE_RETRY_AFTER_SECS: u32 = 5;
+
 /// A request that could not be carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisioningError {
@@ -133,6 +136,16 @@ impl ProvisioningError {
     /// The HTTP status: the error code divided by 1000.
     pub fn http_status(&self) -> u16 {
         u16::try_from(self.error_code() / 1000).unwrap_or(500)
+    }
+
+    /// Seconds a client should wait before trying again, when the answer says so: the database
+    /// out of reach (`503001`) is expected back soon. Sent by every front end (HTTP
+    /// `Retry-After`, the MQTT response topic's `retry-after`, the AMQP error's info).
+    pub fn retry_after_secs(&self) -> Option<u32> {
+        match self {
+            Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            _ => None,
+        }
     }
 
     /// The message safe to show a client; internal causes are replaced by a generic text.

@@ -36,11 +36,10 @@ impl IntoResponse for ApiError {
         if let Ok(value) = HeaderValue::from_str(&code.to_string()) {
             response.headers_mut().insert("x-ms-error-code", value);
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            // The database is out of reach: nothing was changed, and the client may try again.
+        if let Some(seconds) = self.error.retry_after_secs() {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

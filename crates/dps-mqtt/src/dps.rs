@@ -125,7 +125,7 @@ impl DpsConnection {
                 let body = ProvisioningServiceErrorDetails::report(&err, self.provisioning.now());
                 (
                     err.http_status(),
-                    None,
+                    err.retry_after_secs(),
                     serde_json::to_vec(&body).unwrap_or_default(),
                 )
             }

@@ -480,7 +480,7 @@ impl Config {
                     "storage.path (a SQLite file) and storage.url (PostgreSQL) cannot both be set"
                 )
             }
-            (None, None) if storage.password_file.is_some() => {
+            (_, None) if storage.password_file.is_some() => {
                 bail!("storage.password_file is set but storage.url is not")
             }
             _ => {}

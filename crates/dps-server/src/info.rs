@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::storage::ServiceStore;
 use anyhow::Context;
 use dps_core::access::{OWNER_POLICY, Right};
 use dps_core::linked_hub::{LinkedHub, LinkedHubDescription};
@@ -12,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::serve::service_host;
+use crate::storage::ServiceStore;
 
 /// What a data directory says about its service: everything a script or a client needs to reach
 /// it. `opendps info --json` prints it as is.

@@ -5,7 +5,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::storage::ServiceStore;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::Request;
@@ -33,6 +32,7 @@ use tower::ServiceExt as _;
 
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirLock, Runtime};
+use crate::storage::ServiceStore;
 use crate::websocket::{WebSockets, with_websockets};
 use crate::{pki, worker};
 
@@ -184,11 +184,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     .context("while setting up the IoT hub client")?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
-    if let ServiceStore::Postgres(pg) = &store {
-        // Work another node accepts wakes this node's worker too; the watcher ends when the
-        // store closes.
-        drop(pg.watch_work(Arc::clone(&wake)));
-    }
+    store.watch_work(Arc::clone(&wake));
     let webhooks =
         ReqwestWebhookClient::new(&dev_ca, config.provisioning.webhook_max_response_bytes)
             .context("while setting up the webhook client")?;

@@ -70,6 +70,15 @@ impl ServiceStore {
         }
     }
 
+    /// Wakes `wake` when work is recorded by another node sharing the store (PostgreSQL); work
+    /// recorded by this node wakes it in-process, and a SQLite file has no other node. Ends when
+    /// the store closes.
+    pub fn watch_work(&self, wake: Arc<tokio::sync::Notify>) {
+        if let Self::Postgres(store) = self {
+            drop(store.watch_work(wake));
+        }
+    }
+
     /// Finishes what is being written and closes the store.
     pub async fn close(&self) {
         match self {

@@ -4,6 +4,7 @@
 //! PostgreSQL database. Every backend implements the seam traits of
 //! `dps_core::store` and must pass the shared contract suite (module `contract`, feature `contract-tests`).
 
+mod columns;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
 pub mod postgres;

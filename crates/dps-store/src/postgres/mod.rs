@@ -9,6 +9,7 @@ mod migrations;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::columns::{from_json, kind_tag, to_json};
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
 use dps_core::clock::{Clock, SystemClock};
@@ -162,7 +163,7 @@ impl PgStore {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             while !pool.is_closed() {
-                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                let mut listener = match listen_for_work(&pool).await {
                     Ok(listener) => listener,
                     Err(err) => {
                         tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
@@ -170,32 +171,12 @@ impl PgStore {
                         continue;
                     }
                 };
-                let channel = match sqlx::query_scalar::<_, String>("SELECT $1 || current_schema()")
-                    .bind(WORK_CHANNEL)
-                    .fetch_one(&pool)
-                    .await
-                {
-                    Ok(channel) => channel,
-                    Err(err) => {
-                        tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                if let Err(err) = listener.listen(&channel).await {
-                    tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
                 wake.notify_one();
-                // `try_recv` ends with `None` when the connection is lost (and reconnects on the
-                // next call); an error means the pool is gone or closing.
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(_)) => wake.notify_one(),
-                        Ok(None) => wake.notify_one(),
-                        Err(_) => break,
-                    }
+                // `try_recv` gives `None` when the connection is lost (and reconnects on the next
+                // call): wake then too, for what may have been missed. An error means the pool is
+                // gone or closing.
+                while listener.try_recv().await.is_ok() {
+                    wake.notify_one();
                 }
             }
         })
@@ -204,13 +185,6 @@ impl PgStore {
     /// Closes every connection, after the queries running now.
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-fn kind_tag(kind: EnrollmentKind) -> &'static str {
-    match kind {
-        EnrollmentKind::Individual => "individual",
-        EnrollmentKind::Group => "group",
     }
 }
 
@@ -445,6 +419,38 @@ async fn put_doc(
     })
 }
 
+/// A listener on this schema's work channel.
+async fn listen_for_work(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    let channel: String = sqlx::query_scalar("SELECT $1 || current_schema()")
+        .bind(WORK_CHANNEL)
+        .fetch_one(pool)
+        .await?;
+    listener.listen(&channel).await?;
+    Ok(listener)
+}
+
+/// Writes a registration state, with the group it came through, if `cond` holds.
+async fn put_registration(
+    conn: &mut PgConnection,
+    key: &str,
+    group_key: Option<&str>,
+    doc: &StoredDoc,
+    cond: &Precondition,
+) -> Result<(), StoreError> {
+    let docs = Docs::registrations(key);
+    put_doc(
+        conn,
+        &docs,
+        key,
+        None,
+        Some(("group_key", group_key)),
+        doc,
+        cond,
+    )
+    .await
+}
+
 /// Inserts or replaces an operation, releasing any lease on it.
 async fn write_operation(
     conn: &mut PgConnection,
@@ -486,16 +492,6 @@ fn operation_of(row: &PgRow) -> Result<StoredOperation, StoreError> {
         next_attempt_ms: row.try_get("next_attempt_ms").map_err(&read)?,
         doc: row.try_get("doc").map_err(&read)?,
     })
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|e| StoreError::Backend(Internal::caused("serializing", e)))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Backend(Internal::caused("a stored row does not parse", e)))
 }
 
 impl PgStore {
@@ -600,17 +596,7 @@ impl RegistrationStore for PgStore {
         cond: Precondition,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let docs = Docs::registrations(key);
-        put_doc(
-            &mut conn,
-            &docs,
-            key,
-            None,
-            Some(("group_key", group_key)),
-            &doc,
-            &cond,
-        )
-        .await
+        put_registration(&mut conn, key, group_key, &doc, &cond).await
     }
 
     async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
@@ -784,17 +770,7 @@ impl OperationStore for PgStore {
             .begin()
             .await
             .map_err(backend("starting a transaction"))?;
-        let docs = Docs::registrations(key);
-        put_doc(
-            &mut tx,
-            &docs,
-            key,
-            None,
-            Some(("group_key", group_key)),
-            &doc,
-            &cond,
-        )
-        .await?;
+        put_registration(&mut tx, key, group_key, &doc, &cond).await?;
         write_operation(&mut tx, op, now).await?;
         tx.commit().await.map_err(backend("committing"))
     }

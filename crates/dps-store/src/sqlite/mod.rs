@@ -11,6 +11,7 @@ mod migrations;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::columns::{from_json, kind_tag, to_json};
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
 use dps_core::clock::{Clock, SystemClock};
@@ -207,13 +208,6 @@ struct WriteError(StoreError);
 impl From<CommitError> for WriteError {
     fn from(err: CommitError) -> Self {
         Self(StoreError::Backend(Internal::caused("committing", err)))
-    }
-}
-
-fn kind_tag(kind: EnrollmentKind) -> &'static str {
-    match kind {
-        EnrollmentKind::Individual => "individual",
-        EnrollmentKind::Group => "group",
     }
 }
 
@@ -435,16 +429,6 @@ impl RegistrationStore for SqliteStore {
         })
         .await
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|e| StoreError::Backend(Internal::caused("serializing", e)))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Backend(Internal::caused("a stored row does not parse", e)))
 }
 
 #[async_trait]

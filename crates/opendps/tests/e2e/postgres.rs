@@ -3,7 +3,6 @@
 //! stops it at startup with what to check.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use dps_device::Transport;
@@ -72,7 +71,6 @@ async fn a_node_on_postgresql_registers_devices_and_keeps_its_state_there() {
 /// `opendps serve` against a database it cannot use: it exits at once, saying what to check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_it_cannot_use_stops_it_at_startup() {
-    let dir = tempfile::tempdir().expect("dir");
     // A port nothing listens on.
     let unused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = unused.local_addr().expect("addr").port();
@@ -93,26 +91,14 @@ async fn a_database_it_cannot_use_stops_it_at_startup() {
     ];
     for (url, says) in cases {
         let started = std::time::Instant::now();
-        let out = Command::new(bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--mqtt-listen",
-                "127.0.0.1:0",
-                "--amqp-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--storage-url", &url])
-            .output()
-            .expect("run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{url}: started anyway: {stderr}");
+        let refused = TestServer::start_with(bin(), &["--storage-url", &url])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{url}: started anyway"));
+        let told = format!("{refused:#}");
         assert!(
-            stderr.contains(says),
-            "{url}: the error should say '{says}': {stderr}"
+            told.contains("exited with") && told.contains(says),
+            "{url}: the error should say '{says}': {told}"
         );
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
@@ -186,30 +172,7 @@ async fn two_nodes_share_one_database() {
     for i in 0..6 {
         let rid = format!("pair-device-{i}");
         let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let derived = dps_core::sas::derive_device_key(&key, &rid).expect("derive");
-        let token = dps_core::sas::generate_token(
-            &format!("{scope}/registrations/{rid}"),
-            &derived,
-            Some("registration"),
-            dps_testkit::far_future(),
-        )
-        .expect("token");
-        let accepted = first
-            .api()
-            .expect("client")
-            .with_auth(Some(token.clone()))
-            .put(
-                &format!("/{scope}/registrations/{rid}/register"),
-                serde_json::json!({ "registrationId": rid }),
-                None,
-            )
-            .await
-            .expect("register");
-        assert_eq!(accepted.status, 202, "{accepted:?}");
-        let operation = accepted.body["operationId"]
-            .as_str()
-            .expect("operation id")
-            .to_owned();
+        let (token, operation) = register(&first.api().expect("client"), &scope, &key, &rid).await;
         let poller = second.api().expect("client").with_auth(Some(token));
         let done =
             crate::poll_until_done(&poller, &scope, &rid, &operation, Duration::from_secs(20))
@@ -232,6 +195,39 @@ async fn two_nodes_share_one_database() {
         "each device created once on the hub: {:?}",
         hub.requests()
     );
+}
+
+/// Registers group device `rid` (its key derived from the group's `key`) through `api`, over the
+/// device REST API; its token and the operation id of the 202.
+async fn register(
+    api: &dps_testkit::ServiceApi,
+    scope: &str,
+    key: &str,
+    rid: &str,
+) -> (String, String) {
+    let derived = dps_core::sas::derive_device_key(key, rid).expect("derive");
+    let token = dps_core::sas::generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        &derived,
+        Some("registration"),
+        dps_testkit::far_future(),
+    )
+    .expect("token");
+    let reply = api
+        .with_auth(Some(token.clone()))
+        .put(
+            &format!("/{scope}/registrations/{rid}/register"),
+            serde_json::json!({ "registrationId": rid }),
+            None,
+        )
+        .await
+        .expect("register");
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let operation = reply.body["operationId"]
+        .as_str()
+        .expect("operation id")
+        .to_owned();
+    (token, operation)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -352,25 +348,7 @@ async fn a_killed_node_s_registrations_are_finished_by_the_other() {
         let (api, scope, key) = (api.clone(), scope.clone(), key.clone());
         tasks.spawn(async move {
             let rid = format!("crash-{i:03}");
-            let derived = dps_core::sas::derive_device_key(&key, &rid).expect("derive");
-            let token = dps_core::sas::generate_token(
-                &format!("{scope}/registrations/{rid}"),
-                &derived,
-                Some("registration"),
-                dps_testkit::far_future(),
-            )
-            .expect("token");
-            let reply = api
-                .with_auth(Some(token.clone()))
-                .put(
-                    &format!("/{scope}/registrations/{rid}/register"),
-                    serde_json::json!({ "registrationId": rid }),
-                    None,
-                )
-                .await
-                .expect("register");
-            assert_eq!(reply.status, 202, "{reply:?}");
-            let operation = reply.body["operationId"].as_str().expect("op").to_owned();
+            let (token, operation) = register(&api, &scope, &key, &rid).await;
             (rid, token, operation)
         });
     }
