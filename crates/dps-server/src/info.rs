@@ -94,20 +94,17 @@ pub async fn collect(config: &Config) -> anyhow::Result<ServiceInfo> {
         .context("the database has no service identity yet; start `opendps serve` once")?;
     let hubs = store.list_linked_hubs().await?;
     let runtime = data.read_runtime();
-    let minihub_db = data.root().join("minihub.db");
-    let minihubs: Vec<MinihubInfo> = if let Some(running) = &runtime {
-        running.minihubs.clone()
-    } else if minihub_db.exists() {
-        minihub::Minihub::read_hubs(&minihub_db)
-            .with_context(|| format!("while opening {}", minihub_db.display()))?
+    let minihubs: Vec<MinihubInfo> = match &runtime {
+        Some(running) => running.minihubs.clone(),
+        None => opened
+            .read_minihubs(data.root())
+            .await?
             .iter()
             .map(|h| MinihubInfo {
                 host_name: h.host_name.clone(),
                 connection_string: h.connection_string(),
             })
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
     };
     let host = match &runtime {
         Some(rt) => rt.service_host.clone(),

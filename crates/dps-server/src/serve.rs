@@ -148,7 +148,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         .init_identity(&ServiceIdentity::generate())
         .await
         .context("while reading the service identity")?;
-    let minihub = open_minihub(&config, &data).await?;
+    let minihub = open_minihub(&config, &data, &store, Arc::clone(&clock)).await?;
     let mut tls_config = config.tls.clone();
     // Clients reach the service by its public host: the development certificate must name it.
     tls_config.names.push(config.http.public_host.clone());
@@ -215,7 +215,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     {
         link_minihubs(hub, &config.minihub.hubs, shared.as_ref()).await?;
     }
-    warn_about_unserved_hubs(&config, &data, shared.as_ref()).await;
+    warn_about_unserved_hubs(&config, &data, &store).await;
     let app = dps_http::router(Arc::new(AppState {
         management,
         provisioning: Arc::clone(&provisioning),
@@ -344,13 +344,11 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
 
 /// Linked hubs that an earlier `serve --hub` served in-process and this one does not: every device
 /// allocated to them would fail, so say so at startup, with the two ways out.
-async fn warn_about_unserved_hubs(config: &Config, data: &DataDir, store: &dyn Store) {
-    let path = data.root().join("minihub.db");
-    if !path.exists() {
-        return;
-    }
-    let (Ok(in_process), Ok(linked)) = (Minihub::read_hubs(&path), store.list_linked_hubs().await)
-    else {
+async fn warn_about_unserved_hubs(config: &Config, data: &DataDir, store: &ServiceStore) {
+    let (Ok(in_process), Ok(linked)) = (
+        store.read_minihubs(data.root()).await,
+        store.shared().list_linked_hubs().await,
+    ) else {
         return;
     };
     for hub in linked.iter().filter(|linked| {
@@ -372,12 +370,16 @@ async fn warn_about_unserved_hubs(config: &Config, data: &DataDir, store: &dyn S
 }
 
 /// Opens the in-process hubs, if any are configured, creating each one (and its keys) once.
-async fn open_minihub(config: &Config, data: &DataDir) -> anyhow::Result<Option<Arc<Minihub>>> {
+async fn open_minihub(
+    config: &Config,
+    data: &DataDir,
+    store: &ServiceStore,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Option<Arc<Minihub>>> {
     if config.minihub.hubs.is_empty() {
         return Ok(None);
     }
-    let path = data.root().join("minihub.db");
-    let hub = Minihub::open(&path).with_context(|| format!("while opening {}", path.display()))?;
+    let hub = store.open_minihub(data.root(), clock).await?;
     for name in &config.minihub.hubs {
         hub.ensure_hub(name)
             .await

@@ -1,6 +1,7 @@
 //! The store a service keeps its state in, as the configuration chooses it: a SQLite file in the
 //! data directory, or a PostgreSQL database that several nodes share.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -8,8 +9,12 @@ use dps_core::clock::Clock;
 use dps_core::secret::Secret;
 use dps_core::store::Store;
 use dps_store::{PgLocation, PgStore, SqliteStore};
+use minihub::{HubInfo, Minihub};
 
 use crate::config::{Config, StoreLocation};
+
+/// minihub's file in the data directory, next to a SQLite store.
+const MINIHUB_FILE: &str = "minihub.db";
 
 /// An open store.
 #[derive(Clone)]
@@ -76,6 +81,42 @@ impl ServiceStore {
     pub fn watch_work(&self, wake: Arc<tokio::sync::Notify>) {
         if let Self::Postgres(store) = self {
             drop(store.watch_work(wake));
+        }
+    }
+
+    /// minihub in the same storage: `minihub.db` in the data directory next to a SQLite store, or
+    /// minihub's tables in the PostgreSQL database, shared by every node.
+    pub async fn open_minihub(
+        &self,
+        data_dir: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Minihub> {
+        match self {
+            Self::Sqlite(_) => {
+                let path = data_dir.join(MINIHUB_FILE);
+                Minihub::open_with_clock(&path, clock)
+                    .with_context(|| format!("while opening {}", path.display()))
+            }
+            Self::Postgres(store) => Minihub::open_postgres(store.pool().clone(), clock)
+                .await
+                .context("while opening minihub's tables in the PostgreSQL database"),
+        }
+    }
+
+    /// The in-process hubs recorded in this storage, read only (none when minihub never ran).
+    pub async fn read_minihubs(&self, data_dir: &Path) -> anyhow::Result<Vec<HubInfo>> {
+        match self {
+            Self::Sqlite(_) => {
+                let path = data_dir.join(MINIHUB_FILE);
+                if !path.exists() {
+                    return Ok(Vec::new());
+                }
+                Minihub::read_hubs(&path)
+                    .with_context(|| format!("while opening {}", path.display()))
+            }
+            Self::Postgres(store) => Minihub::read_hubs_postgres(store.pool())
+                .await
+                .context("while reading minihub's hubs from the PostgreSQL database"),
         }
     }
 

@@ -42,6 +42,10 @@ pub enum MinihubError {
     /// The database failed. `500`, `ServerError`; the cause is logged, never sent.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The database is out of reach for now; nothing was changed. `503`, `ServiceUnavailable`; the
+    /// cause is logged, never sent.
+    #[error("the hub's database is out of reach: {0}")]
+    Unavailable(String),
 }
 
 impl MinihubError {
@@ -58,6 +62,7 @@ impl MinihubError {
             Self::ArgumentInvalid(_) => "ArgumentInvalid",
             Self::MessageTooLarge(_) => "MessageTooLarge",
             Self::Storage(_) => "ServerError",
+            Self::Unavailable(_) => "ServiceUnavailable",
         }
     }
 
@@ -74,6 +79,7 @@ impl MinihubError {
             Self::ArgumentInvalid(_) => StatusCode::BAD_REQUEST,
             Self::MessageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -81,6 +87,7 @@ impl MinihubError {
     fn client_message(&self) -> String {
         match self {
             Self::Storage(_) => "internal server error".to_owned(),
+            Self::Unavailable(_) => "the service is unavailable for now; retry later".to_owned(),
             other => other.to_string(),
         }
     }
@@ -106,6 +113,14 @@ impl MinihubError {
         let code = self.error_code();
         match &self {
             Self::Storage(cause) => tracing::error!(tracking_id, code, cause, "hub request failed"),
+            Self::Unavailable(cause) => {
+                tracing::warn!(
+                    tracking_id,
+                    code,
+                    cause,
+                    "hub request failed: database out of reach"
+                );
+            }
             other => tracing::debug!(tracking_id, code, message = %other, "hub request refused"),
         }
         let now = dps_core::time::format_utc(now);

@@ -23,9 +23,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use dps_core::clock::{Clock, SystemClock};
 use dps_core::secret::Secret;
-use rusqlite::Connection;
 use serde_json::{Map, Value};
-use sqlite_commit::{GroupCommit, ReaderPool};
 use tokio::sync::broadcast;
 
 pub use error::{JSON_CONTENT_TYPE, MinihubError};
@@ -40,6 +38,7 @@ pub use model::{
 pub use mqtt::HubMqtt;
 
 use crate::model::NEVER;
+use crate::store::{Change, HubStore, PgHubStore, RemotePatch, Row};
 use crate::twin::{Mode, TwinState, TwinUpdate};
 
 /// Desired-property updates buffered per device for slow connections; a connection that falls
@@ -61,10 +60,9 @@ pub struct Minihub {
 }
 
 struct Inner {
-    /// The only writer (a thread committing writes in groups), so If-Match checks stay atomic.
-    writer: GroupCommit,
-    /// Reader connections, used on the calling thread.
-    readers: ReaderPool,
+    /// Hubs, identities and twins; writes to a device follow one another, so If-Match checks stay
+    /// atomic.
+    store: HubStore,
     /// Every hub by lower-case host name; hubs and their keys never change once created, so the
     /// request path reads them without touching the database.
     hubs: RwLock<HashMap<String, HubInfo>>,
@@ -254,43 +252,58 @@ impl Minihub {
 
     /// The hubs recorded in the database at `db_path`, read only: no writer, no migration, no lock.
     pub fn read_hubs(db_path: &Path) -> Result<Vec<HubInfo>, MinihubError> {
-        store::read_hubs(db_path)
+        crate::store::read_hubs(db_path)
     }
 
     /// Opens the database with `clock` deciding token expiry and timestamps.
     pub fn open_with_clock(db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self, MinihubError> {
-        let conn = store::open(db_path)?;
-        let hubs = store::hubs(&conn)?
-            .into_iter()
-            .map(|h| (h.host_name.clone(), h))
-            .collect();
-        Ok(Self {
+        let (store, hubs) = HubStore::open_sqlite(db_path)?;
+        Ok(Self::with_store(store, hubs, clock))
+    }
+
+    /// minihub in the PostgreSQL database of `pool` (its search path), shared with the other nodes
+    /// of a provisioning service: its tables are created or migrated as needed, and desired-property
+    /// changes made through any node reach the device connections of this one.
+    pub async fn open_postgres(
+        pool: sqlx::PgPool,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, MinihubError> {
+        let store = PgHubStore::open(pool).await?;
+        let hubs = store.hubs().await?;
+        let watched = Self::with_store(HubStore::Postgres(store), hubs, clock);
+        let weak = Arc::downgrade(&watched.inner);
+        if let HubStore::Postgres(store) = &watched.inner.store {
+            drop(
+                store
+                    .watch_desired(move |patch| match weak.upgrade() {
+                        Some(inner) => {
+                            Self { inner }.heard_desired(patch);
+                            true
+                        }
+                        None => false,
+                    })
+                    .await?,
+            );
+        }
+        Ok(watched)
+    }
+
+    /// The hubs recorded in the PostgreSQL database of `pool`, read only: nothing is migrated.
+    pub async fn read_hubs_postgres(pool: &sqlx::PgPool) -> Result<Vec<HubInfo>, MinihubError> {
+        PgHubStore::read_hubs(pool).await
+    }
+
+    fn with_store(store: HubStore, hubs: Vec<HubInfo>, clock: Arc<dyn Clock>) -> Self {
+        let hubs = hubs.into_iter().map(|h| (h.host_name.clone(), h)).collect();
+        Self {
             inner: Arc::new(Inner {
-                writer: GroupCommit::start(conn, "minihub-writer")
-                    .map_err(|e| MinihubError::Storage(format!("starting the writer: {e}")))?,
-                readers: ReaderPool::new(db_path, sqlite_commit::open_connection, None),
+                store,
                 hubs: RwLock::new(hubs),
                 messages: Mutex::new(HashMap::new()),
                 desired: Mutex::new(HashMap::new()),
                 clock,
             }),
-        })
-    }
-
-    /// Runs `f` in the writer's next group commit; resolves once it is on disk.
-    async fn db<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<R, MinihubError> + Send + 'static,
-    ) -> Result<R, MinihubError> {
-        self.inner.writer.write(f).await
-    }
-
-    /// Runs `f` on a reader connection, on the calling thread (point lookups and short scans).
-    fn read<R>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<R, MinihubError>,
-    ) -> Result<R, MinihubError> {
-        self.inner.readers.read(f, MinihubError::from)
+        }
     }
 
     /// The time by the hub's clock.
@@ -324,7 +337,7 @@ impl Minihub {
             host_name: name.clone(),
             policies: HubPolicy::defaults(),
         };
-        let stored = self.db(move |tx| store::insert_hub(tx, &fresh)).await?;
+        let stored = self.inner.store.insert_hub(fresh).await?;
         self.inner
             .hubs
             .write()
@@ -335,7 +348,7 @@ impl Minihub {
 
     /// Every hub, by host name.
     pub async fn hubs(&self) -> Result<Vec<HubInfo>, MinihubError> {
-        self.read(store::hubs)
+        self.inner.store.hubs().await
     }
 
     /// Which hub serves a request with this `Host` header (port and case ignored), if any.
@@ -425,10 +438,9 @@ impl Minihub {
         &self,
         hub: &str,
         device_id: &str,
-    ) -> Result<Option<(Device, TwinState)>, MinihubError> {
+    ) -> Result<Option<Row>, MinihubError> {
         let hub = self.hub(hub)?.host_name;
-        let device_id = device_id.to_owned();
-        self.read(|conn| store::device(conn, &hub, &device_id))
+        self.inner.store.device(&hub, device_id).await
     }
 
     /// Up to `top` devices (at most 1000), in id order.
@@ -439,7 +451,7 @@ impl Minihub {
     ) -> Result<Vec<Device>, MinihubError> {
         let hub = self.hub(hub)?.host_name;
         let limit = top.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-        let rows = self.read(|conn| store::devices(conn, &hub, None, limit))?;
+        let rows = self.inner.store.devices(&hub, None, limit).await?;
         Ok(rows.into_iter().map(|(d, _)| d).collect())
     }
 
@@ -469,74 +481,76 @@ impl Minihub {
         let now = self.now();
         let now_text = self.now_text();
         let device_id = device_id.to_owned();
-        self.db(move |tx| {
-            let existing = store::device(tx, &hub, &device_id)?;
-            let (device, twin) = match (existing, &if_match) {
-                (Some(_), IfMatch::Absent) => {
-                    return Err(MinihubError::DeviceAlreadyExists(device_id));
-                }
-                (Some((old, _)), wanted) if !wanted.allows(&old.etag) => {
-                    return Err(MinihubError::PreconditionFailed(format!(
-                        "device '{device_id}' has changed since etag {}",
-                        etag::quoted(&old.etag)
-                    )));
-                }
-                (None, IfMatch::Etag(_)) => return Err(MinihubError::DeviceNotFound(device_id)),
-                (Some((old, twin)), _) => {
-                    let status_updated_time = if old.status == status {
-                        old.status_updated_time.clone()
-                    } else {
-                        now_text.clone()
-                    };
-                    let device_scope = device_scope.or_else(|| {
-                        capabilities
-                            .iot_edge
-                            .then(|| edge_scope(&device_id, &old.generation_id))
-                    });
-                    let device = Device {
-                        etag: etag::new_device_etag(Some(&old.etag)),
-                        status,
-                        status_reason,
-                        status_updated_time,
-                        authentication,
-                        capabilities,
-                        device_scope,
-                        parent_scopes,
-                        ..old
-                    };
-                    (device, twin)
-                }
-                (None, _) => {
-                    let ticks = now.as_nanosecond() / 100 + UNIX_EPOCH_TICKS;
-                    let generation_id = ticks.to_string();
-                    let device_scope = device_scope.or_else(|| {
-                        capabilities
-                            .iot_edge
-                            .then(|| edge_scope(&device_id, &generation_id))
-                    });
-                    let device = Device {
-                        device_id: device_id.clone(),
-                        generation_id,
-                        etag: etag::new_device_etag(None),
-                        connection_state: "Disconnected".into(),
-                        status,
-                        status_reason,
-                        connection_state_updated_time: NEVER.into(),
-                        status_updated_time: NEVER.into(),
-                        last_activity_time: NEVER.into(),
-                        cloud_to_device_message_count: 0,
-                        authentication,
-                        capabilities,
-                        device_scope,
-                        parent_scopes,
-                    };
-                    (device, TwinState::new(&now_text))
-                }
-            };
-            store::put_device(tx, &hub, &device, &twin)?;
-            Ok(device)
-        })
-        .await
+        self.inner
+            .store
+            .update(hub, device_id.clone(), move |existing| {
+                let (device, twin) = match (existing, &if_match) {
+                    (Some(_), IfMatch::Absent) => {
+                        return Err(MinihubError::DeviceAlreadyExists(device_id));
+                    }
+                    (Some((old, _)), wanted) if !wanted.allows(&old.etag) => {
+                        return Err(MinihubError::PreconditionFailed(format!(
+                            "device '{device_id}' has changed since etag {}",
+                            etag::quoted(&old.etag)
+                        )));
+                    }
+                    (None, IfMatch::Etag(_)) => {
+                        return Err(MinihubError::DeviceNotFound(device_id));
+                    }
+                    (Some((old, twin)), _) => {
+                        let status_updated_time = if old.status == status {
+                            old.status_updated_time.clone()
+                        } else {
+                            now_text.clone()
+                        };
+                        let device_scope = device_scope.or_else(|| {
+                            capabilities
+                                .iot_edge
+                                .then(|| edge_scope(&device_id, &old.generation_id))
+                        });
+                        let device = Device {
+                            etag: etag::new_device_etag(Some(&old.etag)),
+                            status,
+                            status_reason,
+                            status_updated_time,
+                            authentication,
+                            capabilities,
+                            device_scope,
+                            parent_scopes,
+                            ..old
+                        };
+                        (device, twin)
+                    }
+                    (None, _) => {
+                        let ticks = now.as_nanosecond() / 100 + UNIX_EPOCH_TICKS;
+                        let generation_id = ticks.to_string();
+                        let device_scope = device_scope.or_else(|| {
+                            capabilities
+                                .iot_edge
+                                .then(|| edge_scope(&device_id, &generation_id))
+                        });
+                        let device = Device {
+                            device_id: device_id.clone(),
+                            generation_id,
+                            etag: etag::new_device_etag(None),
+                            connection_state: "Disconnected".into(),
+                            status,
+                            status_reason,
+                            connection_state_updated_time: NEVER.into(),
+                            status_updated_time: NEVER.into(),
+                            last_activity_time: NEVER.into(),
+                            cloud_to_device_message_count: 0,
+                            authentication,
+                            capabilities,
+                            device_scope,
+                            parent_scopes,
+                        };
+                        (device, TwinState::new(&now_text))
+                    }
+                };
+                Ok(Change::Put(Box::new((device.clone(), twin)), device))
+            })
+            .await
     }
 
     /// `DELETE /devices/{id}`: removes the device and its twin (`If-Match` absent or `*` deletes
@@ -550,18 +564,20 @@ impl Minihub {
         let hub = self.hub(hub)?.host_name;
         let key = (hub.clone(), device_id.to_owned());
         let device_id = device_id.to_owned();
-        self.db(move |tx| {
-            let Some((device, _)) = store::device(tx, &hub, &device_id)? else {
-                return Err(MinihubError::DeviceNotFound(device_id));
-            };
-            if !if_match.allows(&device.etag) {
-                return Err(MinihubError::PreconditionFailed(format!(
-                    "device '{device_id}' has changed since that etag"
-                )));
-            }
-            store::delete_device(tx, &hub, &device_id)
-        })
-        .await?;
+        self.inner
+            .store
+            .update(hub, device_id.clone(), move |existing| {
+                let Some((device, _)) = existing else {
+                    return Err(MinihubError::DeviceNotFound(device_id));
+                };
+                if !if_match.allows(&device.etag) {
+                    return Err(MinihubError::PreconditionFailed(format!(
+                        "device '{device_id}' has changed since that etag"
+                    )));
+                }
+                Ok(Change::Delete(()))
+            })
+            .await?;
         self.inner
             .messages
             .lock()
@@ -606,10 +622,13 @@ impl Minihub {
         let update = TwinUpdate::from_body(body)?;
         let now = self.now_text();
         let key = (hub.clone(), device_id.to_owned());
-        let device_id = device_id.to_owned();
+        let owned_id = device_id.to_owned();
         let (twin, pushed) = self
-            .db(move |tx| {
-                let Some((device, mut twin)) = store::device(tx, &hub, &device_id)? else {
+            .inner
+            .store
+            .update(hub.clone(), owned_id.clone(), move |existing| {
+                let device_id = owned_id;
+                let Some((device, mut twin)) = existing else {
                     return Err(MinihubError::DeviceNotFound(device_id));
                 };
                 if !if_match.allows(&etag::twin_etag(twin.version())) {
@@ -619,7 +638,6 @@ impl Minihub {
                 }
                 let before = twin.desired_version();
                 twin.apply(&update, mode, &now)?;
-                store::put_device(tx, &hub, &device, &twin)?;
                 let version = twin.desired_version();
                 // What the device is told: the patch as sent, or for a replacement everything.
                 let pushed = (version != before).then(|| {
@@ -633,10 +651,21 @@ impl Minihub {
                         body: Value::Object(body),
                     }
                 });
-                Ok((twin.render(&device), pushed))
+                let rendered = twin.render(&device);
+                Ok(Change::Put(Box::new((device, twin)), (rendered, pushed)))
             })
             .await?;
         if let Some(patch) = pushed {
+            // The twin is written: a failed announcement only means that devices connected to
+            // other nodes hear of the change when they next read their twin.
+            if let Err(err) = self
+                .inner
+                .store
+                .announce_desired(&hub, device_id, &patch)
+                .await
+            {
+                tracing::warn!(%err, hub, device = device_id, "could not tell other nodes about a desired-property change");
+            }
             self.push_desired(key, patch);
         }
         Ok(twin)
@@ -650,6 +679,54 @@ impl Minihub {
             && sender.send(patch).is_err()
         {
             channels.remove(&key);
+        }
+    }
+
+    /// A desired-property change made through another node: pushed to this node's connections of
+    /// the device. An announcement without the patch (it was too large to carry) is followed by
+    /// the device's desired properties as they are now.
+    fn heard_desired(&self, remote: RemotePatch) {
+        let key = (remote.hub, remote.device);
+        let listening = self
+            .inner
+            .desired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&key);
+        if !listening {
+            return;
+        }
+        match remote.body {
+            Some(body) => self.push_desired(
+                key,
+                DesiredPatch {
+                    version: remote.version,
+                    body,
+                },
+            ),
+            None => {
+                let hub = self.clone();
+                tokio::spawn(async move {
+                    match hub.inner.store.device(&key.0, &key.1).await {
+                        Ok(Some((_, twin))) => {
+                            let mut body = twin.desired_props().clone();
+                            let version = twin.desired_version();
+                            body.insert("$version".into(), version.into());
+                            hub.push_desired(
+                                key,
+                                DesiredPatch {
+                                    version,
+                                    body: Value::Object(body),
+                                },
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::warn!(%err, "could not read a twin another node changed");
+                        }
+                    }
+                });
+            }
         }
     }
 
@@ -688,15 +765,16 @@ impl Minihub {
         let now = self.now_text();
         let device_id = device_id.to_owned();
         let patch = patch.clone();
-        self.db(move |tx| {
-            let Some((device, mut twin)) = store::device(tx, &hub, &device_id)? else {
-                return Err(MinihubError::DeviceNotFound(device_id));
-            };
-            let version = twin.patch_reported(&patch, &now)?;
-            store::put_device(tx, &hub, &device, &twin)?;
-            Ok(version)
-        })
-        .await
+        self.inner
+            .store
+            .update(hub, device_id.clone(), move |existing| {
+                let Some((device, mut twin)) = existing else {
+                    return Err(MinihubError::DeviceNotFound(device_id));
+                };
+                let version = twin.patch_reported(&patch, &now)?;
+                Ok(Change::Put(Box::new((device, twin)), version))
+            })
+            .await
     }
 
     /// `POST /devices/query`: the twins `query` selects, at most `page_size` (default and cap 1000)
@@ -728,9 +806,11 @@ impl Minihub {
         };
         let mut page = Vec::new();
         loop {
-            let (scan_hub, scan_after) = (hub.clone(), after.clone());
-            let rows =
-                self.read(|conn| store::devices(conn, &scan_hub, scan_after.as_deref(), MAX_PAGE))?;
+            let rows = self
+                .inner
+                .store
+                .devices(&hub, after.as_deref(), MAX_PAGE)
+                .await?;
             let exhausted = rows.len() < MAX_PAGE;
             for (device, twin) in rows {
                 after = Some(device.device_id.clone());

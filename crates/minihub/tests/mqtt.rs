@@ -35,13 +35,20 @@ struct Server {
     ca: rustls::RootCertStore,
     ca_pem: String,
     _stop: watch::Sender<bool>,
-    _dir: tempfile::TempDir,
+    /// What keeps the database (a temp dir, a schema) while the server runs.
+    _storage: Box<dyn std::any::Any + Send>,
 }
 
 impl Server {
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let minihub = Arc::new(Minihub::open(&dir.path().join("m.db")).expect("open"));
+        let minihub = Minihub::open(&dir.path().join("m.db")).expect("open");
+        Self::start_on(minihub, Box::new(dir)).await
+    }
+
+    /// Serves `minihub` (with the hub [`HUB`]) over MQTT and HTTPS.
+    async fn start_on(minihub: Minihub, storage: Box<dyn std::any::Any + Send>) -> Self {
+        let minihub = Arc::new(minihub);
         minihub.ensure_hub(HUB).await.expect("hub");
 
         let tls = tls_for(&[HUB]);
@@ -83,7 +90,7 @@ impl Server {
             ca: roots,
             ca_pem: tls.ca_pem,
             _stop: stop,
-            _dir: dir,
+            _storage: storage,
         }
     }
 
@@ -476,5 +483,77 @@ async fn telemetry_is_recorded_and_readable() {
     assert!(
         read.is_err() || rest.is_empty(),
         "no PUBACK for a refused topic"
+    );
+}
+
+/// minihub on PostgreSQL as two opendps nodes run it, sharing the database: the hub made by one
+/// node has the same keys on the other, and a device connected to node b hears of desired-property
+/// changes made through node a, a small patch as sent and one too large to announce as the
+/// desired properties read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_changes_made_through_another_node_reach_the_device() {
+    let schema = pg_schema::testing::TestSchema::create("minihub_mqtt").await;
+    let clock = Arc::new(dps_core::clock::SystemClock);
+    let a = Minihub::open_postgres(schema.pool(4).await, clock.clone())
+        .await
+        .expect("node a");
+    let made = a.ensure_hub(HUB).await.expect("hub on node a");
+    let b = Minihub::open_postgres(schema.pool(4).await, clock)
+        .await
+        .expect("node b");
+    let server = Server::start_on(b, Box::new(schema)).await;
+    assert_eq!(
+        server.minihub.hub(HUB).expect("hub on node b"),
+        made,
+        "one hub, one set of keys"
+    );
+
+    let token = server.device("dev-1").await;
+    assert!(
+        a.get_device(HUB, "dev-1").await.expect("read").is_some(),
+        "a device made through node b is on node a"
+    );
+    let (mut client, _) = server.client("dev-1", &token).await;
+    client.subscribe("dev-1").await;
+
+    a.patch_twin(
+        HUB,
+        "dev-1",
+        &json!({"properties": {"desired": {"mode": "eco"}}}),
+        IfMatch::Any,
+    )
+    .await
+    .expect("patch through node a");
+    let update = client.incoming().await;
+    assert_eq!(
+        update.topic,
+        "$iothub/twin/PATCH/properties/desired/?$version=2"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&update.payload).expect("json"),
+        json!({"mode": "eco", "$version": 2})
+    );
+
+    let block = "x".repeat(2000);
+    let large = json!({"b1": block, "b2": block, "b3": block, "b4": block});
+    a.patch_twin(
+        HUB,
+        "dev-1",
+        &json!({"properties": {"desired": large}}),
+        IfMatch::Any,
+    )
+    .await
+    .expect("large patch through node a");
+    let update = client.incoming().await;
+    assert_eq!(
+        update.topic,
+        "$iothub/twin/PATCH/properties/desired/?$version=3"
+    );
+    let mut expected = large.clone();
+    expected["mode"] = json!("eco");
+    expected["$version"] = json!(3);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&update.payload).expect("json"),
+        expected
     );
 }

@@ -1,9 +1,9 @@
-//! The PostgreSQL schema and its migrations, applied in order and recorded in `opendps_schema`.
-//! Nodes starting together on one database migrate one at a time (an advisory lock held by the
-//! migrating transaction); a migration is all or nothing.
+//! The PostgreSQL schema and its migrations, applied by `pg_schema` (in order, recorded in
+//! `opendps_schema`, one node at a time, all or nothing).
 
 use dps_core::error::Internal;
 use dps_core::store::StoreError;
+use pg_schema::{Schema, SchemaError};
 use sqlx::PgPool;
 
 /// Each entry moves the schema from version `index` to `index + 1`. Never edit a released entry.
@@ -30,93 +30,24 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE certificates (name_key TEXT COLLATE "C" PRIMARY KEY, etag TEXT NOT NULL, doc TEXT NOT NULL);"#,
 ];
 
-/// The advisory lock key of opendps' migrations (any constant; it only has to be ours).
-const MIGRATION_LOCK: i64 = 0x6f70_656e_6470_7301;
+/// opendps' schema.
+const SCHEMA: Schema = Schema::new("opendps", MIGRATIONS);
+
+fn store_error(err: SchemaError) -> StoreError {
+    match err.is_unavailable() {
+        true => StoreError::Unavailable(Internal::caused("opening the database", err)),
+        false => StoreError::Backend(Internal::caused("opening the database", err)),
+    }
+}
 
 /// Brings the schema of `pool`'s database (its search path) up to date, or fails without changing
 /// anything when the database is newer than this build.
 pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    let failed = |context: &'static str| {
-        move |e: sqlx::Error| StoreError::Backend(Internal::caused(context, e))
-    };
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(failed("starting the migration"))?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(MIGRATION_LOCK)
-        .execute(&mut *tx)
-        .await
-        .map_err(failed("waiting for another node's migration"))?;
-    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS opendps_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-        .execute(&mut *tx)
-        .await
-        .map_err(failed("creating the schema version table"))?;
-    let found: Option<i32> =
-        sqlx::query_scalar("SELECT version FROM opendps_schema WHERE name = 'opendps'")
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(failed("reading the schema version"))?;
-    let found = usize::try_from(found.unwrap_or(0)).unwrap_or(0);
-    if found > MIGRATIONS.len() {
-        return Err(StoreError::Backend(Internal::new(format!(
-            "the database has schema version {found}, newer than this opendps knows ({}); upgrade opendps",
-            MIGRATIONS.len()
-        ))));
-    }
-    for (index, step) in MIGRATIONS.iter().enumerate().skip(found) {
-        sqlx::raw_sql(*step).execute(&mut *tx).await.map_err(|e| {
-            StoreError::Backend(Internal::caused(
-                format!("applying schema migration {}", index + 1),
-                e,
-            ))
-        })?;
-        tracing::info!(
-            schema = "opendps",
-            version = index + 1,
-            "applied schema migration"
-        );
-    }
-    sqlx::query(
-        "INSERT INTO opendps_schema (name, version) VALUES ('opendps', $1)
-         ON CONFLICT (name) DO UPDATE SET version = excluded.version",
-    )
-    .bind(i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX))
-    .execute(&mut *tx)
-    .await
-    .map_err(failed("recording the schema version"))?;
-    tx.commit()
-        .await
-        .map_err(failed("committing the migration"))
+    SCHEMA.migrate(pool).await.map_err(store_error)
 }
 
 /// Checks, without changing anything, that the schema is exactly the one this build knows: for
 /// commands that read a service's state while it may be running.
 pub(super) async fn check(pool: &PgPool) -> Result<(), StoreError> {
-    let found: Option<i32> =
-        match sqlx::query_scalar("SELECT version FROM opendps_schema WHERE name = 'opendps'")
-            .fetch_optional(pool)
-            .await
-        {
-            Ok(found) => found,
-            // No version table: nothing of opendps' is in this database (or its search path).
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => None,
-            Err(e) => {
-                return Err(StoreError::Backend(Internal::caused(
-                    "reading the schema version",
-                    e,
-                )));
-            }
-        };
-    let found = usize::try_from(found.unwrap_or(0)).unwrap_or(0);
-    match found.cmp(&MIGRATIONS.len()) {
-        std::cmp::Ordering::Equal => Ok(()),
-        std::cmp::Ordering::Greater => Err(StoreError::Backend(Internal::new(format!(
-            "the database has schema version {found}, newer than this opendps knows ({}); upgrade opendps",
-            MIGRATIONS.len()
-        )))),
-        std::cmp::Ordering::Less => Err(StoreError::Backend(Internal::new(
-            "the database holds no opendps service yet, or needs a newer schema; start `opendps serve` on it",
-        ))),
-    }
+    SCHEMA.check(pool).await.map_err(store_error)
 }

@@ -47,23 +47,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// broken connection, a server shutting down or starting) is `Unavailable`, anything else
 /// `Backend`.
 fn backend(context: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    move |e| {
-        let unreachable = match &e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => true,
-            // Class 08: connection exceptions; 57P01-03: shutting down or not accepting yet;
-            // 53300: too many connections.
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-            }),
-            _ => false,
-        };
-        match unreachable {
-            true => StoreError::Unavailable(Internal::caused(context, e)),
-            false => StoreError::Backend(Internal::caused(context, e)),
-        }
+    move |e| match pg_schema::is_unavailable(&e) {
+        true => StoreError::Unavailable(Internal::caused(context, e)),
+        false => StoreError::Backend(Internal::caused(context, e)),
     }
 }
 
@@ -129,7 +115,7 @@ impl PgStore {
         options: PgConnectOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let pool = Self::pool(options, MAX_CONNECTIONS).await?;
+        let pool = Self::connect_pool(options, MAX_CONNECTIONS).await?;
         migrations::migrate(&pool).await?;
         Ok(Self { pool, clock })
     }
@@ -138,7 +124,7 @@ impl PgStore {
     /// the state of a service that may be running. Fails unless the schema is the one this build
     /// knows.
     pub async fn connect_existing(options: PgConnectOptions) -> Result<Self, StoreError> {
-        let pool = Self::pool(options, 2).await?;
+        let pool = Self::connect_pool(options, 2).await?;
         migrations::check(&pool).await?;
         Ok(Self {
             pool,
@@ -146,7 +132,7 @@ impl PgStore {
         })
     }
 
-    async fn pool(options: PgConnectOptions, size: u32) -> Result<PgPool, StoreError> {
+    async fn connect_pool(options: PgConnectOptions, size: u32) -> Result<PgPool, StoreError> {
         PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -180,6 +166,12 @@ impl PgStore {
                 }
             }
         })
+    }
+
+    /// The connection pool, for components that keep their own tables in the same database
+    /// (minihub).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Closes every connection, after the queries running now.
@@ -847,79 +839,10 @@ impl OperationStore for PgStore {
 mod tests {
     use super::*;
 
-    /// A schema of its own in the test database (`OPENDPS_TEST_POSTGRES`, default
-    /// `postgres://postgres@127.0.0.1:5432/test`), dropped when the guard goes.
-    struct Schema {
-        admin: PgConnectOptions,
-        name: String,
-    }
-
-    impl Drop for Schema {
-        fn drop(&mut self) {
-            let (admin, name) = (self.admin.clone(), self.name.clone());
-            // Dropped outside the test's runtime, which is shutting down.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                if let Ok(runtime) = runtime {
-                    runtime.block_on(async {
-                        if let Ok(pool) = PgPoolOptions::new()
-                            .max_connections(1)
-                            .connect_with(admin)
-                            .await
-                        {
-                            let _ = sqlx::raw_sql(AssertSqlSafe(format!(
-                                "DROP SCHEMA IF EXISTS {name} CASCADE"
-                            )))
-                            .execute(&pool)
-                            .await;
-                            pool.close().await;
-                        }
-                    });
-                }
-            })
-            .join();
-        }
-    }
-
-    impl Schema {
-        /// A new, empty schema.
-        async fn create() -> Self {
-            let url = std::env::var("OPENDPS_TEST_POSTGRES")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-            let admin: PgConnectOptions = url
-                .parse()
-                .expect("OPENDPS_TEST_POSTGRES is a PostgreSQL URL");
-            let mut bytes = [0u8; 6];
-            dps_core::sas::fill_random(&mut bytes);
-            let name = format!(
-                "contract_{}",
-                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            );
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect_with(admin.clone())
-                .await
-                .expect("PostgreSQL for the store tests (set OPENDPS_TEST_POSTGRES)");
-            sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {name}")))
-                .execute(&pool)
-                .await
-                .expect("create schema");
-            pool.close().await;
-            Self { admin, name }
-        }
-
-        /// Connection options whose search path is this schema.
-        fn options(&self) -> PgConnectOptions {
-            self.admin
-                .clone()
-                .options([("search_path", self.name.as_str())])
-        }
-    }
+    use pg_schema::testing::TestSchema as Schema;
 
     async fn fresh() -> (Schema, Arc<dyn dps_core::store::Store>) {
-        let schema = Schema::create().await;
+        let schema = Schema::create("contract").await;
         let store = PgStore::connect(schema.options()).await.expect("connect");
         (schema, Arc::new(store))
     }
@@ -940,7 +863,7 @@ mod tests {
     /// one of them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_nodes_never_claim_the_same_operation() {
-        let schema = Schema::create().await;
+        let schema = Schema::create("contract").await;
         let a = PgStore::connect(schema.options()).await.expect("node a");
         let b = PgStore::connect(schema.options()).await.expect("node b");
         for id in 0..300 {
@@ -980,7 +903,7 @@ mod tests {
     /// Work recorded by one node wakes the others' workers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pending_work_wakes_every_node() {
-        let schema = Schema::create().await;
+        let schema = Schema::create("contract").await;
         let a = PgStore::connect(schema.options()).await.expect("node a");
         let b = PgStore::connect(schema.options()).await.expect("node b");
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -1016,7 +939,7 @@ mod tests {
     /// Nodes starting at once on an empty database: one migrates, the others wait and find it done.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nodes_starting_together_migrate_once() {
-        let schema = Schema::create().await;
+        let schema = Schema::create("contract").await;
         let starts = (0..4).map(|_| PgStore::connect(schema.options()));
         for started in futures_join_all(starts).await {
             started.expect("every node starts");
@@ -1026,7 +949,7 @@ mod tests {
     /// A database migrated by a newer opendps is refused, and left as it is.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_newer_schema_is_refused() {
-        let schema = Schema::create().await;
+        let schema = Schema::create("contract").await;
         let store = PgStore::connect(schema.options()).await.expect("connect");
         sqlx::query("UPDATE opendps_schema SET version = 99 WHERE name = 'opendps'")
             .execute(&store.pool)

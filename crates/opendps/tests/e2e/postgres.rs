@@ -197,6 +197,63 @@ async fn two_nodes_share_one_database() {
     );
 }
 
+/// In-process hubs on PostgreSQL: two nodes started with the same `--hub` serve one hub (one
+/// set of keys, linked once), minihub's tables are in the database rather than in the data
+/// directories, and a device registered through node a connects to its hub through node b and
+/// reads the initial twin there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_hubs_are_shared_by_the_nodes() {
+    let schema = PgSchema::create("hubs").expect("a test schema on the local PostgreSQL");
+    let url = schema.url();
+    let env = [("OPENDPS_STORAGE__URL", url.as_str())];
+    let a = TestServer::start_with_env(bin(), &env, &["--hub", HUB])
+        .await
+        .expect("node a starts");
+    let b_dir = tempfile::tempdir().expect("dir");
+    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
+    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &["--hub", HUB])
+        .await
+        .expect("node b starts");
+    let (ia, ib) = (a.service_info().expect("a"), b.service_info().expect("b"));
+    assert_eq!(ia.minihubs.len(), 1, "{:?}", ia.minihubs);
+    assert_eq!(ia.minihubs, ib.minihubs, "one hub, one set of keys");
+    for node in [&a, &b] {
+        assert!(!node.data_dir().join("minihub.db").exists());
+    }
+    assert_eq!(
+        schema
+            .query("SELECT string_agg(host_name, ',') FROM minihub_hubs")
+            .expect("query"),
+        HUB
+    );
+    let linked = b
+        .api()
+        .expect("client")
+        .get("/linkedHubs")
+        .await
+        .expect("linked hubs");
+    assert_eq!(
+        linked.body.as_array().map(Vec::len),
+        Some(1),
+        "linked once: {linked:?}"
+    );
+
+    let key = crate::symmetric_group(&a, "shared-hub", crate::eco_twin()).await;
+    let rid = "shared-hub-device";
+    let derived = dps_core::sas::derive_device_key(&key, rid).expect("derive");
+    let done = crate::keyed_device(&a, rid, &derived, Transport::Https)
+        .provision(&|_| ())
+        .await
+        .expect("provision through node a");
+    let done = serde_json::to_value(&done).expect("json");
+    assert_eq!(done["registrationState"]["assignedHub"], HUB, "{done}");
+    let twin = crate::keyed_device(&b, rid, &derived, Transport::Mqtt)
+        .read_twin(HUB, rid)
+        .await
+        .expect("the twin, through node b");
+    assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
+}
+
 /// Registers group device `rid` (its key derived from the group's `key`) through `api`, over the
 /// device REST API; its token and the operation id of the 202.
 async fn register(

@@ -1,4 +1,4 @@
-//! The SQLite file behind minihub: one WAL-mode database holding every hub (with its keys), device
+//! minihub in a SQLite file: one WAL-mode database holding every hub (with its keys), device
 //! identity and twin. Migrations are numbered in `PRAGMA user_version`.
 
 use std::path::Path;
@@ -6,6 +6,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 use sqlite_commit::Schema;
 
+use super::Row;
 use crate::error::MinihubError;
 use crate::model::{Device, HubInfo};
 use crate::twin::TwinState;
@@ -61,7 +62,7 @@ pub(crate) fn insert_hub(conn: &Connection, hub: &HubInfo) -> Result<HubInfo, Mi
     Ok(serde_json::from_str(&doc)?)
 }
 
-fn decode(device: &str, twin: &str) -> Result<(Device, TwinState), MinihubError> {
+fn decode(device: &str, twin: &str) -> Result<Row, MinihubError> {
     Ok((serde_json::from_str(device)?, serde_json::from_str(twin)?))
 }
 
@@ -70,7 +71,7 @@ pub(crate) fn device(
     conn: &Connection,
     hub: &str,
     device_id: &str,
-) -> Result<Option<(Device, TwinState)>, MinihubError> {
+) -> Result<Option<Row>, MinihubError> {
     let row = conn
         .query_row(
             "SELECT device, twin FROM devices WHERE hub = ?1 AND device_id = ?2",
@@ -87,7 +88,7 @@ pub(crate) fn devices(
     hub: &str,
     after: Option<&str>,
     limit: usize,
-) -> Result<Vec<(Device, TwinState)>, MinihubError> {
+) -> Result<Vec<Row>, MinihubError> {
     let mut stmt = conn.prepare(
         "SELECT device, twin FROM devices WHERE hub = ?1 AND (?2 IS NULL OR device_id > ?2)
          ORDER BY device_id LIMIT ?3",

@@ -1,0 +1,322 @@
+//! minihub in PostgreSQL: the tables live next to the provisioning service's, in the database its
+//! nodes share, so every node serves the same hubs, keys, identities and twins. A device's
+//! read-modify-write holds a transaction-scoped advisory lock on that device, so writes through any
+//! node follow one another. A desired-property change is announced with `NOTIFY`, so that a
+//! device connected to another node hears of it too.
+
+use std::time::Duration;
+
+use pg_schema::Schema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::Row as _;
+use sqlx::postgres::{PgListener, PgRow};
+
+use super::{Change, Row};
+use crate::DesiredPatch;
+use crate::error::MinihubError;
+use crate::model::HubInfo;
+
+/// Each entry moves minihub's schema from version `index` to `index + 1`. Never edit a released
+/// entry.
+const MIGRATIONS: &[&str] = &[
+    // 1: hubs with their policies; devices with their twins, one row each. Ids compare bytewise
+    //    (collation "C"), as SQLite's do, so listings page in the same order on both.
+    r#"CREATE TABLE minihub_hubs (host_name TEXT COLLATE "C" PRIMARY KEY, doc TEXT NOT NULL);
+     CREATE TABLE minihub_devices (
+         hub TEXT COLLATE "C" NOT NULL, device_id TEXT COLLATE "C" NOT NULL,
+         device TEXT NOT NULL, twin TEXT NOT NULL,
+         PRIMARY KEY (hub, device_id)
+     );"#,
+];
+
+const SCHEMA: Schema = Schema::new("minihub", MIGRATIONS);
+
+/// The first key of the advisory locks that order writes to one device (the second is a hash of
+/// the hub and device id). Any constant: it only keeps these locks apart from others.
+const DEVICE_LOCK_CLASS: i32 = 0x6d68_7562;
+
+/// The channel prefix of desired-property announcements; the schema follows, so that services in
+/// other schemas of the same database are not told.
+const DESIRED_CHANNEL: &str = "minihub_desired:";
+
+/// The largest patch sent inside an announcement; PostgreSQL's limit is 8000 bytes. A larger one is
+/// announced without it, and the listening node reads the desired properties instead.
+const MAX_ANNOUNCED_PATCH: usize = 7000;
+
+/// minihub's tables in a shared PostgreSQL database.
+pub(crate) struct PgHubStore {
+    pool: PgPool,
+    /// This node's mark on its announcements, so it does not hear its own.
+    origin: String,
+}
+
+/// A desired-property change announced by another node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RemotePatch {
+    origin: String,
+    /// The hub.
+    pub hub: String,
+    /// The device.
+    pub device: String,
+    /// The new desired `$version`.
+    pub version: u64,
+    /// The patch as the device is to receive it, when it fitted in the announcement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+fn failed(context: &'static str) -> impl Fn(sqlx::Error) -> MinihubError {
+    move |e| match pg_schema::is_unavailable(&e) {
+        true => MinihubError::Unavailable(format!("{context}: {e}")),
+        false => MinihubError::Storage(format!("{context}: {e}")),
+    }
+}
+
+fn row_of(row: &PgRow) -> Result<Row, MinihubError> {
+    let device: String = row.try_get("device").map_err(failed("reading a device"))?;
+    let twin: String = row.try_get("twin").map_err(failed("reading a twin"))?;
+    Ok((serde_json::from_str(&device)?, serde_json::from_str(&twin)?))
+}
+
+impl PgHubStore {
+    /// minihub's tables in `pool`'s database (its search path), created or migrated as needed.
+    pub(crate) async fn open(pool: PgPool) -> Result<Self, MinihubError> {
+        SCHEMA
+            .migrate(&pool)
+            .await
+            .map_err(|e| match e.is_unavailable() {
+                true => MinihubError::Unavailable(format!("opening minihub's tables: {e}")),
+                false => MinihubError::Storage(format!("opening minihub's tables: {e}")),
+            })?;
+        Ok(Self {
+            pool,
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+        })
+    }
+
+    /// The hubs of `pool`'s database, read without migrating anything (for `opendps info`).
+    pub(crate) async fn read_hubs(pool: &PgPool) -> Result<Vec<HubInfo>, MinihubError> {
+        match SCHEMA.check(pool).await {
+            Ok(()) => {}
+            // No minihub has run on this database: no hubs.
+            Err(pg_schema::SchemaError::NotMigrated { found: 0, .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(MinihubError::Storage(e.to_string())),
+        }
+        hubs(pool).await
+    }
+
+    pub(crate) async fn hubs(&self) -> Result<Vec<HubInfo>, MinihubError> {
+        hubs(&self.pool).await
+    }
+
+    pub(crate) async fn insert_hub(&self, hub: &HubInfo) -> Result<HubInfo, MinihubError> {
+        sqlx::query(
+            "INSERT INTO minihub_hubs (host_name, doc) VALUES ($1, $2) ON CONFLICT (host_name) DO NOTHING",
+        )
+        .bind(&hub.host_name)
+        .bind(serde_json::to_string(hub)?)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("storing a hub"))?;
+        let doc: String = sqlx::query_scalar("SELECT doc FROM minihub_hubs WHERE host_name = $1")
+            .bind(&hub.host_name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed("reading a hub"))?;
+        Ok(serde_json::from_str(&doc)?)
+    }
+
+    pub(crate) async fn device(
+        &self,
+        hub: &str,
+        device_id: &str,
+    ) -> Result<Option<Row>, MinihubError> {
+        sqlx::query("SELECT device, twin FROM minihub_devices WHERE hub = $1 AND device_id = $2")
+            .bind(hub)
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(failed("reading a device"))?
+            .as_ref()
+            .map(row_of)
+            .transpose()
+    }
+
+    pub(crate) async fn devices(
+        &self,
+        hub: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Row>, MinihubError> {
+        sqlx::query(
+            "SELECT device, twin FROM minihub_devices
+             WHERE hub = $1 AND ($2::TEXT IS NULL OR device_id > $2)
+             ORDER BY device_id LIMIT $3",
+        )
+        .bind(hub)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("listing devices"))?
+        .iter()
+        .map(row_of)
+        .collect()
+    }
+
+    pub(crate) async fn update<R>(
+        &self,
+        hub: &str,
+        device_id: &str,
+        decide: impl FnOnce(Option<Row>) -> Result<Change<R>, MinihubError>,
+    ) -> Result<R, MinihubError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(failed("starting a device write"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))")
+            .bind(DEVICE_LOCK_CLASS)
+            .bind(hub)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed("waiting for the device's other writes"))?;
+        let current = sqlx::query(
+            "SELECT device, twin FROM minihub_devices WHERE hub = $1 AND device_id = $2",
+        )
+        .bind(hub)
+        .bind(device_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(failed("reading a device"))?
+        .as_ref()
+        .map(row_of)
+        .transpose()?;
+        // On an error the transaction is dropped, which rolls it back.
+        let answer = match decide(current)? {
+            Change::Put(row, answer) => {
+                let (device, twin) = *row;
+                sqlx::query(
+                    "INSERT INTO minihub_devices (hub, device_id, device, twin) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (hub, device_id) DO UPDATE SET device = excluded.device, twin = excluded.twin",
+                )
+                .bind(hub)
+                .bind(device_id)
+                .bind(serde_json::to_string(&device)?)
+                .bind(serde_json::to_string(&twin)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed("writing a device"))?;
+                answer
+            }
+            Change::Delete(answer) => {
+                sqlx::query("DELETE FROM minihub_devices WHERE hub = $1 AND device_id = $2")
+                    .bind(hub)
+                    .bind(device_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed("deleting a device"))?;
+                answer
+            }
+        };
+        tx.commit()
+            .await
+            .map_err(failed("committing a device write"))?;
+        Ok(answer)
+    }
+
+    pub(crate) async fn announce_desired(
+        &self,
+        hub: &str,
+        device_id: &str,
+        patch: &DesiredPatch,
+    ) -> Result<(), MinihubError> {
+        let mut announced = RemotePatch {
+            origin: self.origin.clone(),
+            hub: hub.to_owned(),
+            device: device_id.to_owned(),
+            version: patch.version,
+            body: Some(patch.body.clone()),
+        };
+        let mut payload = serde_json::to_string(&announced)?;
+        if payload.len() > MAX_ANNOUNCED_PATCH {
+            announced.body = None;
+            payload = serde_json::to_string(&announced)?;
+        }
+        sqlx::query("SELECT pg_notify($1 || current_schema(), $2)")
+            .bind(DESIRED_CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+            .map_err(failed("announcing a desired-property change"))?;
+        Ok(())
+    }
+
+    /// Listens for the desired-property changes other nodes announce, and once listening, calls
+    /// `heard` with each until the pool is closed or `heard` returns `false`. After a lost
+    /// connection it listens again; changes announced meanwhile are missed, as a device connection
+    /// that drops misses them on a real hub (the device reads its twin again when it reconnects).
+    pub(crate) async fn watch_desired(
+        &self,
+        mut heard: impl FnMut(RemotePatch) -> bool + Send + 'static,
+    ) -> Result<tokio::task::JoinHandle<()>, MinihubError> {
+        let (pool, origin) = (self.pool.clone(), self.origin.clone());
+        let mut listener = listen(&pool)
+            .await
+            .map_err(failed("listening for other nodes' twin changes"))?;
+        Ok(tokio::spawn(async move {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(note)) => match serde_json::from_str::<RemotePatch>(note.payload()) {
+                        Ok(patch) if patch.origin == origin => {}
+                        Ok(patch) => {
+                            if !heard(patch) {
+                                return;
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(%err, "an announcement of a twin change does not parse");
+                        }
+                    },
+                    // The connection was lost; the next call reconnects and listens again.
+                    Ok(None) => {}
+                    // The pool is closing, or the reconnection failed.
+                    Err(err) => {
+                        if pool.is_closed() {
+                            return;
+                        }
+                        tracing::warn!(%err, "minihub cannot listen for other nodes' twin changes; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        match listen(&pool).await {
+                            Ok(again) => listener = again,
+                            Err(_) => continue,
+                        }
+                    }
+                }
+            }
+        }))
+    }
+}
+
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let channel: String = sqlx::query_scalar("SELECT $1 || current_schema()")
+        .bind(DESIRED_CHANNEL)
+        .fetch_one(pool)
+        .await?;
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(&channel).await?;
+    Ok(listener)
+}
+
+async fn hubs(pool: &PgPool) -> Result<Vec<HubInfo>, MinihubError> {
+    let docs: Vec<String> = sqlx::query_scalar("SELECT doc FROM minihub_hubs ORDER BY host_name")
+        .fetch_all(pool)
+        .await
+        .map_err(failed("listing hubs"))?;
+    docs.iter()
+        .map(|doc| Ok(serde_json::from_str(doc)?))
+        .collect()
+}
