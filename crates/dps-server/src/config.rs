@@ -495,13 +495,17 @@ impl Config {
                 url: url.clone(),
                 password_file: self.storage.password_file.clone(),
             },
-            None => StoreLocation::Sqlite(
-                self.storage
-                    .path
-                    .clone()
-                    .unwrap_or_else(|| self.data_dir.join("opendps.db")),
-            ),
+            None => StoreLocation::Sqlite(self.sqlite_path()),
         }
+    }
+
+    /// The SQLite database file: the store unless `storage.url` is set (then the file an earlier,
+    /// single-node installation may have left).
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.storage
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("opendps.db"))
     }
 }
 

@@ -132,6 +132,22 @@ impl DataDir {
         Ok(id)
     }
 
+    /// The ID scope of the service this data directory last served (`id-scope`), if any.
+    pub fn served_scope(&self) -> Option<String> {
+        let scope = fs::read_to_string(self.root.join(SCOPE_FILE)).ok()?;
+        let scope = scope.trim();
+        (!scope.is_empty()).then(|| scope.to_owned())
+    }
+
+    /// Records the ID scope of the service this data directory serves, so that it is never started
+    /// on another service's database by mistake.
+    pub fn record_scope(&self, scope: &str) -> anyhow::Result<()> {
+        if self.served_scope().as_deref() == Some(scope) {
+            return Ok(());
+        }
+        fs::write(self.root.join(SCOPE_FILE), scope).context("while writing id-scope")
+    }
+
     /// Records the running service.
     pub fn write_runtime(&self, runtime: &Runtime) -> anyhow::Result<()> {
         let tmp = self.root.join("runtime.json.tmp");
@@ -154,6 +170,9 @@ impl DataDir {
         let _ = fs::remove_file(self.runtime_file());
     }
 }
+
+/// The file naming the service a data directory belongs to.
+pub const SCOPE_FILE: &str = "id-scope";
 
 /// Writes a file readable by its owner only (keys).
 pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {

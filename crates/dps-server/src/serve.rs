@@ -143,11 +143,13 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     let lock = data.lock("service")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = ServiceStore::open(&config, Arc::clone(&clock)).await?;
+    store.check_belongs_to(&config, &data).await?;
     let shared: Arc<dyn Store> = store.shared();
     let identity = shared
         .init_identity(&ServiceIdentity::generate())
         .await
         .context("while reading the service identity")?;
+    data.record_scope(identity.id_scope.as_str())?;
     let minihub = open_minihub(&config, &data, &store, Arc::clone(&clock)).await?;
     let mut tls_config = config.tls.clone();
     // Clients reach the service by its public host: the development certificate must name it.

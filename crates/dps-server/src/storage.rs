@@ -7,11 +7,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use dps_core::clock::Clock;
 use dps_core::secret::Secret;
-use dps_core::store::Store;
+use dps_core::store::{IdentityStore as _, Store};
 use dps_store::{PgLocation, PgStore, SqliteStore};
 use minihub::{HubInfo, Minihub};
 
 use crate::config::{Config, StoreLocation};
+use crate::datadir::{DataDir, SCOPE_FILE};
 
 /// minihub's file in the data directory, next to a SQLite store.
 const MINIHUB_FILE: &str = "minihub.db";
@@ -64,6 +65,56 @@ impl ServiceStore {
                     .map(Self::Postgres)
                     .with_context(|| unreachable_hint(&location))
             }
+        }
+    }
+
+    /// Checks that this store holds the service the data directory `data` belongs to: the one it
+    /// served before (`id-scope`), or, for a node moving from a SQLite file to PostgreSQL, the one
+    /// in the file it leaves. A database of another service, or one without the service the node
+    /// had, is refused before anything is written to it.
+    pub async fn check_belongs_to(&self, config: &Config, data: &DataDir) -> anyhow::Result<()> {
+        let Self::Postgres(store) = self else {
+            // The SQLite file is in (or named by) the data directory's own configuration.
+            return Ok(());
+        };
+        let left_file = config.sqlite_path();
+        let left = match left_file.exists() {
+            true => {
+                let old = SqliteStore::open_read_only(&left_file)
+                    .with_context(|| format!("while reading {}", left_file.display()))?;
+                let identity = old.identity().await?;
+                old.close();
+                identity.map(|i| i.id_scope.to_string())
+            }
+            false => None,
+        };
+        let (expected, from) = match (data.served_scope(), &left) {
+            (Some(scope), _) => (scope, format!("{}/{SCOPE_FILE}", data.root().display())),
+            (None, Some(scope)) => (scope.clone(), left_file.display().to_string()),
+            (None, None) => return Ok(()),
+        };
+        let found = store
+            .identity()
+            .await
+            .context("while reading the service identity")?;
+        match found {
+            Some(identity) if identity.id_scope.as_str() == expected => Ok(()),
+            Some(identity) => anyhow::bail!(
+                "the database {} belongs to another opendps service (ID scope {}), but this node's data directory belongs to ID scope {expected} ({from}); point storage.url at that service's database, or give this node a new --data-dir to join {}",
+                store_name(config),
+                identity.id_scope,
+                identity.id_scope
+            ),
+            None if left.is_some() => anyhow::bail!(
+                "the data directory holds an opendps database ({}, ID scope {expected}) and the database {} holds no service yet; copy it first with `opendps migrate-store --from {} --to <storage.url>`, or give this node a new --data-dir to start a new service",
+                left_file.display(),
+                store_name(config),
+                data.root().display()
+            ),
+            None => anyhow::bail!(
+                "the database {} holds no opendps service, but this node served ID scope {expected} ({from}); check storage.url (was the database restored?), or remove {from} to start a new service there",
+                store_name(config)
+            ),
         }
     }
 
@@ -130,7 +181,7 @@ impl ServiceStore {
 }
 
 /// The PostgreSQL location of `url`, with the password from `password_file` when there is one.
-fn postgres_location(
+pub(crate) fn postgres_location(
     url: String,
     password_file: Option<&std::path::Path>,
 ) -> anyhow::Result<PgLocation> {
@@ -151,8 +202,20 @@ fn postgres_location(
     Ok(PgLocation { url, password })
 }
 
+/// The database `config` names, for messages: never the password.
+fn store_name(config: &Config) -> String {
+    match config.store_location() {
+        StoreLocation::Sqlite(path) => path.display().to_string(),
+        StoreLocation::Postgres { url, .. } => PgLocation {
+            url,
+            password: None,
+        }
+        .describe(),
+    }
+}
+
 /// What to check when PostgreSQL cannot be reached or refuses.
-fn unreachable_hint(location: &PgLocation) -> String {
+pub(crate) fn unreachable_hint(location: &PgLocation) -> String {
     format!(
         "while opening the PostgreSQL database {} (storage.url): check that the server runs and accepts this user, and its password (storage.password_file or PGPASSWORD)",
         location.describe()

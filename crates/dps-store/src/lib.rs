@@ -10,5 +10,5 @@ pub mod contract;
 pub mod postgres;
 pub mod sqlite;
 
-pub use postgres::{PgLocation, PgStore};
+pub use postgres::{PgLocation, PgStore, import_sqlite};
 pub use sqlite::SqliteStore;

@@ -230,6 +230,13 @@ impl TestServer {
         }
     }
 
+    /// Sets an environment variable for the server's next start and for CLI commands from now on
+    /// (for example `OPENDPS_STORAGE__URL` after moving the state to PostgreSQL).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the server again on the same data directory (after [`kill`](Self::kill)).
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         self.launch().await

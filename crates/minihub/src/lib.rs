@@ -288,6 +288,22 @@ impl Minihub {
         Ok(watched)
     }
 
+    /// Creates or migrates minihub's tables in the PostgreSQL database of `pool`, without serving.
+    pub async fn migrate_postgres(pool: &sqlx::PgPool) -> Result<(), MinihubError> {
+        PgHubStore::migrate(pool).await
+    }
+
+    /// Copies the minihub SQLite file at `path` into `target`, a transaction on a PostgreSQL
+    /// database whose minihub tables are up to date ([`Minihub::migrate_postgres`]) and empty;
+    /// `progress` is told each table's running count. Returns the rows copied per table.
+    pub async fn import_sqlite(
+        path: &Path,
+        target: &mut sqlx::PgConnection,
+        progress: &mut dyn FnMut(&str, u64),
+    ) -> Result<Vec<(&'static str, u64)>, MinihubError> {
+        crate::store::import_sqlite(path, target, progress).await
+    }
+
     /// The hubs recorded in the PostgreSQL database of `pool`, read only: nothing is migrated.
     pub async fn read_hubs_postgres(pool: &sqlx::PgPool) -> Result<Vec<HubInfo>, MinihubError> {
         PgHubStore::read_hubs(pool).await

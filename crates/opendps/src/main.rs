@@ -47,6 +47,9 @@ enum Command {
     /// Print or check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Copy a stopped service's SQLite database, with its in-process hubs, into a PostgreSQL
+    /// database, to run the service on several nodes.
+    MigrateStore(MigrateStoreArgs),
     /// Manage enrollment groups.
     #[command(subcommand)]
     EnrollmentGroup(cli::GroupCommand),
@@ -126,6 +129,21 @@ struct InfoArgs {
     /// Print JSON (same as --output json).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct MigrateStoreArgs {
+    /// Data directory of the service to copy; the service must be stopped. Its opendps.db (and
+    /// minihub.db, if any) are read, never changed.
+    #[arg(long, value_name = "DATA_DIR")]
+    from: PathBuf,
+    /// PostgreSQL database to copy into (postgres://user@host:5432/database); it must hold no
+    /// opendps service yet. The password goes in --password-file or PGPASSWORD, not here.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// File holding the PostgreSQL password (its first line).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -242,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::MigrateStore(args) => migrate_store(args, cli.output).await,
         Command::Config(ConfigCommand::Default) => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())
@@ -298,4 +317,48 @@ fn init_tracing(config: &Config) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// `opendps migrate-store`: copies, showing each table's progress on stderr, then says what was
+/// copied and how to go on.
+async fn migrate_store(args: MigrateStoreArgs, output: Output) -> anyhow::Result<()> {
+    let mut last = (String::new(), 0u64);
+    let mut progress = |table: &str, rows: u64| {
+        if table != last.0 || rows >= last.1 + 10_000 {
+            eprintln!("copying {table}: {rows} rows");
+            last = (table.to_owned(), rows);
+        }
+    };
+    let done = dps_server::migrate::migrate_store(
+        &args.from,
+        &args.to,
+        args.password_file.clone(),
+        &mut progress,
+    )
+    .await?;
+    if output == Output::Json {
+        let tables: serde_json::Map<String, serde_json::Value> = done
+            .tables
+            .iter()
+            .map(|(name, rows)| ((*name).to_owned(), (*rows).into()))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "idScope": done.id_scope,
+                "target": done.target,
+                "tables": tables,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("Copied the service {} into {}:", done.id_scope, done.target);
+    for (table, rows) in &done.tables {
+        println!("  {table:<18} {rows:>10} rows");
+    }
+    println!(
+        "Start each node with storage.url naming this database (and the same --hub names); {} is no longer used.",
+        args.from.join("opendps.db").display()
+    );
+    Ok(())
 }

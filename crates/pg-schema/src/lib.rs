@@ -189,5 +189,7 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
+#[cfg(feature = "import")]
+pub mod import;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -4,6 +4,8 @@
 //! claimed with `FOR UPDATE SKIP LOCKED` so that no operation goes to two nodes at once. A write
 //! returns once PostgreSQL has committed it.
 
+mod import;
+pub use import::import_sqlite;
 mod migrations;
 
 use std::sync::Arc;

@@ -722,6 +722,13 @@ impl CachedStatements for Connection {
     }
 }
 
+/// The file at `path` opened read only for copying elsewhere: its schema must be this build's.
+pub(crate) fn open_for_copy(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    SCHEMA
+        .open_read_only(path)
+        .map_err(|e| open_failed(e, "opening the SQLite database to copy"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

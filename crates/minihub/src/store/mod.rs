@@ -18,7 +18,7 @@ use crate::error::MinihubError;
 use crate::model::{Device, HubInfo};
 use crate::twin::TwinState;
 
-pub(crate) use postgres::{PgHubStore, RemotePatch};
+pub(crate) use postgres::{PgHubStore, RemotePatch, import_sqlite};
 pub(crate) use sqlite::read_hubs;
 
 /// A device with its twin, as stored.

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use pg_schema::Schema;
+use pg_schema::import::{Column, ImportError, Table};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -97,6 +98,17 @@ impl PgHubStore {
     }
 
     /// The hubs of `pool`'s database, read without migrating anything (for `opendps info`).
+    /// Creates or migrates minihub's tables in `pool`'s database, and nothing else.
+    pub(crate) async fn migrate(pool: &PgPool) -> Result<(), MinihubError> {
+        SCHEMA
+            .migrate(pool)
+            .await
+            .map_err(|e| match e.is_unavailable() {
+                true => MinihubError::Unavailable(format!("opening minihub's tables: {e}")),
+                false => MinihubError::Storage(format!("opening minihub's tables: {e}")),
+            })
+    }
+
     pub(crate) async fn read_hubs(pool: &PgPool) -> Result<Vec<HubInfo>, MinihubError> {
         match SCHEMA.check(pool).await {
             Ok(()) => {}
@@ -319,4 +331,58 @@ async fn hubs(pool: &PgPool) -> Result<Vec<HubInfo>, MinihubError> {
     docs.iter()
         .map(|doc| Ok(serde_json::from_str(doc)?))
         .collect()
+}
+
+/// minihub's tables: their names in a SQLite file and here.
+const TABLES: &[Table] = &[
+    Table {
+        source: "hubs",
+        name: "minihub_hubs",
+        columns: &[("host_name", Column::Text), ("doc", Column::Text)],
+        key_columns: 1,
+    },
+    Table {
+        source: "devices",
+        name: "minihub_devices",
+        columns: &[
+            ("hub", Column::Text),
+            ("device_id", Column::Text),
+            ("device", Column::Text),
+            ("twin", Column::Text),
+        ],
+        key_columns: 2,
+    },
+];
+
+/// Copies minihub's SQLite file at `path` into `target`, a transaction on a PostgreSQL database
+/// whose minihub tables are up to date and empty. `progress` is told each table's running count.
+/// Returns the rows copied per table.
+pub(crate) async fn import_sqlite(
+    path: &std::path::Path,
+    target: &mut sqlx::PgConnection,
+    progress: &mut dyn FnMut(&str, u64),
+) -> Result<Vec<(&'static str, u64)>, MinihubError> {
+    let failed = |e: ImportError| MinihubError::Storage(format!("copying minihub's database: {e}"));
+    for table in TABLES {
+        if pg_schema::import::count(target, table)
+            .await
+            .map_err(failed)?
+            > 0
+        {
+            return Err(MinihubError::Storage(format!(
+                "the PostgreSQL database already has in-process hubs ({} is not empty); migrate-store copies into a database without them",
+                table.name
+            )));
+        }
+    }
+    let source = super::sqlite::open_read_only(path)?;
+    let mut copied = Vec::new();
+    for table in TABLES {
+        let rows =
+            pg_schema::import::copy_table(&source, table, target, &mut |n| progress(table.name, n))
+                .await
+                .map_err(failed)?;
+        copied.push((table.name, rows));
+    }
+    Ok(copied)
 }

@@ -34,7 +34,13 @@ pub(crate) fn open(path: &Path) -> Result<Connection, MinihubError> {
 /// The hubs of an existing database, read without a writer, a migration or any lock that could get
 /// in the way of the service that owns the file (`opendps info`).
 pub(crate) fn read_hubs(path: &Path) -> Result<Vec<HubInfo>, MinihubError> {
-    hubs(&SCHEMA.open_read_only(path)?)
+    hubs(&open_read_only(path)?)
+}
+
+/// The file at `path` opened read only, without a lock (for `opendps info` and copying); its
+/// schema must be this build's.
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection, MinihubError> {
+    Ok(SCHEMA.open_read_only(path)?)
 }
 
 /// Every hub.

@@ -254,6 +254,190 @@ async fn in_process_hubs_are_shared_by_the_nodes() {
     assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
 }
 
+/// A single-node installation on SQLite moved to PostgreSQL with `opendps migrate-store`: refused
+/// while the service runs; copied whole (service identity, enrollments, registrations, in-process
+/// hubs with their devices and twins); refused a second time; the node then serves on PostgreSQL
+/// as before. A node's data directory is refused on another service's database, and on a database
+/// without its service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_moves_a_sqlite_installation_to_postgresql() {
+    let mut server = TestServer::start_with(bin(), &["--hub", HUB])
+        .await
+        .expect("opendps starts on SQLite");
+    let scope = server.service_info().expect("info").id_scope.clone();
+    let key = crate::symmetric_group(&server, "moving", crate::eco_twin()).await;
+    for rid in ["moving-1", "moving-2", "moving-3"] {
+        let derived = dps_core::sas::derive_device_key(&key, rid).expect("derive");
+        crate::keyed_device(&server, rid, &derived, Transport::Https)
+            .provision(&|_| ())
+            .await
+            .expect("provision on SQLite");
+    }
+    let schema = PgSchema::create("moved").expect("a test schema on the local PostgreSQL");
+    let url = schema.url();
+    let dir = server.data_dir().to_string_lossy().into_owned();
+    let migrate = [
+        "migrate-store",
+        "--from",
+        dir.as_str(),
+        "--to",
+        url.as_str(),
+    ];
+
+    let running = server.cli(&migrate).expect("run");
+    let told = String::from_utf8_lossy(&running.stderr);
+    assert!(
+        !running.status.success() && told.contains("must be stopped"),
+        "{told}"
+    );
+
+    server.stop().await.expect("stop");
+    let copied = server.cli(&migrate).expect("run");
+    let said = String::from_utf8_lossy(&copied.stdout);
+    assert!(
+        copied.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    assert!(said.contains(&scope), "{said}");
+    for (table, rows) in [
+        ("registrations", 3),
+        ("enrollments", 1),
+        ("minihub_devices", 3),
+    ] {
+        assert!(
+            said.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                    == [table, &rows.to_string(), "rows"]),
+            "{table}: {rows} rows expected in:\n{said}"
+        );
+    }
+    let again = server.cli(&migrate).expect("run");
+    let told = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success()
+            && told.contains(&format!(
+                "already holds an opendps service (ID scope {scope})"
+            )),
+        "{told}"
+    );
+
+    server.set_env("OPENDPS_STORAGE__URL", &url);
+    server
+        .start_again()
+        .await
+        .expect("the node starts on PostgreSQL");
+    assert_eq!(server.service_info().expect("info").id_scope, scope);
+    let state = server
+        .api()
+        .expect("client")
+        .get("/registrations/moving-2")
+        .await
+        .expect("registration state");
+    assert_eq!(state.status, 200, "{state:?}");
+    let derived = dps_core::sas::derive_device_key(&key, "moving-2").expect("derive");
+    let twin = crate::keyed_device(&server, "moving-2", &derived, Transport::Mqtt)
+        .read_twin(HUB, "moving-2")
+        .await
+        .expect("the device's hub identity and twin came along");
+    assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
+    let derived = dps_core::sas::derive_device_key(&key, "moving-4").expect("derive");
+    crate::keyed_device(&server, "moving-4", &derived, Transport::Mqtt)
+        .provision(&|_| ())
+        .await
+        .expect("a new device on PostgreSQL");
+    server.stop().await.expect("stop");
+
+    // This data directory on a database without its service, then on another service's.
+    let other = PgSchema::create("other").expect("schema");
+    let other_url = other.url();
+    server.set_env("OPENDPS_STORAGE__URL", &other_url);
+    let refused = format!(
+        "{:#}",
+        server.start_again().await.expect_err("an empty database")
+    );
+    assert!(
+        refused.contains(&format!("ID scope {scope}")) && refused.contains("holds no service"),
+        "{refused}"
+    );
+    let stranger = TestServer::start_with_env(bin(), &[("OPENDPS_STORAGE__URL", &other_url)], &[])
+        .await
+        .expect("another service on the other schema");
+    let theirs = stranger.service_info().expect("info").id_scope.clone();
+    let refused = format!(
+        "{:#}",
+        server
+            .start_again()
+            .await
+            .expect_err("another service's database")
+    );
+    assert!(
+        refused.contains(&format!(
+            "belongs to another opendps service (ID scope {theirs})"
+        )),
+        "{refused}"
+    );
+}
+
+/// `migrate-store` is all or nothing: when part of the copy is refused (here minihub's, on a
+/// database that already has in-process hubs), nothing of the service was copied either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_migration_copies_nothing() {
+    let mut server = TestServer::start_with(bin(), &["--hub", HUB])
+        .await
+        .expect("opendps starts on SQLite");
+    crate::symmetric_group(&server, "not-copied", serde_json::json!({})).await;
+    server.stop().await.expect("stop");
+    let schema = PgSchema::create("halfway").expect("schema");
+    schema
+        .query(
+            r#"CREATE TABLE opendps_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
+               INSERT INTO opendps_schema VALUES ('minihub', 1);
+               CREATE TABLE minihub_hubs (host_name TEXT COLLATE "C" PRIMARY KEY, doc TEXT NOT NULL);
+               CREATE TABLE minihub_devices (hub TEXT COLLATE "C" NOT NULL, device_id TEXT COLLATE "C" NOT NULL,
+                   device TEXT NOT NULL, twin TEXT NOT NULL, PRIMARY KEY (hub, device_id));
+               INSERT INTO minihub_hubs VALUES ('someone-elses-hub', '{}');"#,
+        )
+        .expect("a database with a hub in it");
+    let dir = server.data_dir().to_string_lossy().into_owned();
+    let url = schema.url();
+    let refused = server
+        .cli(&["migrate-store", "--from", &dir, "--to", &url])
+        .expect("run");
+    let told = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && told.contains("already has in-process hubs"),
+        "{told}"
+    );
+    for table in ["service_identity", "enrollments"] {
+        assert_eq!(
+            schema
+                .query(&format!("SELECT count(*) FROM {table}"))
+                .expect("count"),
+            "0",
+            "{table} was copied"
+        );
+    }
+}
+
+/// A node moved from SQLite to PostgreSQL without copying its database is refused, and told how.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_on_sqlite_is_told_to_migrate() {
+    let mut server = TestServer::start(bin())
+        .await
+        .expect("opendps starts on SQLite");
+    server.stop().await.expect("stop");
+    // As an installation from before id-scope was recorded.
+    std::fs::remove_file(server.data_dir().join("id-scope")).expect("id-scope is written");
+    let schema = PgSchema::create("unmoved").expect("schema");
+    server.set_env("OPENDPS_STORAGE__URL", &schema.url());
+    let refused = format!("{:#}", server.start_again().await.expect_err("not copied"));
+    assert!(
+        refused.contains("opendps migrate-store --from"),
+        "{refused}"
+    );
+}
+
 /// Registers group device `rid` (its key derived from the group's `key`) through `api`, over the
 /// device REST API; its token and the operation id of the 202.
 async fn register(
