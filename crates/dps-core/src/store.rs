@@ -249,6 +249,16 @@ pub trait OperationStore: Send + Sync {
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<StoredOperation>, StoreError>;
+    /// Extends `owner`'s lease on `operation_id` to `until_ms`, while the operation is pending and
+    /// the lease is still `owner`'s (this incarnation's); whether it was. A worker renews the
+    /// leases of the operations it works on, so that no other node takes one over while it is in
+    /// progress, however long its hub and webhook calls take.
+    async fn renew_lease(
+        &self,
+        owner: &LeaseOwner,
+        operation_id: &str,
+        until_ms: i64,
+    ) -> Result<bool, StoreError>;
     /// Writes a device's registration state (under `cond`, as
     /// [`RegistrationStore::put_registration`]) and an operation (as
     /// [`OperationStore::put_operation`]) together, in one transaction: both or neither.

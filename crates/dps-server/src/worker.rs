@@ -26,18 +26,104 @@ const PRUNE_BATCH: usize = 5000;
 /// How often finished operations are looked for, at most.
 const PRUNE_EVERY_MS: i64 = 60_000;
 
+/// How one attempt at an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The operation was worked on: finished, rescheduled in the store, or failed in a way the
+    /// next claim after its lease expires retries.
+    Done,
+    /// The store was out of reach, so the attempt changed nothing and the work is still due: the
+    /// worker tries again while it holds the lease.
+    Interrupted,
+}
+
 /// What the worker does with each operation it claimed: [`Provisioning::process`] in the service.
 #[async_trait]
 pub trait Process: Send + Sync + 'static {
-    /// Works on `op` once; an error leaves it to be retried when its lease expires.
-    async fn process(&self, op: &StoredOperation);
+    /// Works on `op` once.
+    async fn process(&self, op: &StoredOperation) -> Attempt;
 }
 
 #[async_trait]
 impl Process for Provisioning {
-    async fn process(&self, op: &StoredOperation) {
-        if let Err(err) = Provisioning::process(self, op).await {
-            tracing::error!(operation = %op.operation_id, %err, "processing failed; the operation will be retried when its lease expires");
+    async fn process(&self, op: &StoredOperation) -> Attempt {
+        match Provisioning::process(self, op).await {
+            Ok(_) => Attempt::Done,
+            Err(err) if err.retry_after_secs().is_some() => {
+                tracing::warn!(operation = %op.operation_id, %err, "the database is out of reach; the operation will be tried again");
+                Attempt::Interrupted
+            }
+            Err(err) => {
+                tracing::error!(operation = %op.operation_id, %err, "processing failed; the operation will be retried when its lease expires");
+                Attempt::Done
+            }
+        }
+    }
+}
+
+/// How the worker holds its operations: whose leases, for how long, renewed how often.
+#[derive(Clone)]
+struct Leases {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    owner: LeaseOwner,
+    lease_ms: i64,
+}
+
+impl Leases {
+    /// Renews the lease on `id` every third of its length while the future this races with runs
+    /// (a call to a slow hub or webhook does not let the lease lapse); stops renewing once the
+    /// lease is no longer this worker's. Never returns.
+    async fn keep(&self, id: &str) -> std::convert::Infallible {
+        let period = Duration::from_millis(u64::try_from(self.lease_ms / 3).unwrap_or(1).max(1));
+        loop {
+            tokio::time::sleep(period).await;
+            match self.renew(id).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(err) => tracing::warn!(operation = id, %err, "could not renew a lease"),
+            }
+        }
+        std::future::pending().await
+    }
+
+    async fn renew(&self, id: &str) -> Result<bool, dps_core::store::StoreError> {
+        let until = self.clock.now().as_millisecond() + self.lease_ms;
+        self.store.renew_lease(&self.owner, id, until).await
+    }
+
+    /// Works on `op` until an attempt is done, renewing its lease meanwhile. An interrupted
+    /// attempt (the store out of reach) is tried again after a pause, once the lease is renewed;
+    /// when the lease cannot be renewed before it runs out, or has gone to another node, the
+    /// operation is left to whoever claims it next.
+    async fn work_on(&self, process: &dyn Process, op: &StoredOperation) {
+        let id = op.operation_id.as_str();
+        let mut held_until = self.clock.now().as_millisecond() + self.lease_ms;
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let attempt = tokio::select! {
+                attempt = process.process(op) => attempt,
+                never = self.keep(id) => match never {},
+            };
+            if attempt == Attempt::Done {
+                return;
+            }
+            loop {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                match self.renew(id).await {
+                    Ok(true) => {
+                        held_until = self.clock.now().as_millisecond() + self.lease_ms;
+                        break;
+                    }
+                    Ok(false) => return,
+                    Err(_) if self.clock.now().as_millisecond() < held_until => {}
+                    Err(err) => {
+                        tracing::warn!(operation = id, %err, "the database stayed out of reach for a whole lease; the operation is left to the next claim");
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -71,7 +157,15 @@ pub async fn run(
     } = timing;
     let prune_every = (retention_ms / 2).clamp(250, PRUNE_EVERY_MS);
     let owner = LeaseOwner::new(node);
-    let mut work = Work::new(provisioning);
+    let mut work = Work::new(
+        provisioning,
+        Leases {
+            store: Arc::clone(&store),
+            clock: Arc::clone(&clock),
+            owner: owner.clone(),
+            lease_ms,
+        },
+    );
     let mut scan = tokio::time::interval(SCAN);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut claim = true;
@@ -193,6 +287,7 @@ impl Schedule {
 /// The operations this worker holds, and the tasks running them.
 struct Work {
     process: Arc<dyn Process>,
+    leases: Leases,
     tasks: JoinSet<()>,
     /// The device each running task works for.
     running: HashMap<Id, String>,
@@ -200,9 +295,10 @@ struct Work {
 }
 
 impl Work {
-    fn new(process: Arc<dyn Process>) -> Self {
+    fn new(process: Arc<dyn Process>, leases: Leases) -> Self {
         Self {
             process,
+            leases,
             tasks: JoinSet::new(),
             running: HashMap::new(),
             schedule: Schedule::default(),
@@ -229,11 +325,11 @@ impl Work {
 
     fn start(&mut self, op: StoredOperation) {
         let key = op.registration_key.clone();
-        let process = Arc::clone(&self.process);
+        let (process, leases) = (Arc::clone(&self.process), self.leases.clone());
         let handle = self.tasks.spawn(async move {
             let in_progress = metrics::gauge!("opendps_operations_in_progress");
             in_progress.increment(1.0);
-            process.process(&op).await;
+            leases.work_on(process.as_ref(), &op).await;
             in_progress.decrement(1.0);
         });
         self.running.insert(handle.id(), key);
@@ -290,7 +386,7 @@ mod tests {
 
     #[async_trait]
     impl Process for Recorder {
-        async fn process(&self, op: &StoredOperation) {
+        async fn process(&self, op: &StoredOperation) -> Attempt {
             let started = tokio::time::Instant::now();
             tokio::time::sleep(Duration::from_secs(1)).await;
             let finished = StoredOperation {
@@ -304,7 +400,122 @@ mod tests {
                 started,
                 tokio::time::Instant::now(),
             ));
+            Attempt::Done
         }
+    }
+
+    /// Answers `Interrupted` a number of times, then finishes the operation after `takes`.
+    struct Flaky {
+        store: Arc<dyn Store>,
+        interruptions: Mutex<u32>,
+        takes: Duration,
+        attempts: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl Process for Flaky {
+        async fn process(&self, op: &StoredOperation) -> Attempt {
+            *self.attempts.lock().expect("lock") += 1;
+            {
+                let mut left = self.interruptions.lock().expect("lock");
+                if *left > 0 {
+                    *left -= 1;
+                    return Attempt::Interrupted;
+                }
+            }
+            tokio::time::sleep(self.takes).await;
+            let finished = StoredOperation {
+                pending: false,
+                ..op.clone()
+            };
+            self.store.put_operation(&finished).await.expect("finish");
+            Attempt::Done
+        }
+    }
+
+    /// Runs one operation through a worker with `process` and a lease of `lease_ms`, while another
+    /// node tries to claim it every 50 ms; returns once it is finished, with whether the other node
+    /// ever got it.
+    async fn run_one(process: Arc<Flaky>, lease_ms: i64) -> bool {
+        let store = Arc::clone(&process.store);
+        let clock: Arc<dyn Clock> = Arc::new(dps_core::clock::SystemClock);
+        store
+            .put_operation(&op("op", "dev", clock.now().as_millisecond() - 1))
+            .await
+            .expect("put");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(run(
+            process,
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            Arc::new(Notify::new()),
+            "node-a".into(),
+            Timing {
+                retention_ms: 600_000,
+                lease_ms,
+            },
+            stop_rx,
+        ));
+        let other = LeaseOwner::new("node-b");
+        let mut taken = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store
+            .get_operation("op")
+            .await
+            .expect("get")
+            .is_some_and(|o| o.pending)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operation did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = clock.now().as_millisecond();
+            taken |= !store
+                .claim_operations(&other, now, lease_ms, 10)
+                .await
+                .expect("claim")
+                .is_empty();
+        }
+        stop_tx.send(true).expect("stop");
+        worker.await.expect("worker ends");
+        taken
+    }
+
+    fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+        Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"))
+    }
+
+    /// An attempt the database interrupted is tried again by the same worker while it holds the
+    /// lease, not left until the lease runs out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interrupted_attempts_are_tried_again_under_the_same_lease() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flaky = Arc::new(Flaky {
+            store: sqlite_store(&dir),
+            interruptions: Mutex::new(2),
+            takes: Duration::ZERO,
+            attempts: Mutex::new(0),
+        });
+        let taken = run_one(Arc::clone(&flaky), 60_000).await;
+        assert_eq!(*flaky.attempts.lock().expect("lock"), 3);
+        assert!(!taken, "another node got the operation");
+    }
+
+    /// An attempt longer than the lease keeps it: the worker renews it, so no other node takes the
+    /// operation over while it is in progress.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_attempt_keeps_its_lease() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let slow = Arc::new(Flaky {
+            store: sqlite_store(&dir),
+            interruptions: Mutex::new(0),
+            takes: Duration::from_millis(2_000),
+            attempts: Mutex::new(0),
+        });
+        let taken = run_one(Arc::clone(&slow), 600).await;
+        assert!(!taken, "the lease lapsed while the attempt ran");
+        assert_eq!(*slow.attempts.lock().expect("lock"), 1);
     }
 
     #[tokio::test(start_paused = true)]

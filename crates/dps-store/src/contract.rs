@@ -415,6 +415,78 @@ fn operation(id: &str, pending: bool, next_attempt_ms: i64) -> StoredOperation {
     }
 }
 
+/// A lease is renewed only by the incarnation that holds it and only while the operation is
+/// pending; a renewed lease keeps other nodes away past the first expiry.
+pub async fn leases_are_renewed_by_their_holder(store: Arc<dyn Store>) {
+    let now = 1_000_000;
+    store
+        .put_operation(&operation("op-1", true, now))
+        .await
+        .expect("put");
+    let node_a = LeaseOwner::new("node-a");
+    let node_b = LeaseOwner::new("node-b");
+    assert!(
+        !store
+            .renew_lease(&node_a, "op-1", now + 10_000)
+            .await
+            .expect("renew"),
+        "nobody holds it yet"
+    );
+    assert_eq!(
+        store
+            .claim_operations(&node_a, now, 10_000, 10)
+            .await
+            .expect("claim")
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .renew_lease(&node_a, "op-1", now + 30_000)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !store
+            .renew_lease(&node_b, "op-1", now + 40_000)
+            .await
+            .expect("renew"),
+        "another node's lease"
+    );
+    assert!(
+        !store
+            .renew_lease(&LeaseOwner::new("node-a"), "op-1", now + 40_000)
+            .await
+            .expect("renew"),
+        "another incarnation of the same node"
+    );
+    assert!(
+        store
+            .claim_operations(&node_b, now + 20_000, 10_000, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "past the first expiry, the renewed lease still holds"
+    );
+    assert!(
+        !store
+            .renew_lease(&node_a, "missing", now)
+            .await
+            .expect("renew")
+    );
+    store
+        .put_operation(&operation("op-1", false, now))
+        .await
+        .expect("finish");
+    assert!(
+        !store
+            .renew_lease(&node_a, "op-1", now + 50_000)
+            .await
+            .expect("renew"),
+        "a finished operation has no lease"
+    );
+}
+
 /// Pending operations are leased to one worker at a time, become claimable again when the lease
 /// expires, and are never claimed once finished.
 pub async fn operations_are_leased(store: Arc<dyn Store>) {
@@ -595,7 +667,7 @@ macro_rules! contract_tests {
         $crate::contract_tests!(@cases $make;
             enrollment_lifecycle, kinds_are_separate, listing_pages_in_key_order, registrations_by_group,
             linked_hubs, identity_is_created_once, concurrent_creates_have_one_winner, failed_write_spoils_nothing_else,
-            operations_are_leased, pruning_keeps_pending_operations, registration_and_operation_together);
+            operations_are_leased, leases_are_renewed_by_their_holder, pruning_keeps_pending_operations, registration_and_operation_together);
     };
     (@cases $make:expr; $($case:ident),*) => {
         mod contract {

@@ -822,6 +822,26 @@ impl OperationStore for PgStore {
         Ok(claimed)
     }
 
+    async fn renew_lease(
+        &self,
+        owner: &LeaseOwner,
+        operation_id: &str,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let renewed = sqlx::query(
+            "UPDATE operations SET lease_until_ms = $1
+             WHERE operation_id = $2 AND pending AND lease_owner = $3 AND lease_incarnation = $4",
+        )
+        .bind(until_ms)
+        .bind(operation_id)
+        .bind(&owner.node)
+        .bind(&owner.incarnation)
+        .execute(&self.pool)
+        .await
+        .map_err(backend("renewing a lease"))?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
     async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
         let deleted = sqlx::query(
             "DELETE FROM operations WHERE operation_id IN (

@@ -680,6 +680,25 @@ impl OperationStore for SqliteStore {
         .await
     }
 
+    async fn renew_lease(
+        &self,
+        owner: &LeaseOwner,
+        operation_id: &str,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (owner, id) = (owner.clone(), operation_id.to_owned());
+        self.write(move |conn| {
+            conn.execute_cached(
+                "UPDATE operations SET lease_until_ms = ?1
+                 WHERE operation_id = ?2 AND pending = 1 AND lease_owner = ?3 AND lease_incarnation = ?4",
+                params![until_ms, id, owner.node, owner.incarnation],
+            )
+            .backend()
+        })
+        .await
+        .map(|updated| updated == 1)
+    }
+
     async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |conn| {

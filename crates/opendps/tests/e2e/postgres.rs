@@ -3,6 +3,8 @@
 //! stops it at startup with what to check.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dps_device::Transport;
@@ -535,6 +537,139 @@ async fn a_node_rides_out_a_database_restart() {
     assert_eq!(
         serde_json::to_value(&done).expect("json")["status"],
         "assigned"
+    );
+}
+
+/// Two nodes on a PostgreSQL server of the test's own, with an in-process hub, under a steady load
+/// of registrations through both; the server is stopped and started again in the middle. The
+/// nodes answer 503 meanwhile and recover without a restart of their own: every device that keeps
+/// trying (as the SDKs do on 503) ends assigned, every accepted operation finishes, and each device
+/// is on the hub once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_ride_out_a_database_restart_under_load() {
+    let cluster = dps_testkit::PgCluster::start().expect("a PostgreSQL cluster of the test's own");
+    let url = cluster.url();
+    let env = [("OPENDPS_STORAGE__URL", url.as_str())];
+    let a = TestServer::start_with_env(bin(), &env, &["--hub", HUB])
+        .await
+        .expect("node a starts");
+    let b_dir = tempfile::tempdir().expect("dir");
+    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
+    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &["--hub", HUB])
+        .await
+        .expect("node b starts");
+    let pids = (
+        a.service_info().expect("a").running.clone(),
+        b.service_info().expect("b").running.clone(),
+    );
+    let key = crate::symmetric_group(&a, "steady", serde_json::json!({})).await;
+    let scope = a.service_info().expect("info").id_scope.clone();
+    let apis = [a.api().expect("client"), b.api().expect("client")];
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let devices = 240;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..devices {
+        let (scope, key) = (scope.clone(), key.clone());
+        let (first, second) = (apis[i % 2].clone(), apis[(i + 1) % 2].clone());
+        let (accepted, refused) = (Arc::clone(&accepted), Arc::clone(&refused));
+        tasks.spawn(async move {
+            // A steady stream: one new device every 10 ms, across the outage.
+            tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
+            let rid = format!("steady-{i:03}");
+            let derived = dps_core::sas::derive_device_key(&key, &rid).expect("derive");
+            let token = dps_core::sas::generate_token(
+                &format!("{scope}/registrations/{rid}"),
+                &derived,
+                Some("registration"),
+                dps_testkit::far_future(),
+            )
+            .expect("token");
+            let (first, second) = (
+                first.with_auth(Some(token.clone())),
+                second.with_auth(Some(token)),
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            let operation = loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{rid}: never accepted"
+                );
+                let reply = first
+                    .put(
+                        &format!("/{scope}/registrations/{rid}/register"),
+                        serde_json::json!({ "registrationId": rid }),
+                        None,
+                    )
+                    .await
+                    .expect("register");
+                match reply.status.as_u16() {
+                    202 => break reply.body["operationId"].as_str().expect("id").to_owned(),
+                    503 => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    other => panic!("{rid}: register answered {other}: {reply:?}"),
+                }
+            };
+            accepted.fetch_add(1, Ordering::Relaxed);
+            loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{rid}: never finished"
+                );
+                let reply = second
+                    .get(&format!(
+                        "/{scope}/registrations/{rid}/operations/{operation}"
+                    ))
+                    .await
+                    .expect("poll");
+                match reply.status.as_u16() {
+                    200 => return (rid, reply.body),
+                    202 => {}
+                    503 => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => panic!("{rid}: poll answered {other}: {reply:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    while accepted.load(Ordering::Relaxed) < devices / 4 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.stop().expect("stop PostgreSQL under load");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.start_again().expect("start PostgreSQL again");
+    let mut finished = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        finished.push(joined.expect("device task"));
+    }
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "no request met the outage: the test shows nothing"
+    );
+    for (rid, done) in &finished {
+        assert_eq!(done["status"], "assigned", "{rid}: {done}");
+    }
+    assert_eq!(
+        (
+            a.service_info().expect("a").running.clone(),
+            b.service_info().expect("b").running.clone()
+        ),
+        pids
+    );
+    let hub = a.hub_api(HUB).expect("hub client");
+    let listed = hub.get("/devices?top=1000").await.expect("devices");
+    assert_eq!(
+        listed.body.as_array().map(Vec::len),
+        Some(devices),
+        "each device on the hub once"
+    );
+    eprintln!(
+        "{} requests met the outage with 503; all {devices} devices assigned",
+        refused.load(Ordering::Relaxed)
     );
 }
 
