@@ -39,6 +39,11 @@ pub struct Runtime {
     /// In-process hubs and their `iothubowner` connection strings (secrets: the file is owner-only).
     #[serde(default)]
     pub minihubs: Vec<crate::info::MinihubInfo>,
+    /// The storage the service runs on when it is not the SQLite file (`storage.url` and
+    /// `storage.password_file`, never a password), so that commands given only the data directory
+    /// find the same database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::config::StorageConfig>,
 }
 
 impl DataDir {

@@ -84,6 +84,20 @@ pub struct RunningInfo {
 /// Reads the service's details from its data directory, without taking any lock.
 pub async fn collect(config: &Config) -> anyhow::Result<ServiceInfo> {
     let data = DataDir::new(&config.data_dir);
+    let runtime = data.read_runtime();
+    // A running node on PostgreSQL says where its database is, for commands given only its data
+    // directory; a configured storage.url wins.
+    let found;
+    let config = match runtime.as_ref().and_then(|r| r.storage.as_ref()) {
+        Some(storage) if config.storage.url.is_none() => {
+            found = Config {
+                storage: storage.clone(),
+                ..config.clone()
+            };
+            &found
+        }
+        _ => config,
+    };
     // Read only: `info` (and every CLI command that finds its service through it) must never take
     // the write lock or migrate the store of a service that may be running.
     let opened = ServiceStore::open_existing(config).await?;
@@ -93,7 +107,6 @@ pub async fn collect(config: &Config) -> anyhow::Result<ServiceInfo> {
         .await?
         .context("the database has no service identity yet; start `opendps serve` once")?;
     let hubs = store.list_linked_hubs().await?;
-    let runtime = data.read_runtime();
     let minihubs: Vec<MinihubInfo> = match &runtime {
         Some(running) => running.minihubs.clone(),
         None => opened

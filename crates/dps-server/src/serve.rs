@@ -318,6 +318,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         amqp: amqp.as_ref().map(|(addr, _)| *addr),
         service_host: service_host.clone(),
         minihubs,
+        storage: config.storage.url.is_some().then(|| config.storage.clone()),
     })?;
     let mut tasks = vec![("HTTPS server", server)];
     let mqtt = mqtt.map(|(addr, task)| {

@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// Run only the baseline phase.
     #[arg(long)]
     baseline_only: bool,
+    /// Another node of the same service, found by its data directory (repeatable): the concurrent
+    /// clients are spread over all the nodes in turn, as a load balancer in front of them would.
+    #[arg(long = "also-data-dir", value_name = "DATA_DIR")]
+    pub also_data_dirs: Vec<std::path::PathBuf>,
     /// Give a device up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -265,20 +269,12 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Runs the bench against the service of `data_dir` (or the one `--login` names).
-pub async fn run(
-    args: BenchArgs,
-    settings: ClientSettings,
-    json_output: bool,
-) -> anyhow::Result<()> {
-    if args.reuse_connections && args.transport != Transport::Https {
-        bail!("--reuse-connections is for HTTPS; an MQTT connection is one device's session");
-    }
-    if args.devices == 0 || args.concurrency == 0 {
-        bail!("--devices and --concurrency must be at least 1");
-    }
-    let data_dir = settings.data_dir.clone();
-    let info = dps_server::info::collect(&dps_server::config::Config::for_data_dir(&data_dir)?)
+/// The running service of `data_dir`, as a target of the bench's transport, and its process.
+async fn target_of(
+    data_dir: &std::path::Path,
+    args: &BenchArgs,
+) -> anyhow::Result<(Target, dps_server::info::RunningInfo)> {
+    let info = dps_server::info::collect(&dps_server::config::Config::for_data_dir(data_dir)?)
         .await
         .context("no local service found; start `opendps serve` or give --data-dir")?;
     let Some(running) = info.running else {
@@ -302,7 +298,7 @@ pub async fn run(
         .await?
         .next()
         .with_context(|| format!("{name} does not resolve"))?;
-    let target = Arc::new(Target {
+    let target = Target {
         addr,
         host_header: host.to_owned(),
         server_name: ServerName::try_from(name.clone())?,
@@ -313,7 +309,42 @@ pub async fn run(
             Transport::MqttWs | Transport::AmqpWs => Carrier::WebSocket,
             Transport::Https | Transport::Mqtt | Transport::Amqp => Carrier::Tls,
         },
-    });
+    };
+    Ok((target, running))
+}
+
+/// Runs the bench against the service of `data_dir` (or the one `--login` names).
+pub async fn run(
+    args: BenchArgs,
+    settings: ClientSettings,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    if args.reuse_connections && args.transport != Transport::Https {
+        bail!("--reuse-connections is for HTTPS; an MQTT connection is one device's session");
+    }
+    if args.devices == 0 || args.concurrency == 0 {
+        bail!("--devices and --concurrency must be at least 1");
+    }
+    let (target, running) = target_of(&settings.data_dir, &args).await?;
+    let target = Arc::new(target);
+    let mut targets = vec![Arc::clone(&target)];
+    for dir in &args.also_data_dirs {
+        let (node, _) = target_of(dir, &args).await?;
+        if node.scope != target.scope {
+            bail!(
+                "the service of {} has ID scope {}, not {}: --also-data-dir takes nodes of the same service",
+                dir.display(),
+                node.scope,
+                target.scope
+            );
+        }
+        targets.push(Arc::new(node));
+    }
+    let addr = targets
+        .iter()
+        .map(|t| t.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
 
     let mut report = Report {
         transport: match args.transport {
@@ -326,7 +357,7 @@ pub async fn run(
         devices: args.devices,
         concurrency: args.concurrency,
         new_connection_per_device: !args.reuse_connections,
-        target: addr.to_string(),
+        target: addr,
         baseline: None,
         idle: None,
         registrations: None,
@@ -405,7 +436,7 @@ pub async fn run(
     let (results, registrations) = match x509_devices {
         None => {
             let (done, wall) =
-                register_all(&target, &args, devices, "registering", json_output).await;
+                register_all(&targets, &args, devices, "registering", json_output).await;
             report.group = Some(group_id.clone());
             let registrations = summarize(&done, wall);
             (done, registrations)
@@ -425,7 +456,7 @@ pub async fn run(
                 (x509_late, "X.509 devices (2/2)"),
                 (sym_late, "symmetric-key devices (2/2)"),
             ] {
-                passes.push(register_all(&target, &args, devices, what, json_output).await);
+                passes.push(register_all(&targets, &args, devices, what, json_output).await);
             }
             let mut joined = |first: usize, second: usize| {
                 let (mut done, wall) = std::mem::take(&mut passes[first]);
@@ -753,7 +784,7 @@ async fn tls_connect(
 
 /// Registers every device, `concurrency` at a time; returns each device's result and the wall time.
 async fn register_all(
-    target: &Arc<Target>,
+    targets: &[Arc<Target>],
     args: &BenchArgs,
     devices: Vec<SimDevice>,
     what: &str,
@@ -770,9 +801,9 @@ async fn register_all(
         poll_interval: args.poll_interval_ms.map(Duration::from_millis),
         timeout: Duration::from_secs(args.timeout),
     });
-    for _ in 0..args.concurrency.min(devices.len()) {
+    for client in 0..args.concurrency.min(devices.len()) {
         let (target, next, bar, devices, settings) = (
-            Arc::clone(target),
+            Arc::clone(&targets[client % targets.len()]),
             Arc::clone(&next),
             bar.clone(),
             Arc::clone(&devices),

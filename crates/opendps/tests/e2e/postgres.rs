@@ -217,6 +217,20 @@ async fn in_process_hubs_are_shared_by_the_nodes() {
         .await
         .expect("node b starts");
     let (ia, ib) = (a.service_info().expect("a"), b.service_info().expect("b"));
+    // Given only a running node's data directory, the CLI finds its database.
+    let info = std::process::Command::new(bin())
+        .args(["info", "--json", "--data-dir"])
+        .arg(b.data_dir())
+        .env_remove("OPENDPS_STORAGE__URL")
+        .output()
+        .expect("info");
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(found["idScope"], ia.id_scope.as_str());
     assert_eq!(ia.minihubs.len(), 1, "{:?}", ia.minihubs);
     assert_eq!(ia.minihubs, ib.minihubs, "one hub, one set of keys");
     for node in [&a, &b] {
