@@ -500,6 +500,14 @@ impl Minihub {
         self.inner
             .store
             .update(hub, device_id.clone(), move |existing| {
+                // Decided afresh when another node's write came first: work on copies.
+                let (device_id, device_scope, status_reason, authentication, parent_scopes) = (
+                    device_id.clone(),
+                    device_scope.clone(),
+                    status_reason.clone(),
+                    authentication.clone(),
+                    parent_scopes.clone(),
+                );
                 let (device, twin) = match (existing, &if_match) {
                     (Some(_), IfMatch::Absent) => {
                         return Err(MinihubError::DeviceAlreadyExists(device_id));
@@ -584,7 +592,7 @@ impl Minihub {
             .store
             .update(hub, device_id.clone(), move |existing| {
                 let Some((device, _)) = existing else {
-                    return Err(MinihubError::DeviceNotFound(device_id));
+                    return Err(MinihubError::DeviceNotFound(device_id.clone()));
                 };
                 if !if_match.allows(&device.etag) {
                     return Err(MinihubError::PreconditionFailed(format!(
@@ -643,7 +651,7 @@ impl Minihub {
             .inner
             .store
             .update(hub.clone(), owned_id.clone(), move |existing| {
-                let device_id = owned_id;
+                let device_id = owned_id.clone();
                 let Some((device, mut twin)) = existing else {
                     return Err(MinihubError::DeviceNotFound(device_id));
                 };
@@ -785,7 +793,7 @@ impl Minihub {
             .store
             .update(hub, device_id.clone(), move |existing| {
                 let Some((device, mut twin)) = existing else {
-                    return Err(MinihubError::DeviceNotFound(device_id));
+                    return Err(MinihubError::DeviceNotFound(device_id.clone()));
                 };
                 let version = twin.patch_reported(&patch, &now)?;
                 Ok(Change::Put(Box::new((device, twin)), version))

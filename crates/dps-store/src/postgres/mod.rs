@@ -22,7 +22,9 @@ use dps_core::store::{
     CertificateStore, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore,
     OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
 };
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::Postgres;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::query::Query;
 // Dynamic SQL here is built only from this file's table and column names, never from input;
 // values are always bound.
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row as _};
@@ -138,6 +140,10 @@ impl PgStore {
         PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before each use: it would double the round trips of every statement. A
+            // connection the server dropped fails its next statement, which is 503 (the caller
+            // tries again) and closes it; the pool opens a fresh one.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(backend("connecting to PostgreSQL"))
@@ -324,33 +330,32 @@ impl Docs {
 
 /// Writes `doc` under `key` in `docs` if `cond` holds. `extra` names one more column and its value
 /// (a registration's group), written with the document.
-async fn put_doc(
-    conn: &mut PgConnection,
+/// The statement writing a document under `cond` (without a `RETURNING` clause), with its
+/// parameters numbered from 1 in the order [`bind_doc`] binds them: [kind,] key, [extra,] etag, doc,
+/// and for `EtagIs` the etag to match. A condition that does not hold writes no row.
+fn doc_write_sql(
     docs: &Docs,
-    key: &str,
-    kind: Option<&str>,
-    extra: Option<(&str, Option<&str>)>,
-    doc: &StoredDoc,
+    kind: bool,
+    extra: Option<&str>,
     cond: &Precondition,
-) -> Result<(), StoreError> {
-    // Columns: [kind,] key, [extra,] etag, doc.
+) -> (String, usize) {
     let mut columns = Vec::new();
-    if kind.is_some() {
+    if kind {
         columns.push("kind");
     }
     columns.push(docs.key);
-    if let Some((column, _)) = extra {
+    if let Some(column) = extra {
         columns.push(column);
     }
     columns.extend(["etag", "doc"]);
     let values: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
-    let conflict = if kind.is_some() {
+    let conflict = if kind {
         format!("kind, {}", docs.key)
     } else {
         docs.key.to_owned()
     };
     let mut updated: Vec<&str> = Vec::new();
-    if let Some((column, _)) = extra {
+    if let Some(column) = extra {
         updated.push(column);
     }
     updated.extend(["etag", "doc"]);
@@ -388,18 +393,51 @@ async fn put_doc(
             )
         }
     };
-    let mut query = sqlx::query(AssertSqlSafe(sql));
+    let params = columns.len() + usize::from(matches!(cond, Precondition::EtagIs(_)));
+    (sql, params)
+}
+
+/// Binds the parameters of [`doc_write_sql`], in its order.
+fn bind_doc<'q>(
+    mut query: Query<'q, Postgres, PgArguments>,
+    kind: Option<&'q str>,
+    key: &'q str,
+    extra: Option<Option<&'q str>>,
+    doc: &'q StoredDoc,
+    cond: &'q Precondition,
+) -> Query<'q, Postgres, PgArguments> {
     if let Some(kind) = kind {
         query = query.bind(kind);
     }
     query = query.bind(key);
-    if let Some((_, value)) = extra {
+    if let Some(value) = extra {
         query = query.bind(value);
     }
     query = query.bind(doc.etag.as_str()).bind(&doc.doc);
     if let Precondition::EtagIs(etag) = cond {
         query = query.bind(etag.as_str());
     }
+    query
+}
+
+async fn put_doc(
+    conn: &mut PgConnection,
+    docs: &Docs,
+    key: &str,
+    kind: Option<&str>,
+    extra: Option<(&str, Option<&str>)>,
+    doc: &StoredDoc,
+    cond: &Precondition,
+) -> Result<(), StoreError> {
+    let (sql, _) = doc_write_sql(docs, kind.is_some(), extra.map(|(c, _)| c), cond);
+    let query = bind_doc(
+        sqlx::query(AssertSqlSafe(sql)),
+        kind,
+        key,
+        extra.map(|(_, v)| v),
+        doc,
+        cond,
+    );
     let written = query
         .execute(&mut *conn)
         .await
@@ -407,10 +445,20 @@ async fn put_doc(
     if written.rows_affected() > 0 {
         return Ok(());
     }
-    Err(match cond {
+    Err(why_not_written(conn, docs, key, cond).await)
+}
+
+/// Why a conditional write wrote nothing.
+async fn why_not_written(
+    conn: &mut PgConnection,
+    docs: &Docs,
+    key: &str,
+    cond: &Precondition,
+) -> StoreError {
+    match cond {
         Precondition::MustNotExist => StoreError::AlreadyExists(docs.what.clone()),
         _ => docs.why_not(conn, key, cond).await,
-    })
+    }
 }
 
 /// A listener on this schema's work channel.
@@ -445,35 +493,62 @@ async fn put_registration(
     .await
 }
 
-/// Inserts or replaces an operation, releasing any lease on it.
+/// The statement that inserts or replaces an operation (releasing any lease on it) and, when it
+/// is pending, announces it to every node listening (`NOTIFY`, delivered at commit; see
+/// [`PgStore::watch_work`]), as a `WITH` clause named `op` followed by `announced`. Its parameters
+/// are numbered from `first`: operation id, registration key, pending, next attempt, updated,
+/// document, channel prefix.
+fn operation_write_sql(first: usize) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "op AS (
+             INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
+             SELECT {}, {}, {}, {}, NULL, NULL, NULL, {}, {} FROM written
+             ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
+                 lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc
+             RETURNING pending),
+         announced AS (SELECT pg_notify({} || current_schema(), '') FROM op WHERE pending)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6)
+    )
+}
+
+/// Binds the parameters of [`operation_write_sql`].
+fn bind_operation<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    op: &'q StoredOperation,
+    now_ms: i64,
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(&op.operation_id)
+        .bind(&op.registration_key)
+        .bind(op.pending)
+        .bind(op.next_attempt_ms)
+        .bind(now_ms)
+        .bind(&op.doc)
+        .bind(WORK_CHANNEL)
+}
+
+/// Inserts or replaces an operation, releasing any lease on it, and announces pending work: one
+/// statement.
 async fn write_operation(
     conn: &mut PgConnection,
     op: &StoredOperation,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
-         VALUES ($1, $2, $3, $4, NULL, NULL, NULL, $5, $6)
-         ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
-             lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc",
-    )
-    .bind(&op.operation_id)
-    .bind(&op.registration_key)
-    .bind(op.pending)
-    .bind(op.next_attempt_ms)
-    .bind(now_ms)
-    .bind(&op.doc)
-    .execute(&mut *conn)
-    .await
-    .map_err(backend("writing an operation"))?;
-    if op.pending {
-        // Delivered when the write commits, to every node listening (see `PgStore::watch_work`).
-        sqlx::query("SELECT pg_notify($1 || current_schema(), '')")
-            .bind(WORK_CHANNEL)
-            .execute(conn)
-            .await
-            .map_err(backend("announcing work"))?;
-    }
+    let sql = format!(
+        "WITH written AS (SELECT 1), {} SELECT (SELECT count(*) FROM announced)",
+        operation_write_sql(1)
+    );
+    bind_operation(sqlx::query(AssertSqlSafe(sql)), op, now_ms)
+        .execute(conn)
+        .await
+        .map_err(backend("writing an operation"))?;
     Ok(())
 }
 
@@ -758,15 +833,34 @@ impl OperationStore for PgStore {
         cond: Precondition,
         op: &StoredOperation,
     ) -> Result<(), StoreError> {
+        // One statement, so one transaction and one round trip: the registration under its
+        // condition, then the operation only if the registration was written.
         let now = self.clock.now().as_millisecond();
-        let mut tx = self
-            .pool
-            .begin()
+        let docs = Docs::registrations(key);
+        let (registration, params) = doc_write_sql(&docs, false, Some("group_key"), &cond);
+        let sql = format!(
+            "WITH written AS ({registration} RETURNING 1), {}
+             SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM announced)",
+            operation_write_sql(params + 1)
+        );
+        let query = bind_doc(
+            sqlx::query(AssertSqlSafe(sql)),
+            None,
+            key,
+            Some(group_key),
+            &doc,
+            &cond,
+        );
+        let mut conn = self.conn().await?;
+        let (written, _): (i64, i64) = bind_operation(query, op, now)
+            .try_map(|row: PgRow| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .fetch_one(&mut *conn)
             .await
-            .map_err(backend("starting a transaction"))?;
-        put_registration(&mut tx, key, group_key, &doc, &cond).await?;
-        write_operation(&mut tx, op, now).await?;
-        tx.commit().await.map_err(backend("committing"))
+            .map_err(backend("writing a registration and its operation"))?;
+        if written > 0 {
+            return Ok(());
+        }
+        Err(why_not_written(&mut conn, &docs, key, &cond).await)
     }
 
     async fn get_operation(

@@ -52,7 +52,7 @@ async fn put(store: &HubStore, hub: &str, id: &str) {
     let row = (device(id, "e1"), TwinState::new(NOW));
     store
         .update(hub.into(), id.into(), move |_| {
-            Ok(Change::Put(Box::new((row.0, row.1)), ()))
+            Ok(Change::Put(Box::new(row.clone()), ()))
         })
         .await
         .expect("put");

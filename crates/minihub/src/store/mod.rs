@@ -113,7 +113,7 @@ impl HubStore {
         &self,
         hub: String,
         device_id: String,
-        decide: impl FnOnce(Option<Row>) -> Result<Change<R>, MinihubError> + Send + 'static,
+        mut decide: impl FnMut(Option<Row>) -> Result<Change<R>, MinihubError> + Send + 'static,
     ) -> Result<R, MinihubError> {
         match self {
             Self::Sqlite { writer, .. } => {

@@ -1,7 +1,8 @@
 //! minihub in PostgreSQL: the tables live next to the provisioning service's, in the database its
 //! nodes share, so every node serves the same hubs, keys, identities and twins. A device's
-//! read-modify-write holds a transaction-scoped advisory lock on that device, so writes through any
-//! node follow one another. A desired-property change is announced with `NOTIFY`, so that a
+//! read-modify-write is optimistic: the write is conditional on the row's revision being the one
+//! read (or on there being no row), and is decided again from the new row when another write came
+//! first, so writes through any node follow one another in two statements. A desired-property change is announced with `NOTIFY`, so that a
 //! device connected to another node hears of it too.
 
 use std::time::Duration;
@@ -27,16 +28,16 @@ const MIGRATIONS: &[&str] = &[
     r#"CREATE TABLE minihub_hubs (host_name TEXT COLLATE "C" PRIMARY KEY, doc TEXT NOT NULL);
      CREATE TABLE minihub_devices (
          hub TEXT COLLATE "C" NOT NULL, device_id TEXT COLLATE "C" NOT NULL,
-         device TEXT NOT NULL, twin TEXT NOT NULL,
+         device TEXT NOT NULL, twin TEXT NOT NULL, revision BIGINT NOT NULL DEFAULT 0,
          PRIMARY KEY (hub, device_id)
      );"#,
 ];
 
 const SCHEMA: Schema = Schema::new("minihub", MIGRATIONS);
 
-/// The first key of the advisory locks that order writes to one device (the second is a hash of
-/// the hub and device id). Any constant: it only keeps these locks apart from others.
-const DEVICE_LOCK_CLASS: i32 = 0x6d68_7562;
+/// How often a device write is decided again because other writes to the device kept coming first,
+/// before it gives up (with 503: the caller may try again).
+const MAX_WRITE_ATTEMPTS: usize = 100;
 
 /// The channel prefix of desired-property announcements; the schema follows, so that services in
 /// other schemas of the same database are not told.
@@ -182,62 +183,77 @@ impl PgHubStore {
         &self,
         hub: &str,
         device_id: &str,
-        decide: impl FnOnce(Option<Row>) -> Result<Change<R>, MinihubError>,
+        mut decide: impl FnMut(Option<Row>) -> Result<Change<R>, MinihubError>,
     ) -> Result<R, MinihubError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(failed("starting a device write"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))")
-            .bind(DEVICE_LOCK_CLASS)
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let found = sqlx::query(
+                "SELECT device, twin, revision FROM minihub_devices WHERE hub = $1 AND device_id = $2",
+            )
             .bind(hub)
             .bind(device_id)
-            .execute(&mut *tx)
+            .fetch_optional(&self.pool)
             .await
-            .map_err(failed("waiting for the device's other writes"))?;
-        let current = sqlx::query(
-            "SELECT device, twin FROM minihub_devices WHERE hub = $1 AND device_id = $2",
-        )
-        .bind(hub)
-        .bind(device_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(failed("reading a device"))?
-        .as_ref()
-        .map(row_of)
-        .transpose()?;
-        // On an error the transaction is dropped, which rolls it back.
-        let answer = match decide(current)? {
-            Change::Put(row, answer) => {
-                let (device, twin) = *row;
-                sqlx::query(
-                    "INSERT INTO minihub_devices (hub, device_id, device, twin) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (hub, device_id) DO UPDATE SET device = excluded.device, twin = excluded.twin",
-                )
-                .bind(hub)
-                .bind(device_id)
-                .bind(serde_json::to_string(&device)?)
-                .bind(serde_json::to_string(&twin)?)
-                .execute(&mut *tx)
-                .await
-                .map_err(failed("writing a device"))?;
-                answer
-            }
-            Change::Delete(answer) => {
-                sqlx::query("DELETE FROM minihub_devices WHERE hub = $1 AND device_id = $2")
+            .map_err(failed("reading a device"))?;
+            let revision: Option<i64> = found
+                .as_ref()
+                .map(|row| row.try_get("revision"))
+                .transpose()
+                .map_err(failed("reading a device"))?;
+            let current = found.as_ref().map(row_of).transpose()?;
+            let (written, answer) = match (decide(current)?, revision) {
+                (Change::Put(row, answer), None) => {
+                    let (device, twin) = *row;
+                    let done = sqlx::query(
+                        "INSERT INTO minihub_devices (hub, device_id, device, twin) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (hub, device_id) DO NOTHING",
+                    )
                     .bind(hub)
                     .bind(device_id)
-                    .execute(&mut *tx)
+                    .bind(serde_json::to_string(&device)?)
+                    .bind(serde_json::to_string(&twin)?)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(failed("writing a device"))?;
+                    (done.rows_affected() == 1, answer)
+                }
+                (Change::Put(row, answer), Some(revision)) => {
+                    let (device, twin) = *row;
+                    let done = sqlx::query(
+                        "UPDATE minihub_devices SET device = $3, twin = $4, revision = revision + 1
+                         WHERE hub = $1 AND device_id = $2 AND revision = $5",
+                    )
+                    .bind(hub)
+                    .bind(device_id)
+                    .bind(serde_json::to_string(&device)?)
+                    .bind(serde_json::to_string(&twin)?)
+                    .bind(revision)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(failed("writing a device"))?;
+                    (done.rows_affected() == 1, answer)
+                }
+                (Change::Delete(answer), None) => (true, answer),
+                (Change::Delete(answer), Some(revision)) => {
+                    let done = sqlx::query(
+                        "DELETE FROM minihub_devices WHERE hub = $1 AND device_id = $2 AND revision = $3",
+                    )
+                    .bind(hub)
+                    .bind(device_id)
+                    .bind(revision)
+                    .execute(&self.pool)
                     .await
                     .map_err(failed("deleting a device"))?;
-                answer
+                    (done.rows_affected() == 1, answer)
+                }
+            };
+            if written {
+                return Ok(answer);
             }
-        };
-        tx.commit()
-            .await
-            .map_err(failed("committing a device write"))?;
-        Ok(answer)
+            // Another write to the device came first: decide again from what it wrote.
+        }
+        Err(MinihubError::Unavailable(format!(
+            "device '{device_id}' kept changing under {MAX_WRITE_ATTEMPTS} attempts to write it"
+        )))
     }
 
     pub(crate) async fn announce_desired(
