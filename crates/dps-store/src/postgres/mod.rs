@@ -4,6 +4,7 @@
 //! claimed with `FOR UPDATE SKIP LOCKED` so that no operation goes to two nodes at once. A write
 //! returns once PostgreSQL has committed it.
 
+mod cache;
 mod import;
 pub use import::import_sqlite;
 mod migrations;
@@ -35,11 +36,17 @@ pub struct PgStore {
     pool: PgPool,
     /// When writes happen (operations record when they were last written, for pruning).
     clock: Arc<dyn Clock>,
+    /// Enrollments and linked hubs as last read, while [`PgStore::watch_work`] hears changes.
+    cache: Arc<cache::ReadCache>,
 }
 
 /// The channel on which a write of pending work is announced to every node: this prefix and the
 /// schema, so that services in other schemas of the same database are not woken.
 const WORK_CHANNEL: &str = "opendps_work:";
+
+/// The channel on which a change of an enrollment or a linked hub is announced, so that every node
+/// forgets what it kept of them (the schema follows, as for [`WORK_CHANNEL`]).
+const CHANGE_CHANNEL: &str = "opendps_changed:";
 
 /// Connections a node keeps open at most.
 const MAX_CONNECTIONS: u32 = 16;
@@ -121,7 +128,11 @@ impl PgStore {
     ) -> Result<Self, StoreError> {
         let pool = Self::connect_pool(options, MAX_CONNECTIONS).await?;
         migrations::migrate(&pool).await?;
-        Ok(Self { pool, clock })
+        Ok(Self {
+            pool,
+            clock,
+            cache: Arc::default(),
+        })
     }
 
     /// Connects to a database a service has set up, without migrating it: for commands that read
@@ -133,6 +144,7 @@ impl PgStore {
         Ok(Self {
             pool,
             clock: Arc::new(SystemClock),
+            cache: Arc::default(),
         })
     }
 
@@ -150,14 +162,15 @@ impl PgStore {
     }
 
     /// Wakes `wake` whenever any node records pending work (LISTEN/NOTIFY), so that a node's
-    /// worker starts on what another node accepted at once rather than at its next scan. Runs
-    /// until the store is closed; after a lost connection it listens again and wakes once, for
-    /// what it may have missed.
+    /// worker starts on what another node accepted at once rather than at its next scan; and hears
+    /// the changes of enrollments and linked hubs, so that this store may keep what it read of them
+    /// (see `cache`). Runs until the store is closed; after a lost connection it listens again (and
+    /// keeps nothing meanwhile) and wakes once, for what it may have missed.
     pub fn watch_work(&self, wake: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
-        let pool = self.pool.clone();
+        let (pool, cache) = (self.pool.clone(), Arc::clone(&self.cache));
         tokio::spawn(async move {
             while !pool.is_closed() {
-                let mut listener = match listen_for_work(&pool).await {
+                let mut listener = match listen_to_other_nodes(&pool).await {
                     Ok(listener) => listener,
                     Err(err) => {
                         tracing::warn!(%err, "cannot listen for other nodes' work; retrying in 1 s");
@@ -165,13 +178,18 @@ impl PgStore {
                         continue;
                     }
                 };
+                cache.set_listening(true);
                 wake.notify_one();
-                // `try_recv` gives `None` when the connection is lost (and reconnects on the next
-                // call): wake then too, for what may have been missed. An error means the pool is
-                // gone or closing.
-                while listener.try_recv().await.is_ok() {
-                    wake.notify_one();
+                // `None` means the connection was lost, an error that the pool is closing: either
+                // way listen afresh (or stop) rather than let the listener reconnect unseen.
+                while let Ok(Some(note)) = listener.try_recv().await {
+                    match note.channel().starts_with(CHANGE_CHANNEL) {
+                        true => cache.clear(),
+                        false => wake.notify_one(),
+                    }
                 }
+                cache.set_listening(false);
+                wake.notify_one();
             }
         })
     }
@@ -283,20 +301,17 @@ impl Docs {
     /// Deletes `key` if `cond` holds; `NotFound` if absent.
     async fn delete(
         &self,
-        pool: &PgPool,
+        conn: &mut PgConnection,
         key: &str,
         cond: &Precondition,
     ) -> Result<(), StoreError> {
-        let mut conn = pool.acquire().await.map_err(backend("connecting"))?;
         let deleted = match cond {
             // A delete that wants the document absent deletes nothing: it is found or not.
             Precondition::MustNotExist => {
-                return Err(
-                    match self.why_not(&mut conn, key, &Precondition::None).await {
-                        StoreError::NotFound(what) => StoreError::NotFound(what),
-                        _ => StoreError::AlreadyExists(self.what.clone()),
-                    },
-                );
+                return Err(match self.why_not(conn, key, &Precondition::None).await {
+                    StoreError::NotFound(what) => StoreError::NotFound(what),
+                    _ => StoreError::AlreadyExists(self.what.clone()),
+                });
             }
             Precondition::EtagIs(etag) => {
                 let sql = format!(
@@ -322,7 +337,7 @@ impl Docs {
         }
         .map_err(backend("deleting"))?;
         match deleted.rows_affected() {
-            0 => Err(self.why_not(&mut conn, key, cond).await),
+            0 => Err(self.why_not(conn, key, cond).await),
             _ => Ok(()),
         }
     }
@@ -461,15 +476,29 @@ async fn why_not_written(
     }
 }
 
-/// A listener on this schema's work channel.
-async fn listen_for_work(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+/// A listener on this schema's channels: work and changes.
+async fn listen_to_other_nodes(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-    let channel: String = sqlx::query_scalar("SELECT $1 || current_schema()")
-        .bind(WORK_CHANNEL)
-        .fetch_one(pool)
+    let (work, changes): (String, String) =
+        sqlx::query_as("SELECT $1 || current_schema(), $2 || current_schema()")
+            .bind(WORK_CHANNEL)
+            .bind(CHANGE_CHANNEL)
+            .fetch_one(pool)
+            .await?;
+    listener
+        .listen_all([work.as_str(), changes.as_str()])
         .await?;
-    listener.listen(&channel).await?;
     Ok(listener)
+}
+
+/// Announces, when the transaction `conn` is in commits, that enrollments or linked hubs changed.
+async fn announce_change(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1 || current_schema(), '')")
+        .bind(CHANGE_CHANNEL)
+        .execute(conn)
+        .await
+        .map_err(backend("announcing a change"))?;
+    Ok(())
 }
 
 /// Writes a registration state, with the group it came through, if `cond` holds.
@@ -570,6 +599,25 @@ impl PgStore {
             .await
             .map_err(backend("connecting to PostgreSQL"))
     }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        self.pool
+            .begin()
+            .await
+            .map_err(backend("starting a transaction"))
+    }
+
+    /// Commits a change of enrollments or linked hubs, announcing it to every node (delivered at
+    /// the commit), and forgets what this node kept of them.
+    async fn commit_change(
+        &self,
+        mut tx: sqlx::Transaction<'static, Postgres>,
+    ) -> Result<(), StoreError> {
+        announce_change(&mut tx).await?;
+        let committed = tx.commit().await.map_err(backend("committing"));
+        self.cache.clear();
+        committed
+    }
 }
 
 #[async_trait]
@@ -581,18 +629,10 @@ impl EnrollmentStore for PgStore {
         doc: StoredDoc,
         cond: Precondition,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut tx = self.begin().await?;
         let docs = Docs::enrollments(kind, key);
-        put_doc(
-            &mut conn,
-            &docs,
-            key,
-            Some(kind_tag(kind)),
-            None,
-            &doc,
-            &cond,
-        )
-        .await
+        put_doc(&mut tx, &docs, key, Some(kind_tag(kind)), None, &doc, &cond).await?;
+        self.commit_change(tx).await
     }
 
     async fn get_enrollment(
@@ -600,15 +640,23 @@ impl EnrollmentStore for PgStore {
         kind: EnrollmentKind,
         key: &str,
     ) -> Result<Option<StoredDoc>, StoreError> {
-        sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
-            .bind(kind_tag(kind))
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend("reading an enrollment"))?
-            .as_ref()
-            .map(doc_of)
-            .transpose()
+        let kind = kind_tag(kind);
+        let miss = match self.cache.enrollment(kind, key) {
+            Ok(kept) => return Ok(kept),
+            Err(miss) => miss,
+        };
+        let found =
+            sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
+                .bind(kind)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend("reading an enrollment"))?
+                .as_ref()
+                .map(doc_of)
+                .transpose()?;
+        self.cache.keep_enrollment(miss, kind, key, &found);
+        Ok(found)
     }
 
     async fn delete_enrollment(
@@ -617,9 +665,11 @@ impl EnrollmentStore for PgStore {
         key: &str,
         cond: Precondition,
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         Docs::enrollments(kind, key)
-            .delete(&self.pool, key, &cond)
-            .await
+            .delete(&mut tx, key, &cond)
+            .await?;
+        self.commit_change(tx).await
     }
 
     async fn list_enrollments(
@@ -645,13 +695,21 @@ impl EnrollmentStore for PgStore {
         &self,
         kind: EnrollmentKind,
     ) -> Result<Vec<(String, Etag)>, StoreError> {
+        let kind = kind_tag(kind);
+        let miss = match self.cache.versions(kind) {
+            Ok(kept) => return Ok(kept),
+            Err(miss) => miss,
+        };
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT id_key, etag FROM enrollments WHERE kind = $1 ORDER BY id_key")
-                .bind(kind_tag(kind))
+                .bind(kind)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend("listing enrollment versions"))?;
-        Ok(rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect())
+        let versions: Vec<(String, Etag)> =
+            rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect();
+        self.cache.keep_versions(miss, kind, &versions);
+        Ok(versions)
     }
 }
 
@@ -680,9 +738,8 @@ impl RegistrationStore for PgStore {
     }
 
     async fn delete_registration(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
-        Docs::registrations(key)
-            .delete(&self.pool, key, &cond)
-            .await
+        let mut conn = self.conn().await?;
+        Docs::registrations(key).delete(&mut conn, key, &cond).await
     }
 
     async fn list_registrations_by_group(
@@ -708,36 +765,47 @@ impl RegistrationStore for PgStore {
 #[async_trait]
 impl LinkedHubStore for PgStore {
     async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO linked_hubs (host_name, doc) VALUES ($1, $2)
              ON CONFLICT (host_name) DO UPDATE SET doc = excluded.doc",
         )
         .bind(&hub.host_name)
         .bind(to_json(hub)?)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(backend("writing a linked hub"))?;
-        Ok(())
+        self.commit_change(tx).await
     }
 
     async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
+        let miss = match self.cache.linked_hubs() {
+            Ok(kept) => return Ok(kept),
+            Err(miss) => miss,
+        };
         let docs: Vec<String> =
             sqlx::query_scalar("SELECT doc FROM linked_hubs ORDER BY host_name")
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend("listing linked hubs"))?;
-        docs.iter().map(|d| from_json(d)).collect()
+        let hubs = docs
+            .iter()
+            .map(|d| from_json(d))
+            .collect::<Result<Vec<LinkedHub>, _>>()?;
+        self.cache.keep_linked_hubs(miss, &hubs);
+        Ok(hubs)
     }
 
     async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         let deleted = sqlx::query("DELETE FROM linked_hubs WHERE host_name = $1")
             .bind(host_name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(backend("deleting a linked hub"))?;
         match deleted.rows_affected() {
             0 => Err(StoreError::NotFound(format!("linked hub '{host_name}'"))),
-            _ => Ok(()),
+            _ => self.commit_change(tx).await,
         }
     }
 }
@@ -783,7 +851,8 @@ impl CertificateStore for PgStore {
     }
 
     async fn delete_certificate(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
-        Docs::certificates(key).delete(&self.pool, key, &cond).await
+        let mut conn = self.conn().await?;
+        Docs::certificates(key).delete(&mut conn, key, &cond).await
     }
 }
 
@@ -1045,6 +1114,101 @@ mod tests {
                 .is_err(),
             "a finished operation woke a node"
         );
+        b.close().await;
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher ends with its store")
+            .expect("join");
+    }
+
+    /// A node keeps the enrollments and linked hubs it read while it hears changes, and follows
+    /// every change: made through another node soon after it commits, made through itself at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kept_enrollments_follow_changes_made_anywhere() {
+        use dps_core::store::EnrollmentKind::{Group, Individual};
+        let schema = Schema::create("contract").await;
+        let a = PgStore::connect(schema.options()).await.expect("node a");
+        let b = PgStore::connect(schema.options()).await.expect("node b");
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let watcher = b.watch_work(Arc::clone(&wake));
+        tokio::time::timeout(Duration::from_secs(10), wake.notified())
+            .await
+            .expect("listening");
+        // Announcements reach node b in commit order: once it is woken for work recorded after a
+        // change, it has heard the change.
+        let settled = |n: usize| {
+            let (a, wake) = (a.clone(), Arc::clone(&wake));
+            async move {
+                a.put_operation(&op(n)).await.expect("work");
+                tokio::time::timeout(Duration::from_secs(10), wake.notified())
+                    .await
+                    .expect("node b hears node a");
+            }
+        };
+        let v1 = crate::contract::doc(r#"{"v":1}"#);
+        a.put_enrollment(Group, "g", v1.clone(), Precondition::MustNotExist)
+            .await
+            .expect("create");
+        settled(1).await;
+        assert_eq!(
+            b.get_enrollment(Group, "g").await.expect("read"),
+            Some(v1.clone())
+        );
+        assert_eq!(
+            b.get_enrollment(Individual, "dev").await.expect("read"),
+            None
+        );
+        // Kept: a row removed behind the store's back (no announcement) is still answered.
+        sqlx::query("DELETE FROM enrollments WHERE id_key = 'g'")
+            .execute(&a.pool)
+            .await
+            .expect("delete behind its back");
+        assert_eq!(
+            b.get_enrollment(Group, "g").await.expect("read"),
+            Some(v1.clone())
+        );
+
+        // Changes through node a reach node b.
+        let v2 = crate::contract::doc(r#"{"v":2}"#);
+        a.put_enrollment(Group, "g", v2.clone(), Precondition::None)
+            .await
+            .expect("update");
+        a.put_enrollment(Individual, "dev", v2.clone(), Precondition::MustNotExist)
+            .await
+            .expect("individual");
+        a.put_linked_hub(&crate::contract::sample_hub("h.example", 1))
+            .await
+            .expect("link");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = (
+                b.get_enrollment(Group, "g").await.expect("read"),
+                b.get_enrollment(Individual, "dev").await.expect("read"),
+                b.list_linked_hubs().await.expect("hubs").len(),
+            );
+            if seen == (Some(v2.clone()), Some(v2.clone()), 1) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node b still answers {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            b.enrollment_versions(Group).await.expect("versions"),
+            vec![("g".to_owned(), v2.etag.clone())]
+        );
+        // Its own changes at once.
+        b.delete_enrollment(Individual, "dev", Precondition::None)
+            .await
+            .expect("delete");
+        assert_eq!(
+            b.get_enrollment(Individual, "dev").await.expect("read"),
+            None
+        );
+        b.delete_linked_hub("h.example").await.expect("unlink");
+        assert!(b.list_linked_hubs().await.expect("hubs").is_empty());
         b.close().await;
         tokio::time::timeout(Duration::from_secs(10), watcher)
             .await

@@ -1,0 +1,174 @@
+//! What a node keeps in memory of the documents every registration reads and that seldom change:
+//! enrollments (and the absence of one: most devices have no individual enrollment) and the linked
+//! hubs. It is used only while the node listens for the changes other nodes announce: each change
+//! is announced (`NOTIFY`) by the statement or transaction that makes it, and clears every node's
+//! copy when it commits; a change made through this node clears it at once. Between another node's
+//! commit and the announcement's arrival, a few milliseconds on a healthy network, this node may
+//! still answer from the previous version. While the announcements cannot be heard (the listening
+//! connection is lost) nothing is kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dps_core::ids::Etag;
+use dps_core::linked_hub::LinkedHub;
+use dps_core::store::StoredDoc;
+
+/// Entries kept at most; past that the cache starts afresh (individual-enrollment misses are one
+/// per device).
+const MAX_ENTRIES: usize = 100_000;
+
+/// The cache. A read that misses notes the generation before it asks the database and keeps its
+/// answer only if nothing was cleared meanwhile, so an answer older than a change is never kept.
+#[derive(Default)]
+pub(super) struct ReadCache {
+    listening: AtomicBool,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    generation: u64,
+    enrollments: HashMap<(&'static str, String), Option<StoredDoc>>,
+    versions: HashMap<&'static str, Vec<(String, Etag)>>,
+    linked_hubs: Option<Vec<LinkedHub>>,
+}
+
+/// A read that missed: the generation it began in.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Miss(u64);
+
+impl ReadCache {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether changes are heard; when not, nothing is kept or answered.
+    pub(super) fn set_listening(&self, on: bool) {
+        self.clear();
+        self.listening.store(on, Ordering::SeqCst);
+    }
+
+    /// Forgets everything: something changed.
+    pub(super) fn clear(&self) {
+        let mut entries = self.entries();
+        let generation = entries.generation.wrapping_add(1);
+        *entries = Entries {
+            generation,
+            ..Entries::default()
+        };
+    }
+
+    /// A kept answer (`Ok`), or the miss to keep the database's answer with (`Err(Some)`); `Err(None)`
+    /// when nothing may be kept.
+    fn lookup<T>(&self, find: impl FnOnce(&Entries) -> Option<T>) -> Result<T, Option<Miss>> {
+        if !self.listening.load(Ordering::SeqCst) {
+            return Err(None);
+        }
+        let entries = self.entries();
+        find(&entries).ok_or(Some(Miss(entries.generation)))
+    }
+
+    fn keep(&self, miss: Option<Miss>, put: impl FnOnce(&mut Entries)) {
+        let Some(Miss(generation)) = miss else { return };
+        let mut entries = self.entries();
+        if entries.generation != generation || !self.listening.load(Ordering::SeqCst) {
+            return;
+        }
+        if entries.enrollments.len() >= MAX_ENTRIES {
+            entries.enrollments.clear();
+        }
+        put(&mut entries);
+    }
+
+    pub(super) fn enrollment(
+        &self,
+        kind: &'static str,
+        key: &str,
+    ) -> Result<Option<StoredDoc>, Option<Miss>> {
+        self.lookup(|e| e.enrollments.get(&(kind, key.to_owned())).cloned())
+    }
+
+    pub(super) fn keep_enrollment(
+        &self,
+        miss: Option<Miss>,
+        kind: &'static str,
+        key: &str,
+        doc: &Option<StoredDoc>,
+    ) {
+        self.keep(miss, |e| {
+            e.enrollments.insert((kind, key.to_owned()), doc.clone());
+        });
+    }
+
+    pub(super) fn versions(&self, kind: &'static str) -> Result<Vec<(String, Etag)>, Option<Miss>> {
+        self.lookup(|e| e.versions.get(kind).cloned())
+    }
+
+    pub(super) fn keep_versions(
+        &self,
+        miss: Option<Miss>,
+        kind: &'static str,
+        versions: &[(String, Etag)],
+    ) {
+        self.keep(miss, |e| {
+            e.versions.insert(kind, versions.to_vec());
+        });
+    }
+
+    pub(super) fn linked_hubs(&self) -> Result<Vec<LinkedHub>, Option<Miss>> {
+        self.lookup(|e| e.linked_hubs.clone())
+    }
+
+    pub(super) fn keep_linked_hubs(&self, miss: Option<Miss>, hubs: &[LinkedHub]) {
+        self.keep(miss, |e| e.linked_hubs = Some(hubs.to_vec()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Option<StoredDoc> {
+        Some(StoredDoc {
+            etag: Etag::new("e"),
+            doc: text.into(),
+        })
+    }
+
+    #[test]
+    fn nothing_is_kept_unless_changes_are_heard() {
+        let cache = ReadCache::default();
+        let miss = cache.enrollment("group", "g").expect_err("empty");
+        assert!(miss.is_none(), "not listening: nothing may be kept");
+        cache.keep_enrollment(miss, "group", "g", &doc("{}"));
+        cache.set_listening(true);
+        let miss = cache.enrollment("group", "g").expect_err("still empty");
+        cache.keep_enrollment(miss, "group", "g", &doc("{}"));
+        assert_eq!(cache.enrollment("group", "g").ok(), Some(doc("{}")));
+        cache.set_listening(false);
+        assert!(
+            cache.enrollment("group", "g").is_err(),
+            "forgotten when deaf"
+        );
+    }
+
+    #[test]
+    fn an_answer_older_than_a_change_is_not_kept() {
+        let cache = ReadCache::default();
+        cache.set_listening(true);
+        let miss = cache.enrollment("individual", "dev").expect_err("empty");
+        // A change is heard while the database is being asked: its answer may predate the change.
+        cache.clear();
+        cache.keep_enrollment(miss, "individual", "dev", &None);
+        assert!(cache.enrollment("individual", "dev").is_err());
+        let miss = cache.enrollment("individual", "dev").expect_err("empty");
+        cache.keep_enrollment(miss, "individual", "dev", &None);
+        assert_eq!(
+            cache.enrollment("individual", "dev").ok(),
+            Some(None),
+            "an absence is kept"
+        );
+    }
+}
