@@ -216,13 +216,15 @@ impl Provisioning {
                 id: enrollment.registration_id,
             });
         }
-        let hint = self
-            .registration(&key)
-            .await?
-            .and_then(|(r, _)| r.enrollment_group_id);
         let mut groups = self.all_groups().await?;
-        // The group the device used last time first: it is almost always the one.
-        groups.sort_by_key(|g| Some(&g.id) != hint.as_ref());
+        if groups.len() > 1 {
+            // The group the device used last time first: it is almost always the one.
+            let hint = self
+                .registration(&key)
+                .await?
+                .and_then(|(r, _)| r.enrollment_group_id);
+            groups.sort_by_key(|g| Some(&g.id) != hint.as_ref());
+        }
         match groups
             .into_iter()
             .find(|g| Self::signed_by_group(&token, g, rid))
