@@ -117,6 +117,22 @@ pub async fn copy_table(
     }
 }
 
+/// Copies `tables` in order ([`copy_table`]); `progress` is told each table's running count.
+/// Returns the rows copied per table.
+pub async fn copy_tables(
+    source: &rusqlite::Connection,
+    tables: &[Table],
+    target: &mut PgConnection,
+    progress: &mut dyn FnMut(&str, u64),
+) -> Result<Vec<(&'static str, u64)>, ImportError> {
+    let mut copied = Vec::new();
+    for table in tables {
+        let rows = copy_table(source, table, target, &mut |n| progress(table.name, n)).await?;
+        copied.push((table.name, rows));
+    }
+    Ok(copied)
+}
+
 /// Up to [`CHUNK`] rows after the key `after`, each with its key (as read) and its cells.
 fn read_chunk(
     source: &rusqlite::Connection,

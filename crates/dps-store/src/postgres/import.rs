@@ -115,13 +115,7 @@ pub async fn import_sqlite(
         }
     }
     let source = crate::sqlite::open_for_copy(path)?;
-    let mut copied = Vec::new();
-    for table in TABLES {
-        let rows =
-            pg_schema::import::copy_table(&source, table, target, &mut |n| progress(table.name, n))
-                .await
-                .map_err(failed)?;
-        copied.push((table.name, rows));
-    }
-    Ok(copied)
+    pg_schema::import::copy_tables(&source, TABLES, target, progress)
+        .await
+        .map_err(failed)
 }

@@ -119,15 +119,7 @@ async fn two_nodes_share_one_database() {
     let schema = PgSchema::create("nodes").expect("a test schema on the local PostgreSQL");
     let url = schema.url();
     let env = [("OPENDPS_STORAGE__URL", url.as_str())];
-    let a = TestServer::start_with_env(bin(), &env, &[])
-        .await
-        .expect("node a starts");
-    // Node b gets node a's certificate and CA, as nodes behind one name do.
-    let b_dir = tempfile::tempdir().expect("dir");
-    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
-    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &[])
-        .await
-        .expect("node b starts");
+    let (a, b) = two_nodes(&env, &[]).await;
     let (ia, ib) = (a.service_info().expect("a"), b.service_info().expect("b"));
     assert_eq!(ia.id_scope, ib.id_scope, "one service identity");
     let key_of = |cs: &Option<String>| {
@@ -208,14 +200,7 @@ async fn in_process_hubs_are_shared_by_the_nodes() {
     let schema = PgSchema::create("hubs").expect("a test schema on the local PostgreSQL");
     let url = schema.url();
     let env = [("OPENDPS_STORAGE__URL", url.as_str())];
-    let a = TestServer::start_with_env(bin(), &env, &["--hub", HUB])
-        .await
-        .expect("node a starts");
-    let b_dir = tempfile::tempdir().expect("dir");
-    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
-    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &["--hub", HUB])
-        .await
-        .expect("node b starts");
+    let (a, b) = two_nodes(&env, &["--hub", HUB]).await;
     let (ia, ib) = (a.service_info().expect("a"), b.service_info().expect("b"));
     // Given only a running node's data directory, the CLI finds its database.
     let info = std::process::Command::new(bin())
@@ -487,6 +472,20 @@ async fn register(
     (token, operation)
 }
 
+/// Two nodes on the database `env` names, started with `args`: node b with node a's certificate
+/// and CA, as nodes behind one name have.
+async fn two_nodes(env: &[(&str, &str)], args: &[&str]) -> (TestServer, TestServer) {
+    let a = TestServer::start_with_env(bin(), env, args)
+        .await
+        .expect("node a starts");
+    let b_dir = tempfile::tempdir().expect("dir");
+    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
+    let b = TestServer::start_in_with_env(b_dir, bin(), env, args)
+        .await
+        .expect("node b starts");
+    (a, b)
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
@@ -564,14 +563,7 @@ async fn two_nodes_ride_out_a_database_restart_under_load() {
     let cluster = dps_testkit::PgCluster::start().expect("a PostgreSQL cluster of the test's own");
     let url = cluster.url();
     let env = [("OPENDPS_STORAGE__URL", url.as_str())];
-    let a = TestServer::start_with_env(bin(), &env, &["--hub", HUB])
-        .await
-        .expect("node a starts");
-    let b_dir = tempfile::tempdir().expect("dir");
-    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
-    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &["--hub", HUB])
-        .await
-        .expect("node b starts");
+    let (a, b) = two_nodes(&env, &["--hub", HUB]).await;
     // What `opendps info` says about a node now: its pid while it runs.
     let running = |node: &TestServer| {
         let out = node.cli(&["info", "--json"]).expect("info");
@@ -699,14 +691,7 @@ async fn a_killed_node_s_registrations_are_finished_by_the_other() {
         ("OPENDPS_PROVISIONING__HUB_TIMEOUT_SECS", "2"),
         ("OPENDPS_PROVISIONING__WEBHOOK_TIMEOUT_MS", "2000"),
     ];
-    let mut a = TestServer::start_with_env(bin(), &env, &[])
-        .await
-        .expect("node a starts");
-    let b_dir = tempfile::tempdir().expect("dir");
-    copy_dir(&a.data_dir().join("tls"), &b_dir.path().join("tls"));
-    let b = TestServer::start_in_with_env(b_dir, bin(), &env, &[])
-        .await
-        .expect("node b starts");
+    let (mut a, b) = two_nodes(&env, &[]).await;
     let hubs = [
         dps_testkit::ScriptedHub::start(a.data_dir())
             .await
