@@ -77,6 +77,18 @@ impl ServiceStore {
             // The SQLite file is in (or named by) the data directory's own configuration.
             return Ok(());
         };
+        let served = data.served_scope();
+        let found = store
+            .identity()
+            .await
+            .context("while reading the service identity")?;
+        if let (Some(served), Some(found)) = (&served, &found)
+            && found.id_scope.as_str() == served
+        {
+            // The usual start: the node's own service.
+            return Ok(());
+        }
+        // The SQLite file a single-node installation may have left, read only when it can matter.
         let left_file = config.sqlite_path();
         let left = match left_file.exists() {
             true => {
@@ -88,15 +100,11 @@ impl ServiceStore {
             }
             false => None,
         };
-        let (expected, from) = match (data.served_scope(), &left) {
+        let (expected, from) = match (served, &left) {
             (Some(scope), _) => (scope, format!("{}/{SCOPE_FILE}", data.root().display())),
             (None, Some(scope)) => (scope.clone(), left_file.display().to_string()),
             (None, None) => return Ok(()),
         };
-        let found = store
-            .identity()
-            .await
-            .context("while reading the service identity")?;
         match found {
             Some(identity) if identity.id_scope.as_str() == expected => Ok(()),
             Some(identity) => anyhow::bail!(

@@ -85,6 +85,22 @@ pub struct DesiredPatch {
     pub body: Value,
 }
 
+impl DesiredPatch {
+    /// `body` as the patch of desired `$version` `version`.
+    fn new(mut body: Map<String, Value>, version: u64) -> Self {
+        body.insert("$version".into(), version.into());
+        Self {
+            version,
+            body: Value::Object(body),
+        }
+    }
+
+    /// Every desired property of `twin`, as sent after a replacement.
+    fn all_of(twin: &TwinState) -> Self {
+        Self::new(twin.desired_props().clone(), twin.desired_version())
+    }
+}
+
 impl std::fmt::Debug for Minihub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Minihub").finish_non_exhaustive()
@@ -270,21 +286,18 @@ impl Minihub {
     ) -> Result<Self, MinihubError> {
         let store = PgHubStore::open(pool).await?;
         let hubs = store.hubs().await?;
-        let watched = Self::with_store(HubStore::Postgres(store), hubs, clock);
+        let watched = Self::with_store(HubStore::Postgres(store.clone()), hubs, clock);
         let weak = Arc::downgrade(&watched.inner);
-        if let HubStore::Postgres(store) = &watched.inner.store {
-            drop(
-                store
-                    .watch_desired(move |patch| match weak.upgrade() {
-                        Some(inner) => {
-                            Self { inner }.heard_desired(patch);
-                            true
-                        }
-                        None => false,
-                    })
-                    .await?,
-            );
-        }
+        let watcher = store
+            .watch_desired(move |patch| match weak.upgrade() {
+                Some(inner) => {
+                    Self { inner }.heard_desired(patch);
+                    true
+                }
+                None => false,
+            })
+            .await?;
+        drop(watcher);
         Ok(watched)
     }
 
@@ -664,16 +677,11 @@ impl Minihub {
                 twin.apply(&update, mode, &now)?;
                 let version = twin.desired_version();
                 // What the device is told: the patch as sent, or for a replacement everything.
-                let pushed = (version != before).then(|| {
-                    let mut body = match mode {
-                        Mode::Merge => update.desired.clone().unwrap_or_default(),
-                        Mode::Replace => twin.desired_props().clone(),
-                    };
-                    body.insert("$version".into(), version.into());
-                    DesiredPatch {
-                        version,
-                        body: Value::Object(body),
+                let pushed = (version != before).then(|| match mode {
+                    Mode::Merge => {
+                        DesiredPatch::new(update.desired.clone().unwrap_or_default(), version)
                     }
+                    Mode::Replace => DesiredPatch::all_of(&twin),
                 });
                 let rendered = twin.render(&device);
                 Ok(Change::Put(Box::new((device, twin)), (rendered, pushed)))
@@ -732,18 +740,7 @@ impl Minihub {
                 let hub = self.clone();
                 tokio::spawn(async move {
                     match hub.inner.store.device(&key.0, &key.1).await {
-                        Ok(Some((_, twin))) => {
-                            let mut body = twin.desired_props().clone();
-                            let version = twin.desired_version();
-                            body.insert("$version".into(), version.into());
-                            hub.push_desired(
-                                key,
-                                DesiredPatch {
-                                    version,
-                                    body: Value::Object(body),
-                                },
-                            );
-                        }
+                        Ok(Some((_, twin))) => hub.push_desired(key, DesiredPatch::all_of(&twin)),
                         Ok(None) => {}
                         Err(err) => {
                             tracing::warn!(%err, "could not read a twin another node changed");

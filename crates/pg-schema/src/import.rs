@@ -58,6 +58,12 @@ pub enum ImportError {
         #[source]
         source: sqlx::Error,
     },
+    /// The target already has rows in this table: copies go into empty tables only.
+    #[error("{table} already has rows")]
+    NotEmpty {
+        /// The table.
+        table: &'static str,
+    },
     /// A value has a type the table does not allow.
     #[error("{table}.{column} holds a value of an unexpected type")]
     Type {
@@ -81,8 +87,8 @@ enum Cell {
 /// A row as read: its key (to read on after it) and its cells.
 type ReadRow = (Vec<SqliteValue>, Vec<Cell>);
 
-/// How many rows `table` has in the target (to refuse copying into a database in use).
-pub async fn count(target: &mut PgConnection, table: &Table) -> Result<i64, ImportError> {
+/// How many rows `table` has in the target.
+async fn count(target: &mut PgConnection, table: &Table) -> Result<i64, ImportError> {
     sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT count(*) FROM {}",
         table.name
@@ -97,7 +103,7 @@ pub async fn count(target: &mut PgConnection, table: &Table) -> Result<i64, Impo
 
 /// Copies every row of `table` from `source` into `target`, in key order; calls `copied` with the
 /// running count after each chunk. Returns the number of rows copied.
-pub async fn copy_table(
+async fn copy_table(
     source: &rusqlite::Connection,
     table: &Table,
     target: &mut PgConnection,
@@ -117,14 +123,20 @@ pub async fn copy_table(
     }
 }
 
-/// Copies `tables` in order ([`copy_table`]); `progress` is told each table's running count.
-/// Returns the rows copied per table.
+/// Copies `tables` in order ([`copy_table`]) into `target`, where every one of them must be empty
+/// (else [`ImportError::NotEmpty`], before anything is copied); `progress` is told each table's
+/// running count. Returns the rows copied per table.
 pub async fn copy_tables(
     source: &rusqlite::Connection,
     tables: &[Table],
     target: &mut PgConnection,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<Vec<(&'static str, u64)>, ImportError> {
+    for table in tables {
+        if count(target, table).await? > 0 {
+            return Err(ImportError::NotEmpty { table: table.name });
+        }
+    }
     let mut copied = Vec::new();
     for table in tables {
         let rows = copy_table(source, table, target, &mut |n| progress(table.name, n)).await?;

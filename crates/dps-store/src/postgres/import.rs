@@ -89,33 +89,29 @@ pub async fn import_sqlite(
     target: &mut PgConnection,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<Vec<(&'static str, u64)>, StoreError> {
-    for table in TABLES {
-        if pg_schema::import::count(target, table)
-            .await
-            .map_err(failed)?
-            > 0
-        {
-            let identity: Option<String> = sqlx::query_scalar("SELECT doc FROM service_identity")
-                .fetch_optional(&mut *target)
-                .await
-                .ok()
-                .flatten();
-            let scope = identity
-                .and_then(|doc| serde_json::from_str::<ServiceIdentity>(&doc).ok())
-                .map(|identity| identity.id_scope);
-            return Err(StoreError::Backend(Internal::new(match scope {
-                Some(scope) => format!(
-                    "the PostgreSQL database already holds an opendps service (ID scope {scope}); migrate-store copies into a database (or schema) without one"
-                ),
-                None => format!(
-                    "the PostgreSQL database already has rows in {}; migrate-store copies into a database (or schema) without an opendps service",
-                    table.name
-                ),
-            })));
-        }
-    }
     let source = crate::sqlite::open_for_copy(path)?;
-    pg_schema::import::copy_tables(&source, TABLES, target, progress)
+    match pg_schema::import::copy_tables(&source, TABLES, target, progress).await {
+        Err(ImportError::NotEmpty { table }) => Err(in_use(target, table).await),
+        copied => copied.map_err(failed),
+    }
+}
+
+/// Why the target is refused: the service it already holds, or the table that has rows.
+async fn in_use(target: &mut PgConnection, table: &str) -> StoreError {
+    let identity: Option<String> = sqlx::query_scalar("SELECT doc FROM service_identity")
+        .fetch_optional(target)
         .await
-        .map_err(failed)
+        .ok()
+        .flatten();
+    let scope = identity
+        .and_then(|doc| serde_json::from_str::<ServiceIdentity>(&doc).ok())
+        .map(|identity| identity.id_scope);
+    StoreError::Backend(Internal::new(match scope {
+        Some(scope) => format!(
+            "the PostgreSQL database already holds an opendps service (ID scope {scope}); migrate-store copies into a database (or schema) without one"
+        ),
+        None => format!(
+            "the PostgreSQL database already has rows in {table}; migrate-store copies into a database (or schema) without an opendps service"
+        ),
+    }))
 }

@@ -241,8 +241,8 @@ fn fetch_limit(limit: usize) -> i64 {
 struct Docs {
     table: &'static str,
     key: &'static str,
-    /// `kind = '…' AND ` for enrollments, empty otherwise.
-    scope: String,
+    /// The enrollment kind (`kind` column) for enrollments; none for other tables.
+    kind: Option<&'static str>,
     /// What messages call one (`enrollment 'x'` …), by key.
     what: String,
 }
@@ -252,7 +252,7 @@ impl Docs {
         Self {
             table: "enrollments",
             key: "id_key",
-            scope: format!("kind = '{}' AND ", kind_tag(kind)),
+            kind: Some(kind_tag(kind)),
             what: format!("{} '{key}'", kind.label()),
         }
     }
@@ -261,7 +261,7 @@ impl Docs {
         Self {
             table: "certificates",
             key: "name_key",
-            scope: String::new(),
+            kind: None,
             what: format!("certificate '{key}'"),
         }
     }
@@ -270,16 +270,25 @@ impl Docs {
         Self {
             table: "registrations",
             key: "id_key",
-            scope: String::new(),
+            kind: None,
             what: format!("registration '{key}'"),
         }
+    }
+
+    /// `kind = '…' AND ` for enrollments (a constant of this file), empty otherwise.
+    fn scope(&self) -> String {
+        self.kind
+            .map(|kind| format!("kind = '{kind}' AND "))
+            .unwrap_or_default()
     }
 
     /// Why an update or delete of `key` under `cond` touched no row.
     async fn why_not(&self, conn: &mut PgConnection, key: &str, cond: &Precondition) -> StoreError {
         let sql = format!(
             "SELECT 1 FROM {} WHERE {}{} = $1",
-            self.table, self.scope, self.key
+            self.table,
+            self.scope(),
+            self.key
         );
         match sqlx::query(AssertSqlSafe(sql))
             .bind(key)
@@ -316,7 +325,9 @@ impl Docs {
             Precondition::EtagIs(etag) => {
                 let sql = format!(
                     "DELETE FROM {} WHERE {}{} = $1 AND etag = $2",
-                    self.table, self.scope, self.key
+                    self.table,
+                    self.scope(),
+                    self.key
                 );
                 sqlx::query(AssertSqlSafe(sql))
                     .bind(key)
@@ -327,7 +338,9 @@ impl Docs {
             Precondition::None => {
                 let sql = format!(
                     "DELETE FROM {} WHERE {}{} = $1",
-                    self.table, self.scope, self.key
+                    self.table,
+                    self.scope(),
+                    self.key
                 );
                 sqlx::query(AssertSqlSafe(sql))
                     .bind(key)
@@ -343,19 +356,14 @@ impl Docs {
     }
 }
 
-/// Writes `doc` under `key` in `docs` if `cond` holds. `extra` names one more column and its value
-/// (a registration's group), written with the document.
-/// The statement writing a document under `cond` (without a `RETURNING` clause), with its
-/// parameters numbered from 1 in the order [`bind_doc`] binds them: [kind,] key, [extra,] etag, doc,
-/// and for `EtagIs` the etag to match. A condition that does not hold writes no row.
-fn doc_write_sql(
-    docs: &Docs,
-    kind: bool,
-    extra: Option<&str>,
-    cond: &Precondition,
-) -> (String, usize) {
+/// The statement writing a document of `docs` under `cond` (without a `RETURNING` clause), with
+/// `extra` naming one more column written with it (a registration's group). Its parameters are
+/// numbered from 1 in the order [`bind_doc`] binds them: [kind,] key, [extra,] etag, doc, and for
+/// `EtagIs` the etag to match. A condition that does not hold writes no row. Returns the statement
+/// and its number of parameters.
+fn doc_write_sql(docs: &Docs, extra: Option<&str>, cond: &Precondition) -> (String, usize) {
     let mut columns = Vec::new();
-    if kind {
+    if docs.kind.is_some() {
         columns.push("kind");
     }
     columns.push(docs.key);
@@ -364,7 +372,7 @@ fn doc_write_sql(
     }
     columns.extend(["etag", "doc"]);
     let values: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
-    let conflict = if kind {
+    let conflict = if docs.kind.is_some() {
         format!("kind, {}", docs.key)
     } else {
         docs.key.to_owned()
@@ -401,7 +409,7 @@ fn doc_write_sql(
             format!(
                 "UPDATE {} SET {assignments} WHERE {}{} = ${} AND etag = ${}",
                 docs.table,
-                docs.scope,
+                docs.scope(),
                 docs.key,
                 columns.iter().position(|c| *c == docs.key).unwrap_or(0) + 1,
                 columns.len() + 1
@@ -415,13 +423,13 @@ fn doc_write_sql(
 /// Binds the parameters of [`doc_write_sql`], in its order.
 fn bind_doc<'q>(
     mut query: Query<'q, Postgres, PgArguments>,
-    kind: Option<&'q str>,
+    docs: &Docs,
     key: &'q str,
     extra: Option<Option<&'q str>>,
     doc: &'q StoredDoc,
     cond: &'q Precondition,
 ) -> Query<'q, Postgres, PgArguments> {
-    if let Some(kind) = kind {
+    if let Some(kind) = docs.kind {
         query = query.bind(kind);
     }
     query = query.bind(key);
@@ -435,19 +443,19 @@ fn bind_doc<'q>(
     query
 }
 
+/// Writes `doc` under `key` in `docs` if `cond` holds (see [`doc_write_sql`]).
 async fn put_doc(
     conn: &mut PgConnection,
     docs: &Docs,
     key: &str,
-    kind: Option<&str>,
     extra: Option<(&str, Option<&str>)>,
     doc: &StoredDoc,
     cond: &Precondition,
 ) -> Result<(), StoreError> {
-    let (sql, _) = doc_write_sql(docs, kind.is_some(), extra.map(|(c, _)| c), cond);
+    let (sql, _) = doc_write_sql(docs, extra.map(|(c, _)| c), cond);
     let query = bind_doc(
         sqlx::query(AssertSqlSafe(sql)),
-        kind,
+        docs,
         key,
         extra.map(|(_, v)| v),
         doc,
@@ -510,16 +518,7 @@ async fn put_registration(
     cond: &Precondition,
 ) -> Result<(), StoreError> {
     let docs = Docs::registrations(key);
-    put_doc(
-        conn,
-        &docs,
-        key,
-        None,
-        Some(("group_key", group_key)),
-        doc,
-        cond,
-    )
-    .await
+    put_doc(conn, &docs, key, Some(("group_key", group_key)), doc, cond).await
 }
 
 /// The statement that inserts or replaces an operation (releasing any lease on it) and, when it
@@ -561,24 +560,6 @@ fn bind_operation<'q>(
         .bind(now_ms)
         .bind(&op.doc)
         .bind(WORK_CHANNEL)
-}
-
-/// Inserts or replaces an operation, releasing any lease on it, and announces pending work: one
-/// statement.
-async fn write_operation(
-    conn: &mut PgConnection,
-    op: &StoredOperation,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    let sql = format!(
-        "WITH written AS (SELECT 1), {} SELECT (SELECT count(*) FROM announced)",
-        operation_write_sql(1)
-    );
-    bind_operation(sqlx::query(AssertSqlSafe(sql)), op, now_ms)
-        .execute(conn)
-        .await
-        .map_err(backend("writing an operation"))?;
-    Ok(())
 }
 
 fn operation_of(row: &PgRow) -> Result<StoredOperation, StoreError> {
@@ -631,7 +612,7 @@ impl EnrollmentStore for PgStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let docs = Docs::enrollments(kind, key);
-        put_doc(&mut tx, &docs, key, Some(kind_tag(kind)), None, &doc, &cond).await?;
+        put_doc(&mut tx, &docs, key, None, &doc, &cond).await?;
         self.commit_change(tx).await
     }
 
@@ -819,16 +800,7 @@ impl CertificateStore for PgStore {
         cond: Precondition,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        put_doc(
-            &mut conn,
-            &Docs::certificates(key),
-            key,
-            None,
-            None,
-            &doc,
-            &cond,
-        )
-        .await
+        put_doc(&mut conn, &Docs::certificates(key), key, None, &doc, &cond).await
     }
 
     async fn get_certificate(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
@@ -890,8 +862,20 @@ impl IdentityStore for PgStore {
 #[async_trait]
 impl OperationStore for PgStore {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        write_operation(&mut conn, op, self.clock.now().as_millisecond()).await
+        // One statement: the operation, and the announcement of pending work.
+        let sql = format!(
+            "WITH written AS (SELECT 1), {} SELECT (SELECT count(*) FROM announced)",
+            operation_write_sql(1)
+        );
+        bind_operation(
+            sqlx::query(AssertSqlSafe(sql)),
+            op,
+            self.clock.now().as_millisecond(),
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(backend("writing an operation"))?;
+        Ok(())
     }
 
     async fn put_registration_and_operation(
@@ -906,7 +890,7 @@ impl OperationStore for PgStore {
         // condition, then the operation only if the registration was written.
         let now = self.clock.now().as_millisecond();
         let docs = Docs::registrations(key);
-        let (registration, params) = doc_write_sql(&docs, false, Some("group_key"), &cond);
+        let (registration, params) = doc_write_sql(&docs, Some("group_key"), &cond);
         let sql = format!(
             "WITH written AS ({registration} RETURNING 1), {}
              SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM announced)",
@@ -914,7 +898,7 @@ impl OperationStore for PgStore {
         );
         let query = bind_doc(
             sqlx::query(AssertSqlSafe(sql)),
-            None,
+            &docs,
             key,
             Some(group_key),
             &doc,
@@ -1085,18 +1069,33 @@ mod tests {
         );
     }
 
+    /// `node` watching the other nodes, once it listens (the first wake says so): what wakes it,
+    /// and the watcher.
+    async fn watching(node: &PgStore) -> (Arc<tokio::sync::Notify>, tokio::task::JoinHandle<()>) {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let watcher = node.watch_work(Arc::clone(&wake));
+        tokio::time::timeout(Duration::from_secs(10), wake.notified())
+            .await
+            .expect("listening");
+        (wake, watcher)
+    }
+
+    /// Closes `node` and checks that its watcher ends with it.
+    async fn closed(node: &PgStore, watcher: tokio::task::JoinHandle<()>) {
+        node.close().await;
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher ends with its store")
+            .expect("join");
+    }
+
     /// Work recorded by one node wakes the others' workers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pending_work_wakes_every_node() {
         let schema = Schema::create("contract").await;
         let a = PgStore::connect(schema.options()).await.expect("node a");
         let b = PgStore::connect(schema.options()).await.expect("node b");
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let watcher = b.watch_work(Arc::clone(&wake));
-        // The first wake comes when the listener is in place.
-        tokio::time::timeout(Duration::from_secs(10), wake.notified())
-            .await
-            .expect("listening");
+        let (wake, watcher) = watching(&b).await;
         a.put_operation(&op(1)).await.expect("put");
         tokio::time::timeout(Duration::from_secs(10), wake.notified())
             .await
@@ -1114,11 +1113,7 @@ mod tests {
                 .is_err(),
             "a finished operation woke a node"
         );
-        b.close().await;
-        tokio::time::timeout(Duration::from_secs(10), watcher)
-            .await
-            .expect("the watcher ends with its store")
-            .expect("join");
+        closed(&b, watcher).await;
     }
 
     /// A node keeps the enrollments and linked hubs it read while it hears changes, and follows
@@ -1129,11 +1124,7 @@ mod tests {
         let schema = Schema::create("contract").await;
         let a = PgStore::connect(schema.options()).await.expect("node a");
         let b = PgStore::connect(schema.options()).await.expect("node b");
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let watcher = b.watch_work(Arc::clone(&wake));
-        tokio::time::timeout(Duration::from_secs(10), wake.notified())
-            .await
-            .expect("listening");
+        let (wake, watcher) = watching(&b).await;
         // Announcements reach node b in commit order: once it is woken for work recorded after a
         // change, it has heard the change.
         let settled = |n: usize| {
@@ -1209,11 +1200,7 @@ mod tests {
         );
         b.delete_linked_hub("h.example").await.expect("unlink");
         assert!(b.list_linked_hubs().await.expect("hubs").is_empty());
-        b.close().await;
-        tokio::time::timeout(Duration::from_secs(10), watcher)
-            .await
-            .expect("the watcher ends with its store")
-            .expect("join");
+        closed(&b, watcher).await;
     }
 
     /// Nodes starting at once on an empty database: one migrates, the others wait and find it done.

@@ -47,7 +47,8 @@ const DESIRED_CHANNEL: &str = "minihub_desired:";
 /// announced without it, and the listening node reads the desired properties instead.
 const MAX_ANNOUNCED_PATCH: usize = 7000;
 
-/// minihub's tables in a shared PostgreSQL database.
+/// minihub's tables in a shared PostgreSQL database. Clones share the pool.
+#[derive(Clone)]
 pub(crate) struct PgHubStore {
     pool: PgPool,
     /// This node's mark on its announcements, so it does not hear its own.
@@ -76,6 +77,14 @@ fn failed(context: &'static str) -> impl Fn(sqlx::Error) -> MinihubError {
     }
 }
 
+/// A schema that could not be opened: out of reach (503) or not usable (500).
+fn schema_failed(e: pg_schema::SchemaError) -> MinihubError {
+    match e.is_unavailable() {
+        true => MinihubError::Unavailable(format!("opening minihub's tables: {e}")),
+        false => MinihubError::Storage(format!("opening minihub's tables: {e}")),
+    }
+}
+
 fn row_of(row: &PgRow) -> Result<Row, MinihubError> {
     let device: String = row.try_get("device").map_err(failed("reading a device"))?;
     let twin: String = row.try_get("twin").map_err(failed("reading a twin"))?;
@@ -85,39 +94,26 @@ fn row_of(row: &PgRow) -> Result<Row, MinihubError> {
 impl PgHubStore {
     /// minihub's tables in `pool`'s database (its search path), created or migrated as needed.
     pub(crate) async fn open(pool: PgPool) -> Result<Self, MinihubError> {
-        SCHEMA
-            .migrate(&pool)
-            .await
-            .map_err(|e| match e.is_unavailable() {
-                true => MinihubError::Unavailable(format!("opening minihub's tables: {e}")),
-                false => MinihubError::Storage(format!("opening minihub's tables: {e}")),
-            })?;
+        Self::migrate(&pool).await?;
         Ok(Self {
             pool,
             origin: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
 
-    /// The hubs of `pool`'s database, read without migrating anything (for `opendps info`).
     /// Creates or migrates minihub's tables in `pool`'s database, and nothing else.
     pub(crate) async fn migrate(pool: &PgPool) -> Result<(), MinihubError> {
-        SCHEMA
-            .migrate(pool)
-            .await
-            .map_err(|e| match e.is_unavailable() {
-                true => MinihubError::Unavailable(format!("opening minihub's tables: {e}")),
-                false => MinihubError::Storage(format!("opening minihub's tables: {e}")),
-            })
+        SCHEMA.migrate(pool).await.map_err(schema_failed)
     }
 
+    /// The hubs of `pool`'s database, read without migrating anything (for `opendps info`).
     pub(crate) async fn read_hubs(pool: &PgPool) -> Result<Vec<HubInfo>, MinihubError> {
         match SCHEMA.check(pool).await {
-            Ok(()) => {}
+            Ok(()) => hubs(pool).await,
             // No minihub has run on this database: no hubs.
-            Err(pg_schema::SchemaError::NotMigrated { found: 0, .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(MinihubError::Storage(e.to_string())),
+            Err(pg_schema::SchemaError::NotMigrated { found: 0, .. }) => Ok(Vec::new()),
+            Err(e) => Err(schema_failed(e)),
         }
-        hubs(pool).await
     }
 
     pub(crate) async fn hubs(&self) -> Result<Vec<HubInfo>, MinihubError> {
@@ -146,15 +142,80 @@ impl PgHubStore {
         hub: &str,
         device_id: &str,
     ) -> Result<Option<Row>, MinihubError> {
-        sqlx::query("SELECT device, twin FROM minihub_devices WHERE hub = $1 AND device_id = $2")
+        Ok(self.read(hub, device_id).await?.map(|(row, _)| row))
+    }
+
+    /// A device and its twin with the row's revision (bumped by every write).
+    async fn read(&self, hub: &str, device_id: &str) -> Result<Option<(Row, i64)>, MinihubError> {
+        let found = sqlx::query(
+            "SELECT device, twin, revision FROM minihub_devices WHERE hub = $1 AND device_id = $2",
+        )
+        .bind(hub)
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(failed("reading a device"))?;
+        found
+            .map(|row| {
+                let revision = row
+                    .try_get("revision")
+                    .map_err(failed("reading a device"))?;
+                Ok((row_of(&row)?, revision))
+            })
+            .transpose()
+    }
+
+    /// Writes a device's row: inserted if `revision` is none (and no row exists), else replaced if
+    /// its revision is still `revision`. Whether it was written.
+    async fn put_row(
+        &self,
+        hub: &str,
+        device_id: &str,
+        (device, twin): &Row,
+        revision: Option<i64>,
+    ) -> Result<bool, MinihubError> {
+        let sql = match revision {
+            None => {
+                "INSERT INTO minihub_devices (hub, device_id, device, twin) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (hub, device_id) DO NOTHING"
+            }
+            Some(_) => {
+                "UPDATE minihub_devices SET device = $3, twin = $4, revision = revision + 1
+                 WHERE hub = $1 AND device_id = $2 AND revision = $5"
+            }
+        };
+        let mut query = sqlx::query(sql)
             .bind(hub)
             .bind(device_id)
-            .fetch_optional(&self.pool)
+            .bind(serde_json::to_string(device)?)
+            .bind(serde_json::to_string(twin)?);
+        if let Some(revision) = revision {
+            query = query.bind(revision);
+        }
+        let done = query
+            .execute(&self.pool)
             .await
-            .map_err(failed("reading a device"))?
-            .as_ref()
-            .map(row_of)
-            .transpose()
+            .map_err(failed("writing a device"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes a device's row if its revision is still `revision`. Whether it was deleted.
+    async fn delete_row(
+        &self,
+        hub: &str,
+        device_id: &str,
+        revision: i64,
+    ) -> Result<bool, MinihubError> {
+        let done = sqlx::query(
+            "DELETE FROM minihub_devices WHERE hub = $1 AND device_id = $2 AND revision = $3",
+        )
+        .bind(hub)
+        .bind(device_id)
+        .bind(revision)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("deleting a device"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub(crate) async fn devices(
@@ -186,64 +247,17 @@ impl PgHubStore {
         mut decide: impl FnMut(Option<Row>) -> Result<Change<R>, MinihubError>,
     ) -> Result<R, MinihubError> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let found = sqlx::query(
-                "SELECT device, twin, revision FROM minihub_devices WHERE hub = $1 AND device_id = $2",
-            )
-            .bind(hub)
-            .bind(device_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(failed("reading a device"))?;
-            let revision: Option<i64> = found
-                .as_ref()
-                .map(|row| row.try_get("revision"))
-                .transpose()
-                .map_err(failed("reading a device"))?;
-            let current = found.as_ref().map(row_of).transpose()?;
+            let (current, revision) = match self.read(hub, device_id).await? {
+                Some((row, revision)) => (Some(row), Some(revision)),
+                None => (None, None),
+            };
             let (written, answer) = match (decide(current)?, revision) {
-                (Change::Put(row, answer), None) => {
-                    let (device, twin) = *row;
-                    let done = sqlx::query(
-                        "INSERT INTO minihub_devices (hub, device_id, device, twin) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (hub, device_id) DO NOTHING",
-                    )
-                    .bind(hub)
-                    .bind(device_id)
-                    .bind(serde_json::to_string(&device)?)
-                    .bind(serde_json::to_string(&twin)?)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(failed("writing a device"))?;
-                    (done.rows_affected() == 1, answer)
-                }
-                (Change::Put(row, answer), Some(revision)) => {
-                    let (device, twin) = *row;
-                    let done = sqlx::query(
-                        "UPDATE minihub_devices SET device = $3, twin = $4, revision = revision + 1
-                         WHERE hub = $1 AND device_id = $2 AND revision = $5",
-                    )
-                    .bind(hub)
-                    .bind(device_id)
-                    .bind(serde_json::to_string(&device)?)
-                    .bind(serde_json::to_string(&twin)?)
-                    .bind(revision)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(failed("writing a device"))?;
-                    (done.rows_affected() == 1, answer)
+                (Change::Put(row, answer), revision) => {
+                    (self.put_row(hub, device_id, &row, revision).await?, answer)
                 }
                 (Change::Delete(answer), None) => (true, answer),
                 (Change::Delete(answer), Some(revision)) => {
-                    let done = sqlx::query(
-                        "DELETE FROM minihub_devices WHERE hub = $1 AND device_id = $2 AND revision = $3",
-                    )
-                    .bind(hub)
-                    .bind(device_id)
-                    .bind(revision)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(failed("deleting a device"))?;
-                    (done.rows_affected() == 1, answer)
+                    (self.delete_row(hub, device_id, revision).await?, answer)
                 }
             };
             if written {
@@ -378,21 +392,13 @@ pub(crate) async fn import_sqlite(
     target: &mut sqlx::PgConnection,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<Vec<(&'static str, u64)>, MinihubError> {
-    let failed = |e: ImportError| MinihubError::Storage(format!("copying minihub's database: {e}"));
-    for table in TABLES {
-        if pg_schema::import::count(target, table)
-            .await
-            .map_err(failed)?
-            > 0
-        {
-            return Err(MinihubError::Storage(format!(
-                "the PostgreSQL database already has in-process hubs ({} is not empty); migrate-store copies into a database without them",
-                table.name
-            )));
-        }
-    }
     let source = super::sqlite::open_read_only(path)?;
     pg_schema::import::copy_tables(&source, TABLES, target, progress)
         .await
-        .map_err(failed)
+        .map_err(|e| match e {
+            ImportError::NotEmpty { table } => MinihubError::Storage(format!(
+                "the PostgreSQL database already has in-process hubs ({table} is not empty); migrate-store copies into a database without them"
+            )),
+            e => MinihubError::Storage(format!("copying minihub's database: {e}")),
+        })
 }

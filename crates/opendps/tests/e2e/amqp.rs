@@ -414,12 +414,5 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
 
     // Everyone else is still served.
     let rid = "amqp-after-garbage";
-    let done = crate::keyed_device(&server, rid, &derived(&key, rid), Transport::Amqp)
-        .provision(&|_| ())
-        .await
-        .expect("provision");
-    assert_eq!(
-        serde_json::to_value(&done).expect("json")["status"],
-        "assigned"
-    );
+    crate::provision_assigned(&crate::group_device(&server, &key, rid, Transport::Amqp)).await;
 }

@@ -83,6 +83,26 @@ pub fn keyed_device(
     )
 }
 
+/// A device of the symmetric-key group whose key is `group_key` (its own key derived from it), of
+/// `server` over `transport`.
+pub fn group_device(
+    server: &TestServer,
+    group_key: &str,
+    rid: &str,
+    transport: dps_device::Transport,
+) -> dps_device::Device {
+    let key = dps_core::sas::derive_device_key(group_key, rid).expect("derive");
+    keyed_device(server, rid, &key, transport)
+}
+
+/// Registers `device`, which must end `assigned`; the final status as JSON.
+pub async fn provision_assigned(device: &dps_device::Device) -> serde_json::Value {
+    let done = device.provision(&|_| ()).await.expect("provision");
+    let done = serde_json::to_value(&done).expect("json");
+    assert_eq!(done["status"], "assigned", "{done}");
+    done
+}
+
 /// Group settings with an initial twin, for the transport tests.
 pub fn eco_twin() -> serde_json::Value {
     serde_json::json!({"initialTwin": {"properties": {"desired": {"mode": "eco"}}}})

@@ -30,15 +30,7 @@ async fn a_node_on_postgresql_registers_devices_and_keeps_its_state_there() {
         ("pg-sensor-1", Transport::Https),
         ("pg-sensor-2", Transport::Mqtt),
     ] {
-        let derived = dps_core::sas::derive_device_key(&key, rid).expect("derive");
-        let done = crate::keyed_device(&server, rid, &derived, transport)
-            .provision(&|_| ())
-            .await
-            .expect("provision");
-        assert_eq!(
-            serde_json::to_value(&done).expect("json")["status"],
-            "assigned"
-        );
+        crate::provision_assigned(&crate::group_device(&server, &key, rid, transport)).await;
     }
 
     // The state is in PostgreSQL, not in a SQLite file of the data directory.
@@ -241,14 +233,10 @@ async fn in_process_hubs_are_shared_by_the_nodes() {
 
     let key = crate::symmetric_group(&a, "shared-hub", crate::eco_twin()).await;
     let rid = "shared-hub-device";
-    let derived = dps_core::sas::derive_device_key(&key, rid).expect("derive");
-    let done = crate::keyed_device(&a, rid, &derived, Transport::Https)
-        .provision(&|_| ())
-        .await
-        .expect("provision through node a");
-    let done = serde_json::to_value(&done).expect("json");
+    let done =
+        crate::provision_assigned(&crate::group_device(&a, &key, rid, Transport::Https)).await;
     assert_eq!(done["registrationState"]["assignedHub"], HUB, "{done}");
-    let twin = crate::keyed_device(&b, rid, &derived, Transport::Mqtt)
+    let twin = crate::group_device(&b, &key, rid, Transport::Mqtt)
         .read_twin(HUB, rid)
         .await
         .expect("the twin, through node b");
@@ -268,11 +256,7 @@ async fn migrate_store_moves_a_sqlite_installation_to_postgresql() {
     let scope = server.service_info().expect("info").id_scope.clone();
     let key = crate::symmetric_group(&server, "moving", crate::eco_twin()).await;
     for rid in ["moving-1", "moving-2", "moving-3"] {
-        let derived = dps_core::sas::derive_device_key(&key, rid).expect("derive");
-        crate::keyed_device(&server, rid, &derived, Transport::Https)
-            .provision(&|_| ())
-            .await
-            .expect("provision on SQLite");
+        crate::provision_assigned(&crate::group_device(&server, &key, rid, Transport::Https)).await;
     }
     let schema = PgSchema::create("moved").expect("a test schema on the local PostgreSQL");
     let url = schema.url();
@@ -336,17 +320,18 @@ async fn migrate_store_moves_a_sqlite_installation_to_postgresql() {
         .await
         .expect("registration state");
     assert_eq!(state.status, 200, "{state:?}");
-    let derived = dps_core::sas::derive_device_key(&key, "moving-2").expect("derive");
-    let twin = crate::keyed_device(&server, "moving-2", &derived, Transport::Mqtt)
+    let twin = crate::group_device(&server, &key, "moving-2", Transport::Mqtt)
         .read_twin(HUB, "moving-2")
         .await
         .expect("the device's hub identity and twin came along");
     assert_eq!(twin["desired"]["mode"], "eco", "{twin}");
-    let derived = dps_core::sas::derive_device_key(&key, "moving-4").expect("derive");
-    crate::keyed_device(&server, "moving-4", &derived, Transport::Mqtt)
-        .provision(&|_| ())
-        .await
-        .expect("a new device on PostgreSQL");
+    crate::provision_assigned(&crate::group_device(
+        &server,
+        &key,
+        "moving-4",
+        Transport::Mqtt,
+    ))
+    .await;
     server.stop().await.expect("stop");
 
     // This data directory on a database without its service, then on another service's.
@@ -447,14 +432,7 @@ async fn register(
     key: &str,
     rid: &str,
 ) -> (String, String) {
-    let derived = dps_core::sas::derive_device_key(key, rid).expect("derive");
-    let token = dps_core::sas::generate_token(
-        &format!("{scope}/registrations/{rid}"),
-        &derived,
-        Some("registration"),
-        dps_testkit::far_future(),
-    )
-    .expect("token");
+    let token = registration_token(scope, key, rid);
     let reply = api
         .with_auth(Some(token.clone()))
         .put(
@@ -470,6 +448,18 @@ async fn register(
         .expect("operation id")
         .to_owned();
     (token, operation)
+}
+
+/// The SAS token of group device `rid` (its key derived from the group's `key`).
+fn registration_token(scope: &str, key: &str, rid: &str) -> String {
+    let derived = dps_core::sas::derive_device_key(key, rid).expect("derive");
+    dps_core::sas::generate_token(
+        &format!("{scope}/registrations/{rid}"),
+        &derived,
+        Some("registration"),
+        dps_testkit::far_future(),
+    )
+    .expect("token")
 }
 
 /// Two nodes on the database `env` names, started with `args`: node b with node a's certificate
@@ -525,12 +515,7 @@ async fn a_node_rides_out_a_database_restart() {
         "took {:?}",
         started.elapsed()
     );
-    let device = crate::keyed_device(
-        &server,
-        "restart-device",
-        &dps_core::sas::derive_device_key(&key, "restart-device").expect("derive"),
-        Transport::Https,
-    );
+    let device = crate::group_device(&server, &key, "restart-device", Transport::Https);
     let failed = format!(
         "{:#}",
         device.provision(&|_| ()).await.expect_err("no database")
@@ -587,14 +572,7 @@ async fn two_nodes_ride_out_a_database_restart_under_load() {
             // A steady stream: one new device every 10 ms, across the outage.
             tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
             let rid = format!("steady-{i:03}");
-            let derived = dps_core::sas::derive_device_key(&key, &rid).expect("derive");
-            let token = dps_core::sas::generate_token(
-                &format!("{scope}/registrations/{rid}"),
-                &derived,
-                Some("registration"),
-                dps_testkit::far_future(),
-            )
-            .expect("token");
+            let token = registration_token(&scope, &key, &rid);
             let (first, second) = (
                 first.with_auth(Some(token.clone())),
                 second.with_auth(Some(token)),

@@ -165,13 +165,5 @@ async fn upgrades_it_cannot_serve_are_refused_and_bad_bytes_end_only_their_conne
 
     // And everyone else is still served.
     let rid = "ws-after-garbage";
-    let device_key = dps_core::sas::derive_device_key(&key, rid).expect("derive");
-    let done = crate::keyed_device(&server, rid, &device_key, Transport::MqttWs)
-        .provision(&|_| ())
-        .await
-        .expect("provision");
-    assert_eq!(
-        serde_json::to_value(&done).expect("json")["status"],
-        "assigned"
-    );
+    crate::provision_assigned(&crate::group_device(&server, &key, rid, Transport::MqttWs)).await;
 }
