@@ -123,7 +123,7 @@ async fn copy_table(
     }
 }
 
-/// Copies `tables` in order ([`copy_table`]) into `target`, where every one of them must be empty
+/// Copies `tables` in order, each in key order, into `target`, where every one of them must be empty
 /// (else [`ImportError::NotEmpty`], before anything is copied); `progress` is told each table's
 /// running count. Returns the rows copied per table.
 pub async fn copy_tables(
