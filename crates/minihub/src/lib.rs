@@ -510,84 +510,87 @@ impl Minihub {
         let now = self.now();
         let now_text = self.now_text();
         let device_id = device_id.to_owned();
-        self.inner
-            .store
-            .update(hub, device_id.clone(), move |existing| {
-                // Decided afresh when another node's write came first: work on copies.
-                let (device_id, device_scope, status_reason, authentication, parent_scopes) = (
-                    device_id.clone(),
-                    device_scope.clone(),
-                    status_reason.clone(),
-                    authentication.clone(),
-                    parent_scopes.clone(),
-                );
-                let (device, twin) = match (existing, &if_match) {
-                    (Some(_), IfMatch::Absent) => {
-                        return Err(MinihubError::DeviceAlreadyExists(device_id));
-                    }
-                    (Some((old, _)), wanted) if !wanted.allows(&old.etag) => {
-                        return Err(MinihubError::PreconditionFailed(format!(
-                            "device '{device_id}' has changed since etag {}",
-                            etag::quoted(&old.etag)
-                        )));
-                    }
-                    (None, IfMatch::Etag(_)) => {
-                        return Err(MinihubError::DeviceNotFound(device_id));
-                    }
-                    (Some((old, twin)), _) => {
-                        let status_updated_time = if old.status == status {
-                            old.status_updated_time.clone()
-                        } else {
-                            now_text.clone()
-                        };
-                        let device_scope = device_scope.or_else(|| {
-                            capabilities
-                                .iot_edge
-                                .then(|| edge_scope(&device_id, &old.generation_id))
-                        });
-                        let device = Device {
-                            etag: etag::new_device_etag(Some(&old.etag)),
-                            status,
-                            status_reason,
-                            status_updated_time,
-                            authentication,
-                            capabilities,
-                            device_scope,
-                            parent_scopes,
-                            ..old
-                        };
-                        (device, twin)
-                    }
-                    (None, _) => {
-                        let ticks = now.as_nanosecond() / 100 + UNIX_EPOCH_TICKS;
-                        let generation_id = ticks.to_string();
-                        let device_scope = device_scope.or_else(|| {
-                            capabilities
-                                .iot_edge
-                                .then(|| edge_scope(&device_id, &generation_id))
-                        });
-                        let device = Device {
-                            device_id: device_id.clone(),
-                            generation_id,
-                            etag: etag::new_device_etag(None),
-                            connection_state: "Disconnected".into(),
-                            status,
-                            status_reason,
-                            connection_state_updated_time: NEVER.into(),
-                            status_updated_time: NEVER.into(),
-                            last_activity_time: NEVER.into(),
-                            cloud_to_device_message_count: 0,
-                            authentication,
-                            capabilities,
-                            device_scope,
-                            parent_scopes,
-                        };
-                        (device, TwinState::new(&now_text))
-                    }
-                };
-                Ok(Change::Put(Box::new((device.clone(), twin)), device))
-            })
-            .await
+        let key = device_id.clone();
+        let creating = matches!(if_match, IfMatch::Absent);
+        let decide = move |existing: Option<store::Row>| {
+            // Decided afresh when another node's write came first: work on copies.
+            let (device_id, device_scope, status_reason, authentication, parent_scopes) = (
+                device_id.clone(),
+                device_scope.clone(),
+                status_reason.clone(),
+                authentication.clone(),
+                parent_scopes.clone(),
+            );
+            let (device, twin) = match (existing, &if_match) {
+                (Some(_), IfMatch::Absent) => {
+                    return Err(MinihubError::DeviceAlreadyExists(device_id));
+                }
+                (Some((old, _)), wanted) if !wanted.allows(&old.etag) => {
+                    return Err(MinihubError::PreconditionFailed(format!(
+                        "device '{device_id}' has changed since etag {}",
+                        etag::quoted(&old.etag)
+                    )));
+                }
+                (None, IfMatch::Etag(_)) => {
+                    return Err(MinihubError::DeviceNotFound(device_id));
+                }
+                (Some((old, twin)), _) => {
+                    let status_updated_time = if old.status == status {
+                        old.status_updated_time.clone()
+                    } else {
+                        now_text.clone()
+                    };
+                    let device_scope = device_scope.or_else(|| {
+                        capabilities
+                            .iot_edge
+                            .then(|| edge_scope(&device_id, &old.generation_id))
+                    });
+                    let device = Device {
+                        etag: etag::new_device_etag(Some(&old.etag)),
+                        status,
+                        status_reason,
+                        status_updated_time,
+                        authentication,
+                        capabilities,
+                        device_scope,
+                        parent_scopes,
+                        ..old
+                    };
+                    (device, twin)
+                }
+                (None, _) => {
+                    let ticks = now.as_nanosecond() / 100 + UNIX_EPOCH_TICKS;
+                    let generation_id = ticks.to_string();
+                    let device_scope = device_scope.or_else(|| {
+                        capabilities
+                            .iot_edge
+                            .then(|| edge_scope(&device_id, &generation_id))
+                    });
+                    let device = Device {
+                        device_id: device_id.clone(),
+                        generation_id,
+                        etag: etag::new_device_etag(None),
+                        connection_state: "Disconnected".into(),
+                        status,
+                        status_reason,
+                        connection_state_updated_time: NEVER.into(),
+                        status_updated_time: NEVER.into(),
+                        last_activity_time: NEVER.into(),
+                        cloud_to_device_message_count: 0,
+                        authentication,
+                        capabilities,
+                        device_scope,
+                        parent_scopes,
+                    };
+                    (device, TwinState::new(&now_text))
+                }
+            };
+            Ok(Change::Put(Box::new((device.clone(), twin)), device))
+        };
+        match creating {
+            true => self.inner.store.create(hub, key, decide).await,
+            false => self.inner.store.update(hub, key, decide).await,
+        }
     }
 
     /// `DELETE /devices/{id}`: removes the device and its twin (`If-Match` absent or `*` deletes

@@ -38,6 +38,52 @@ pub struct PgStore {
     clock: Arc<dyn Clock>,
     /// Enrollments and linked hubs as last read, while [`PgStore::watch_work`] hears changes.
     cache: Arc<cache::ReadCache>,
+    /// Tells every node, after the commit, that pending work was written (see [`Announcer`]).
+    announcer: Arc<Announcer>,
+}
+
+/// Announces pending work to every node (`NOTIFY` on [`WORK_CHANNEL`]) after the writes that
+/// made it committed, once for all the writes committed while the previous announcement was on
+/// its way.
+///
+/// Not inside the writing transaction: PostgreSQL serialises the commits of every transaction
+/// that notifies (it holds a database-wide lock from before the commit record to after its flush),
+/// which would forbid the server to flush the commits of concurrent registrations together. The
+/// node that wrote the work wakes its own worker in-process; the others hear it here, or at their
+/// next scan if this node stops between its commit and the announcement.
+struct Announcer {
+    due: tokio::sync::Notify,
+}
+
+impl Announcer {
+    /// Starts announcing through `pool` until it closes.
+    fn start(pool: PgPool) -> Arc<Self> {
+        let announcer = Arc::new(Self {
+            due: tokio::sync::Notify::new(),
+        });
+        let this = Arc::clone(&announcer);
+        tokio::spawn(async move {
+            loop {
+                this.due.notified().await;
+                if pool.is_closed() {
+                    break;
+                }
+                let sent = sqlx::query("SELECT pg_notify($1 || current_schema(), '')")
+                    .bind(WORK_CHANNEL)
+                    .execute(&pool)
+                    .await;
+                if let Err(err) = sent {
+                    tracing::debug!(%err, "could not announce pending work; other nodes find it at their next scan");
+                }
+            }
+        });
+        announcer
+    }
+
+    /// Asks for an announcement of work committed before this call.
+    fn announce(&self) {
+        self.due.notify_one();
+    }
 }
 
 /// The channel on which a write of pending work is announced to every node: this prefix and the
@@ -129,6 +175,7 @@ impl PgStore {
         let pool = Self::connect_pool(options, MAX_CONNECTIONS).await?;
         migrations::migrate(&pool).await?;
         Ok(Self {
+            announcer: Announcer::start(pool.clone()),
             pool,
             clock,
             cache: Arc::default(),
@@ -142,6 +189,7 @@ impl PgStore {
         let pool = Self::connect_pool(options, 2).await?;
         migrations::check(&pool).await?;
         Ok(Self {
+            announcer: Announcer::start(pool.clone()),
             pool,
             clock: Arc::new(SystemClock),
             cache: Arc::default(),
@@ -203,6 +251,7 @@ impl PgStore {
     /// Closes every connection, after the queries running now.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.announcer.announce();
     }
 }
 
@@ -521,11 +570,10 @@ async fn put_registration(
     put_doc(conn, &docs, key, Some(("group_key", group_key)), doc, cond).await
 }
 
-/// The statement that inserts or replaces an operation (releasing any lease on it) and, when it
-/// is pending, announces it to every node listening (`NOTIFY`, delivered at commit; see
-/// [`PgStore::watch_work`]), as a `WITH` clause named `op` followed by `announced`. Its parameters
-/// are numbered from `first`: operation id, registration key, pending, next attempt, updated,
-/// document, channel prefix.
+/// The statement that inserts or replaces an operation (releasing any lease on it), as a `WITH`
+/// clause named `op` that returns whether it is pending (then the caller announces it once
+/// committed: see [`Announcer`]). Its parameters are numbered from `first`: operation id,
+/// registration key, pending, next attempt, updated, document.
 fn operation_write_sql(first: usize) -> String {
     let p = |i: usize| format!("${}", first + i);
     format!(
@@ -534,15 +582,13 @@ fn operation_write_sql(first: usize) -> String {
              SELECT {}, {}, {}, {}, NULL, NULL, NULL, {}, {} FROM written
              ON CONFLICT (operation_id) DO UPDATE SET pending = excluded.pending, next_attempt_ms = excluded.next_attempt_ms,
                  lease_owner = NULL, lease_incarnation = NULL, lease_until_ms = NULL, updated_ms = excluded.updated_ms, doc = excluded.doc
-             RETURNING pending),
-         announced AS (SELECT pg_notify({} || current_schema(), '') FROM op WHERE pending)",
+             RETURNING pending)",
         p(0),
         p(1),
         p(2),
         p(3),
         p(4),
         p(5),
-        p(6)
     )
 }
 
@@ -559,7 +605,6 @@ fn bind_operation<'q>(
         .bind(op.next_attempt_ms)
         .bind(now_ms)
         .bind(&op.doc)
-        .bind(WORK_CHANNEL)
 }
 
 fn operation_of(row: &PgRow) -> Result<StoredOperation, StoreError> {
@@ -862,9 +907,8 @@ impl IdentityStore for PgStore {
 #[async_trait]
 impl OperationStore for PgStore {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
-        // One statement: the operation, and the announcement of pending work.
         let sql = format!(
-            "WITH written AS (SELECT 1), {} SELECT (SELECT count(*) FROM announced)",
+            "WITH written AS (SELECT 1), {} SELECT count(*) FROM op",
             operation_write_sql(1)
         );
         bind_operation(
@@ -875,6 +919,9 @@ impl OperationStore for PgStore {
         .execute(&self.pool)
         .await
         .map_err(backend("writing an operation"))?;
+        if op.pending {
+            self.announcer.announce();
+        }
         Ok(())
     }
 
@@ -893,7 +940,7 @@ impl OperationStore for PgStore {
         let (registration, params) = doc_write_sql(&docs, Some("group_key"), &cond);
         let sql = format!(
             "WITH written AS ({registration} RETURNING 1), {}
-             SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM announced)",
+             SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM op WHERE pending)",
             operation_write_sql(params + 1)
         );
         let query = bind_doc(
@@ -905,11 +952,14 @@ impl OperationStore for PgStore {
             &cond,
         );
         let mut conn = self.conn().await?;
-        let (written, _): (i64, i64) = bind_operation(query, op, now)
+        let (written, pending): (i64, i64) = bind_operation(query, op, now)
             .try_map(|row: PgRow| Ok((row.try_get(0)?, row.try_get(1)?)))
             .fetch_one(&mut *conn)
             .await
             .map_err(backend("writing a registration and its operation"))?;
+        if pending > 0 {
+            self.announcer.announce();
+        }
         if written > 0 {
             return Ok(());
         }

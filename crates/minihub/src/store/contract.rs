@@ -195,21 +195,24 @@ pub(super) async fn writes_to_one_device_follow_one_another(a: Arc<HubStore>, b:
     }
 }
 
-/// Creates racing through both handles: exactly one finds the device absent.
+/// Creates racing through both handles, half through `create` and half through `update`:
+/// exactly one finds the device absent.
 pub(super) async fn one_of_racing_creates_wins(a: Arc<HubStore>, b: Arc<HubStore>) {
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let store = Arc::clone(if i % 2 == 0 { &a } else { &b });
             tokio::spawn(async move {
-                store
-                    .update("h".into(), "dev".into(), move |row| match row {
-                        Some(_) => Err(MinihubError::DeviceAlreadyExists("dev".into())),
-                        None => Ok(Change::Put(
-                            Box::new((device("dev", &format!("e{i}")), TwinState::new(NOW))),
-                            i,
-                        )),
-                    })
-                    .await
+                let decide = move |row: Option<Row>| match row {
+                    Some(_) => Err(MinihubError::DeviceAlreadyExists("dev".into())),
+                    None => Ok(Change::Put(
+                        Box::new((device("dev", &format!("e{i}")), TwinState::new(NOW))),
+                        i,
+                    )),
+                };
+                match i % 4 < 2 {
+                    true => store.create("h".into(), "dev".into(), decide).await,
+                    false => store.update("h".into(), "dev".into(), decide).await,
+                }
             })
         })
         .collect();
@@ -226,6 +229,40 @@ pub(super) async fn one_of_racing_creates_wins(a: Arc<HubStore>, b: Arc<HubStore
     assert_eq!(stored.etag, format!("e{}", winners[0]));
 }
 
+/// `create` over a device that exists decides from that device, and writes what it decided.
+pub(super) async fn a_create_over_a_device_sees_it(a: Arc<HubStore>, b: Arc<HubStore>) {
+    put(&a, "h", "dev").await;
+    let seen = b
+        .create("h".into(), "dev".into(), |row| match row {
+            None => Ok(Change::Put(
+                Box::new((device("dev", "fresh"), TwinState::new(NOW))),
+                None,
+            )),
+            Some((mut dev, twin)) => {
+                let seen = dev.etag.clone();
+                dev.etag = "e2".into();
+                Ok(Change::Put(Box::new((dev, twin)), Some(seen)))
+            }
+        })
+        .await
+        .expect("create");
+    assert_eq!(seen.as_deref(), Some("e1"), "the existing device was not seen");
+    let (stored, _) = a.device("h", "dev").await.expect("read").expect("kept");
+    assert_eq!(stored.etag, "e2");
+    let created = b
+        .create("h".into(), "new".into(), |row| {
+            assert!(row.is_none());
+            Ok(Change::Put(
+                Box::new((device("new", "n1"), TwinState::new(NOW))),
+                "created",
+            ))
+        })
+        .await
+        .expect("create");
+    assert_eq!(created, "created");
+    assert!(a.device("h", "new").await.expect("read").is_some());
+}
+
 /// Runs every case against a backend; `$make` is an expression yielding `(guard, a, b)`.
 macro_rules! hub_store_contract {
     ($make:expr) => {
@@ -236,6 +273,7 @@ macro_rules! hub_store_contract {
             listings_page_in_id_order,
             writes_to_one_device_follow_one_another,
             one_of_racing_creates_wins,
+            a_create_over_a_device_sees_it,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

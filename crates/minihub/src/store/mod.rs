@@ -138,6 +138,25 @@ impl HubStore {
         }
     }
 
+    /// As [`HubStore::update`], for a write that most likely finds no row (a device being
+    /// created): on PostgreSQL `decide` first chooses as if there were none and that row is
+    /// inserted unless one exists, one round trip instead of a read and a write; when one exists,
+    /// it goes on as `update` does. On SQLite, `update`.
+    pub(crate) async fn create<R: Send + 'static>(
+        &self,
+        hub: String,
+        device_id: String,
+        mut decide: impl FnMut(Option<Row>) -> Result<Change<R>, MinihubError> + Send + 'static,
+    ) -> Result<R, MinihubError> {
+        if let Self::Postgres(pg) = self
+            && let Ok(Change::Put(row, answer)) = decide(None)
+            && pg.insert_row(&hub, &device_id, &row).await?
+        {
+            return Ok(answer);
+        }
+        self.update(hub, device_id, decide).await
+    }
+
     /// Tells the other nodes sharing the database about a desired-property change, for the
     /// device's connections there. A SQLite file has no other node.
     pub(crate) async fn announce_desired(

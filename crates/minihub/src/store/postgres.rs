@@ -199,6 +199,16 @@ impl PgHubStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Inserts a device's row unless one exists. Whether it was written.
+    pub(crate) async fn insert_row(
+        &self,
+        hub: &str,
+        device_id: &str,
+        row: &Row,
+    ) -> Result<bool, MinihubError> {
+        self.put_row(hub, device_id, row, None).await
+    }
+
     /// Deletes a device's row if its revision is still `revision`. Whether it was deleted.
     async fn delete_row(
         &self,
