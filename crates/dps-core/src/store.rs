@@ -232,6 +232,15 @@ impl LeaseOwner {
 pub trait OperationStore: Send + Sync {
     /// Inserts or replaces an operation and releases any lease on it.
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError>;
+    /// Inserts a new operation already leased to `owner` until `until_ms`, for the node that records
+    /// it to work on it at once without claiming it; should that node stop first, the lease runs
+    /// out and the operation is claimed as any other.
+    async fn put_leased_operation(
+        &self,
+        op: &StoredOperation,
+        owner: &LeaseOwner,
+        until_ms: i64,
+    ) -> Result<(), StoreError>;
     /// Reads one.
     async fn get_operation(
         &self,

@@ -186,6 +186,8 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
     .context("while setting up the IoT hub client")?;
     let wake = Arc::new(Notify::new());
     let waker = Arc::clone(&wake);
+    let lease_ms = millis(config.provisioning.operation_lease_secs);
+    let handoff = worker::Handoff::new(data.node_id()?, Arc::clone(&clock), lease_ms);
     store.watch_work(Arc::clone(&wake));
     let webhooks =
         ReqwestWebhookClient::new(&dev_ca, config.provisioning.webhook_max_response_bytes)
@@ -203,15 +205,18 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         authorizer,
         Arc::clone(&hub_client),
     ));
-    let provisioning = Arc::new(Provisioning::new(
-        Arc::clone(&shared),
-        hub_client,
-        Arc::new(webhooks),
-        Arc::clone(&clock),
-        identity.id_scope.clone(),
-        provisioning_settings(&config),
-        Box::new(move || waker.notify_one()),
-    ));
+    let provisioning = Arc::new(
+        Provisioning::new(
+            Arc::clone(&shared),
+            hub_client,
+            Arc::new(webhooks),
+            Arc::clone(&clock),
+            identity.id_scope.clone(),
+            provisioning_settings(&config),
+            Box::new(move || waker.notify_one()),
+        )
+        .with_intake(Arc::clone(&handoff) as Arc<dyn dps_core::provisioning::Intake>),
+    );
     if let Some(hub) = &minihub
         && config.minihub.link
     {
@@ -298,16 +303,15 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         config.http.max_connections,
         stop_rx.clone(),
     ));
-    let node = data.node_id()?;
     let worker = tokio::spawn(worker::run(
         provisioning,
         shared,
         clock,
         wake,
-        node,
+        handoff,
         worker::Timing {
             retention_ms: millis(config.provisioning.operation_retention_secs),
-            lease_ms: millis(config.provisioning.operation_lease_secs),
+            lease_ms,
         },
         stop_rx,
     ));

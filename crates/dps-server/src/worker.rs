@@ -128,6 +128,55 @@ impl Leases {
     }
 }
 
+/// What this node's registrations hand to its worker (see [`dps_core::provisioning::Intake`]): the
+/// operations they recorded under the worker's lease, which it starts on without a claim.
+pub struct Handoff {
+    owner: LeaseOwner,
+    clock: Arc<dyn Clock>,
+    lease_ms: i64,
+    /// Whether the worker runs: a stopping worker takes nothing.
+    open: std::sync::atomic::AtomicBool,
+    taken: std::sync::Mutex<Vec<StoredOperation>>,
+    ready: Notify,
+}
+
+impl Handoff {
+    /// For the worker of `node` (in a fresh incarnation), leasing for `lease_ms`.
+    pub fn new(node: String, clock: Arc<dyn Clock>, lease_ms: i64) -> Arc<Self> {
+        Arc::new(Self {
+            owner: LeaseOwner::new(node),
+            clock,
+            lease_ms,
+            open: std::sync::atomic::AtomicBool::new(true),
+            taken: std::sync::Mutex::default(),
+            ready: Notify::new(),
+        })
+    }
+
+    fn drain(&self) -> Vec<StoredOperation> {
+        std::mem::take(&mut *self.taken.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl dps_core::provisioning::Intake for Handoff {
+    fn lease(&self) -> Option<(LeaseOwner, i64)> {
+        self.open
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| {
+                let until = self.clock.now().as_millisecond() + self.lease_ms;
+                (self.owner.clone(), until)
+            })
+    }
+
+    fn take(&self, op: StoredOperation) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(op);
+        self.ready.notify_one();
+    }
+}
+
 /// How long the worker keeps things.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -147,7 +196,7 @@ pub async fn run(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
-    node: String,
+    handoff: Arc<Handoff>,
     timing: Timing,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -156,7 +205,7 @@ pub async fn run(
         lease_ms,
     } = timing;
     let prune_every = (retention_ms / 2).clamp(250, PRUNE_EVERY_MS);
-    let owner = LeaseOwner::new(node);
+    let owner = handoff.owner.clone();
     let mut work = Work::new(
         provisioning,
         Leases {
@@ -208,6 +257,9 @@ pub async fn run(
                 }
             }
         }
+        for op in handoff.drain() {
+            work.add(op);
+        }
         tokio::select! {
             Some(done) = work.tasks.join_next_with_id(), if !work.tasks.is_empty() => {
                 let id = match done {
@@ -220,10 +272,16 @@ pub async fn run(
                 work.finished(id);
             }
             () = wake.notified() => claim = true,
+            () = handoff.ready.notified() => {}
             _ = scan.tick() => claim = true,
             _ = stop.changed() => {}
         }
     }
+    // Operations handed over from now on are left leased: this node resumes them when it restarts
+    // (or another once the leases run out).
+    handoff
+        .open
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     while let Some(done) = work.tasks.join_next().await {
         if let Err(err) = done {
             tracing::error!(%err, "a registration task panicked");
@@ -449,7 +507,7 @@ mod tests {
             Arc::clone(&store),
             Arc::clone(&clock),
             Arc::new(Notify::new()),
-            "node-a".into(),
+            Handoff::new("node-a".into(), Arc::clone(&clock), lease_ms),
             Timing {
                 retention_ms: 600_000,
                 lease_ms,
@@ -484,6 +542,60 @@ mod tests {
 
     fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
         Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"))
+    }
+
+    /// An operation handed over as it was recorded runs at once, though no claim returns it (it is
+    /// leased to the worker already); once the worker stops, nothing more is taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handed_over_operations_run_without_a_claim() {
+        use dps_core::provisioning::Intake as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = sqlite_store(&dir);
+        let flaky = Arc::new(Flaky {
+            store: Arc::clone(&store),
+            interruptions: Mutex::new(0),
+            takes: Duration::ZERO,
+            attempts: Mutex::new(0),
+        });
+        let clock: Arc<dyn Clock> = Arc::new(dps_core::clock::SystemClock);
+        let handoff = Handoff::new("node-a".into(), Arc::clone(&clock), 60_000);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(run(
+            flaky.clone(),
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            Arc::new(Notify::new()),
+            Arc::clone(&handoff),
+            Timing {
+                retention_ms: 600_000,
+                lease_ms: 60_000,
+            },
+            stop_rx,
+        ));
+        let (owner, until) = handoff.lease().expect("a running worker takes work");
+        let handed = op("op", "dev", clock.now().as_millisecond());
+        store
+            .put_leased_operation(&handed, &owner, until)
+            .await
+            .expect("put");
+        handoff.take(handed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store
+            .get_operation("op")
+            .await
+            .expect("get")
+            .is_some_and(|o| o.pending)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operation did not run"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*flaky.attempts.lock().expect("lock"), 1);
+        stop_tx.send(true).expect("stop");
+        worker.await.expect("worker ends");
+        assert!(handoff.lease().is_none(), "a stopped worker takes nothing");
     }
 
     /// An attempt the database interrupted is tried again by the same worker while it holds the
@@ -551,7 +663,7 @@ mod tests {
             Arc::clone(&store),
             clock.clone(),
             Arc::new(Notify::new()),
-            "test-node".into(),
+            Handoff::new("test-node".into(), clock.clone(), 60_000),
             Timing {
                 retention_ms: 10_000,
                 lease_ms: 60_000,

@@ -487,6 +487,68 @@ pub async fn leases_are_renewed_by_their_holder(store: Arc<dyn Store>) {
     );
 }
 
+/// An operation recorded with a lease is its holder's: nobody claims it (the holder neither) until
+/// the lease runs out or the holder restarts; its holder renews it and finishes it as one it
+/// claimed.
+pub async fn operations_recorded_leased(store: Arc<dyn Store>) {
+    let now = 1_000_000;
+    let node_a = LeaseOwner::new("node-a");
+    let node_b = LeaseOwner::new("node-b");
+    store
+        .put_leased_operation(&operation("op-1", true, now), &node_a, now + 30_000)
+        .await
+        .expect("put leased");
+    assert_eq!(
+        store.get_operation("op-1").await.expect("get"),
+        Some(operation("op-1", true, now))
+    );
+    for owner in [&node_a, &node_b] {
+        assert!(
+            store
+                .claim_operations(owner, now + 1, 30_000, 10)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "{} claimed an operation leased at its recording",
+            owner.node
+        );
+    }
+    assert!(
+        store
+            .renew_lease(&node_a, "op-1", now + 40_000)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !store
+            .renew_lease(&node_b, "op-1", now + 40_000)
+            .await
+            .expect("renew")
+    );
+    let resumed = store
+        .claim_operations(&LeaseOwner::new("node-a"), now + 2, 30_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(resumed.len(), 1, "node-a restarted resumes it at once");
+    store
+        .put_leased_operation(&operation("op-2", true, now), &node_a, now + 30_000)
+        .await
+        .expect("put leased");
+    let taken = store
+        .claim_operations(&node_b, now + 30_001, 30_000, 10)
+        .await
+        .expect("claim");
+    let ids: Vec<_> = taken.iter().map(|o| o.operation_id.as_str()).collect();
+    assert_eq!(ids, ["op-2"], "taken over once its lease ran out");
+    assert!(
+        store
+            .put_leased_operation(&operation("op-2", true, now), &node_a, now + 30_000)
+            .await
+            .is_err(),
+        "only a new operation is recorded leased"
+    );
+}
+
 /// Pending operations are leased to one worker at a time, become claimable again when the lease
 /// expires, and are never claimed once finished.
 pub async fn operations_are_leased(store: Arc<dyn Store>) {
@@ -667,7 +729,7 @@ macro_rules! contract_tests {
         $crate::contract_tests!(@cases $make;
             enrollment_lifecycle, kinds_are_separate, listing_pages_in_key_order, registrations_by_group,
             linked_hubs, identity_is_created_once, concurrent_creates_have_one_winner, failed_write_spoils_nothing_else,
-            operations_are_leased, leases_are_renewed_by_their_holder, pruning_keeps_pending_operations, registration_and_operation_together);
+            operations_are_leased, operations_recorded_leased, leases_are_renewed_by_their_holder, pruning_keeps_pending_operations, registration_and_operation_together);
     };
     (@cases $make:expr; $($case:ident),*) => {
         mod contract {

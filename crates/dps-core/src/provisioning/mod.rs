@@ -29,7 +29,9 @@ use crate::model::{
 };
 use crate::sas::{self, SasToken};
 use crate::secret::Secret;
-use crate::store::{EnrollmentKind, Precondition, Store, StoreError, StoredDoc, StoredOperation};
+use crate::store::{
+    EnrollmentKind, LeaseOwner, Precondition, Store, StoreError, StoredDoc, StoredOperation,
+};
 use crate::time::{UtcTime, format_utc};
 use crate::webhook::{
     self, AllocationTrace, CUSTOM_ALLOCATION_FAILED, DeviceRuntimeContext, TraceAttempt, Verdict,
@@ -262,6 +264,17 @@ pub struct StaleIdentity {
     pub at: String,
 }
 
+/// The worker of this node, taking each operation that a registration records as it is recorded:
+/// the operation is written already leased to the worker, which starts on it without claiming it
+/// from the store.
+pub trait Intake: Send + Sync {
+    /// Who the lease of a new operation goes to, and until when (unix milliseconds); none when
+    /// the worker takes nothing (it is stopping), so the operation is left to the next claim.
+    fn lease(&self) -> Option<(LeaseOwner, i64)>;
+    /// The operation, recorded under the lease [`Intake::lease`] gave.
+    fn take(&self, op: StoredOperation);
+}
+
 /// Device registration.
 pub struct Provisioning {
     store: Arc<dyn Store>,
@@ -271,6 +284,8 @@ pub struct Provisioning {
     id_scope: IdScope,
     settings: ProvisioningSettings,
     wake: Box<dyn Fn() + Send + Sync>,
+    /// Where the operations this node records go at once, if anywhere (see [`Intake`]).
+    intake: Option<Arc<dyn Intake>>,
     /// Parsed enrollment groups by etag, for authentication.
     group_auth: Mutex<HashMap<String, Arc<GroupAuth>>>,
     /// Hubs that throttled (429) or were busy (503), by lower-case host name, with the time
@@ -299,9 +314,18 @@ impl Provisioning {
             id_scope,
             settings,
             wake,
+            intake: None,
             group_auth: Mutex::new(HashMap::new()),
             hub_gates: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Hands each operation this node records to `intake` (its worker) as it records it, rather
+    /// than waking the worker to claim it.
+    #[must_use]
+    pub fn with_intake(mut self, intake: Arc<dyn Intake>) -> Self {
+        self.intake = Some(intake);
+        self
     }
 
     /// The time by this service's clock.
@@ -374,10 +398,21 @@ impl Provisioning {
             transport,
             certificate,
         };
-        self.save_operation(&op, now.as_millisecond()).await?;
+        let stored = stored_operation(&op, now.as_millisecond())?;
+        match self.intake.as_ref().map(|i| (i, i.lease())) {
+            Some((intake, Some((owner, until_ms)))) => {
+                self.store
+                    .put_leased_operation(&stored, &owner, until_ms)
+                    .await?;
+                intake.take(stored);
+            }
+            _ => {
+                self.store.put_operation(&stored).await?;
+                (self.wake)();
+            }
+        }
         metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
             .increment(1);
-        (self.wake)();
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
             status: EnrollmentStatus::Assigning,
@@ -468,16 +503,24 @@ impl Provisioning {
         op: &Operation,
         next_attempt_ms: i64,
     ) -> Result<(), ProvisioningError> {
-        let stored = StoredOperation {
-            operation_id: op.operation_id.clone(),
-            registration_key: op.registration_id.to_ascii_lowercase(),
-            pending: !op.status.is_terminal(),
-            next_attempt_ms,
-            doc: serde_json::to_string(op)
-                .map_err(|e| ProvisioningError::internal("serializing an operation", e))?,
-        };
+        let stored = stored_operation(op, next_attempt_ms)?;
         Ok(self.store.put_operation(&stored).await?)
     }
+}
+
+/// `op` as the store keeps it, due at `next_attempt_ms`.
+fn stored_operation(
+    op: &Operation,
+    next_attempt_ms: i64,
+) -> Result<StoredOperation, ProvisioningError> {
+    Ok(StoredOperation {
+        operation_id: op.operation_id.clone(),
+        registration_key: op.registration_id.to_ascii_lowercase(),
+        pending: !op.status.is_terminal(),
+        next_attempt_ms,
+        doc: serde_json::to_string(op)
+            .map_err(|e| ProvisioningError::internal("serializing an operation", e))?,
+    })
 }
 
 /// [`EnrollmentKind`] stored as the `group` flag operations have always carried.

@@ -1,13 +1,13 @@
 //! What a node keeps in memory of the documents every registration reads and that seldom change:
-//! enrollments (and the absence of one: most devices have no individual enrollment) and the linked
-//! hubs. It is used only while the node listens for the changes other nodes announce: each change
+//! enrollments, the list of each kind's enrollments (which tells that a device has no individual
+//! enrollment, as most have not, without asking: see [`MAX_LISTED`]) and the linked hubs. It is used only while the node listens for the changes other nodes announce: each change
 //! is announced (`NOTIFY`) by the statement or transaction that makes it, and clears every node's
 //! copy when it commits; a change made through this node clears it at once. Between another node's
 //! commit and the announcement's arrival, a few milliseconds on a healthy network, this node may
 //! still answer from the previous version. While the announcements cannot be heard (the listening
 //! connection is lost) nothing is kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,6 +18,10 @@ use dps_core::store::StoredDoc;
 /// Entries kept at most; past that the cache starts afresh (individual-enrollment misses are one
 /// per device).
 const MAX_ENTRIES: usize = 100_000;
+
+/// Enrollments of one kind listed at most to answer lookups of enrollments that do not exist; with
+/// more, each such lookup asks the database.
+pub(super) const MAX_LISTED: usize = 10_000;
 
 /// The cache. A read that misses notes the generation before it asks the database and keeps its
 /// answer only if nothing was cleared meanwhile, so an answer older than a change is never kept.
@@ -32,6 +36,8 @@ struct Entries {
     generation: u64,
     enrollments: HashMap<(&'static str, String), Option<StoredDoc>>,
     versions: HashMap<&'static str, Vec<(String, Etag)>>,
+    /// Kinds with more than [`MAX_LISTED`] enrollments, so not listed.
+    too_many: HashSet<&'static str>,
     linked_hubs: Option<Vec<LinkedHub>>,
 }
 
@@ -117,6 +123,21 @@ impl ReadCache {
         });
     }
 
+    /// Whether the kind's enrollments are too many to list (`Ok(true)`), or a list of them is kept
+    /// (`Ok(false)`: see [`ReadCache::versions`]); else the miss.
+    pub(super) fn listed(&self, kind: &'static str) -> Result<bool, Option<Miss>> {
+        self.lookup(|e| match e.too_many.contains(kind) {
+            true => Some(true),
+            false => e.versions.contains_key(kind).then_some(false),
+        })
+    }
+
+    pub(super) fn keep_too_many(&self, miss: Option<Miss>, kind: &'static str) {
+        self.keep(miss, |e| {
+            e.too_many.insert(kind);
+        });
+    }
+
     pub(super) fn linked_hubs(&self) -> Result<Vec<LinkedHub>, Option<Miss>> {
         self.lookup(|e| e.linked_hubs.clone())
     }
@@ -152,6 +173,20 @@ mod tests {
             cache.enrollment("group", "g").is_err(),
             "forgotten when deaf"
         );
+    }
+
+    #[test]
+    fn a_kind_is_listed_or_too_many() {
+        let cache = ReadCache::default();
+        cache.set_listening(true);
+        let miss = cache.listed("individual").expect_err("empty");
+        cache.keep_versions(miss, "individual", &[("a".into(), Etag::new("e"))]);
+        assert_eq!(cache.listed("individual").ok(), Some(false));
+        let miss = cache.listed("group").expect_err("empty");
+        cache.keep_too_many(miss, "group");
+        assert_eq!(cache.listed("group").ok(), Some(true));
+        cache.clear();
+        assert!(cache.listed("group").is_err(), "forgotten at a change");
     }
 
     #[test]

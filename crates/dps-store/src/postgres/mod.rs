@@ -671,6 +671,10 @@ impl EnrollmentStore for PgStore {
             Ok(kept) => return Ok(kept),
             Err(miss) => miss,
         };
+        // Most devices have no individual enrollment: the list tells so without asking.
+        if miss.is_some() && !self.may_exist(kind, key).await? {
+            return Ok(None);
+        }
         let found =
             sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
                 .bind(kind)
@@ -726,16 +730,53 @@ impl EnrollmentStore for PgStore {
             Ok(kept) => return Ok(kept),
             Err(miss) => miss,
         };
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT id_key, etag FROM enrollments WHERE kind = $1 ORDER BY id_key")
-                .bind(kind)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(backend("listing enrollment versions"))?;
-        let versions: Vec<(String, Etag)> =
-            rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect();
+        let versions = self.versions(kind, None).await?;
         self.cache.keep_versions(miss, kind, &versions);
         Ok(versions)
+    }
+}
+
+impl PgStore {
+    /// The key and etag of each enrollment of `kind`, in key order; at most `limit` (and one
+    /// more, to tell that there are more).
+    async fn versions(
+        &self,
+        kind: &'static str,
+        limit: Option<usize>,
+    ) -> Result<Vec<(String, Etag)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id_key, etag FROM enrollments WHERE kind = $1 ORDER BY id_key LIMIT $2",
+        )
+        .bind(kind)
+        .bind(limit.map(fetch_limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend("listing enrollment versions"))?;
+        Ok(rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect())
+    }
+
+    /// Whether an enrollment of `kind` may exist under `key`, told by the list of that kind's
+    /// enrollments kept in memory (listed now when it is not kept and has at most
+    /// [`cache::MAX_LISTED`] entries). True when the list cannot tell: more enrollments than that,
+    /// or nothing may be kept.
+    async fn may_exist(&self, kind: &'static str, key: &str) -> Result<bool, StoreError> {
+        let listed = |versions: &[(String, Etag)]| {
+            versions
+                .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .is_ok()
+        };
+        let miss = match self.cache.listed(kind) {
+            Ok(true) | Err(None) => return Ok(true),
+            Ok(false) => return Ok(self.cache.versions(kind).map_or(true, |v| listed(&v))),
+            Err(miss) => miss,
+        };
+        let versions = self.versions(kind, Some(cache::MAX_LISTED)).await?;
+        if versions.len() > cache::MAX_LISTED {
+            self.cache.keep_too_many(miss, kind);
+            return Ok(true);
+        }
+        self.cache.keep_versions(miss, kind, &versions);
+        Ok(listed(&versions))
     }
 }
 
@@ -922,6 +963,32 @@ impl OperationStore for PgStore {
         if op.pending {
             self.announcer.announce();
         }
+        Ok(())
+    }
+
+    async fn put_leased_operation(
+        &self,
+        op: &StoredOperation,
+        owner: &LeaseOwner,
+        until_ms: i64,
+    ) -> Result<(), StoreError> {
+        // No announcement: the work is this node's, and others see it when the lease runs out.
+        sqlx::query(
+            "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&op.operation_id)
+        .bind(&op.registration_key)
+        .bind(op.pending)
+        .bind(op.next_attempt_ms)
+        .bind(&owner.node)
+        .bind(&owner.incarnation)
+        .bind(until_ms)
+        .bind(self.clock.now().as_millisecond())
+        .bind(&op.doc)
+        .execute(&self.pool)
+        .await
+        .map_err(backend("writing an operation"))?;
         Ok(())
     }
 

@@ -189,6 +189,23 @@ fn write_registration(
 }
 
 /// Inserts or replaces an operation, releasing any lease on it.
+/// Inserts a new operation leased to `owner` until `until_ms`.
+fn insert_leased_operation(
+    conn: &Connection,
+    op: &StoredOperation,
+    owner: &LeaseOwner,
+    until_ms: i64,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    conn.execute_cached(
+        "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![op.operation_id, op.registration_key, op.pending, op.next_attempt_ms, owner.node, owner.incarnation, until_ms, now_ms, op.doc],
+    )
+    .backend()?;
+    Ok(())
+}
+
 fn write_operation(conn: &Connection, op: &StoredOperation, now_ms: i64) -> Result<(), StoreError> {
     conn.execute_cached(
         "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
@@ -609,6 +626,21 @@ impl OperationStore for SqliteStore {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError> {
         let (op, now) = (op.clone(), self.inner.clock.now().as_millisecond());
         self.write(move |conn| write_operation(conn, &op, now))
+            .await
+    }
+
+    async fn put_leased_operation(
+        &self,
+        op: &StoredOperation,
+        owner: &LeaseOwner,
+        until_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (op, owner, now) = (
+            op.clone(),
+            owner.clone(),
+            self.inner.clock.now().as_millisecond(),
+        );
+        self.write(move |conn| insert_leased_operation(conn, &op, &owner, until_ms, now))
             .await
     }
 

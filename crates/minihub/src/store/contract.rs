@@ -246,7 +246,11 @@ pub(super) async fn a_create_over_a_device_sees_it(a: Arc<HubStore>, b: Arc<HubS
         })
         .await
         .expect("create");
-    assert_eq!(seen.as_deref(), Some("e1"), "the existing device was not seen");
+    assert_eq!(
+        seen.as_deref(),
+        Some("e1"),
+        "the existing device was not seen"
+    );
     let (stored, _) = a.device("h", "dev").await.expect("read").expect("kept");
     assert_eq!(stored.etag, "e2");
     let created = b
