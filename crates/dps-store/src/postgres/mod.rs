@@ -40,6 +40,8 @@ pub struct PgStore {
     cache: Arc<cache::ReadCache>,
     /// Tells every node, after the commit, that pending work was written (see [`Announcer`]).
     announcer: Arc<Announcer>,
+    /// The operations whose state this node knows, for the polls.
+    own: Arc<cache::OwnOperations>,
 }
 
 /// Announces pending work to every node (`NOTIFY` on [`WORK_CHANNEL`]) after the writes that
@@ -179,6 +181,7 @@ impl PgStore {
             pool,
             clock,
             cache: Arc::default(),
+            own: Arc::default(),
         })
     }
 
@@ -193,6 +196,7 @@ impl PgStore {
             pool,
             clock: Arc::new(SystemClock),
             cache: Arc::default(),
+            own: Arc::default(),
         })
     }
 
@@ -952,14 +956,12 @@ impl OperationStore for PgStore {
             "WITH written AS (SELECT 1), {} SELECT count(*) FROM op",
             operation_write_sql(1)
         );
-        bind_operation(
-            sqlx::query(AssertSqlSafe(sql)),
-            op,
-            self.clock.now().as_millisecond(),
-        )
-        .execute(&self.pool)
-        .await
-        .map_err(backend("writing an operation"))?;
+        let now = self.clock.now().as_millisecond();
+        bind_operation(sqlx::query(AssertSqlSafe(sql)), op, now)
+            .execute(&self.pool)
+            .await
+            .map_err(backend("writing an operation"))?;
+        self.own.written(op, now);
         if op.pending {
             self.announcer.announce();
         }
@@ -973,6 +975,7 @@ impl OperationStore for PgStore {
         until_ms: i64,
     ) -> Result<(), StoreError> {
         // No announcement: the work is this node's, and others see it when the lease runs out.
+        let now = self.clock.now().as_millisecond();
         sqlx::query(
             "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -984,11 +987,12 @@ impl OperationStore for PgStore {
         .bind(&owner.node)
         .bind(&owner.incarnation)
         .bind(until_ms)
-        .bind(self.clock.now().as_millisecond())
+        .bind(now)
         .bind(&op.doc)
         .execute(&self.pool)
         .await
         .map_err(backend("writing an operation"))?;
+        self.own.leased(op, now, until_ms);
         Ok(())
     }
 
@@ -1028,6 +1032,7 @@ impl OperationStore for PgStore {
             self.announcer.announce();
         }
         if written > 0 {
+            self.own.written(op, now);
             return Ok(());
         }
         Err(why_not_written(&mut conn, &docs, key, &cond).await)
@@ -1037,6 +1042,12 @@ impl OperationStore for PgStore {
         &self,
         operation_id: &str,
     ) -> Result<Option<StoredOperation>, StoreError> {
+        if let Some(op) = self
+            .own
+            .get(operation_id, self.clock.now().as_millisecond())
+        {
+            return Ok(Some(op));
+        }
         sqlx::query(
             "SELECT operation_id, registration_key, pending, next_attempt_ms, doc FROM operations
              WHERE operation_id = $1",
@@ -1107,6 +1118,7 @@ impl OperationStore for PgStore {
     }
 
     async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        self.own.prune(before_ms);
         let deleted = sqlx::query(
             "DELETE FROM operations WHERE operation_id IN (
                  SELECT operation_id FROM operations WHERE NOT pending AND updated_ms < $1
