@@ -21,9 +21,13 @@ pub struct DirectHubClient {
 }
 
 impl DirectHubClient {
-    /// A client of `hub`'s virtual hubs.
+    /// A client of `hub`'s virtual hubs, for DPS's provisioning, which commits the registration
+    /// (or its rescheduled operation) after its hub writes: those are written through
+    /// [`Minihub::flushed_with_callers_commit`].
     pub fn new(hub: Arc<Minihub>) -> Self {
-        Self { hub }
+        Self {
+            hub: Arc::new(hub.flushed_with_callers_commit()),
+        }
     }
 
     /// Whether `host_name` is one of the hubs served in-process.

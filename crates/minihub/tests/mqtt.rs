@@ -516,14 +516,16 @@ async fn desired_changes_made_through_another_node_reach_the_device() {
     let (mut client, _) = server.client("dev-1", &token).await;
     client.subscribe("dev-1").await;
 
-    a.patch_twin(
-        HUB,
-        "dev-1",
-        &json!({"properties": {"desired": {"mode": "eco"}}}),
-        IfMatch::Any,
-    )
-    .await
-    .expect("patch through node a");
+    // As DPS's provisioning writes: committed without waiting for the flush.
+    a.flushed_with_callers_commit()
+        .patch_twin(
+            HUB,
+            "dev-1",
+            &json!({"properties": {"desired": {"mode": "eco"}}}),
+            IfMatch::Any,
+        )
+        .await
+        .expect("patch through node a");
     let update = client.incoming().await;
     assert_eq!(
         update.topic,

@@ -327,3 +327,45 @@ mod postgres {
 
     hub_store_contract!(fresh().await);
 }
+
+/// As `postgres`, with node b writing through sessions that do not wait for the flush
+/// (`HubStore::flushed_later`, what DPS's provisioning writes through).
+mod postgres_flushed_later {
+    use super::*;
+    use crate::store::PgHubStore;
+    use pg_schema::testing::TestSchema;
+
+    async fn fresh() -> (TestSchema, Arc<HubStore>, Arc<HubStore>) {
+        let schema = TestSchema::create("minihub").await;
+        let a = PgHubStore::open(schema.pool(8).await)
+            .await
+            .expect("node a");
+        let b = PgHubStore::open(schema.pool(8).await)
+            .await
+            .expect("node b");
+        let b = HubStore::Postgres(b)
+            .flushed_later()
+            .expect("on PostgreSQL");
+        (schema, Arc::new(HubStore::Postgres(a)), Arc::new(b))
+    }
+
+    hub_store_contract!(fresh().await);
+
+    /// Its sessions commit without waiting for the flush; the store's own still wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_its_sessions_skip_the_flush() {
+        let schema = TestSchema::create("minihub").await;
+        let store = PgHubStore::open(schema.pool(2).await).await.expect("open");
+        let setting = |store: &PgHubStore| {
+            let pool = store.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("show")
+            }
+        };
+        assert_eq!(setting(&store.flushed_later()).await, "off");
+        assert_eq!(setting(&store).await, "on");
+    }
+}

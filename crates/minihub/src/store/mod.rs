@@ -138,6 +138,15 @@ impl HubStore {
         }
     }
 
+    /// This store, written without waiting for each commit's flush where that is possible (see
+    /// `PgHubStore::flushed_later`); none for SQLite.
+    pub(crate) fn flushed_later(&self) -> Option<Self> {
+        match self {
+            Self::Sqlite { .. } => None,
+            Self::Postgres(pg) => Some(Self::Postgres(pg.flushed_later())),
+        }
+    }
+
     /// As [`HubStore::update`], for a write that most likely finds no row (a device being
     /// created): on PostgreSQL `decide` first chooses as if there were none and that row is
     /// inserted unless one exists, one round trip instead of a read and a write; when one exists,

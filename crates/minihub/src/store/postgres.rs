@@ -101,6 +101,32 @@ impl PgHubStore {
         })
     }
 
+    /// The same tables, written through sessions that commit without waiting for the commit's
+    /// flush to disk (`synchronous_commit = off`, a pool of its own opened as needed). Only for a
+    /// writer whose own next commit in the same database follows each of these writes and is
+    /// flushed: PostgreSQL flushes its log in order, so that commit makes these durable too, and a
+    /// crash before it loses only writes that writer had not yet relied on (see
+    /// `Minihub::flushed_with_callers_commit`).
+    pub(crate) fn flushed_later(&self) -> Self {
+        let options = (*self.pool.connect_options())
+            .clone()
+            .options([("synchronous_commit", "off")]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        Self {
+            pool,
+            origin: self.origin.clone(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Creates or migrates minihub's tables in `pool`'s database, and nothing else.
     pub(crate) async fn migrate(pool: &PgPool) -> Result<(), MinihubError> {
         SCHEMA.migrate(pool).await.map_err(schema_failed)
