@@ -7,12 +7,13 @@
 //! concurrently; those of one device run in order, one at a time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use dps_core::clock::Clock;
-use dps_core::provisioning::Provisioning;
+use dps_core::provisioning::{Intake, Provisioning};
 use dps_core::store::{LeaseOwner, Store, StoredOperation};
 use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinSet};
@@ -135,8 +136,8 @@ pub struct Handoff {
     clock: Arc<dyn Clock>,
     lease_ms: i64,
     /// Whether the worker runs: a stopping worker takes nothing.
-    open: std::sync::atomic::AtomicBool,
-    taken: std::sync::Mutex<Vec<StoredOperation>>,
+    open: AtomicBool,
+    taken: Mutex<Vec<StoredOperation>>,
     ready: Notify,
 }
 
@@ -147,8 +148,8 @@ impl Handoff {
             owner: LeaseOwner::new(node),
             clock,
             lease_ms,
-            open: std::sync::atomic::AtomicBool::new(true),
-            taken: std::sync::Mutex::default(),
+            open: AtomicBool::new(true),
+            taken: Mutex::default(),
             ready: Notify::new(),
         })
     }
@@ -158,14 +159,12 @@ impl Handoff {
     }
 }
 
-impl dps_core::provisioning::Intake for Handoff {
+impl Intake for Handoff {
     fn lease(&self) -> Option<(LeaseOwner, i64)> {
-        self.open
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then(|| {
-                let until = self.clock.now().as_millisecond() + self.lease_ms;
-                (self.owner.clone(), until)
-            })
+        self.open.load(Ordering::SeqCst).then(|| {
+            let until = self.clock.now().as_millisecond() + self.lease_ms;
+            (self.owner.clone(), until)
+        })
     }
 
     fn take(&self, op: StoredOperation) {
@@ -279,9 +278,7 @@ pub async fn run(
     }
     // Operations handed over from now on are left leased: this node resumes them when it restarts
     // (or another once the leases run out).
-    handoff
-        .open
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    handoff.open.store(false, Ordering::SeqCst);
     while let Some(done) = work.tasks.join_next().await {
         if let Err(err) = done {
             tracing::error!(%err, "a registration task panicked");
@@ -396,7 +393,6 @@ impl Work {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
 
     use dps_core::clock::ManualClock;
 
@@ -548,7 +544,6 @@ mod tests {
     /// leased to the worker already); once the worker stops, nothing more is taken.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn handed_over_operations_run_without_a_claim() {
-        use dps_core::provisioning::Intake as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = sqlite_store(&dir);
         let flaky = Arc::new(Flaky {

@@ -152,6 +152,8 @@ const MAX_OWN: usize = 10_000;
 
 /// An operation as this node wrote it, when, and until when its copy is the truth.
 type Own = (StoredOperation, i64, i64);
+/// The operations by id, and their ids oldest first.
+type Kept = (HashMap<String, Own>, VecDeque<String>);
 
 /// The operations whose state this node knows without asking, so that the polls of the devices
 /// whose registrations it works on are answered from memory: those it finished (a finished
@@ -161,11 +163,11 @@ type Own = (StoredOperation, i64, i64);
 /// holds the lease no other node may change the operation). Most recent last.
 #[derive(Default)]
 pub(super) struct OwnOperations {
-    kept: Mutex<(HashMap<String, Own>, VecDeque<String>)>,
+    kept: Mutex<Kept>,
 }
 
 impl OwnOperations {
-    fn kept(&self) -> std::sync::MutexGuard<'_, (HashMap<String, Own>, VecDeque<String>)> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
