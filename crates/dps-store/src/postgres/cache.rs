@@ -1,11 +1,12 @@
 //! What a node keeps in memory of the documents every registration reads and that seldom change:
 //! enrollments, the list of each kind's enrollments (which tells that a device has no individual
-//! enrollment, as most have not, without asking: see [`MAX_LISTED`]) and the linked hubs. It is used only while the node listens for the changes other nodes announce: each change
-//! is announced (`NOTIFY`) by the statement or transaction that makes it, and clears every node's
-//! copy when it commits; a change made through this node clears it at once. Between another node's
-//! commit and the announcement's arrival, a few milliseconds on a healthy network, this node may
-//! still answer from the previous version. While the announcements cannot be heard (the listening
-//! connection is lost) nothing is kept.
+//! enrollment, as most have not, without asking: see [`MAX_LISTED`]) and the linked hubs. It is
+//! used only while the node listens for the changes other nodes announce: each change is announced
+//! (`NOTIFY`) by the statement or transaction that makes it, and clears every node's copy when it
+//! commits; a change made through this node clears it at once. Between another node's commit and
+//! the announcement's arrival, a few milliseconds on a healthy network, this node may still answer
+//! from the previous version. While the announcements cannot be heard (the listening connection is
+//! lost) nothing is kept.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -25,10 +26,17 @@ pub(super) const MAX_LISTED: usize = 10_000;
 
 /// The cache. A read that misses notes the generation before it asks the database and keeps its
 /// answer only if nothing was cleared meanwhile, so an answer older than a change is never kept.
-#[derive(Default)]
 pub(super) struct ReadCache {
     listening: AtomicBool,
     entries: Mutex<Entries>,
+    /// Enrollments of one kind listed at most: [`MAX_LISTED`], but for tests.
+    max_listed: usize,
+}
+
+impl Default for ReadCache {
+    fn default() -> Self {
+        Self::listing_at_most(MAX_LISTED)
+    }
 }
 
 #[derive(Default)]
@@ -36,7 +44,7 @@ struct Entries {
     generation: u64,
     enrollments: HashMap<(&'static str, String), Option<StoredDoc>>,
     versions: HashMap<&'static str, Vec<(String, Etag)>>,
-    /// Kinds with more than [`MAX_LISTED`] enrollments, so not listed.
+    /// Kinds with more enrollments than are listed.
     too_many: HashSet<&'static str>,
     linked_hubs: Option<Vec<LinkedHub>>,
 }
@@ -46,6 +54,20 @@ struct Entries {
 pub(super) struct Miss(u64);
 
 impl ReadCache {
+    /// A cache that lists at most `max_listed` enrollments of a kind.
+    pub(super) fn listing_at_most(max_listed: usize) -> Self {
+        Self {
+            listening: AtomicBool::new(false),
+            entries: Mutex::default(),
+            max_listed,
+        }
+    }
+
+    /// Enrollments of one kind listed at most.
+    pub(super) fn max_listed(&self) -> usize {
+        self.max_listed
+    }
+
     fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }

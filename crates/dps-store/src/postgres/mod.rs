@@ -774,8 +774,9 @@ impl PgStore {
             Ok(false) => return Ok(self.cache.versions(kind).map_or(true, |v| listed(&v))),
             Err(miss) => miss,
         };
-        let versions = self.versions(kind, Some(cache::MAX_LISTED)).await?;
-        if versions.len() > cache::MAX_LISTED {
+        let most = self.cache.max_listed();
+        let versions = self.versions(kind, Some(most)).await?;
+        if versions.len() > most {
             self.cache.keep_too_many(miss, kind);
             return Ok(true);
         }
@@ -1243,6 +1244,66 @@ mod tests {
             "a finished operation woke a node"
         );
         closed(&b, watcher).await;
+    }
+
+    /// Lookups of individual enrollments answer alike whether the kind's enrollments are few
+    /// enough to list (absences told from the list) or too many (each lookup reads the row).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_answer_alike_listed_or_not() {
+        use dps_core::store::EnrollmentKind::Individual;
+        let schema = Schema::create("contract").await;
+        let store = PgStore::connect(schema.options()).await.expect("open");
+        let node = PgStore {
+            cache: Arc::new(cache::ReadCache::listing_at_most(2)),
+            ..store.clone()
+        };
+        let (_, watcher) = watching(&node).await;
+        let v = crate::contract::doc(r#"{"v":1}"#);
+        for (count, id) in ["a", "b", "c"].into_iter().enumerate() {
+            // The node lists the enrollments (or finds them too many) ...
+            assert_eq!(
+                node.get_enrollment(Individual, "missing")
+                    .await
+                    .expect("read"),
+                None
+            );
+            assert!(
+                node.cache.listed("individual").is_ok(),
+                "listed or too many"
+            );
+            store
+                .put_enrollment(Individual, id, v.clone(), Precondition::MustNotExist)
+                .await
+                .expect("create");
+            // ... and forgets that when it hears of the change.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while node.cache.listed("individual").is_ok() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the change was not heard"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for (seen, present) in [
+                (id, true),
+                ("a", true),
+                ("b", count >= 1),
+                ("missing", false),
+            ] {
+                assert_eq!(
+                    node.get_enrollment(Individual, seen).await.expect("read"),
+                    present.then(|| v.clone()),
+                    "{seen} with {} enrollments",
+                    count + 1
+                );
+            }
+        }
+        assert_eq!(
+            node.cache.listed("individual").ok(),
+            Some(true),
+            "three are too many to list"
+        );
+        closed(&node, watcher).await;
     }
 
     /// A node keeps the enrollments and linked hubs it read while it hears changes, and follows
