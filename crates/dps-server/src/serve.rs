@@ -309,10 +309,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         clock,
         wake,
         handoff,
-        worker::Timing {
-            retention_ms: millis(config.provisioning.operation_retention_secs),
-            lease_ms,
-        },
+        millis(config.provisioning.operation_retention_secs),
         stop_rx,
     ));
     data.write_runtime(&Runtime {

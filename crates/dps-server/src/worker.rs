@@ -142,7 +142,9 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    /// For the worker of `node` (in a fresh incarnation), leasing for `lease_ms`.
+    /// For the worker of `node` (in a fresh incarnation), leasing for `lease_ms`: how long a claim
+    /// is exclusive, so that an operation still leased after that (its node died) is taken over by
+    /// any node. The worker's claims and renewals use the same length.
     pub fn new(node: String, clock: Arc<dyn Clock>, lease_ms: i64) -> Arc<Self> {
         Arc::new(Self {
             owner: LeaseOwner::new(node),
@@ -176,16 +178,6 @@ impl Intake for Handoff {
     }
 }
 
-/// How long the worker keeps things.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// How long a finished operation is kept for devices to poll.
-    pub retention_ms: i64,
-    /// How long a claim is exclusive: an operation still leased after that (its node died) is
-    /// taken over by any node.
-    pub lease_ms: i64,
-}
-
 /// Runs until `stop` turns true, then finishes the operations in progress. Operations claimed but
 /// not started keep their lease; this node takes them again when it restarts. Finished operations
 /// are deleted once `retention_ms` has passed since they finished (a device polling one later gets
@@ -196,13 +188,10 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
     handoff: Arc<Handoff>,
-    timing: Timing,
+    retention_ms: i64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Timing {
-        retention_ms,
-        lease_ms,
-    } = timing;
+    let lease_ms = handoff.lease_ms;
     let prune_every = (retention_ms / 2).clamp(250, PRUNE_EVERY_MS);
     let owner = handoff.owner.clone();
     let mut work = Work::new(
@@ -504,10 +493,7 @@ mod tests {
             Arc::clone(&clock),
             Arc::new(Notify::new()),
             Handoff::new("node-a".into(), Arc::clone(&clock), lease_ms),
-            Timing {
-                retention_ms: 600_000,
-                lease_ms,
-            },
+            600_000,
             stop_rx,
         ));
         let other = LeaseOwner::new("node-b");
@@ -561,10 +547,7 @@ mod tests {
             Arc::clone(&clock),
             Arc::new(Notify::new()),
             Arc::clone(&handoff),
-            Timing {
-                retention_ms: 600_000,
-                lease_ms: 60_000,
-            },
+            600_000,
             stop_rx,
         ));
         let (owner, until) = handoff.lease().expect("a running worker takes work");
@@ -659,10 +642,7 @@ mod tests {
             clock.clone(),
             Arc::new(Notify::new()),
             Handoff::new("test-node".into(), clock.clone(), 60_000),
-            Timing {
-                retention_ms: 10_000,
-                lease_ms: 60_000,
-            },
+            10_000,
             stop_rx,
         ));
         while recorder.ran.lock().expect("lock").len() < 4 {

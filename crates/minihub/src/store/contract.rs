@@ -310,7 +310,8 @@ mod postgres {
     use crate::store::PgHubStore;
     use pg_schema::testing::TestSchema;
 
-    async fn fresh() -> (TestSchema, Arc<HubStore>, Arc<HubStore>) {
+    /// Two nodes' stores, each with its own pool, on a fresh schema.
+    pub(super) async fn two_nodes() -> (TestSchema, HubStore, HubStore) {
         let schema = TestSchema::create("minihub").await;
         let a = PgHubStore::open(schema.pool(8).await)
             .await
@@ -318,11 +319,12 @@ mod postgres {
         let b = PgHubStore::open(schema.pool(8).await)
             .await
             .expect("node b");
-        (
-            schema,
-            Arc::new(HubStore::Postgres(a)),
-            Arc::new(HubStore::Postgres(b)),
-        )
+        (schema, HubStore::Postgres(a), HubStore::Postgres(b))
+    }
+
+    async fn fresh() -> (TestSchema, Arc<HubStore>, Arc<HubStore>) {
+        let (schema, a, b) = two_nodes().await;
+        (schema, Arc::new(a), Arc::new(b))
     }
 
     hub_store_contract!(fresh().await);
@@ -336,17 +338,9 @@ mod postgres_flushed_later {
     use pg_schema::testing::TestSchema;
 
     async fn fresh() -> (TestSchema, Arc<HubStore>, Arc<HubStore>) {
-        let schema = TestSchema::create("minihub").await;
-        let a = PgHubStore::open(schema.pool(8).await)
-            .await
-            .expect("node a");
-        let b = PgHubStore::open(schema.pool(8).await)
-            .await
-            .expect("node b");
-        let b = HubStore::Postgres(b)
-            .flushed_later()
-            .expect("on PostgreSQL");
-        (schema, Arc::new(HubStore::Postgres(a)), Arc::new(b))
+        let (schema, a, b) = super::postgres::two_nodes().await;
+        let b = b.flushed_later().expect("on PostgreSQL");
+        (schema, Arc::new(a), Arc::new(b))
     }
 
     hub_store_contract!(fresh().await);
