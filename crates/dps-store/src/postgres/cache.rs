@@ -145,8 +145,19 @@ impl ReadCache {
         });
     }
 
+    /// Whether an enrollment of `kind` may exist under `key`, as far as the kept list of that
+    /// kind tells (true when the kind has too many to list); else the miss. Searched in place: the
+    /// list is not copied.
+    pub(super) fn may_exist(&self, kind: &'static str, key: &str) -> Result<bool, Option<Miss>> {
+        self.lookup(|e| match e.too_many.contains(kind) {
+            true => Some(true),
+            false => e.versions.get(kind).map(|versions| lists(versions, key)),
+        })
+    }
+
     /// Whether the kind's enrollments are too many to list (`Ok(true)`), or a list of them is kept
     /// (`Ok(false)`: see [`ReadCache::versions`]); else the miss.
+    #[cfg(test)]
     pub(super) fn listed(&self, kind: &'static str) -> Result<bool, Option<Miss>> {
         self.lookup(|e| match e.too_many.contains(kind) {
             true => Some(true),
@@ -167,6 +178,13 @@ impl ReadCache {
     pub(super) fn keep_linked_hubs(&self, miss: Option<Miss>, hubs: &[LinkedHub]) {
         self.keep(miss, |e| e.linked_hubs = Some(hubs.to_vec()));
     }
+}
+
+/// Whether `versions` (in key order, bytewise as the `C` collation sorts) hold `key`.
+pub(super) fn lists(versions: &[(String, Etag)], key: &str) -> bool {
+    versions
+        .binary_search_by(|(k, _)| k.as_str().cmp(key))
+        .is_ok()
 }
 
 /// Operations kept at most by [`OwnOperations`].

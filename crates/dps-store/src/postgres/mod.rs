@@ -764,14 +764,9 @@ impl PgStore {
     /// [`cache::MAX_LISTED`] entries). True when the list cannot tell: more enrollments than that,
     /// or nothing may be kept.
     async fn may_exist(&self, kind: &'static str, key: &str) -> Result<bool, StoreError> {
-        let listed = |versions: &[(String, Etag)]| {
-            versions
-                .binary_search_by(|(k, _)| k.as_str().cmp(key))
-                .is_ok()
-        };
-        let miss = match self.cache.listed(kind) {
-            Ok(true) | Err(None) => return Ok(true),
-            Ok(false) => return Ok(self.cache.versions(kind).map_or(true, |v| listed(&v))),
+        let miss = match self.cache.may_exist(kind, key) {
+            Ok(may) => return Ok(may),
+            Err(None) => return Ok(true),
             Err(miss) => miss,
         };
         let most = self.cache.max_listed();
@@ -780,8 +775,9 @@ impl PgStore {
             self.cache.keep_too_many(miss, kind);
             return Ok(true);
         }
+        let may = cache::lists(&versions, key);
         self.cache.keep_versions(miss, kind, &versions);
-        Ok(listed(&versions))
+        Ok(may)
     }
 }
 
