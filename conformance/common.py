@@ -282,3 +282,44 @@ def service_request(method, path, body=None):
     )
     check(reply.status_code < 300, f"{method} {path}: HTTP {reply.status_code} {reply.text[:300]}")
     return reply.json() if reply.text else None
+
+
+def metric(sample):
+    """The value of one sample of the service's /metrics, such as
+    'opendps_operation_polls_total{transport="mqtt"}'; 0 when the service has not counted it yet."""
+    import requests
+
+    data = info()
+    reply = requests.get(f"https://{service_hostname()}:{listen_port()}/metrics", verify=data["caFile"], timeout=10)
+    check(reply.status_code == 200, f"/metrics: HTTP {reply.status_code}")
+    for line in reply.text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+class NoPolls:
+    """Checks, from the service's side, that the registrations made inside the block over
+    `transport` were answered in their register response and no operation-status request arrived:
+    `expected` inline answers, zero polls."""
+
+    def __init__(self, transport, expected=1):
+        self.transport, self.expected = transport, expected
+
+    def _counts(self):
+        labels = f'{{transport="{self.transport}"}}'
+        return metric("opendps_inline_answers_total" + labels), metric("opendps_operation_polls_total" + labels)
+
+    def __enter__(self):
+        self.before = self._counts()
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            return False
+        (inline0, polls0), (inline1, polls1) = self.before, self._counts()
+        check(polls1 == polls0, f"{self.transport}: the device polled {polls1 - polls0:.0f} times")
+        check(inline1 - inline0 == self.expected,
+              f"{self.transport}: {inline1 - inline0:.0f} register requests answered with the final status, expected {self.expected}")
+        return False
+

@@ -112,7 +112,13 @@ impl Device {
             },
             Request::OperationStatus { operation_id } => {
                 self.provisioning
-                    .operation_status(scope, rid, &operation_id, self.credentials())
+                    .operation_status(
+                        self.transport,
+                        scope,
+                        rid,
+                        &operation_id,
+                        self.credentials(),
+                    )
                     .await
             }
         };

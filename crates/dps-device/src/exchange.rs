@@ -71,7 +71,9 @@ pub async fn register_and_poll(
     let mut waited = Duration::ZERO;
     let mut reply = link.register(body).await?;
     say("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED");
-    if reply.status != 202 {
+    // 202, or 200 as the REST specification also allows; the body may already be final, when the
+    // service answered after the registration finished.
+    if !(reply.status == 200 || reply.status == 202) {
         return Ok((refused(reply), waited));
     }
     let mut operation = status_of(&reply)?;

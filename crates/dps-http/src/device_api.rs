@@ -111,7 +111,13 @@ pub(crate) async fn handle(
             operation_id,
         } => {
             let status = provisioning
-                .operation_status(&scope, &registration_id, &operation_id, credentials)
+                .operation_status(
+                    Transport::Https,
+                    &scope,
+                    &registration_id,
+                    &operation_id,
+                    credentials,
+                )
                 .await?;
             let retry = provisioning.retry_after_for(&status);
             Ok(json(

@@ -102,6 +102,13 @@ struct DpsConnection {
     transport: Transport,
 }
 
+/// Which request a response answers.
+#[derive(Clone, Copy)]
+enum Request {
+    Register,
+    Poll,
+}
+
 impl DpsConnection {
     fn credentials(&self) -> Credentials<'_> {
         Credentials {
@@ -110,14 +117,19 @@ impl DpsConnection {
         }
     }
 
-    /// Status, Retry-After and JSON body of a response.
+    /// Status, Retry-After and JSON body of a response. A register request is answered 202 even
+    /// when its operation finished while it waited, as over HTTPS (where C# accepts nothing else).
     fn answer(
         &self,
+        request: Request,
         result: Result<RegistrationOperationStatus, ProvisioningError>,
     ) -> (u16, Option<u32>, Vec<u8>) {
         match result {
             Ok(status) => {
-                let code = status.response_status();
+                let code = match request {
+                    Request::Register => 202,
+                    Request::Poll => status.response_status(),
+                };
                 let retry = self.provisioning.retry_after_for(&status);
                 (code, retry, serde_json::to_vec(&status).unwrap_or_default())
             }
@@ -162,19 +174,20 @@ impl Connection for DpsConnection {
                         }
                         Err(err) => Err(err),
                     };
-                    (rid, self.answer(result))
+                    (rid, self.answer(Request::Register, result))
                 }
                 Output::Poll { rid, operation_id } => {
                     let result = self
                         .provisioning
                         .operation_status(
+                            self.transport,
                             &self.scope,
                             &self.registration_id,
                             &operation_id,
                             self.credentials(),
                         )
                         .await;
-                    (rid, self.answer(result))
+                    (rid, self.answer(Request::Poll, result))
                 }
             };
             handled

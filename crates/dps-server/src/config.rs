@@ -221,6 +221,9 @@ impl Default for ServiceApiConfig {
 pub struct ProvisioningConfig {
     /// `Retry-After` (seconds) sent to devices while their registration is assigning.
     pub retry_after_secs: u32,
+    /// Milliseconds a register request waits for its registration to finish, to answer with the
+    /// final status so the device need not poll; 0 answers `assigning` at once.
+    pub answer_within_ms: u64,
     /// Seconds of clock difference tolerated when checking a device token's expiry.
     pub device_sas_clock_skew_secs: i64,
     /// Largest custom payload a device may send with its registration, in bytes of JSON.
@@ -260,6 +263,7 @@ impl Default for ProvisioningConfig {
     fn default() -> Self {
         Self {
             retry_after_secs: 2,
+            answer_within_ms: 1000,
             device_sas_clock_skew_secs: 300,
             max_payload_bytes: 64 * 1024,
             operation_retention_secs: 3600,
@@ -453,6 +457,11 @@ impl Config {
         if p.operation_lease_secs.saturating_mul(1000) <= one_call_ms {
             bail!(
                 "provisioning.operation_lease_secs must be longer than one hub request (hub_timeout_secs) and one webhook call (webhook_timeout_ms): a node holds its claim while it waits for them"
+            );
+        }
+        if p.answer_within_ms >= 30_000 {
+            bail!(
+                "provisioning.answer_within_ms must be under 30000: the SDKs give up on a request after 30 s (1000 answers most registrations inline; 0 never waits)"
             );
         }
         if self.provisioning.device_sas_clock_skew_secs < 0 {

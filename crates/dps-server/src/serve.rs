@@ -215,7 +215,8 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
             provisioning_settings(&config),
             Box::new(move || waker.notify_one()),
         )
-        .with_intake(Arc::clone(&handoff) as Arc<dyn dps_core::provisioning::Intake>),
+        .with_intake(Arc::clone(&handoff) as Arc<dyn dps_core::provisioning::Intake>)
+        .answering_inline(Arc::new(|wait| Box::pin(tokio::time::sleep(wait)))),
     );
     if let Some(hub) = &minihub
         && config.minihub.link
@@ -590,6 +591,7 @@ fn provisioning_settings(config: &Config) -> ProvisioningSettings {
         webhook_retries: p.webhook_retries,
         webhook_first_retry_ms: i64::try_from(p.webhook_first_retry_ms).unwrap_or(i64::MAX),
         webhook_retry_increment_ms: i64::try_from(p.webhook_retry_increment_ms).unwrap_or(i64::MAX),
+        answer_within: Duration::from_millis(p.answer_within_ms),
     }
 }
 

@@ -45,6 +45,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_answering_within(std::time::Duration::ZERO)
+}
+
+/// A fixture whose register requests wait up to `within` for their operation to finish.
+fn fixture_answering_within(within: std::time::Duration) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn Store> =
         Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
@@ -61,6 +66,7 @@ fn fixture() -> Fixture {
         // Webhook retries as Azure spaces them would need minutes of simulated time.
         webhook_first_retry_ms: 1000,
         webhook_retry_increment_ms: 1000,
+        answer_within: within,
         ..ProvisioningSettings::default()
     };
     let dps = Provisioning::new(
@@ -71,7 +77,8 @@ fn fixture() -> Fixture {
         IdScope::new(SCOPE),
         settings,
         Box::new(|| ()),
-    );
+    )
+    .answering_inline(Arc::new(|wait| Box::pin(tokio::time::sleep(wait))));
     Fixture {
         _dir: dir,
         store,
@@ -179,7 +186,13 @@ impl Fixture {
             self.drain().await;
             let status = self
                 .dps
-                .operation_status(SCOPE, rid, &accepted.operation_id, Some(&token))
+                .operation_status(
+                    Transport::Https,
+                    SCOPE,
+                    rid,
+                    &accepted.operation_id,
+                    Some(&token),
+                )
                 .await
                 .expect("poll");
             if status.status.is_terminal() {
@@ -214,7 +227,7 @@ impl Fixture {
 
     async fn status(&self, rid: &str, (operation, token): &(String, String)) -> EnrollmentStatus {
         self.dps
-            .operation_status(SCOPE, rid, operation, Some(token))
+            .operation_status(Transport::Https, SCOPE, rid, operation, Some(token))
             .await
             .expect("poll")
             .status
@@ -243,16 +256,43 @@ impl Fixture {
         dps_core::clock::Clock::now(&*self.clock)
     }
 
-    async fn drain(&self) {
+    /// Works on every operation due; how many there were.
+    async fn drain(&self) -> usize {
         let now = self.clock_now().as_millisecond();
-        for op in self
+        let claimed = self
             .store
             .claim_operations(&LeaseOwner::new("test"), now, 60_000, 1000)
             .await
-            .expect("claim")
-        {
-            self.dps.process(&op).await.expect("process");
+            .expect("claim");
+        for op in &claimed {
+            self.dps.process(op).await.expect("process");
         }
+        claimed.len()
+    }
+
+    /// A register request as it waits for its answer while a worker (this test, draining the
+    /// store) works on its operation; bounded so that a request the worker never lets go fails
+    /// the test rather than waiting out its bound.
+    async fn register_answered(
+        &self,
+        rid: &str,
+        body: DeviceRegistration,
+    ) -> dps_core::device::RegistrationOperationStatus {
+        let token = self.token(rid, &Self::device_key(rid), NOW + 3600);
+        let register = self
+            .dps
+            .register(Transport::Https, SCOPE, rid, body, Some(&token));
+        let work = async {
+            while self.drain().await == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            tokio::join!(register, work)
+        })
+        .await
+        .expect("the register request is answered well before its 60 s bound");
+        answer.expect("accepted")
     }
 }
 
@@ -296,7 +336,13 @@ async fn group_device_is_created_with_derived_keys_and_initial_twin() {
     let wrong = b.token(rid, &sas::generate_key(), NOW + 60);
     let polled = b
         .dps
-        .operation_status(SCOPE, rid, &status.operation_id, Some(&wrong))
+        .operation_status(
+            Transport::Https,
+            SCOPE,
+            rid,
+            &status.operation_id,
+            Some(&wrong),
+        )
         .await;
     assert!(
         matches!(polled, Err(ProvisioningError::Unauthorized(_))),
@@ -309,7 +355,13 @@ async fn group_device_is_created_with_derived_keys_and_initial_twin() {
     );
     let polled = b
         .dps
-        .operation_status(SCOPE, rid, &status.operation_id, Some(&other_device))
+        .operation_status(
+            Transport::Https,
+            SCOPE,
+            rid,
+            &status.operation_id,
+            Some(&other_device),
+        )
         .await;
     assert!(
         matches!(polled, Err(ProvisioningError::Unauthorized(_))),
@@ -642,7 +694,7 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
     for op in ops {
         let status = b
             .dps
-            .operation_status(SCOPE, rid, &op, Some(&token))
+            .operation_status(Transport::Https, SCOPE, rid, &op, Some(&token))
             .await
             .expect("poll");
         assert_eq!(status.status, EnrollmentStatus::Assigned);
@@ -653,7 +705,10 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
 const WEBHOOK: &str = "https://contoso-function-app.example/api/HttpTrigger1?code=s3cret";
 
 async fn custom_bench(reprovision: serde_json::Value) -> Fixture {
-    let b = fixture();
+    custom_bench_of(fixture(), reprovision).await
+}
+
+async fn custom_bench_of(b: Fixture, reprovision: serde_json::Value) -> Fixture {
     b.link("contoso-toasters-hub", 1).await;
     b.link("contoso-heatpumps-hub", 1).await;
     b.put_group(
@@ -794,6 +849,92 @@ async fn the_troubleshooting_table() {
         11,
         "the first call and 10 retries"
     );
+}
+
+/// A register request that waits gets the final status of its operation as the worker commits
+/// it: `assigned` with the whole registration state, or `failed` with its error; the operation
+/// polled afterwards reads the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_register_request_gets_the_final_status() {
+    let within = std::time::Duration::from_secs(60);
+    let b = custom_bench_of(
+        fixture_answering_within(within),
+        json!({"updateHubAssignment": true, "migrateDeviceData": true}),
+    )
+    .await;
+    b.webhook.answer(
+        200,
+        r#"{"iotHubHostName":"contoso-heatpumps-hub","payload":{"hello":"device"}}"#,
+    );
+    let rid = "mainbuilding167-contoso-hpsd-088";
+    let answer = b.register_answered(rid, tutorial_payload()).await;
+    assert_eq!(answer.status, EnrollmentStatus::Assigned);
+    let state = answer
+        .registration_state
+        .clone()
+        .expect("the registration state");
+    assert_eq!(state.assigned_hub.as_deref(), Some("contoso-heatpumps-hub"));
+    assert_eq!(state.device_id.as_deref(), Some(rid));
+    assert_eq!(state.payload, Some(json!({"hello": "device"})));
+    assert!(
+        b.hub.device("contoso-heatpumps-hub", rid).is_some(),
+        "created before the answer"
+    );
+    let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
+    let polled = b
+        .dps
+        .operation_status(
+            Transport::Https,
+            SCOPE,
+            rid,
+            &answer.operation_id,
+            Some(&token),
+        )
+        .await
+        .expect("poll");
+    assert_eq!(polled, answer);
+
+    b.webhook.answer(404, "no such device type");
+    let rid = "mainbuilding167-contoso-unknown-001";
+    let answer = b.register_answered(rid, tutorial_payload()).await;
+    assert_eq!(answer.status, EnrollmentStatus::Failed);
+    let state = answer.registration_state.expect("the registration state");
+    assert_eq!(state.error_code, Some(400_207));
+}
+
+/// An operation the worker leaves for later (a throttling webhook, to be asked again) lets its
+/// register request go at once with `assigning`: the device polls, as it would without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_request_is_let_go_when_its_operation_waits_for_a_retry() {
+    let within = std::time::Duration::from_secs(60);
+    let b = custom_bench_of(
+        fixture_answering_within(within),
+        json!({"updateHubAssignment": true, "migrateDeviceData": true}),
+    )
+    .await;
+    b.webhook.answer(429, "slow down");
+    b.webhook
+        .answer(200, r#"{"iotHubHostName":"contoso-toasters-hub"}"#);
+    let rid = "breakroom499-contoso-tstrsd-007";
+    let answer = b.register_answered(rid, tutorial_payload()).await;
+    assert_eq!(answer.status, EnrollmentStatus::Assigning);
+    assert!(answer.registration_state.is_none());
+    assert_eq!(b.webhook.requests().len(), 1);
+    b.advance(5);
+    b.drain().await;
+    let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
+    let polled = b
+        .dps
+        .operation_status(
+            Transport::Https,
+            SCOPE,
+            rid,
+            &answer.operation_id,
+            Some(&token),
+        )
+        .await
+        .expect("poll");
+    assert_eq!(polled.status, EnrollmentStatus::Assigned);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -963,7 +1104,13 @@ async fn a_changed_device_id_leaves_no_identity_behind() {
         b.drain().await;
         let status = b
             .dps
-            .operation_status(SCOPE, rid, &accepted.operation_id, Some(&token))
+            .operation_status(
+                Transport::Https,
+                SCOPE,
+                rid,
+                &accepted.operation_id,
+                Some(&token),
+            )
             .await
             .expect("poll");
         let state = status.registration_state.expect("state");
@@ -1144,7 +1291,13 @@ async fn a_hub_without_twins_takes_only_devices_without_a_twin() {
     b.drain().await;
     let done = b
         .dps
-        .operation_status(SCOPE, "plain", &accepted.operation_id, Some(&token))
+        .operation_status(
+            Transport::Https,
+            SCOPE,
+            "plain",
+            &accepted.operation_id,
+            Some(&token),
+        )
         .await
         .expect("poll");
     assert_eq!(done.status, EnrollmentStatus::Assigned);

@@ -38,12 +38,15 @@ use crate::webhook::{
     WebhookClient, WebhookError,
 };
 
+mod answers;
 mod auth;
 mod plan;
 mod process;
 mod record;
 mod x509;
 
+use self::answers::Answers;
+pub use self::answers::Sleep;
 use self::auth::{GroupAuth, symmetric_keys};
 use self::record::{EnrollmentView, result_of};
 
@@ -81,6 +84,9 @@ pub struct ProvisioningSettings {
     pub webhook_retries: u32,
     /// Delay before the first webhook retry, in milliseconds (DPS: 1 s).
     pub webhook_first_retry_ms: i64,
+    /// How long a register request waits for its operation to finish, to answer with the final
+    /// status instead of `assigning` (see [`Provisioning::answering_inline`]); zero never waits.
+    pub answer_within: std::time::Duration,
     /// Added to the delay for each further retry, in milliseconds (DPS: 9 s).
     pub webhook_retry_increment_ms: i64,
 }
@@ -100,6 +106,7 @@ impl Default for ProvisioningSettings {
             webhook_retries: 10,
             webhook_first_retry_ms: 1000,
             webhook_retry_increment_ms: 9000,
+            answer_within: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -286,6 +293,8 @@ pub struct Provisioning {
     wake: Box<dyn Fn() + Send + Sync>,
     /// Where the operations this node records go at once, if anywhere (see [`Intake`]).
     intake: Option<Arc<dyn Intake>>,
+    /// Register requests waiting for their operations, when they wait (see [`Answers`]).
+    answers: Option<Answers>,
     /// Parsed enrollment groups by etag, for authentication.
     group_auth: Mutex<HashMap<String, Arc<GroupAuth>>>,
     /// Hubs that throttled (429) or were busy (503), by lower-case host name, with the time
@@ -315,6 +324,7 @@ impl Provisioning {
             settings,
             wake,
             intake: None,
+            answers: None,
             group_auth: Mutex::new(HashMap::new()),
             hub_gates: Mutex::new(HashMap::new()),
         }
@@ -325,6 +335,17 @@ impl Provisioning {
     #[must_use]
     pub fn with_intake(mut self, intake: Arc<dyn Intake>) -> Self {
         self.intake = Some(intake);
+        self
+    }
+
+    /// Answers each register request with its operation's final status when the operation
+    /// finishes within `settings.answer_within` (timed by `sleep`, the runtime's timer), and with
+    /// `assigning` otherwise, as without this. Every SDK ends its registration on a final status
+    /// in the register response without polling (docs/device-api.md has the table).
+    #[must_use]
+    pub fn answering_inline(mut self, sleep: Sleep) -> Self {
+        let within = self.settings.answer_within;
+        self.answers = (!within.is_zero()).then(|| Answers::new(within, sleep));
         self
     }
 
@@ -399,6 +420,8 @@ impl Provisioning {
             certificate,
         };
         let stored = stored_operation(&op, now.as_millisecond())?;
+        // Waiting starts before the worker can have the operation, so its end is not missed.
+        let expected = self.answers.as_ref().map(|a| a.expect(&op.operation_id));
         match self.intake.as_ref().map(|i| (i, i.lease())) {
             Some((intake, Some((owner, until_ms)))) => {
                 self.store
@@ -413,6 +436,13 @@ impl Provisioning {
         }
         metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
             .increment(1);
+        if let Some(expected) = expected
+            && let Some(done) = expected.answer().await
+        {
+            metrics::counter!("opendps_inline_answers_total", "transport" => transport.as_str())
+                .increment(1);
+            return Ok(done);
+        }
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
             status: EnrollmentStatus::Assigning,
@@ -423,11 +453,14 @@ impl Provisioning {
     /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
     pub async fn operation_status(
         &self,
+        transport: Transport,
         scope: &str,
         registration_id: &str,
         operation_id: &str,
         credentials: impl Into<Credentials<'_>>,
     ) -> Result<RegistrationOperationStatus, ProvisioningError> {
+        metrics::counter!("opendps_operation_polls_total", "transport" => transport.as_str())
+            .increment(1);
         let credentials = credentials.into();
         let rid = RegistrationId::parse(registration_id)?;
         self.check_credentials(scope, &rid, credentials)?;

@@ -87,11 +87,20 @@ pub(super) fn allocation_failure(err: AllocationError) -> Failure {
 
 impl Provisioning {
     /// Works on one claimed operation: finishes it, or reschedules it after a hub failure. Errors
-    /// are storage failures; the lease then expires and the operation is claimed again.
+    /// are storage failures; the lease then expires and the operation is claimed again. A register
+    /// request waiting for the operation gets its final status, or is let go.
     pub async fn process(
         &self,
         stored: &StoredOperation,
     ) -> Result<EnrollmentStatus, ProvisioningError> {
+        let processed = self.drive(stored).await;
+        if let Some(answers) = &self.answers {
+            answers.release(&stored.operation_id);
+        }
+        processed
+    }
+
+    async fn drive(&self, stored: &StoredOperation) -> Result<EnrollmentStatus, ProvisioningError> {
         let mut op: Operation = parse(&stored.doc)?;
         if op.status.is_terminal() {
             return Ok(op.status);
@@ -368,7 +377,8 @@ impl Provisioning {
             .await
     }
 
-    /// The operation is finished: metrics and the log line.
+    /// The operation is finished (committed): metrics, the log line, and the answer to its register
+    /// request if one waits.
     pub(super) fn complete(
         &self,
         op: &mut Operation,
@@ -394,6 +404,17 @@ impl Provisioning {
             error_code = record.state.error_code.unwrap_or(0),
             "registration finished"
         );
+        if let Some(answers) = self
+            .answers
+            .as_ref()
+            .filter(|a| a.awaited(&op.operation_id))
+        {
+            answers.finished(RegistrationOperationStatus {
+                operation_id: op.operation_id.clone(),
+                status: op.status,
+                registration_state: op.result.clone(),
+            });
+        }
         op.status
     }
 

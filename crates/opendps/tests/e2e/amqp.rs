@@ -61,6 +61,16 @@ async fn devices_register_over_amqp_and_amqp_on_websockets() {
             "{sample} in {text}"
         );
     }
+    // Both devices had their final status in the register answer: neither polled.
+    for transport in ["amqp", "amqp-ws"] {
+        let sample = format!(r#"opendps_inline_answers_total{{transport="{transport}"}}"#);
+        assert_eq!(
+            crate::device_api::sample(&text, &sample),
+            1.0,
+            "{sample} in {text}"
+        );
+    }
+    assert!(!text.contains("opendps_operation_polls_total"), "{text}");
 }
 
 /// A TLS connection to the AMQP listener.
@@ -135,6 +145,79 @@ fn register_request(rid: &str) -> Message<Data> {
     request(Some("iotdps-register"), body.as_bytes())
 }
 
+/// Sends `rid`'s register request on `sender` and reads the answer on `receiver`: its JSON body
+/// and its application properties.
+async fn register_and_read(
+    sender: &mut Sender,
+    receiver: &mut Receiver,
+    rid: &str,
+) -> (
+    serde_json::Value,
+    fe2o3_amqp::types::primitives::OrderedMap<String, SimpleValue>,
+) {
+    let outcome = sender.send(register_request(rid)).await.expect("send");
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let delivery: Delivery<Body<Value>> =
+        tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .expect("an answer in time")
+            .expect("answer");
+    receiver.accept(&delivery).await.expect("accept");
+    let message = delivery.message();
+    let Body::Data(data) = &message.body else {
+        panic!("the answer is not one data section: {message:?}");
+    };
+    let answer: serde_json::Value = serde_json::from_slice(
+        &data
+            .iter()
+            .flat_map(|d| d.0.iter().copied())
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    let properties = message
+        .application_properties
+        .as_ref()
+        .expect("properties")
+        .0
+        .clone();
+    (answer, properties)
+}
+
+/// A server that answers `assigning` at once (`answer_within_ms = 0`) says how long to wait in
+/// the properties both spellings of which SDKs read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assigning_answer_carries_retry_after() {
+    let server = TestServer::start_with_env(
+        std::path::Path::new(env!("CARGO_BIN_EXE_opendps")),
+        &[("OPENDPS_PROVISIONING__ANSWER_WITHIN_MS", "0")],
+        &["--hub", HUB],
+    )
+    .await
+    .expect("opendps starts");
+    let key = crate::symmetric_group(&server, "amqp-devices", crate::eco_twin()).await;
+    let scope = server.service_info().expect("info").id_scope.clone();
+    let rid = "amqp-polling";
+    let (mut connection, mut session) =
+        login(&server, rid, &token(&server, rid, &derived(&key, rid))).await;
+    let address = format!("{scope}/registrations/{rid}");
+    let mut sender = Sender::attach(&mut session, "sender_link", address.clone())
+        .await
+        .expect("sender");
+    let mut receiver = Receiver::attach(&mut session, "recv_link", address)
+        .await
+        .expect("receiver");
+    let (answer, properties) = register_and_read(&mut sender, &mut receiver, rid).await;
+    assert_eq!(answer["status"], "assigning", "{answer}");
+    assert!(answer["operationId"].is_string(), "{answer}");
+    for name in ["retry-after", "Retry-After"] {
+        assert!(
+            matches!(properties.get(name), Some(SimpleValue::String(s)) if s.parse::<u32>().is_ok()),
+            "{name} in {properties:?}"
+        );
+    }
+    let _ = connection.close().await;
+}
+
 fn request(operation: Option<&str>, body: &[u8]) -> Message<Data> {
     let mut application = ApplicationProperties::builder();
     if let Some(operation) = operation {
@@ -168,38 +251,15 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
     let mut receiver = Receiver::attach(&mut session, "recv_link", address)
         .await
         .expect("receiver");
-    let outcome = sender.send(register_request(rid)).await.expect("send");
-    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
-    let delivery: Delivery<Body<Value>> =
-        tokio::time::timeout(Duration::from_secs(10), receiver.recv())
-            .await
-            .expect("an answer in time")
-            .expect("answer");
-    receiver.accept(&delivery).await.expect("accept");
-    let message = delivery.message();
-    let Body::Data(data) = &message.body else {
-        panic!("the answer is not one data section: {message:?}");
-    };
-    let answer: serde_json::Value = serde_json::from_slice(
-        &data
-            .iter()
-            .flat_map(|d| d.0.iter().copied())
-            .collect::<Vec<_>>(),
-    )
-    .expect("json");
-    assert_eq!(answer["status"], "assigning", "{answer}");
+    // The registration finishes while the request waits: the answer is final, with no Retry-After.
+    let (answer, properties) = register_and_read(&mut sender, &mut receiver, rid).await;
+    assert_eq!(answer["status"], "assigned", "{answer}");
+    assert_eq!(answer["registrationState"]["assignedHub"], HUB, "{answer}");
     assert!(answer["operationId"].is_string(), "{answer}");
-    let properties = &message
-        .application_properties
-        .as_ref()
-        .expect("properties")
-        .0;
-    for name in ["retry-after", "Retry-After"] {
-        assert!(
-            matches!(properties.get(name), Some(SimpleValue::String(s)) if s.parse::<u32>().is_ok()),
-            "{name} in {properties:?}"
-        );
-    }
+    assert!(
+        !properties.contains_key("retry-after"),
+        "no wait after a final answer: {properties:?}"
+    );
 
     // No operation type, an unknown one, and a body that is not JSON: rejected, with the reason.
     for (message, why) in [

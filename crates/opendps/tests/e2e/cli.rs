@@ -356,7 +356,7 @@ fn the_demo_reproduces_the_tutorial() {
         for line in [
             "Registration Information received from service: contoso-toasters-hub-1098.azure-devices.net, deviceId: breakroom499-contoso-tstrsd-007",
             "Registration Information received from service: contoso-heatpumps-hub-1098.azure-devices.net, deviceId: mainbuilding167-contoso-hpsd-088",
-            "Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING",
+            "Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED",
             "error 400207: Custom allocation failed with status code: 400: Unrecognized device registration.",
             "\"darknessSetting\": \"medium\"",
             "\"temperatureSetting\": \"65\"",

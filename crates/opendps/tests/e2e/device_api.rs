@@ -58,8 +58,47 @@ async fn with_group(server: &TestServer, extra: Value) {
     assert_eq!(reply.status, 200, "{reply:?}");
 }
 
+/// The body shapes real SDKs send: C/Node, Python (payload null), C# MQTT (nothing), docs (empty object).
+fn register_bodies(rid: &str) -> [Option<Value>; 4] {
+    [
+        Some(json!({"registrationId": rid})),
+        Some(json!({"payload": null, "registrationId": rid})),
+        None,
+        Some(json!({})),
+    ]
+}
+
+#[track_caller]
+fn assert_json_202_with_operation(reply: &Reply) -> String {
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    let op = reply.body["operationId"].as_str().expect("operationId");
+    assert!(
+        op.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
+        "{op}"
+    );
+    op.to_owned()
+}
+
+/// What the registrations below end with: no hub is linked, so they fail after authentication,
+/// as data.
+#[track_caller]
+fn assert_failed_without_hub(done: &Value, rid: &str, op: &str) {
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["operationId"], op);
+    assert_eq!(done["registrationState"]["errorCode"], 400211);
+    assert_eq!(done["registrationState"]["registrationId"], rid);
+}
+
+/// By default a register request waits for its registration to finish and answers with the final
+/// status: 202 still (C# accepts nothing else), no Retry-After, the whole `registrationState`, and
+/// an operation that can still be polled. No poll is needed: the metrics count none.
 #[tokio::test]
-async fn register_answers_202_and_polling_reaches_a_terminal_state() {
+async fn register_answers_with_the_final_status_when_it_is_quick() {
     let server = server().await;
     with_group(&server, json!({})).await;
     let rid = "breakroom499-contoso-tstrsd-007";
@@ -69,37 +108,72 @@ async fn register_answers_202_and_polling_reaches_a_terminal_state() {
         &derive_device_key(GROUP_KEY, rid).expect("derive"),
         far_future(),
     );
-    // The body shapes real SDKs send: C/Node, Python (payload null), C# MQTT (nothing), docs (empty object).
-    for body in [
-        Some(json!({"registrationId": rid})),
-        Some(json!({"payload": null, "registrationId": rid})),
-        None,
-        Some(json!({})),
-    ] {
+    for body in register_bodies(rid) {
         let reply = register(&api, &server, rid, body.map(Body::Json)).await;
-        assert_eq!(reply.status, 202, "{reply:?}");
-        assert_eq!(
-            reply.header("content-type"),
-            Some("application/json; charset=utf-8")
-        );
+        let op = assert_json_202_with_operation(&reply);
+        assert!(reply.header("retry-after").is_none(), "{reply:?}");
+        assert_failed_without_hub(&reply.body, rid, &op);
+        assert_eq!(reply.body["registrationState"]["status"], "failed");
+    }
+    assert_failed_state_is_kept(&server, &api, rid).await;
+    let metrics = crate::metrics_text(&server).await;
+    assert!(
+        metrics.contains(r#"opendps_inline_answers_total{transport="https"} 4"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("opendps_operation_polls_total"),
+        "{metrics}"
+    );
+    let reply = register(&api, &server, rid, None).await;
+    let op = assert_json_202_with_operation(&reply);
+    let polled = poll(&api, &server, rid, &op).await;
+    assert_eq!(
+        polled, reply.body,
+        "a poll reads what the register answered"
+    );
+}
+
+/// With `answer_within_ms = 0` the register request answers `assigning` at once, with
+/// Retry-After, and polling reaches the terminal state, as Azure DPS does.
+#[tokio::test]
+async fn register_answers_assigning_when_told_not_to_wait() {
+    let server = TestServer::start_with_env(
+        std::path::Path::new(env!("CARGO_BIN_EXE_opendps")),
+        &[("OPENDPS_PROVISIONING__ANSWER_WITHIN_MS", "0")],
+        &[],
+    )
+    .await
+    .expect("opendps starts");
+    with_group(&server, json!({})).await;
+    let rid = "breakroom499-contoso-tstrsd-008";
+    let api = device(
+        &server,
+        rid,
+        &derive_device_key(GROUP_KEY, rid).expect("derive"),
+        far_future(),
+    );
+    for body in register_bodies(rid) {
+        let reply = register(&api, &server, rid, body.map(Body::Json)).await;
+        let op = assert_json_202_with_operation(&reply);
         assert!(reply.header("retry-after").is_some());
         assert_eq!(reply.body["status"], "assigning");
-        let op = reply.body["operationId"].as_str().expect("operationId");
-        assert!(
-            op.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
-            "{op}"
-        );
-        // No hub is linked: the registration fails after authentication, as data.
-        let done = poll(&api, &server, rid, op).await;
-        assert_eq!(done["status"], "failed");
-        assert_eq!(done["operationId"], op);
-        assert_eq!(done["registrationState"]["errorCode"], 400211);
-        assert_eq!(done["registrationState"]["registrationId"], rid);
+        let done = poll(&api, &server, rid, &op).await;
+        assert_failed_without_hub(&done, rid, &op);
     }
+    assert_failed_state_is_kept(&server, &api, rid).await;
+    let metrics = crate::metrics_text(&server).await;
+    assert!(
+        !metrics.contains("opendps_inline_answers_total"),
+        "{metrics}"
+    );
+}
+
+/// The registration state the device reads back, and the service API's query, after those.
+async fn assert_failed_state_is_kept(server: &TestServer, api: &ServiceApi, rid: &str) {
     let state = api
         .post(
-            &format!("/{}/registrations/{rid}", scope(&server)),
+            &format!("/{}/registrations/{rid}", scope(server)),
             json!({"registrationId": rid}),
         )
         .await
@@ -128,6 +202,10 @@ async fn disabled_enrollment_ends_disabled() {
     );
     let reply = register(&api, &server, rid, None).await;
     assert_eq!(reply.status, 202);
+    assert_eq!(
+        reply.body["status"], "disabled",
+        "answered inline: {reply:?}"
+    );
     let done = poll(
         &api,
         &server,

@@ -677,7 +677,7 @@ async fn the_device_simulator_registers_over_https_and_mqtt() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            stdout.contains("Provisioning Status: PROV_DEVICE_REG_STATUS_ASSIGNING"),
+            stdout.contains("Provisioning Status: PROV_DEVICE_REG_STATUS_CONNECTED"),
             "{stdout}"
         );
         assert!(

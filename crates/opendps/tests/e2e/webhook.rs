@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dps_core::sas::{derive_device_key, generate_token};
-use dps_testkit::{Body, TestServer, WebhookServer, far_future};
+use dps_testkit::{Body, Reply, ServiceApi, TestServer, WebhookServer, far_future};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -21,15 +21,16 @@ struct Setup {
     _config: tempfile::TempDir,
 }
 
-/// opendps with two in-process hubs, fast webhook retries (2, 100 ms apart) and a 1 s webhook
-/// timeout, and the tutorial's group pointing at a scripted webhook.
+/// opendps with two in-process hubs, fast webhook retries (2, 100 ms apart), a 1 s webhook
+/// timeout and register requests waiting at most 300 ms for their answer, and the tutorial's group
+/// pointing at a scripted webhook.
 async fn setup() -> Setup {
     let webhook = WebhookServer::start().await.expect("webhook");
     let config = tempfile::tempdir().expect("tempdir");
     let file = config.path().join("opendps.toml");
     std::fs::write(
         &file,
-        "[provisioning]\nwebhook_timeout_ms = 1000\nwebhook_retries = 2\nwebhook_first_retry_ms = 100\nwebhook_retry_increment_ms = 100\n",
+        "[provisioning]\nwebhook_timeout_ms = 1000\nwebhook_retries = 2\nwebhook_first_retry_ms = 100\nwebhook_retry_increment_ms = 100\nanswer_within_ms = 300\n",
     )
     .expect("config");
     let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
@@ -66,6 +67,17 @@ async fn setup() -> Setup {
 
 /// Registers with the tutorial's payload and polls to the end.
 async fn register(setup: &Setup, rid: &str, key: &str) -> Value {
+    let (device, scope, accepted) = send_register(setup, rid, key).await;
+    let op = accepted.body["operationId"]
+        .as_str()
+        .expect("op")
+        .to_owned();
+    crate::poll_until_done(&device, &scope, rid, &op, Duration::from_secs(30)).await
+}
+
+/// Sends the register request with the tutorial's payload: the device's client, the ID scope, and
+/// the answer (202).
+async fn send_register(setup: &Setup, rid: &str, key: &str) -> (ServiceApi, String, Reply) {
     let scope = setup.server.info["idScope"]
         .as_str()
         .expect("scope")
@@ -89,11 +101,34 @@ async fn register(setup: &Setup, rid: &str, key: &str) -> Value {
         .await
         .expect("register");
     assert_eq!(accepted.status, 202, "{accepted:?}");
-    let op = accepted.body["operationId"]
-        .as_str()
-        .expect("op")
-        .to_owned();
-    crate::poll_until_done(&device, &scope, rid, &op, Duration::from_secs(30)).await
+    (device, scope, accepted)
+}
+
+/// A webhook slower than the register request's wait: the request answers `assigning` with
+/// Retry-After, as without waiting, and the device polls the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_slower_than_the_wait_is_answered_assigning() {
+    let s = setup().await;
+    s.webhook.answer_after(
+        200,
+        &json!({"iotHubHostName": TOASTERS}).to_string(),
+        Duration::from_millis(700),
+    );
+    let (rid, key) = toaster();
+    let (device, scope, accepted) = send_register(&s, rid, &key).await;
+    assert_eq!(accepted.body["status"], "assigning", "{accepted:?}");
+    assert!(accepted.header("retry-after").is_some(), "{accepted:?}");
+    let op = accepted.body["operationId"].as_str().expect("op");
+    let done = crate::poll_until_done(&device, &scope, rid, op, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(done["registrationState"]["assignedHub"], TOASTERS);
+
+    // Quick again: the next registration of the device is answered with its result.
+    s.webhook
+        .answer(200, &json!({"iotHubHostName": TOASTERS}).to_string());
+    let (_, _, answered) = send_register(&s, rid, &key).await;
+    assert_eq!(answered.body["status"], "assigned", "{answered:?}");
+    assert!(answered.header("retry-after").is_none(), "{answered:?}");
 }
 
 fn toaster() -> (&'static str, String) {
