@@ -190,6 +190,9 @@ struct BaselineReport {
     connections: usize,
     connections_per_sec: f64,
     failures: usize,
+    /// The server's CPU per connection, from its own counter (one node only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_ms_per_connection: Option<f64>,
 }
 
 /// Idle MQTT sessions held, and what they cost the service.
@@ -217,6 +220,9 @@ struct RegistrationsReport {
     per_sec: f64,
     latency_ms: Option<Percentiles>,
     service_latency_ms: Option<Percentiles>,
+    /// The server's CPU per assigned registration, from its own counter (one node only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_ms_per_registration: Option<f64>,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -370,15 +376,23 @@ pub async fn run(
         symmetric_key_registrations: None,
         ratio_to_symmetric_key: None,
     };
+    let client = ServiceClient::connect(settings).await?;
+    let cpu = ServerCpu {
+        client: &client,
+        counted: targets.len() == 1,
+    };
     let baseline = match args.no_baseline {
         true => None,
         false => {
             let n = args.baseline_connections.unwrap_or(args.devices);
-            let (rate, failures) = baseline(&target, n, args.concurrency, json_output).await;
+            let ((rate, failures), server_cpu_ms_per_connection) = cpu
+                .per(n, baseline(&target, n, args.concurrency, json_output))
+                .await;
             report.baseline = Some(BaselineReport {
                 connections: n,
                 connections_per_sec: round(rate),
                 failures,
+                server_cpu_ms_per_connection,
             });
             Some(rate)
         }
@@ -387,7 +401,6 @@ pub async fn run(
         return print(&report, json_output);
     }
 
-    let client = ServiceClient::connect(settings).await?;
     let (group_id, group_key, created) = match (&args.group_id, &args.group_key) {
         (Some(id), Some(key)) => (id.clone(), key.clone(), false),
         _ => {
@@ -435,10 +448,16 @@ pub async fn run(
     };
     let (results, registrations) = match x509_devices {
         None => {
-            let (done, wall) =
-                register_all(&targets, &args, devices, "registering", json_output).await;
+            let n = devices.len();
+            let ((done, wall), cpu_ms) = cpu
+                .per(
+                    n,
+                    register_all(&targets, &args, devices, "registering", json_output),
+                )
+                .await;
             report.group = Some(group_id.clone());
-            let registrations = summarize(&done, wall);
+            let mut registrations = summarize(&done, wall);
+            registrations.server_cpu_ms_per_registration = cpu_ms;
             (done, registrations)
         }
         Some(x509_devices) => {
@@ -1079,6 +1098,34 @@ fn terminal(done: &RegistrationOperationStatus) -> Result<(), Failure> {
     Err(Failure::Ended { status, code })
 }
 
+/// The server's CPU time over a phase of the run, from the counter it reports in `/metrics`.
+struct ServerCpu<'a> {
+    client: &'a ServiceClient,
+    /// Whether the run has one node, the one `client` reaches (several nodes: not counted).
+    counted: bool,
+}
+
+impl ServerCpu<'_> {
+    /// Runs `phase`; with its output, the server's CPU milliseconds per one of its `n` items.
+    async fn per<T>(&self, n: usize, phase: impl Future<Output = T>) -> (T, Option<f64>) {
+        let before = match self.counted {
+            true => self.client.server_cpu_seconds().await,
+            false => None,
+        };
+        let out = phase.await;
+        let after = match before {
+            Some(_) => self.client.server_cpu_seconds().await,
+            None => None,
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let per = before
+            .zip(after)
+            .filter(|_| n > 0)
+            .map(|(before, after)| round((after - before) * 1000.0 / n as f64));
+        (out, per)
+    }
+}
+
 fn summarize(results: &[DeviceResult], wall: Duration) -> RegistrationsReport {
     let assigned: Vec<&DeviceResult> = results.iter().filter(|r| r.outcome.is_ok()).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
@@ -1096,6 +1143,7 @@ fn summarize(results: &[DeviceResult], wall: Duration) -> RegistrationsReport {
         per_sec: round(rate),
         latency_ms: percentiles(assigned.iter().map(|r| r.total)),
         service_latency_ms: percentiles(assigned.iter().map(|r| r.service)),
+        server_cpu_ms_per_registration: None,
     }
 }
 
@@ -1169,6 +1217,9 @@ fn print(report: &Report, json_output: bool) -> anyhow::Result<()> {
             "baseline:      {} TLS connections/s (connect, handshake, close; {} failed)",
             b.connections_per_sec, b.failures
         );
+        if let Some(ms) = b.server_cpu_ms_per_connection {
+            println!("server CPU:    {ms} ms per connection");
+        }
     }
     if let Some(idle) = &report.idle {
         println!(
@@ -1188,6 +1239,9 @@ fn print(report: &Report, json_output: bool) -> anyhow::Result<()> {
     }
     if let Some(r) = &report.registrations {
         print_registrations(r);
+        if let Some(ms) = r.server_cpu_ms_per_registration {
+            println!("server CPU:    {ms} ms per registration");
+        }
         if let Some(ratio) = report.ratio_to_baseline {
             println!("ratio:         {ratio} of the baseline connection rate");
         }

@@ -105,6 +105,21 @@ impl ServiceClient {
         success_body(status, &text).map(Some)
     }
 
+    /// The CPU seconds the service has used, from its own `process_cpu_seconds_total` in
+    /// `/metrics`; `None` when it does not report them (not on Linux, or metrics turned off).
+    pub async fn server_cpu_seconds(&self) -> Option<f64> {
+        let (status, text, _) = self
+            .exchange(Method::GET, "/metrics", None, &[], None)
+            .await
+            .ok()?;
+        if !status.is_success() {
+            return None;
+        }
+        text.lines()
+            .find_map(|line| line.strip_prefix("process_cpu_seconds_total "))
+            .and_then(|value| value.trim().parse().ok())
+    }
+
     /// Sends one request; the status, body text and headers, whatever the status.
     async fn exchange(
         &self,

@@ -408,6 +408,15 @@ async fn bench_registers_every_device_and_reports_the_baseline() {
         assert_eq!(registrations["errors"], serde_json::json!({}), "{report}");
         assert!(report["baseline"]["connectionsPerSec"].as_f64() > Some(0.0));
         assert!(report["ratioToBaseline"].as_f64() > Some(0.0));
+        // The server's CPU, from its own counter: every TLS handshake and registration costs some.
+        assert!(
+            report["baseline"]["serverCpuMsPerConnection"].as_f64() >= Some(0.0),
+            "{report}"
+        );
+        assert!(
+            registrations["serverCpuMsPerRegistration"].as_f64() > Some(0.0),
+            "{report}"
+        );
         for q in ["p50", "p95", "p99", "max"] {
             assert!(
                 registrations["latencyMs"][q].as_f64() > Some(0.0),
