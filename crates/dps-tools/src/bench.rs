@@ -1106,7 +1106,8 @@ struct ServerCpu<'a> {
 }
 
 impl ServerCpu<'_> {
-    /// Runs `phase`; with its output, the server's CPU milliseconds per one of its `n` items.
+    /// Runs `phase`; with its output, the server's CPU milliseconds per one of its `n` items, to
+    /// the hundredth.
     async fn per<T>(&self, n: usize, phase: impl Future<Output = T>) -> (T, Option<f64>) {
         let before = match self.counted {
             true => self.client.server_cpu_seconds().await,
@@ -1121,7 +1122,7 @@ impl ServerCpu<'_> {
         let per = before
             .zip(after)
             .filter(|_| n > 0)
-            .map(|(before, after)| round((after - before) * 1000.0 / n as f64));
+            .map(|(before, after)| ((after - before) * 1e5 / n as f64).round() / 100.0);
         (out, per)
     }
 }

@@ -52,16 +52,17 @@ impl Answers {
         }
     }
 
-    /// Whether a register request waits for `operation_id`: only then is its answer worth making.
-    pub(super) fn awaited(&self, operation_id: &str) -> bool {
-        lock(&self.waiting).contains_key(operation_id)
-    }
-
-    /// The operation finished with `status`, committed: its register request answers with it.
-    pub(super) fn finished(&self, status: RegistrationOperationStatus) {
-        if let Some(send) = lock(&self.waiting).remove(&status.operation_id) {
+    /// The operation `operation_id` finished, committed: its register request, if one waits,
+    /// answers with the status `answer` makes (made only then).
+    pub(super) fn finished(
+        &self,
+        operation_id: &str,
+        answer: impl FnOnce() -> RegistrationOperationStatus,
+    ) {
+        let waiting = lock(&self.waiting).remove(operation_id);
+        if let Some(send) = waiting {
             // The request may have given up in the meantime; the device then polls.
-            let _ = send.send(status);
+            let _ = send.send(answer());
         }
     }
 
@@ -130,12 +131,11 @@ mod tests {
     async fn a_finished_operation_answers_its_request() {
         let answers = Answers::new(Duration::from_secs(1), tokio_sleep());
         let expected = answers.expect("op-1");
-        assert!(answers.awaited("op-1"));
-        answers.finished(status("op-2", EnrollmentStatus::Assigned));
-        answers.finished(status("op-1", EnrollmentStatus::Assigned));
+        answers.finished("op-2", || panic!("nobody waits for op-2"));
+        answers.finished("op-1", || status("op-1", EnrollmentStatus::Assigned));
         let answer = expected.answer().await.expect("answered");
         assert_eq!(answer.status, EnrollmentStatus::Assigned);
-        assert!(!answers.awaited("op-1"));
+        assert!(lock(&answers.waiting).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -145,12 +145,11 @@ mod tests {
         assert!(answers.expect("op-1").answer().await.is_none());
         assert_eq!(start.elapsed(), Duration::from_millis(800));
         assert!(
-            !answers.awaited("op-1"),
+            lock(&answers.waiting).is_empty(),
             "a request that gave up is forgotten"
         );
-        // The operation finishes later: nobody waits, nothing is kept.
-        answers.finished(status("op-1", EnrollmentStatus::Assigned));
-        assert!(lock(&answers.waiting).is_empty());
+        // The operation finishes later: nobody waits, no answer is made.
+        answers.finished("op-1", || panic!("nobody waits any more"));
     }
 
     #[tokio::test(start_paused = true)]

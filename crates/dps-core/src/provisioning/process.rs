@@ -404,12 +404,8 @@ impl Provisioning {
             error_code = record.state.error_code.unwrap_or(0),
             "registration finished"
         );
-        if let Some(answers) = self
-            .answers
-            .as_ref()
-            .filter(|a| a.awaited(&op.operation_id))
-        {
-            answers.finished(RegistrationOperationStatus {
+        if let Some(answers) = &self.answers {
+            answers.finished(&op.operation_id, || RegistrationOperationStatus {
                 operation_id: op.operation_id.clone(),
                 status: op.status,
                 registration_state: op.result.clone(),
