@@ -9,3 +9,32 @@ mod schema;
 
 pub use group_commit::{CommitError, GroupCommit, ReaderPool};
 pub use schema::{OpenError, Schema, open_connection, open_read_only_connection};
+
+/// `execute` and `query_row` through the connection's prepared-statement cache, so a hot statement
+/// is parsed once per connection rather than once per call.
+pub trait CachedStatements {
+    /// `execute` through the cache.
+    fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize>;
+    /// `query_row` through the cache.
+    fn query_row_cached<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl CachedStatements for rusqlite::Connection {
+    fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn query_row_cached<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}

@@ -24,7 +24,8 @@ use dps_core::store::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use sqlite_commit::{
-    CommitError, GroupCommit, ReaderPool, open_connection, open_read_only_connection,
+    CachedStatements, CommitError, GroupCommit, ReaderPool, open_connection,
+    open_read_only_connection,
 };
 
 use migrations::{SCHEMA, open_failed};
@@ -188,7 +189,6 @@ fn write_registration(
     Ok(())
 }
 
-/// Inserts or replaces an operation, releasing any lease on it.
 /// Inserts a new operation leased to `owner` until `until_ms`.
 fn insert_leased_operation(
     conn: &Connection,
@@ -206,6 +206,7 @@ fn insert_leased_operation(
     Ok(())
 }
 
+/// Inserts or replaces an operation, releasing any lease on it.
 fn write_operation(conn: &Connection, op: &StoredOperation, now_ms: i64) -> Result<(), StoreError> {
     conn.execute_cached(
         "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_until_ms, updated_ms, doc)
@@ -743,33 +744,6 @@ impl OperationStore for SqliteStore {
             .backend()
         })
         .await
-    }
-}
-
-/// `execute` and `query_row` through the connection's prepared-statement cache, so a hot statement
-/// is parsed once per connection rather than once per call.
-trait CachedStatements {
-    fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize>;
-    fn query_row_cached<T>(
-        &self,
-        sql: &str,
-        params: impl rusqlite::Params,
-        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T>;
-}
-
-impl CachedStatements for Connection {
-    fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
-        self.prepare_cached(sql)?.execute(params)
-    }
-
-    fn query_row_cached<T>(
-        &self,
-        sql: &str,
-        params: impl rusqlite::Params,
-        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        self.prepare_cached(sql)?.query_row(params, f)
     }
 }
 

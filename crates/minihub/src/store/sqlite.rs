@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use sqlite_commit::Schema;
+use sqlite_commit::{CachedStatements, Schema};
 
 use super::Row;
 use crate::error::MinihubError;
@@ -45,7 +45,7 @@ pub(crate) fn open_read_only(path: &Path) -> Result<Connection, MinihubError> {
 
 /// Every hub.
 pub(crate) fn hubs(conn: &Connection) -> Result<Vec<HubInfo>, MinihubError> {
-    let mut stmt = conn.prepare("SELECT doc FROM hubs ORDER BY host_name")?;
+    let mut stmt = conn.prepare_cached("SELECT doc FROM hubs ORDER BY host_name")?;
     let docs = stmt
         .query_map([], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
@@ -79,7 +79,7 @@ pub(crate) fn device(
     device_id: &str,
 ) -> Result<Option<Row>, MinihubError> {
     let row = conn
-        .query_row(
+        .query_row_cached(
             "SELECT device, twin FROM devices WHERE hub = ?1 AND device_id = ?2",
             params![hub, device_id],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
@@ -95,7 +95,7 @@ pub(crate) fn devices(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Row>, MinihubError> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT device, twin FROM devices WHERE hub = ?1 AND (?2 IS NULL OR device_id > ?2)
          ORDER BY device_id LIMIT ?3",
     )?;
@@ -115,7 +115,7 @@ pub(crate) fn put_device(
     device: &Device,
     twin: &TwinState,
 ) -> Result<(), MinihubError> {
-    conn.execute(
+    conn.execute_cached(
         "INSERT OR REPLACE INTO devices (hub, device_id, device, twin) VALUES (?1, ?2, ?3, ?4)",
         params![
             hub,
@@ -133,7 +133,7 @@ pub(crate) fn delete_device(
     hub: &str,
     device_id: &str,
 ) -> Result<(), MinihubError> {
-    conn.execute(
+    conn.execute_cached(
         "DELETE FROM devices WHERE hub = ?1 AND device_id = ?2",
         params![hub, device_id],
     )?;
