@@ -19,6 +19,16 @@ const MIGRATIONS: &[&str] = &[
          hub TEXT NOT NULL, device_id TEXT NOT NULL, device TEXT NOT NULL, twin TEXT NOT NULL,
          PRIMARY KEY (hub, device_id)
      ) WITHOUT ROWID;",
+    // 2: devices in a rowid table: a new device is appended (its row, device and twin, a kilobyte
+    // or more, no longer splits pages all over a tree keyed by id) and found by a small unique index.
+    "CREATE TABLE devices_by_rowid (
+         hub TEXT NOT NULL, device_id TEXT NOT NULL, device TEXT NOT NULL, twin TEXT NOT NULL,
+         UNIQUE (hub, device_id)
+     );
+     INSERT INTO devices_by_rowid (hub, device_id, device, twin)
+         SELECT hub, device_id, device, twin FROM devices;
+     DROP TABLE devices;
+     ALTER TABLE devices_by_rowid RENAME TO devices;",
 ];
 
 /// minihub's schema.
@@ -158,5 +168,32 @@ mod tests {
             .expect("set version");
         drop(conn);
         assert!(matches!(open(&path), Err(MinihubError::Storage(_))));
+    }
+
+    /// Migration 2 moves the devices to a rowid table: each survives, found by hub and id, listed
+    /// in id order, and unique.
+    #[test]
+    fn devices_survive_the_move_to_a_rowid_table() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        Schema::new("minihub", &MIGRATIONS[..1])
+            .migrate(&mut conn)
+            .expect("version 1");
+        conn.execute_batch(
+            "INSERT INTO devices (hub, device_id, device, twin) VALUES
+                 ('hub-a', 'dev-2', '{\"n\":2}', '{}'), ('hub-a', 'dev-1', '{\"n\":1}', '{}'),
+                 ('hub-b', 'dev-1', '{\"n\":3}', '{}');",
+        )
+        .expect("devices at version 1");
+        SCHEMA.migrate(&mut conn).expect("latest");
+        let listed: Vec<String> = conn
+            .prepare("SELECT device FROM devices WHERE hub = 'hub-a' AND device_id > '' ORDER BY device_id")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("listed");
+        assert_eq!(listed, [r#"{"n":1}"#, r#"{"n":2}"#]);
+        let duplicate = conn.execute(
+            "INSERT INTO devices (hub, device_id, device, twin) VALUES ('hub-b', 'dev-1', '{}', '{}')",
+            [],
+        );
+        assert!(duplicate.is_err(), "one row per device of a hub");
     }
 }
