@@ -841,7 +841,7 @@ def tutorial_devices(client, cleanup):
 # ---------------------------------------------------------------------------
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
-NODE_TRANSPORTS = ("amqp", "amqp-ws", "mqtt", "mqtt-ws")
+NODE_TRANSPORTS = ("amqp", "amqp-ws", "mqtt", "mqtt-ws", "https")
 
 
 def require_node():
@@ -859,8 +859,8 @@ def node_register(transport, registration_id, *, key=None, cert_file=None, key_f
     wss://host:443, mqtts://host:8883. Returns what it printed: {"ok": true, "ms", "result"} or
     {"ok": false, "ms", "name", "error", "condition", "description", "result"}."""
     require_node()
-    if transport.endswith("-ws"):
-        require_websockets()
+    if transport.endswith("-ws") or transport == "https":
+        require_websockets()  # the SDK dials port 443
     spec = {"transport": transport, "host": common.service_hostname(), "address": common.suite_address(),
             "idScope": common.info()["idScope"], "registrationId": registration_id}
     if key is not None:
@@ -914,8 +914,8 @@ def dps_error_code(seen):
 @scenario("node_group_device_with_payload_over_every_transport")
 def node_every_transport(client, cleanup):
     """The Node SDK registers group devices (derived keys, a custom payload) over AMQP, MQTT, and,
-    where the HTTPS listener holds 443, AMQP and MQTT over WebSockets; each lands on the hub with
-    its key and the group's initial twin, in one round trip (no poll)."""
+    where the HTTPS listener holds 443, AMQP and MQTT over WebSockets and HTTPS; each lands on the
+    hub with its key and the group's initial twin, in one round trip (no poll)."""
     require_node()
     group = unique_id("grp-node")
     cleanup.add(GROUP, group)
@@ -938,7 +938,7 @@ def node_every_transport(client, cleanup):
         check(state.get("status") == "assigned", f"{rid}: registration state {state}")
         rm.delete_device(rid)
     if transports == ("amqp", "mqtt"):
-        raise Skipped("AMQP and MQTT passed; the WebSocket transports need the HTTPS listener on 443 (run as root)")
+        raise Skipped("AMQP and MQTT passed; the WebSocket transports and HTTPS need the HTTPS listener on 443 (run as root)")
 
 
 @scenario("node_amqp_wrong_key_disabled_unknown_fail_fast")

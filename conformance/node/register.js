@@ -1,13 +1,13 @@
 'use strict';
 // Registers one device with the official, unmodified Azure IoT Node.js provisioning SDK
-// (azure-iot-provisioning-device with its AMQP, AMQP-over-WebSockets or MQTT transport) and prints
+// (azure-iot-provisioning-device with its AMQP, AMQP-over-WebSockets, MQTT or HTTP transport) and prints
 // one JSON line: {"ok": true, "ms": N, "result": <the SDK's RegistrationResult>} or
 // {"ok": false, "ms": N, "error": "...", "name": "...", "statusCode": N}.
 //
 //   node register.js '<spec JSON>'
 //
-// spec: {"transport": "amqp" | "amqp-ws" | "mqtt" | "mqtt-ws", "host": the provisioning host the
-// SDK dials (amqps://host, wss://host:443, mqtts://host:8883), "address": the IP address that name
+// spec: {"transport": "amqp" | "amqp-ws" | "mqtt" | "mqtt-ws" | "https", "host": the provisioning
+// host the SDK dials (amqps://host, wss://host:443, mqtts://host:8883, https://host), "address": the IP address that name
 // stands for in this process only (the conformance suite's own loopback address), "idScope",
 // "registrationId", and either "symmetricKey" or "certFile" + "keyFile" (PEM, the certificate file
 // holding the device certificate and its chain); optional "payload" (any JSON).
@@ -41,6 +41,8 @@ function transport() {
       return new (require('azure-iot-provisioning-device-mqtt').Mqtt)();
     case 'mqtt-ws':
       return new (require('azure-iot-provisioning-device-mqtt').MqttWs)();
+    case 'https':
+      return new (require('azure-iot-provisioning-device-http').Http)();
     default:
       throw new Error(`unknown transport ${spec.transport}`);
   }
