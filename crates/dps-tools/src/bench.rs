@@ -475,18 +475,22 @@ pub async fn run(
                 (x509_late, "X.509 devices (2/2)"),
                 (sym_late, "symmetric-key devices (2/2)"),
             ] {
-                passes.push(register_all(&targets, &args, devices, what, json_output).await);
+                let pass = register_all(&targets, &args, devices, what, json_output);
+                passes.push(cpu.spent(pass).await);
             }
             let mut joined = |first: usize, second: usize| {
-                let (mut done, wall) = std::mem::take(&mut passes[first]);
-                let (more, more_wall) = std::mem::take(&mut passes[second]);
+                let ((mut done, wall), cpu) = std::mem::take(&mut passes[first]);
+                let ((more, more_wall), more_cpu) = std::mem::take(&mut passes[second]);
                 done.extend(more);
-                (done, wall + more_wall)
+                let cpu = cpu.zip(more_cpu).map(|(a, b)| a + b);
+                (done, wall + more_wall, cpu)
             };
-            let (sym_done, sym_wall) = joined(0, 3);
-            let (x509_done, x509_wall) = joined(1, 2);
-            let sym = summarize(&sym_done, sym_wall);
-            let registrations = summarize(&x509_done, x509_wall);
+            let (sym_done, sym_wall, sym_cpu) = joined(0, 3);
+            let (x509_done, x509_wall, x509_cpu) = joined(1, 2);
+            let mut sym = summarize(&sym_done, sym_wall);
+            sym.server_cpu_ms_per_registration = per_item(sym_cpu, sym_done.len());
+            let mut registrations = summarize(&x509_done, x509_wall);
+            registrations.server_cpu_ms_per_registration = per_item(x509_cpu, x509_done.len());
             if sym.per_sec > 0.0 {
                 report.ratio_to_symmetric_key =
                     Some((registrations.per_sec / sym.per_sec * 1000.0).round() / 1000.0);
@@ -1106,9 +1110,8 @@ struct ServerCpu<'a> {
 }
 
 impl ServerCpu<'_> {
-    /// Runs `phase`; with its output, the server's CPU milliseconds per one of its `n` items, to
-    /// the hundredth.
-    async fn per<T>(&self, n: usize, phase: impl Future<Output = T>) -> (T, Option<f64>) {
+    /// Runs `phase`; with its output, the CPU seconds the server spent meanwhile.
+    async fn spent<T>(&self, phase: impl Future<Output = T>) -> (T, Option<f64>) {
         let before = match self.counted {
             true => self.client.server_cpu_seconds().await,
             false => None,
@@ -1118,13 +1121,22 @@ impl ServerCpu<'_> {
             Some(_) => self.client.server_cpu_seconds().await,
             None => None,
         };
-        #[allow(clippy::cast_precision_loss)]
-        let per = before
-            .zip(after)
-            .filter(|_| n > 0)
-            .map(|(before, after)| ((after - before) * 1e5 / n as f64).round() / 100.0);
-        (out, per)
+        (out, before.zip(after).map(|(before, after)| after - before))
     }
+
+    /// Runs `phase`; with its output, the server's CPU milliseconds per one of its `n` items.
+    async fn per<T>(&self, n: usize, phase: impl Future<Output = T>) -> (T, Option<f64>) {
+        let (out, spent) = self.spent(phase).await;
+        (out, per_item(spent, n))
+    }
+}
+
+/// CPU `seconds` as milliseconds per one of `n` items, to the hundredth.
+fn per_item(seconds: Option<f64>, n: usize) -> Option<f64> {
+    #[allow(clippy::cast_precision_loss)]
+    seconds
+        .filter(|_| n > 0)
+        .map(|seconds| (seconds * 1e5 / n as f64).round() / 100.0)
 }
 
 fn summarize(results: &[DeviceResult], wall: Duration) -> RegistrationsReport {

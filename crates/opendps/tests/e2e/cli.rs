@@ -454,6 +454,10 @@ async fn bench_registers_every_device_and_reports_the_baseline() {
         for part in ["registrations", "symmetricKeyRegistrations"] {
             assert_eq!(report[part]["assigned"], 20, "{report}");
             assert_eq!(report[part]["errors"], serde_json::json!({}), "{report}");
+            assert!(
+                report[part]["serverCpuMsPerRegistration"].as_f64() > Some(0.0),
+                "{report}"
+            );
         }
         assert!(
             report["ratioToSymmetricKey"].as_f64() > Some(0.0),
