@@ -115,11 +115,17 @@ pub struct RegistrationOperationStatus {
 }
 
 impl RegistrationOperationStatus {
-    /// The status a device is answered with, on both transports: 202 (poll again after
-    /// Retry-After) while assigning, 200 once the registration is terminal.
+    /// The status a poll is answered with, on every transport: 202 (poll again after Retry-After)
+    /// while assigning, 200 once the registration is terminal.
     pub fn response_status(&self) -> u16 {
         if self.status.is_terminal() { 200 } else { 202 }
     }
+
+    /// The HTTP (or MQTT response) status of the answer to a register request: 202 whatever the
+    /// body, also when it already carries the final status (the registration finished while the
+    /// request waited). The C# SDK's HTTP transport refuses any other status to a register request;
+    /// every SDK reads the body's `status` first.
+    pub const REGISTER_RESPONSE_STATUS: u16 = 202;
 }
 
 impl EnrollmentStatus {

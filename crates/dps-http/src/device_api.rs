@@ -5,7 +5,7 @@
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dps_core::ProvisioningError;
-use dps_core::device::DeviceRegistration;
+use dps_core::device::{DeviceRegistration, RegistrationOperationStatus};
 use dps_core::provisioning::{Credentials, Transport};
 
 use crate::AppState;
@@ -103,7 +103,9 @@ pub(crate) async fn handle(
                 )
                 .await?;
             let retry = provisioning.retry_after_for(&status);
-            Ok(json(StatusCode::ACCEPTED, &status, retry))
+            let code = StatusCode::from_u16(RegistrationOperationStatus::REGISTER_RESPONSE_STATUS)
+                .unwrap_or(StatusCode::ACCEPTED);
+            Ok(json(code, &status, retry))
         }
         DeviceRequest::Operation {
             scope,

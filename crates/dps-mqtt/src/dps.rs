@@ -117,8 +117,8 @@ impl DpsConnection {
         }
     }
 
-    /// Status, Retry-After and JSON body of a response. A register request is answered 202 even
-    /// when its operation finished while it waited, as over HTTPS (where C# accepts nothing else).
+    /// Status, Retry-After and JSON body of a response (a register request's status is the core's
+    /// [`RegistrationOperationStatus::REGISTER_RESPONSE_STATUS`], whatever the body).
     fn answer(
         &self,
         request: Request,
@@ -127,7 +127,7 @@ impl DpsConnection {
         match result {
             Ok(status) => {
                 let code = match request {
-                    Request::Register => 202,
+                    Request::Register => RegistrationOperationStatus::REGISTER_RESPONSE_STATUS,
                     Request::Poll => status.response_status(),
                 };
                 let retry = self.provisioning.retry_after_for(&status);

@@ -184,17 +184,7 @@ impl Fixture {
         assert_eq!(accepted.status, EnrollmentStatus::Assigning);
         for _ in 0..100 {
             self.drain().await;
-            let status = self
-                .dps
-                .operation_status(
-                    Transport::Https,
-                    SCOPE,
-                    rid,
-                    &accepted.operation_id,
-                    Some(&token),
-                )
-                .await
-                .expect("poll");
+            let status = self.poll(rid, &accepted.operation_id, &token).await;
             if status.status.is_terminal() {
                 return status;
             }
@@ -226,11 +216,20 @@ impl Fixture {
     }
 
     async fn status(&self, rid: &str, (operation, token): &(String, String)) -> EnrollmentStatus {
+        self.poll(rid, operation, token).await.status
+    }
+
+    /// The device's poll of `operation` over HTTPS with `token`, which must be accepted.
+    async fn poll(
+        &self,
+        rid: &str,
+        operation: &str,
+        token: &str,
+    ) -> dps_core::device::RegistrationOperationStatus {
         self.dps
             .operation_status(Transport::Https, SCOPE, rid, operation, Some(token))
             .await
             .expect("poll")
-            .status
     }
 
     fn advance(&self, secs: i64) {
@@ -692,11 +691,7 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
     t1.await.expect("join");
     t2.await.expect("join");
     for op in ops {
-        let status = b
-            .dps
-            .operation_status(Transport::Https, SCOPE, rid, &op, Some(&token))
-            .await
-            .expect("poll");
+        let status = b.poll(rid, &op, &token).await;
         assert_eq!(status.status, EnrollmentStatus::Assigned);
     }
     assert_eq!(b.hub.hubs_holding(rid).len(), 1);
@@ -881,17 +876,7 @@ async fn a_waiting_register_request_gets_the_final_status() {
         "created before the answer"
     );
     let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
-    let polled = b
-        .dps
-        .operation_status(
-            Transport::Https,
-            SCOPE,
-            rid,
-            &answer.operation_id,
-            Some(&token),
-        )
-        .await
-        .expect("poll");
+    let polled = b.poll(rid, &answer.operation_id, &token).await;
     assert_eq!(polled, answer);
 
     b.webhook.answer(404, "no such device type");
@@ -923,17 +908,7 @@ async fn a_register_request_is_let_go_when_its_operation_waits_for_a_retry() {
     b.advance(5);
     b.drain().await;
     let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
-    let polled = b
-        .dps
-        .operation_status(
-            Transport::Https,
-            SCOPE,
-            rid,
-            &answer.operation_id,
-            Some(&token),
-        )
-        .await
-        .expect("poll");
+    let polled = b.poll(rid, &answer.operation_id, &token).await;
     assert_eq!(polled.status, EnrollmentStatus::Assigned);
 }
 
@@ -1102,17 +1077,7 @@ async fn a_changed_device_id_leaves_no_identity_behind() {
             .await
             .expect("accepted");
         b.drain().await;
-        let status = b
-            .dps
-            .operation_status(
-                Transport::Https,
-                SCOPE,
-                rid,
-                &accepted.operation_id,
-                Some(&token),
-            )
-            .await
-            .expect("poll");
+        let status = b.poll(rid, &accepted.operation_id, &token).await;
         let state = status.registration_state.expect("state");
         assert_eq!(state.device_id.as_deref(), Some(expected), "{state:?}");
         assert_eq!(b.hub.device_ids("hub-a"), vec![expected.to_owned()]);
@@ -1289,17 +1254,7 @@ async fn a_hub_without_twins_takes_only_devices_without_a_twin() {
         .await
         .expect("accepted");
     b.drain().await;
-    let done = b
-        .dps
-        .operation_status(
-            Transport::Https,
-            SCOPE,
-            "plain",
-            &accepted.operation_id,
-            Some(&token),
-        )
-        .await
-        .expect("poll");
+    let done = b.poll("plain", &accepted.operation_id, &token).await;
     assert_eq!(done.status, EnrollmentStatus::Assigned);
     assert_eq!(b.hub.calls(), ["upsert basic-hub plain"], "no twin call");
 }

@@ -119,22 +119,15 @@ mod tests {
             due,
             [("op-due".into(), r#"{"a":1}"#.into(), Some("inc-1".into()))]
         );
-        let finished: String = conn
-            .query_row(
-                "SELECT operation_id FROM operations WHERE pending = 0 AND updated_ms < 7",
-                [],
-                |r| r.get(0),
-            )
-            .expect("finished");
-        assert_eq!(finished, "op-done");
-        let by_group: String = conn
-            .query_row(
-                "SELECT etag FROM registrations WHERE group_key = 'grp' AND id_key > ''",
-                [],
-                |r| r.get(0),
-            )
-            .expect("registration");
-        assert_eq!(by_group, "e1");
+        let text = |sql: &str| -> String { conn.query_row(sql, [], |r| r.get(0)).expect(sql) };
+        assert_eq!(
+            text("SELECT operation_id FROM operations WHERE pending = 0 AND updated_ms < 7"),
+            "op-done"
+        );
+        assert_eq!(
+            text("SELECT etag FROM registrations WHERE group_key = 'grp' AND id_key > ''"),
+            "e1"
+        );
         let duplicate = conn.execute(
             "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, updated_ms, doc) VALUES ('op-due', 'x', 1, 0, 0, '{}')",
             [],

@@ -145,6 +145,20 @@ fn register_request(rid: &str) -> Message<Data> {
     request(Some("iotdps-register"), body.as_bytes())
 }
 
+/// The device's two links to `address`, named as the C SDK names them: requests out, answers in.
+async fn links(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    address: String,
+) -> (Sender, Receiver) {
+    let sender = Sender::attach(session, "sender_link", address.clone())
+        .await
+        .expect("sender");
+    let receiver = Receiver::attach(session, "recv_link", address)
+        .await
+        .expect("receiver");
+    (sender, receiver)
+}
+
 /// Sends `rid`'s register request on `sender` and reads the answer on `receiver`: its JSON body
 /// and its application properties.
 async fn register_and_read(
@@ -200,12 +214,7 @@ async fn an_assigning_answer_carries_retry_after() {
     let (mut connection, mut session) =
         login(&server, rid, &token(&server, rid, &derived(&key, rid))).await;
     let address = format!("{scope}/registrations/{rid}");
-    let mut sender = Sender::attach(&mut session, "sender_link", address.clone())
-        .await
-        .expect("sender");
-    let mut receiver = Receiver::attach(&mut session, "recv_link", address)
-        .await
-        .expect("receiver");
+    let (mut sender, mut receiver) = links(&mut session, address).await;
     let (answer, properties) = register_and_read(&mut sender, &mut receiver, rid).await;
     assert_eq!(answer["status"], "assigning", "{answer}");
     assert!(answer["operationId"].is_string(), "{answer}");
@@ -245,12 +254,7 @@ async fn the_exchange_as_the_c_sdk_drives_it_and_what_is_refused() {
         "amqps://{}/{scope}/registrations/{rid}",
         server.service_host()
     );
-    let mut sender = Sender::attach(&mut session, "sender_link", address.clone())
-        .await
-        .expect("sender");
-    let mut receiver = Receiver::attach(&mut session, "recv_link", address)
-        .await
-        .expect("receiver");
+    let (mut sender, mut receiver) = links(&mut session, address).await;
     // The registration finishes while the request waits: the answer is final, with no Retry-After.
     let (answer, properties) = register_and_read(&mut sender, &mut receiver, rid).await;
     assert_eq!(answer["status"], "assigned", "{answer}");

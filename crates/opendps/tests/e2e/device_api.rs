@@ -28,6 +28,12 @@ fn device(server: &TestServer, rid: &str, key: &str, expiry: i64) -> ServiceApi 
     server.api().expect("client").with_auth(Some(token))
 }
 
+/// The device `rid` of the group [`with_group`] makes, with its derived key and a lasting token.
+fn group_device(server: &TestServer, rid: &str) -> ServiceApi {
+    let key = derive_device_key(GROUP_KEY, rid).expect("derive");
+    device(server, rid, &key, far_future())
+}
+
 async fn register(api: &ServiceApi, server: &TestServer, rid: &str, body: Option<Body>) -> Reply {
     api.send(
         Method::PUT,
@@ -102,12 +108,7 @@ async fn register_answers_with_the_final_status_when_it_is_quick() {
     let server = server().await;
     with_group(&server, json!({})).await;
     let rid = "breakroom499-contoso-tstrsd-007";
-    let api = device(
-        &server,
-        rid,
-        &derive_device_key(GROUP_KEY, rid).expect("derive"),
-        far_future(),
-    );
+    let api = group_device(&server, rid);
     for body in register_bodies(rid) {
         let reply = register(&api, &server, rid, body.map(Body::Json)).await;
         let op = assert_json_202_with_operation(&reply);
@@ -147,12 +148,7 @@ async fn register_answers_assigning_when_told_not_to_wait() {
     .expect("opendps starts");
     with_group(&server, json!({})).await;
     let rid = "breakroom499-contoso-tstrsd-008";
-    let api = device(
-        &server,
-        rid,
-        &derive_device_key(GROUP_KEY, rid).expect("derive"),
-        far_future(),
-    );
+    let api = group_device(&server, rid);
     for body in register_bodies(rid) {
         let reply = register(&api, &server, rid, body.map(Body::Json)).await;
         let op = assert_json_202_with_operation(&reply);
@@ -194,12 +190,7 @@ async fn disabled_enrollment_ends_disabled() {
     let server = server().await;
     with_group(&server, json!({"provisioningStatus": "disabled"})).await;
     let rid = "dev-off";
-    let api = device(
-        &server,
-        rid,
-        &derive_device_key(GROUP_KEY, rid).expect("derive"),
-        far_future(),
-    );
+    let api = group_device(&server, rid);
     let reply = register(&api, &server, rid, None).await;
     assert_eq!(reply.status, 202);
     assert_eq!(
