@@ -8,6 +8,7 @@ mod columns;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
 pub mod postgres;
+mod read_cache;
 pub mod sqlite;
 
 pub use postgres::{PgLocation, PgStore, import_sqlite};

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::columns::{from_json, kind_tag, to_json};
+use crate::read_cache::ReadCache;
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
 use dps_core::clock::{Clock, SystemClock};
@@ -37,7 +38,7 @@ pub struct PgStore {
     /// When writes happen (operations record when they were last written, for pruning).
     clock: Arc<dyn Clock>,
     /// Enrollments and linked hubs as last read, while [`PgStore::watch_work`] hears changes.
-    cache: Arc<cache::ReadCache>,
+    cache: Arc<ReadCache>,
     /// Tells every node, after the commit, that pending work was written (see [`Announcer`]).
     announcer: Arc<Announcer>,
     /// The operations whose state this node knows, for the polls.
@@ -671,15 +672,8 @@ impl EnrollmentStore for PgStore {
         key: &str,
     ) -> Result<Option<StoredDoc>, StoreError> {
         let kind = kind_tag(kind);
-        let miss = match self.cache.enrollment(kind, key) {
-            Ok(kept) => return Ok(kept),
-            Err(miss) => miss,
-        };
-        // Most devices have no individual enrollment: the list tells so without asking.
-        if miss.is_some() && !self.may_exist(kind, key).await? {
-            return Ok(None);
-        }
-        let found =
+        let list = |limit| self.versions(kind, limit);
+        let fetch = async || {
             sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
                 .bind(kind)
                 .bind(key)
@@ -688,9 +682,9 @@ impl EnrollmentStore for PgStore {
                 .map_err(backend("reading an enrollment"))?
                 .as_ref()
                 .map(doc_of)
-                .transpose()?;
-        self.cache.keep_enrollment(miss, kind, key, &found);
-        Ok(found)
+                .transpose()
+        };
+        self.cache.enrollment_or(kind, key, list, fetch).await
     }
 
     async fn delete_enrollment(
@@ -730,13 +724,9 @@ impl EnrollmentStore for PgStore {
         kind: EnrollmentKind,
     ) -> Result<Vec<(String, Etag)>, StoreError> {
         let kind = kind_tag(kind);
-        let miss = match self.cache.versions(kind) {
-            Ok(kept) => return Ok(kept),
-            Err(miss) => miss,
-        };
-        let versions = self.versions(kind, None).await?;
-        self.cache.keep_versions(miss, kind, &versions);
-        Ok(versions)
+        self.cache
+            .versions_or(kind, |limit| self.versions(kind, limit))
+            .await
     }
 }
 
@@ -757,27 +747,6 @@ impl PgStore {
         .await
         .map_err(backend("listing enrollment versions"))?;
         Ok(rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect())
-    }
-
-    /// Whether an enrollment of `kind` may exist under `key`, told by the list of that kind's
-    /// enrollments kept in memory (listed now when it is not kept and has at most
-    /// [`cache::MAX_LISTED`] entries). True when the list cannot tell: more enrollments than that,
-    /// or nothing may be kept.
-    async fn may_exist(&self, kind: &'static str, key: &str) -> Result<bool, StoreError> {
-        let miss = match self.cache.may_exist(kind, key) {
-            Ok(may) => return Ok(may),
-            Err(None) => return Ok(true),
-            Err(miss) => miss,
-        };
-        let most = self.cache.max_listed();
-        let versions = self.versions(kind, Some(most)).await?;
-        if versions.len() > most {
-            self.cache.keep_too_many(miss, kind);
-            return Ok(true);
-        }
-        let may = cache::lists(&versions, key);
-        self.cache.keep_versions(miss, kind, &versions);
-        Ok(may)
     }
 }
 
@@ -847,21 +816,16 @@ impl LinkedHubStore for PgStore {
     }
 
     async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
-        let miss = match self.cache.linked_hubs() {
-            Ok(kept) => return Ok(kept),
-            Err(miss) => miss,
-        };
-        let docs: Vec<String> =
-            sqlx::query_scalar("SELECT doc FROM linked_hubs ORDER BY host_name")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(backend("listing linked hubs"))?;
-        let hubs = docs
-            .iter()
-            .map(|d| from_json(d))
-            .collect::<Result<Vec<LinkedHub>, _>>()?;
-        self.cache.keep_linked_hubs(miss, &hubs);
-        Ok(hubs)
+        self.cache
+            .linked_hubs_or(async || {
+                let docs: Vec<String> =
+                    sqlx::query_scalar("SELECT doc FROM linked_hubs ORDER BY host_name")
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(backend("listing linked hubs"))?;
+                docs.iter().map(|d| from_json(d)).collect()
+            })
+            .await
     }
 
     async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError> {
@@ -1250,7 +1214,7 @@ mod tests {
         let schema = Schema::create("contract").await;
         let store = PgStore::connect(schema.options()).await.expect("open");
         let node = PgStore {
-            cache: Arc::new(cache::ReadCache::listing_at_most(2)),
+            cache: Arc::new(ReadCache::listing_at_most(2)),
             ..store.clone()
         };
         let (_, watcher) = watching(&node).await;

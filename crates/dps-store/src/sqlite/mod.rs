@@ -5,6 +5,10 @@
 //! its queue, runs each closure inside its own savepoint (so one failed write never spoils the
 //! batch), commits once with a full fsync, and only then answers every caller. A reply therefore
 //! always means "durable".
+//!
+//! The serving process is the file's only writer (it holds the data directory's lock; other
+//! commands open the file read-only), so a writable store keeps the enrollments and linked hubs it
+//! reads in memory ([`ReadCache`]) and forgets them after each change it commits.
 
 mod migrations;
 
@@ -12,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::columns::{from_json, kind_tag, to_json};
+use crate::read_cache::ReadCache;
 use async_trait::async_trait;
 use dps_core::access::ServiceIdentity;
 use dps_core::clock::{Clock, SystemClock};
@@ -39,6 +44,8 @@ pub struct SqliteStore {
 struct Inner {
     writer: Option<GroupCommit>,
     readers: ReaderPool,
+    /// Enrollments and linked hubs as last read; kept only by a writable store.
+    cache: ReadCache,
     /// When writes happen (operations record when they were last written, for pruning).
     clock: Arc<dyn Clock>,
 }
@@ -70,10 +77,13 @@ impl SqliteStore {
             .map_err(|e| open_failed(e, "migrating the schema"))?;
         let writer = GroupCommit::start(conn, "sqlite-writer")
             .map_err(|e| StoreError::Backend(Internal::caused("starting the writer thread", e)))?;
+        let cache = ReadCache::default();
+        cache.set_listening(true);
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: Some(writer),
                 readers: ReaderPool::new(&path, open_connection, None),
+                cache,
                 clock,
             }),
         })
@@ -91,6 +101,8 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 writer: None,
                 readers: ReaderPool::new(&path, open_read_only_connection, Some(conn)),
+                // The serving process changes the file: nothing read here may be kept.
+                cache: ReadCache::default(),
                 clock: Arc::new(SystemClock),
             }),
         })
@@ -126,6 +138,47 @@ impl SqliteStore {
         metrics::histogram!("opendps_store_duration_seconds", "kind" => "write")
             .record(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// As [`SqliteStore::write`], for a change of enrollments or linked hubs: what was kept of
+    /// them is forgotten once it is committed (or failed).
+    async fn write_change<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let result = self.write(f).await;
+        self.inner.cache.clear();
+        result
+    }
+
+    /// The key and etag of each enrollment of `kind`, in key order; at most `limit` (and one
+    /// more, to tell that there are more).
+    async fn versions(
+        &self,
+        kind: &'static str,
+        limit: Option<usize>,
+    ) -> Result<Vec<(String, Etag)>, StoreError> {
+        // A negative LIMIT is none.
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX - 1) + 1);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id_key, etag FROM enrollments WHERE kind = ?1 ORDER BY id_key LIMIT ?2",
+                )
+                .backend()?;
+            let rows = stmt
+                .query_map(params![kind, limit], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .backend()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .backend()?;
+            Ok(rows
+                .into_iter()
+                .map(|(key, etag)| (key, Etag::new(etag)))
+                .collect())
+        })
+        .await
     }
 
     /// Runs `f` on a reader connection, on the calling thread: reads are point lookups and short
@@ -274,7 +327,7 @@ impl EnrollmentStore for SqliteStore {
         cond: Precondition,
     ) -> Result<(), StoreError> {
         let key = key.to_owned();
-        self.write(move |conn| {
+        self.write_change(move |conn| {
             let current = enrollment_etag(conn, kind, &key)?;
             check(&cond, current, &format!("{} '{key}'", kind.label()))?;
             conn.execute_cached(
@@ -293,18 +346,22 @@ impl EnrollmentStore for SqliteStore {
         kind: EnrollmentKind,
         key: &str,
     ) -> Result<Option<StoredDoc>, StoreError> {
-        let key = key.to_owned();
-        self.read(move |conn| {
-            conn.query_row_cached(
-                "SELECT id_key, etag, doc FROM enrollments WHERE kind = ?1 AND id_key = ?2",
-                params![kind_tag(kind), key],
-                doc_row,
-            )
-            .optional()
-            .backend()
-            .map(|r| r.map(|(_, d)| d))
-        })
-        .await
+        let kind = kind_tag(kind);
+        let list = |limit| self.versions(kind, limit);
+        let fetch = || {
+            let key = key.to_owned();
+            self.read(move |conn| {
+                conn.query_row_cached(
+                    "SELECT id_key, etag, doc FROM enrollments WHERE kind = ?1 AND id_key = ?2",
+                    params![kind, key],
+                    doc_row,
+                )
+                .optional()
+                .backend()
+                .map(|r| r.map(|(_, d)| d))
+            })
+        };
+        self.inner.cache.enrollment_or(kind, key, list, fetch).await
     }
 
     async fn delete_enrollment(
@@ -314,7 +371,7 @@ impl EnrollmentStore for SqliteStore {
         cond: Precondition,
     ) -> Result<(), StoreError> {
         let key = key.to_owned();
-        self.write(move |conn| {
+        self.write_change(move |conn| {
             let what = format!("{} '{key}'", kind.label());
             let current: Option<String> = enrollment_etag(conn, kind, &key)?;
             if current.is_none() {
@@ -358,25 +415,11 @@ impl EnrollmentStore for SqliteStore {
         &self,
         kind: EnrollmentKind,
     ) -> Result<Vec<(String, Etag)>, StoreError> {
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id_key, etag FROM enrollments WHERE kind = ?1 ORDER BY id_key",
-                )
-                .backend()?;
-            let rows = stmt
-                .query_map(params![kind_tag(kind)], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .backend()?;
-            Ok(rows
-                .into_iter()
-                .map(|(key, etag)| (key, Etag::new(etag)))
-                .collect())
-        })
-        .await
+        let kind = kind_tag(kind);
+        self.inner
+            .cache
+            .versions_or(kind, |limit| self.versions(kind, limit))
+            .await
     }
 }
 
@@ -453,7 +496,7 @@ impl RegistrationStore for SqliteStore {
 impl LinkedHubStore for SqliteStore {
     async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<(), StoreError> {
         let (host, doc) = (hub.host_name.clone(), to_json(hub)?);
-        self.write(move |conn| {
+        self.write_change(move |conn| {
             conn.execute_cached(
                 "INSERT INTO linked_hubs (host_name, doc) VALUES (?1, ?2)
                  ON CONFLICT (host_name) DO UPDATE SET doc = excluded.doc",
@@ -466,23 +509,25 @@ impl LinkedHubStore for SqliteStore {
     }
 
     async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
-        self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT doc FROM linked_hubs ORDER BY host_name")
-                .backend()?;
-            let docs = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .backend()?;
-            docs.iter().map(|d| from_json(d)).collect()
-        })
-        .await
+        let fetch = || {
+            self.read(|conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT doc FROM linked_hubs ORDER BY host_name")
+                    .backend()?;
+                let docs = stmt
+                    .query_map([], |r| r.get::<_, String>(0))
+                    .backend()?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .backend()?;
+                docs.iter().map(|d| from_json(d)).collect()
+            })
+        };
+        self.inner.cache.linked_hubs_or(fetch).await
     }
 
     async fn delete_linked_hub(&self, host_name: &str) -> Result<(), StoreError> {
         let host = host_name.to_owned();
-        self.write(move |conn| {
+        self.write_change(move |conn| {
             match conn
                 .execute_cached(
                     "DELETE FROM linked_hubs WHERE host_name = ?1",
