@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use minihub::Minihub;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -46,7 +45,7 @@ pub async fn run(settings: HubSettings) -> anyhow::Result<()> {
     tls.names.extend(settings.hubs.iter().cloned());
     let (identity, _) = pki::server_identity(&tls, &data)?;
     let acceptor = TlsAcceptor::from(pki::server_config(identity)?);
-    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+    let listener = tls_accept::bind(settings.listen).with_context(|| {
         format!(
             "while binding {}; choose another address with --listen",
             settings.listen

@@ -75,17 +75,17 @@ impl Listeners {
     /// Binds the addresses `config` names (`[http] listen`, and `[mqtt] listen` and
     /// `[amqp] listen` when enabled).
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
-        let https = TcpListener::bind(config.http.listen).await.with_context(|| {
+        let https = tls_accept::bind(config.http.listen).with_context(|| {
             format!("while binding {}; is another service using it? Choose another address with --listen", config.http.listen)
         })?;
         let mqtt = match config.mqtt.enabled {
-            true => Some(TcpListener::bind(config.mqtt.listen).await.with_context(|| {
+            true => Some(tls_accept::bind(config.mqtt.listen).with_context(|| {
                 format!("while binding MQTT on {}; is another MQTT server using it? Choose another address with --mqtt-listen", config.mqtt.listen)
             })?),
             false => None,
         };
         let amqp = match config.amqp.enabled {
-            true => Some(TcpListener::bind(config.amqp.listen).await.with_context(|| {
+            true => Some(tls_accept::bind(config.amqp.listen).with_context(|| {
                 format!("while binding AMQP on {}; is another AMQP server using it? Choose another address with --amqp-listen, or turn AMQP off with [amqp] enabled = false", config.amqp.listen)
             })?),
             false => None,

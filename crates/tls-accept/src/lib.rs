@@ -1,5 +1,5 @@
 //! The TLS accept loop of opendps's listeners (HTTPS and MQTT alike): the caller binds the socket
-//! and builds the acceptor; a [`TlsListener`] admits connections up to a cap, and each admitted
+//! (with [`bind`], for a queue deep enough for bursts of connects) and builds the acceptor; a [`TlsListener`] admits connections up to a cap, and each admitted
 //! connection finishes its TLS handshake within [`HANDSHAKE_TIMEOUT`] in its own task before the
 //! protocol's handler gets the stream. What happens on the stream is the caller's.
 //!
@@ -37,7 +37,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -50,6 +50,24 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The least time between two warnings about refused connections.
 const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// Connections the kernel queues for a listener until the accept loop takes them (the kernel caps
+/// it at `net.core.somaxconn`, 4096 on current Linux). Devices connect in bursts (a fleet powering
+/// on after an outage); past the queue the kernel drops their connects, and each client's TCP
+/// tries again only a second later, then two, then four. The usual 128 overflowed at 500 devices
+/// connecting at once.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with a queue of [`LISTEN_BACKLOG`] connections (and the address
+/// reusable at once after a restart, as `TcpListener::bind` makes it on Unix).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Resolves once the shutdown flag turns true (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
@@ -278,7 +296,7 @@ mod tests {
     /// An echo server on port 0 with at most `max` connections.
     async fn echo(max: usize) -> Echo {
         let (acceptor, client) = pki();
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let tcp = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = tcp.local_addr().expect("addr");
         let listener = TlsListener::new(tcp, acceptor, "test", max);
         let (stop, mut shutdown) = watch::channel(false);
@@ -373,5 +391,33 @@ mod tests {
             .await
             .expect("accept returns None once stopped")
             .expect("join");
+    }
+
+    /// A burst of connects that the accept loop has not taken yet waits in the kernel's queue
+    /// instead of being dropped: with the usual queue of 128 the rest would be retried by TCP only
+    /// a second later.
+    #[tokio::test]
+    async fn a_burst_of_connects_waits_in_the_queue() {
+        let tcp = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..400 {
+            connects.spawn(tokio::time::timeout(
+                Duration::from_millis(900),
+                TcpStream::connect(addr),
+            ));
+        }
+        let mut queued = Vec::new();
+        while let Some(done) = connects.join_next().await {
+            if let Ok(Ok(Ok(stream))) = done {
+                queued.push(stream);
+            }
+        }
+        assert_eq!(
+            queued.len(),
+            400,
+            "every connect queued before anything was accepted"
+        );
+        drop(tcp);
     }
 }
