@@ -198,9 +198,9 @@ impl ReadCache {
     }
 
     /// Whether an enrollment of `kind` may exist under `key`, told by the kept list of that kind
-    /// (listed now by `list` when it is not kept and has at most [`MAX_LISTED`]
-    /// entries, or as many as this cache was made to list). True when the list cannot tell: more enrollments than that, or nothing may be
-    /// kept.
+    /// (listed now by `list` when it is not kept and has at most as many entries as this cache
+    /// lists, [`MAX_LISTED`] but in tests). True when the list cannot tell: more enrollments than
+    /// that, or nothing may be kept.
     async fn may_exist_or<L, LF>(
         &self,
         kind: &'static str,
