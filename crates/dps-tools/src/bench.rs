@@ -85,7 +85,8 @@ pub struct BenchArgs {
     #[arg(long)]
     baseline_only: bool,
     /// Another node of the same service, found by its data directory (repeatable): the concurrent
-    /// clients are spread over all the nodes in turn, as a load balancer in front of them would.
+    /// clients are spread over all the nodes in turn, as a load balancer in front of them would,
+    /// and the server CPU reported is the sum of every node's.
     #[arg(long = "also-data-dir", value_name = "DATA_DIR")]
     pub also_data_dirs: Vec<std::path::PathBuf>,
     /// Give a device up after this many seconds.
@@ -376,10 +377,21 @@ pub async fn run(
         symmetric_key_registrations: None,
         ratio_to_symmetric_key: None,
     };
+    // Each further node's CPU is read from its own /metrics, through its own data directory.
+    let mut nodes = Vec::with_capacity(args.also_data_dirs.len());
+    for dir in &args.also_data_dirs {
+        nodes.push(
+            ServiceClient::connect(ClientSettings {
+                login: None,
+                ca_file: None,
+                data_dir: dir.clone(),
+            })
+            .await?,
+        );
+    }
     let client = ServiceClient::connect(settings).await?;
     let cpu = ServerCpu {
-        client: &client,
-        counted: targets.len() == 1,
+        nodes: std::iter::once(&client).chain(&nodes).collect(),
     };
     let baseline = match args.no_baseline {
         true => None,
@@ -1102,29 +1114,34 @@ fn terminal(done: &RegistrationOperationStatus) -> Result<(), Failure> {
     Err(Failure::Ended { status, code })
 }
 
-/// The server's CPU time over a phase of the run, from the counter it reports in `/metrics`.
+/// The server's CPU time over a phase of the run, from the counter each node reports in `/metrics`
+/// (summed over the nodes when the load is spread over several).
 struct ServerCpu<'a> {
-    client: &'a ServiceClient,
-    /// Whether the run has one node, the one `client` reaches (several nodes: not counted).
-    counted: bool,
+    nodes: Vec<&'a ServiceClient>,
 }
 
 impl ServerCpu<'_> {
-    /// Runs `phase`; with its output, the CPU seconds the server spent meanwhile.
+    /// The CPU seconds every node has used so far; `None` unless each reports them.
+    async fn total(&self) -> Option<f64> {
+        let mut total = 0.0;
+        for node in &self.nodes {
+            total += node.server_cpu_seconds().await?;
+        }
+        Some(total)
+    }
+
+    /// Runs `phase`; with its output, the CPU seconds the nodes spent meanwhile.
     async fn spent<T>(&self, phase: impl Future<Output = T>) -> (T, Option<f64>) {
-        let before = match self.counted {
-            true => self.client.server_cpu_seconds().await,
-            false => None,
-        };
+        let before = self.total().await;
         let out = phase.await;
         let after = match before {
-            Some(_) => self.client.server_cpu_seconds().await,
+            Some(_) => self.total().await,
             None => None,
         };
         (out, before.zip(after).map(|(before, after)| after - before))
     }
 
-    /// Runs `phase`; with its output, the server's CPU milliseconds per one of its `n` items.
+    /// Runs `phase`; with its output, the nodes' CPU milliseconds per one of its `n` items.
     async fn per<T>(&self, n: usize, phase: impl Future<Output = T>) -> (T, Option<f64>) {
         let (out, spent) = self.spent(phase).await;
         (out, per_item(spent, n))
