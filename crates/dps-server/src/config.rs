@@ -363,6 +363,17 @@ pub struct FlagOverrides {
 }
 
 impl Config {
+    /// The connections the enabled listeners accept at once, in all.
+    pub fn max_connections(&self) -> u64 {
+        let mqtt = self.mqtt.enabled.then_some(self.mqtt.max_connections);
+        let amqp = self.amqp.enabled.then_some(self.amqp.max_connections);
+        [Some(self.http.max_connections), mqtt, amqp]
+            .into_iter()
+            .flatten()
+            .map(|n| u64::try_from(n).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add)
+    }
+
     /// Loads the layers. `file` is `--config` (or `OPENDPS_CONFIG`); a missing explicit file is an error.
     pub fn load(
         file: Option<&Path>,

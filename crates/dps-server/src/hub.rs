@@ -37,6 +37,7 @@ pub async fn run(settings: HubSettings) -> anyhow::Result<()> {
     let data = DataDir::new(&settings.data_dir);
     data.create()?;
     let _lock = data.lock("hub")?;
+    crate::limits::raise_open_files(dps_http::DEFAULT_MAX_CONNECTIONS as u64);
     let path = data.root().join("minihub.db");
     let hub = Arc::new(
         Minihub::open(&path).with_context(|| format!("while opening {}", path.display()))?,

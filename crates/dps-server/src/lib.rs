@@ -8,6 +8,7 @@ pub mod config;
 pub mod datadir;
 pub mod hub;
 pub mod info;
+pub mod limits;
 pub mod migrate;
 pub mod pki;
 pub mod serve;

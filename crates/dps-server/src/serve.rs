@@ -39,6 +39,7 @@ use crate::{pki, worker};
 /// Binds the configured listeners and runs the service until a stop signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut signals = StopSignals::listen().context("while listening for SIGTERM and SIGINT")?;
+    crate::limits::raise_open_files(config.max_connections());
     let listeners = Listeners::bind(&config).await?;
     let service = start(config, listeners).await?;
     let mqtt = service
