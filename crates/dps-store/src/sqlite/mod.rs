@@ -842,6 +842,12 @@ mod tests {
                 .is_err()
         );
         assert!(SqliteStore::open_read_only(dir.path().join("missing.db")).is_err());
+
+        // The serving process changes the file: a read-only store keeps nothing it read.
+        let hub = crate::contract::sample_hub("h.example", 1);
+        assert_eq!(reader.list_linked_hubs().await.expect("none yet"), []);
+        store.put_linked_hub(&hub).await.expect("linked");
+        assert_eq!(reader.list_linked_hubs().await.expect("read"), [hub]);
     }
 
     #[test]
