@@ -45,7 +45,8 @@ impl Default for ReadCache {
 #[derive(Default)]
 struct Entries {
     generation: u64,
-    enrollments: HashMap<(&'static str, String), Option<StoredDoc>>,
+    /// By kind, then key (looked up without building a key).
+    enrollments: HashMap<&'static str, HashMap<String, Option<StoredDoc>>>,
     versions: HashMap<&'static str, Vec<(String, Etag)>>,
     /// Kinds with more enrollments than are listed.
     too_many: HashSet<&'static str>,
@@ -102,14 +103,20 @@ impl ReadCache {
         if entries.generation != generation || !self.listening.load(Ordering::SeqCst) {
             return;
         }
-        if entries.enrollments.len() >= MAX_ENTRIES {
+        if entries
+            .enrollments
+            .values()
+            .map(HashMap::len)
+            .sum::<usize>()
+            >= MAX_ENTRIES
+        {
             entries.enrollments.clear();
         }
         put(&mut entries);
     }
 
     fn enrollment(&self, kind: &'static str, key: &str) -> Result<Option<StoredDoc>, Option<Miss>> {
-        self.lookup(|e| e.enrollments.get(&(kind, key.to_owned())).cloned())
+        self.lookup(|e| e.enrollments.get(kind)?.get(key).cloned())
     }
 
     fn keep_enrollment(
@@ -120,7 +127,10 @@ impl ReadCache {
         doc: &Option<StoredDoc>,
     ) {
         self.keep(miss, |e| {
-            e.enrollments.insert((kind, key.to_owned()), doc.clone());
+            e.enrollments
+                .entry(kind)
+                .or_default()
+                .insert(key.to_owned(), doc.clone());
         });
     }
 

@@ -1,7 +1,8 @@
 //! The TLS accept loop of opendps's listeners (HTTPS and MQTT alike): the caller binds the socket
-//! (with [`bind`], for a queue deep enough for bursts of connects) and builds the acceptor; a [`TlsListener`] admits connections up to a cap, and each admitted
-//! connection finishes its TLS handshake within [`HANDSHAKE_TIMEOUT`] in its own task before the
-//! protocol's handler gets the stream. What happens on the stream is the caller's.
+//! (with [`bind`], for a queue deep enough for bursts of connects) and builds the acceptor; a
+//! [`TlsListener`] admits connections up to a cap, and each admitted connection finishes its TLS
+//! handshake within [`HANDSHAKE_TIMEOUT`] in its own task before the protocol's handler gets the
+//! stream. What happens on the stream is the caller's.
 //!
 //! Metrics, each labelled with the listener's name (`listener`): `opendps_open_connections`,
 //! `opendps_connections_refused_total` and `opendps_tls_handshake_failures_total`.
