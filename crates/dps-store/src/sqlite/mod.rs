@@ -8,7 +8,7 @@
 //!
 //! The serving process is the file's only writer (it holds the data directory's lock; other
 //! commands open the file read-only), so a writable store keeps the enrollments and linked hubs it
-//! reads in memory ([`ReadCache`]) and forgets them after each change it commits.
+//! reads in memory (`read_cache`) and forgets them after each change it commits.
 
 mod migrations;
 
