@@ -22,7 +22,7 @@ use dps_core::provisioning::Provisioning;
 
 pub use device_api::DeviceRequest;
 pub use error::ApiError;
-pub use server::serve;
+pub use server::{DEFAULT_IDLE_TIMEOUT, HttpLimits, serve};
 pub use service_api::decode_service_request;
 pub use tls_accept::DEFAULT_MAX_CONNECTIONS;
 

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tls_accept::{HANDSHAKE_TIMEOUT, Prefixed, TlsListener};
+use tls_accept::{DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Prefixed, TlsListener};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,21 +19,48 @@ use tower::ServiceExt as _;
 /// How long open connections get to finish after shutdown is signalled.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `app` over TLS on `listener` until `shutdown` turns true, with at most
-/// `max_connections` connections open at once.
+/// How long an HTTP/1.1 connection may go without a request unless configured otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the HTTPS server allows its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once; more are closed before their TLS handshake.
+    pub max_connections: usize,
+    /// How long an HTTP/1.1 connection may wait for a request's head, or take to send one: a
+    /// connection idle that long between requests is closed, so that idle keep-alive connections
+    /// cannot hold every slot. (The first request's first bytes must come within
+    /// [`HANDSHAKE_TIMEOUT`] of the handshake.)
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` turns true, within `limits`.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
     app: Router,
-    max_connections: usize,
+    limits: HttpLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let listener = TlsListener::new(listener, tls, "https", max_connections);
+    let listener = TlsListener::new(listener, tls, "https", limits.max_connections);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Azure answers with `Retry-After`, `Content-Type`, …; some device stacks look headers up with
     // their exact case, so HTTP/1.1 responses use it too.
-    builder.http1().title_case_headers(true);
+    builder
+        .http1()
+        .title_case_headers(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout);
     while let Some(accepted) = listener.accept(&mut shutdown).await {
         let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
         accepted.spawn(move |stream, peer| async move {

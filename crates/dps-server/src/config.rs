@@ -83,6 +83,9 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Most connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
+    /// Seconds an HTTP/1.1 connection may go without a request (or take to send a request's
+    /// head) before it is closed.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -92,6 +95,7 @@ impl Default for HttpConfig {
             public_host: "localhost".into(),
             max_body_bytes: 96 * 1024,
             max_connections: dps_http::DEFAULT_MAX_CONNECTIONS,
+            idle_timeout_secs: dps_http::DEFAULT_IDLE_TIMEOUT.as_secs(),
         }
     }
 }
@@ -440,6 +444,11 @@ impl Config {
         }
         if self.http.public_host.trim().is_empty() {
             bail!("http.public_host must not be empty");
+        }
+        if self.http.idle_timeout_secs == 0 {
+            bail!(
+                "http.idle_timeout_secs must be at least 1: it is how long an HTTP connection may wait for its next request"
+            );
         }
         if self.provisioning.default_allocation_policy == AllocationPolicy::Custom {
             bail!(

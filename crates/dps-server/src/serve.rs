@@ -298,13 +298,11 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         }
         None => None,
     };
-    let server = tokio::spawn(dps_http::serve(
-        listener,
-        tls,
-        app,
-        config.http.max_connections,
-        stop_rx.clone(),
-    ));
+    let limits = dps_http::HttpLimits {
+        max_connections: config.http.max_connections,
+        idle_timeout: Duration::from_secs(config.http.idle_timeout_secs),
+    };
+    let server = tokio::spawn(dps_http::serve(listener, tls, app, limits, stop_rx.clone()));
     let worker = tokio::spawn(worker::run(
         provisioning,
         shared,

@@ -115,7 +115,7 @@ impl ScriptedHub {
             listener,
             tls,
             app,
-            dps_http::DEFAULT_MAX_CONNECTIONS,
+            dps_http::HttpLimits::default(),
             stopped,
         ));
         Ok(Self {

@@ -98,7 +98,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         minihub::router(minihub),
-        dps_http::DEFAULT_MAX_CONNECTIONS,
+        dps_http::HttpLimits::default(),
         stopped,
     )
     .await;

@@ -45,7 +45,7 @@ impl Server {
             listener,
             tokio_rustls::TlsAcceptor::from(tls.server),
             minihub::router(Arc::clone(&minihub)),
-            dps_http::DEFAULT_MAX_CONNECTIONS,
+            dps_http::HttpLimits::default(),
             stopped,
         ));
         let ca = reqwest::Certificate::from_pem(tls.ca_pem.as_bytes()).expect("CA pem");

@@ -80,7 +80,7 @@ impl Server {
             https_listener,
             acceptor,
             minihub::router(Arc::clone(&minihub)),
-            dps_http::DEFAULT_MAX_CONNECTIONS,
+            dps_http::HttpLimits::default(),
             stopped,
         ));
         Self {

@@ -137,11 +137,40 @@ async fn connections_over_the_cap_are_refused_and_counted() {
     drop(mqtt_held);
 }
 
-/// Opens a TLS connection to `addr` trusting the server's CA and sends `bytes`; returns the first
-/// bytes the server answered (nothing when it closed the connection, as for a refused protocol).
-async fn send_over_tls(server: &TestServer, addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject as _;
+/// An HTTP/1.1 connection that sends no further request for `http.idle_timeout_secs` is closed by
+/// the server (so idle keep-alive connections cannot hold every slot).
+#[tokio::test]
+async fn idle_http_connections_are_closed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server = TestServer::start_with_config(bin, "[http]\nidle_timeout_secs = 1\n", &[])
+        .await
+        .expect("start");
+    let https = server.https_addr().expect("https");
+    let mut tls = connect_tls(&server, https).await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = vec![0u8; 4096];
+    let read = tls.read(&mut answer).await.expect("answer");
+    assert!(
+        answer[..read].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..read])
+    );
+    // Kept alive, then idle: closed by the server, not left open.
+    let closed = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut answer))
+        .await
+        .expect("the idle connection is closed within the guard");
+    assert!(matches!(closed, Ok(0) | Err(_)), "closed without a reply");
+}
+
+/// A TLS connection to `addr` trusting the server's CA.
+async fn connect_tls(
+    server: &TestServer,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&server.ca_pem().expect("ca")) {
         roots.add(cert.expect("pem")).expect("root");
@@ -157,7 +186,14 @@ async fn send_over_tls(server: &TestServer, addr: std::net::SocketAddr, bytes: &
     ));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    connector.connect(name, tcp).await.expect("handshake")
+}
+
+/// Opens a TLS connection to `addr` trusting the server's CA and sends `bytes`; returns the first
+/// bytes the server answered (nothing when it closed the connection, as for a refused protocol).
+async fn send_over_tls(server: &TestServer, addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tls = connect_tls(server, addr).await;
     tls.write_all(bytes).await.expect("write");
     let mut answer = vec![0u8; 4096];
     let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut answer))
