@@ -542,13 +542,18 @@ fn prometheus() -> &'static Option<PrometheusHandle> {
     })
 }
 
-/// The CPU time this process has used, user and system, as the Prometheus sample that process
-/// collectors name `process_cpu_seconds_total`; empty where /proc does not tell (not Linux). The
-/// bench reads it to report the server's CPU per registration.
-fn process_cpu_sample() -> String {
+/// The CPU time this process has used, user and system, in seconds; `None` where /proc does not
+/// tell (not Linux). The bench reads the server's from `/metrics` and its own from here.
+pub fn process_cpu_seconds() -> Option<f64> {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|stat| cpu_seconds_of_stat(&stat))
+}
+
+/// [`process_cpu_seconds`] as the Prometheus sample that process collectors name
+/// `process_cpu_seconds_total`; empty where it is not known.
+fn process_cpu_sample() -> String {
+    process_cpu_seconds()
         .map(|secs| {
             format!(
                 "# HELP process_cpu_seconds_total User and system CPU time spent, in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {secs}\n"

@@ -191,9 +191,12 @@ struct BaselineReport {
     connections: usize,
     connections_per_sec: f64,
     failures: usize,
-    /// The server's CPU per connection, from its own counter (one node only).
+    /// The server's CPU per connection, from its own counter (summed over the nodes).
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu_ms_per_connection: Option<f64>,
+    /// This load generator's own CPU per connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bench_cpu_ms_per_connection: Option<f64>,
 }
 
 /// Idle MQTT sessions held, and what they cost the service.
@@ -221,9 +224,12 @@ struct RegistrationsReport {
     per_sec: f64,
     latency_ms: Option<Percentiles>,
     service_latency_ms: Option<Percentiles>,
-    /// The server's CPU per assigned registration, from its own counter (one node only).
+    /// The server's CPU per registration, from its own counter (summed over the nodes).
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu_ms_per_registration: Option<f64>,
+    /// This load generator's own CPU per registration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bench_cpu_ms_per_registration: Option<f64>,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -390,21 +396,22 @@ pub async fn run(
         );
     }
     let client = ServiceClient::connect(settings).await?;
-    let cpu = ServerCpu {
+    let cpu = CpuMeter {
         nodes: std::iter::once(&client).chain(&nodes).collect(),
     };
     let baseline = match args.no_baseline {
         true => None,
         false => {
             let n = args.baseline_connections.unwrap_or(args.devices);
-            let ((rate, failures), server_cpu_ms_per_connection) = cpu
-                .per(n, baseline(&target, n, args.concurrency, json_output))
+            let ((rate, failures), spent) = cpu
+                .spent(baseline(&target, n, args.concurrency, json_output))
                 .await;
             report.baseline = Some(BaselineReport {
                 connections: n,
                 connections_per_sec: round(rate),
                 failures,
-                server_cpu_ms_per_connection,
+                server_cpu_ms_per_connection: per_item(spent.server, n),
+                bench_cpu_ms_per_connection: per_item(spent.bench, n),
             });
             Some(rate)
         }
@@ -461,15 +468,18 @@ pub async fn run(
     let (results, registrations) = match x509_devices {
         None => {
             let n = devices.len();
-            let ((done, wall), cpu_ms) = cpu
-                .per(
-                    n,
-                    register_all(&targets, &args, devices, "registering", json_output),
-                )
+            let ((done, wall), spent) = cpu
+                .spent(register_all(
+                    &targets,
+                    &args,
+                    devices,
+                    "registering",
+                    json_output,
+                ))
                 .await;
             report.group = Some(group_id.clone());
             let mut registrations = summarize(&done, wall);
-            registrations.server_cpu_ms_per_registration = cpu_ms;
+            spent.charge(&mut registrations, n);
             (done, registrations)
         }
         Some(x509_devices) => {
@@ -494,15 +504,14 @@ pub async fn run(
                 let ((mut done, wall), cpu) = std::mem::take(&mut passes[first]);
                 let ((more, more_wall), more_cpu) = std::mem::take(&mut passes[second]);
                 done.extend(more);
-                let cpu = cpu.zip(more_cpu).map(|(a, b)| a + b);
-                (done, wall + more_wall, cpu)
+                (done, wall + more_wall, cpu.plus(more_cpu))
             };
             let (sym_done, sym_wall, sym_cpu) = joined(0, 3);
             let (x509_done, x509_wall, x509_cpu) = joined(1, 2);
             let mut sym = summarize(&sym_done, sym_wall);
-            sym.server_cpu_ms_per_registration = per_item(sym_cpu, sym_done.len());
+            sym_cpu.charge(&mut sym, sym_done.len());
             let mut registrations = summarize(&x509_done, x509_wall);
-            registrations.server_cpu_ms_per_registration = per_item(x509_cpu, x509_done.len());
+            x509_cpu.charge(&mut registrations, x509_done.len());
             if sym.per_sec > 0.0 {
                 report.ratio_to_symmetric_key =
                     Some((registrations.per_sec / sym.per_sec * 1000.0).round() / 1000.0);
@@ -1114,13 +1123,38 @@ fn terminal(done: &RegistrationOperationStatus) -> Result<(), Failure> {
     Err(Failure::Ended { status, code })
 }
 
-/// The server's CPU time over a phase of the run, from the counter each node reports in `/metrics`
-/// (summed over the nodes when the load is spread over several).
-struct ServerCpu<'a> {
+/// The CPU time spent over a phase of the run: the server's, from the counter each node reports in
+/// `/metrics` (summed over the nodes when the load is spread over several), and this load
+/// generator's own.
+struct CpuMeter<'a> {
     nodes: Vec<&'a ServiceClient>,
 }
 
-impl ServerCpu<'_> {
+/// CPU seconds a phase cost; `None` where a counter could not be read.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSpent {
+    server: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuSpent {
+    /// Two phases together.
+    fn plus(self, other: Self) -> Self {
+        let add = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a + b);
+        Self {
+            server: add(self.server, other.server),
+            bench: add(self.bench, other.bench),
+        }
+    }
+
+    /// Enters the cost per registration of `n` in `report`.
+    fn charge(self, report: &mut RegistrationsReport, n: usize) {
+        report.server_cpu_ms_per_registration = per_item(self.server, n);
+        report.bench_cpu_ms_per_registration = per_item(self.bench, n);
+    }
+}
+
+impl CpuMeter<'_> {
     /// The CPU seconds every node has used so far; `None` unless each reports them.
     async fn total(&self) -> Option<f64> {
         let mut total = 0.0;
@@ -1130,21 +1164,23 @@ impl ServerCpu<'_> {
         Some(total)
     }
 
-    /// Runs `phase`; with its output, the CPU seconds the nodes spent meanwhile.
-    async fn spent<T>(&self, phase: impl Future<Output = T>) -> (T, Option<f64>) {
+    /// Runs `phase`; with its output, the CPU seconds the nodes and this process spent meanwhile.
+    async fn spent<T>(&self, phase: impl Future<Output = T>) -> (T, CpuSpent) {
         let before = self.total().await;
+        let own_before = dps_server::serve::process_cpu_seconds();
         let out = phase.await;
+        let own_after = dps_server::serve::process_cpu_seconds();
         let after = match before {
             Some(_) => self.total().await,
             None => None,
         };
-        (out, before.zip(after).map(|(before, after)| after - before))
-    }
-
-    /// Runs `phase`; with its output, the nodes' CPU milliseconds per one of its `n` items.
-    async fn per<T>(&self, n: usize, phase: impl Future<Output = T>) -> (T, Option<f64>) {
-        let (out, spent) = self.spent(phase).await;
-        (out, per_item(spent, n))
+        let spent = CpuSpent {
+            server: before.zip(after).map(|(before, after)| after - before),
+            bench: own_before
+                .zip(own_after)
+                .map(|(before, after)| after - before),
+        };
+        (out, spent)
     }
 }
 
@@ -1174,6 +1210,7 @@ fn summarize(results: &[DeviceResult], wall: Duration) -> RegistrationsReport {
         latency_ms: percentiles(assigned.iter().map(|r| r.total)),
         service_latency_ms: percentiles(assigned.iter().map(|r| r.service)),
         server_cpu_ms_per_registration: None,
+        bench_cpu_ms_per_registration: None,
     }
 }
 
@@ -1250,6 +1287,9 @@ fn print(report: &Report, json_output: bool) -> anyhow::Result<()> {
         if let Some(ms) = b.server_cpu_ms_per_connection {
             println!("server CPU:    {ms} ms per connection");
         }
+        if let Some(ms) = b.bench_cpu_ms_per_connection {
+            println!("bench CPU:     {ms} ms per connection (this load generator)");
+        }
     }
     if let Some(idle) = &report.idle {
         println!(
@@ -1271,6 +1311,9 @@ fn print(report: &Report, json_output: bool) -> anyhow::Result<()> {
         print_registrations(r);
         if let Some(ms) = r.server_cpu_ms_per_registration {
             println!("server CPU:    {ms} ms per registration");
+        }
+        if let Some(ms) = r.bench_cpu_ms_per_registration {
+            println!("bench CPU:     {ms} ms per registration (this load generator)");
         }
         if let Some(ratio) = report.ratio_to_baseline {
             println!("ratio:         {ratio} of the baseline connection rate");

@@ -417,6 +417,15 @@ async fn bench_registers_every_device_and_reports_the_baseline() {
             registrations["serverCpuMsPerRegistration"].as_f64() > Some(0.0),
             "{report}"
         );
+        // And the load generator's own.
+        assert!(
+            report["baseline"]["benchCpuMsPerConnection"].as_f64() >= Some(0.0),
+            "{report}"
+        );
+        assert!(
+            registrations["benchCpuMsPerRegistration"].as_f64() > Some(0.0),
+            "{report}"
+        );
         for q in ["p50", "p95", "p99", "max"] {
             assert!(
                 registrations["latencyMs"][q].as_f64() > Some(0.0),
