@@ -37,7 +37,7 @@ pub async fn run(settings: HubSettings) -> anyhow::Result<()> {
     let data = DataDir::new(&settings.data_dir);
     data.create()?;
     let _lock = data.lock("hub")?;
-    crate::limits::raise_open_files(dps_http::HttpLimits::default().max_connections as u64);
+    crate::process::raise_open_files(dps_http::HttpLimits::default().max_connections as u64);
     let path = data.root().join("minihub.db");
     let hub = Arc::new(
         Minihub::open(&path).with_context(|| format!("while opening {}", path.display()))?,

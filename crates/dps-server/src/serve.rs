@@ -34,12 +34,12 @@ use crate::config::Config;
 use crate::datadir::{DataDir, DataDirLock, Runtime};
 use crate::storage::ServiceStore;
 use crate::websocket::{WebSockets, with_websockets};
-use crate::{pki, worker};
+use crate::{pki, process, worker};
 
 /// Binds the configured listeners and runs the service until a stop signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut signals = StopSignals::listen().context("while listening for SIGTERM and SIGINT")?;
-    crate::limits::raise_open_files(config.max_connections());
+    process::raise_open_files(config.max_connections());
     let listeners = Listeners::bind(&config).await?;
     let service = start(config, listeners).await?;
     let mqtt = service
@@ -542,36 +542,16 @@ fn prometheus() -> &'static Option<PrometheusHandle> {
     })
 }
 
-/// The CPU time this process has used, user and system, in seconds; `None` where /proc does not
-/// tell (not Linux). The bench reads the server's from `/metrics` and its own from here.
-pub fn process_cpu_seconds() -> Option<f64> {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| cpu_seconds_of_stat(&stat))
-}
-
-/// [`process_cpu_seconds`] as the Prometheus sample that process collectors name
+/// [`process::cpu_seconds`] as the Prometheus sample that process collectors name
 /// `process_cpu_seconds_total`; empty where it is not known.
 fn process_cpu_sample() -> String {
-    process_cpu_seconds()
+    process::cpu_seconds()
         .map(|secs| {
             format!(
                 "# HELP process_cpu_seconds_total User and system CPU time spent, in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {secs}\n"
             )
         })
         .unwrap_or_default()
-}
-
-/// utime + stime of a /proc/PID/stat line, in seconds: fields 14 and 15, counted after the command
-/// name (which may hold spaces and parentheses), in Linux's USER_HZ of 100 ticks a second.
-fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
-    const USER_HZ: f64 = 100.0;
-    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
-    // After the name come the state (field 3) and ten more fields before utime (field 14).
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    #[allow(clippy::cast_precision_loss)]
-    Some((utime + stime) as f64 / USER_HZ)
 }
 
 /// `GET /metrics`: the Prometheus text format (no secrets; served without a token, like /healthz).
@@ -695,12 +675,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_time_is_read_after_the_command_name() {
-        let stat = "1234 (opendps (a) b) S 1 1234 1234 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 8 0";
-        assert_eq!(cpu_seconds_of_stat(stat), Some(3.0));
-        assert_eq!(cpu_seconds_of_stat("1234 (opendps) S 1"), None);
-        let own = std::fs::read_to_string("/proc/self/stat").expect("Linux");
-        assert!(cpu_seconds_of_stat(&own).is_some_and(|s| s >= 0.0));
+    fn the_cpu_time_is_a_metrics_sample() {
         assert!(process_cpu_sample().contains("\nprocess_cpu_seconds_total "));
     }
 }

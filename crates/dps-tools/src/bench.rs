@@ -1167,9 +1167,9 @@ impl CpuMeter<'_> {
     /// Runs `phase`; with its output, the CPU seconds the nodes and this process spent meanwhile.
     async fn spent<T>(&self, phase: impl Future<Output = T>) -> (T, CpuSpent) {
         let before = self.total().await;
-        let own_before = dps_server::serve::process_cpu_seconds();
+        let own_before = dps_server::process::cpu_seconds();
         let out = phase.await;
-        let own_after = dps_server::serve::process_cpu_seconds();
+        let own_after = dps_server::process::cpu_seconds();
         let after = match before {
             Some(_) => self.total().await,
             None => None,

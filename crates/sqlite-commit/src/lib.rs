@@ -10,8 +10,8 @@ mod schema;
 pub use group_commit::{CommitError, GroupCommit, ReaderPool};
 pub use schema::{OpenError, Schema, open_connection, open_read_only_connection};
 
-/// `execute` and `query_row` through the connection's prepared-statement cache, so a hot statement
-/// is parsed once per connection rather than once per call.
+/// `execute`, `query_row` and whole queries through the connection's prepared-statement cache, so a
+/// hot statement is parsed once per connection rather than once per call.
 pub trait CachedStatements {
     /// `execute` through the cache.
     fn execute_cached(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize>;
@@ -22,6 +22,13 @@ pub trait CachedStatements {
         params: impl rusqlite::Params,
         f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T>;
+    /// Every row of a query through the cache, each made by `f`.
+    fn query_all_cached<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Vec<T>>;
 }
 
 impl CachedStatements for rusqlite::Connection {
@@ -36,5 +43,14 @@ impl CachedStatements for rusqlite::Connection {
         f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
         self.prepare_cached(sql)?.query_row(params, f)
+    }
+
+    fn query_all_cached<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Vec<T>> {
+        self.prepare_cached(sql)?.query_map(params, f)?.collect()
     }
 }

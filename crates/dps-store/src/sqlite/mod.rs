@@ -161,17 +161,12 @@ impl SqliteStore {
         // A negative LIMIT is none.
         let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX - 1) + 1);
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
+            let rows = conn
+                .query_all_cached(
                     "SELECT id_key, etag FROM enrollments WHERE kind = ?1 ORDER BY id_key LIMIT ?2",
+                    params![kind, limit],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
                 )
-                .backend()?;
-            let rows = stmt
-                .query_map(params![kind, limit], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
                 .backend()?;
             Ok(rows
                 .into_iter()
@@ -396,15 +391,12 @@ impl EnrollmentStore for SqliteStore {
     ) -> Result<Page<StoredDoc>, StoreError> {
         let after = after.unwrap_or("").to_owned();
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
+            let rows = conn
+                .query_all_cached(
                     "SELECT id_key, etag, doc FROM enrollments WHERE kind = ?1 AND id_key > ?2 ORDER BY id_key LIMIT ?3",
+                    params![kind_tag(kind), after, limit as i64 + 1],
+                    doc_row,
                 )
-                .backend()?;
-            let rows = stmt
-                .query_map(params![kind_tag(kind), after, limit as i64 + 1], doc_row)
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
                 .backend()?;
             Ok(page_of(rows, limit))
         })
@@ -476,15 +468,12 @@ impl RegistrationStore for SqliteStore {
     ) -> Result<Page<StoredDoc>, StoreError> {
         let (group_key, after) = (group_key.to_owned(), after.unwrap_or("").to_owned());
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
+            let rows = conn
+                .query_all_cached(
                     "SELECT id_key, etag, doc FROM registrations WHERE group_key = ?1 AND id_key > ?2 ORDER BY id_key LIMIT ?3",
+                    params![group_key, after, limit as i64 + 1],
+                    doc_row,
                 )
-                .backend()?;
-            let rows = stmt
-                .query_map(params![group_key, after, limit as i64 + 1], doc_row)
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
                 .backend()?;
             Ok(page_of(rows, limit))
         })
@@ -511,13 +500,10 @@ impl LinkedHubStore for SqliteStore {
     async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
         let fetch = || {
             self.read(|conn| {
-                let mut stmt = conn
-                    .prepare_cached("SELECT doc FROM linked_hubs ORDER BY host_name")
-                    .backend()?;
-                let docs = stmt
-                    .query_map([], |r| r.get::<_, String>(0))
-                    .backend()?
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                let docs = conn
+                    .query_all_cached("SELECT doc FROM linked_hubs ORDER BY host_name", [], |r| {
+                        r.get::<_, String>(0)
+                    })
                     .backend()?;
                 docs.iter().map(|d| from_json(d)).collect()
             })
@@ -596,13 +582,12 @@ impl CertificateStore for SqliteStore {
 
     async fn list_certificates(&self) -> Result<Vec<StoredDoc>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT name_key, etag, doc FROM certificates ORDER BY name_key")
-                .backend()?;
-            let rows = stmt
-                .query_map([], doc_row)
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
+            let rows = conn
+                .query_all_cached(
+                    "SELECT name_key, etag, doc FROM certificates ORDER BY name_key",
+                    [],
+                    doc_row,
+                )
                 .backend()?;
             Ok(rows.into_iter().map(|(_, d)| d).collect())
         })
@@ -733,8 +718,7 @@ impl OperationStore for SqliteStore {
     ) -> Result<Vec<StoredOperation>, StoreError> {
         let owner = owner.clone();
         self.write(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
+            conn.query_all_cached(
                     "UPDATE operations SET lease_owner = ?1, lease_incarnation = ?5, lease_until_ms = ?2
                      WHERE operation_id IN (
                          SELECT operation_id FROM operations
@@ -743,17 +727,10 @@ impl OperationStore for SqliteStore {
                                 OR (lease_owner = ?1 AND lease_incarnation IS NOT ?5))
                          ORDER BY next_attempt_ms LIMIT ?4)
                      RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
-                )
-                .backend()?;
-            let rows = stmt
-                .query_map(
-                    params![owner.node, now + lease_ms, now, limit as i64, owner.incarnation],
-                    operation_row,
-                )
-                .backend()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .backend()?;
-            Ok(rows)
+                params![owner.node, now + lease_ms, now, limit as i64, owner.incarnation],
+                operation_row,
+            )
+            .backend()
         })
         .await
     }

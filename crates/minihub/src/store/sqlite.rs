@@ -55,10 +55,9 @@ pub(crate) fn open_read_only(path: &Path) -> Result<Connection, MinihubError> {
 
 /// Every hub.
 pub(crate) fn hubs(conn: &Connection) -> Result<Vec<HubInfo>, MinihubError> {
-    let mut stmt = conn.prepare_cached("SELECT doc FROM hubs ORDER BY host_name")?;
-    let docs = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
+    let docs = conn.query_all_cached("SELECT doc FROM hubs ORDER BY host_name", [], |r| {
+        r.get::<_, String>(0)
+    })?;
     docs.iter()
         .map(|doc| Ok(serde_json::from_str(doc)?))
         .collect()
@@ -105,16 +104,12 @@ pub(crate) fn devices(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Row>, MinihubError> {
-    let mut stmt = conn.prepare_cached(
+    let rows = conn.query_all_cached(
         "SELECT device, twin FROM devices WHERE hub = ?1 AND (?2 IS NULL OR device_id > ?2)
          ORDER BY device_id LIMIT ?3",
+        params![hub, after, i64::try_from(limit).unwrap_or(i64::MAX)],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
     )?;
-    let rows = stmt
-        .query_map(
-            params![hub, after, i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-        )?
-        .collect::<Result<Vec<_>, _>>()?;
     rows.iter().map(|(d, t)| decode(d, t)).collect()
 }
 

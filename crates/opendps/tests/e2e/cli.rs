@@ -17,8 +17,9 @@ fn run(server: &dps_testkit::TestServer, args: &[&str]) -> (bool, String, String
     )
 }
 
+/// Runs `opendps ARGS --output json` against `server`, which must succeed; its JSON.
 #[track_caller]
-fn json_ok(server: &dps_testkit::TestServer, args: &[&str]) -> Value {
+pub(crate) fn json_ok(server: &dps_testkit::TestServer, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["--output", "json"]);
     let (ok, stdout, stderr) = run(server, &all);

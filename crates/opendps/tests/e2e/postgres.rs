@@ -244,8 +244,9 @@ async fn in_process_hubs_are_shared_by_the_nodes() {
 
     // The bench spreads its devices over both nodes and reports the CPU of both.
     let b_dir = b.data_dir().to_str().expect("a UTF-8 path").to_owned();
-    let bench = a
-        .cli(&[
+    let report = crate::cli::json_ok(
+        &a,
+        &[
             "bench",
             "--devices",
             "20",
@@ -254,17 +255,8 @@ async fn in_process_hubs_are_shared_by_the_nodes() {
             "--no-baseline",
             "--also-data-dir",
             &b_dir,
-            "--output",
-            "json",
-        ])
-        .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&bench.stdout);
-    assert!(
-        bench.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bench.stderr)
+        ],
     );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
     assert_eq!(report["registrations"]["assigned"], 20, "{report}");
     assert!(
         report["registrations"]["serverCpuMsPerRegistration"].as_f64() > Some(0.0),

@@ -1,5 +1,7 @@
-//! The open-file limit. Every connection is a file descriptor, so a listener allowed 16,384
-//! connections needs as many, while systemd starts a service with a soft limit of 1,024 (and a
+//! What this process may use and has used: its open-file limit, raised at startup, and its CPU
+//! time, for `/metrics` and the bench.
+//!
+//! Every connection is a file descriptor, so a listener allowed 16,384 connections needs as many, while systemd starts a service with a soft limit of 1,024 (and a
 //! hard one of 524,288) and a login shell often has 1,024 too. Past the limit `accept` fails and
 //! devices are turned away however high `max_connections` is.
 
@@ -44,9 +46,39 @@ pub fn raise_open_files(connections: u64) -> Option<u64> {
     limit
 }
 
+/// The CPU time this process has used, user and system, in seconds; `None` where /proc does not
+/// tell (not Linux).
+pub fn cpu_seconds() -> Option<f64> {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| cpu_seconds_of_stat(&stat))
+}
+
+/// utime + stime of a /proc/PID/stat line, in seconds: fields 14 and 15, counted after the command
+/// name (which may hold spaces and parentheses), in Linux's USER_HZ of 100 ticks a second.
+fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
+    const USER_HZ: f64 = 100.0;
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    // After the name come the state (field 3) and ten more fields before utime (field 14).
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    #[allow(clippy::cast_precision_loss)]
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        let stat = "1234 (opendps (a) b) S 1 1234 1234 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 8 0";
+        assert_eq!(cpu_seconds_of_stat(stat), Some(3.0));
+        assert_eq!(cpu_seconds_of_stat("1234 (opendps) S 1"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").expect("Linux");
+        assert!(cpu_seconds_of_stat(&own).is_some_and(|s| s >= 0.0));
+        assert!(cpu_seconds().is_some_and(|s| s >= 0.0));
+    }
 
     /// The soft limit is raised to the hard one (each test runs in a process of its own).
     #[test]
