@@ -205,6 +205,16 @@ pub struct StoredOperation {
     pub doc: String,
 }
 
+/// When a write must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Before the call returns.
+    Now,
+    /// By the store's next durable write: what nobody has been told of yet may be lost
+    /// in a crash. A backend may make it durable at once.
+    Deferred,
+}
+
 /// Who holds an operation's lease: a node (stable across restarts) in one incarnation (one process).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseOwner {
@@ -234,13 +244,20 @@ pub trait OperationStore: Send + Sync {
     async fn put_operation(&self, op: &StoredOperation) -> Result<(), StoreError>;
     /// Inserts a new operation already leased to `owner` until `until_ms`, for the node that records
     /// it to work on it at once without claiming it; should that node stop first, the lease runs
-    /// out and the operation is claimed as any other.
+    /// out and the operation is claimed as any other. Returns the device's registration state as
+    /// it was when the operation was written (read with it: the worker needs it next). With
+    /// [`Durability::Deferred`] the operation is committed (every reader sees it) but may reach
+    /// the disk only with the next durable write or [`OperationStore::make_durable`].
     async fn put_leased_operation(
         &self,
         op: &StoredOperation,
         owner: &LeaseOwner,
         until_ms: i64,
-    ) -> Result<(), StoreError>;
+        durability: Durability,
+    ) -> Result<Option<StoredDoc>, StoreError>;
+    /// Makes the operation `operation_id` durable, and with it every write committed before it
+    /// ([`Durability::Deferred`] ones included).
+    async fn make_durable(&self, operation_id: &str) -> Result<(), StoreError>;
     /// Reads one.
     async fn get_operation(
         &self,

@@ -384,6 +384,7 @@ impl Work {
 mod tests {
 
     use dps_core::clock::ManualClock;
+    use dps_core::store::Durability;
 
     use super::*;
 
@@ -553,7 +554,7 @@ mod tests {
         let (owner, until) = handoff.lease().expect("a running worker takes work");
         let handed = op("op", "dev", clock.now().as_millisecond());
         store
-            .put_leased_operation(&handed, &owner, until)
+            .put_leased_operation(&handed, &owner, until, Durability::Now)
             .await
             .expect("put");
         handoff.take(handed);

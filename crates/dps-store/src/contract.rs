@@ -11,7 +11,8 @@ use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::secret::Secret;
 use dps_core::store::{
-    EnrollmentKind, LeaseOwner, Precondition, Store, StoreError, StoredDoc, StoredOperation,
+    Durability, EnrollmentKind, LeaseOwner, Precondition, Store, StoreError, StoredDoc,
+    StoredOperation,
 };
 
 /// A document with a fresh etag.
@@ -489,15 +490,22 @@ pub async fn leases_are_renewed_by_their_holder(store: Arc<dyn Store>) {
 
 /// An operation recorded with a lease is its holder's: nobody claims it (the holder neither) until
 /// the lease runs out or the holder restarts; its holder renews it and finishes it as one it
-/// claimed.
+/// claimed. Recording it reads the device's registration state; a deferred one is seen at once.
 pub async fn operations_recorded_leased(store: Arc<dyn Store>) {
     let now = 1_000_000;
     let node_a = LeaseOwner::new("node-a");
     let node_b = LeaseOwner::new("node-b");
-    store
-        .put_leased_operation(&operation("op-1", true, now), &node_a, now + 30_000)
+    let registration = store
+        .put_leased_operation(
+            &operation("op-1", true, now),
+            &node_a,
+            now + 30_000,
+            Durability::Deferred,
+        )
         .await
         .expect("put leased");
+    assert_eq!(registration, None, "the device has not registered");
+    store.make_durable("op-1").await.expect("make durable");
     assert_eq!(
         store.get_operation("op-1").await.expect("get"),
         Some(operation("op-1", true, now))
@@ -530,10 +538,21 @@ pub async fn operations_recorded_leased(store: Arc<dyn Store>) {
         .await
         .expect("claim");
     assert_eq!(resumed.len(), 1, "node-a restarted resumes it at once");
+    let registered = doc("{\"registrationId\":\"reg-op-2\"}");
     store
-        .put_leased_operation(&operation("op-2", true, now), &node_a, now + 30_000)
+        .put_registration("reg-op-2", None, registered.clone(), Precondition::None)
+        .await
+        .expect("put registration");
+    let registration = store
+        .put_leased_operation(
+            &operation("op-2", true, now),
+            &node_a,
+            now + 30_000,
+            Durability::Now,
+        )
         .await
         .expect("put leased");
+    assert_eq!(registration, Some(registered), "read with the operation");
     let taken = store
         .claim_operations(&node_b, now + 30_001, 30_000, 10)
         .await
@@ -542,7 +561,12 @@ pub async fn operations_recorded_leased(store: Arc<dyn Store>) {
     assert_eq!(ids, ["op-2"], "taken over once its lease ran out");
     assert!(
         store
-            .put_leased_operation(&operation("op-2", true, now), &node_a, now + 30_000)
+            .put_leased_operation(
+                &operation("op-2", true, now),
+                &node_a,
+                now + 30_000,
+                Durability::Now
+            )
             .await
             .is_err(),
         "only a new operation is recorded leased"

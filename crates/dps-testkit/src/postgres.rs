@@ -71,11 +71,18 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bin: std::path::PathBuf,
     port: u16,
+    /// `name=value` server settings given at every start.
+    settings: Vec<String>,
 }
 
 impl PgCluster {
     /// Creates the cluster and starts it.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Creates the cluster and starts it with `settings` (`name=value`, as `postgres -c` takes).
+    pub fn start_with(settings: &[&str]) -> anyhow::Result<Self> {
         let bin = server_bin_dir()?;
         let dir = tempfile::tempdir()?;
         if is_root() {
@@ -90,7 +97,12 @@ impl PgCluster {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let cluster = Self { dir, bin, port };
+        let cluster = Self {
+            dir,
+            bin,
+            port,
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
+        };
         cluster.run(
             "initdb",
             &[
@@ -113,18 +125,36 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Runs `sql` in its `postgres` database; what `psql` printed (unaligned, tuples only).
+    pub fn query(&self, sql: &str) -> anyhow::Result<String> {
+        psql(&self.url(), sql)
+    }
+
     /// Stops the server (fast shutdown: connections are cut).
     pub fn stop(&self) -> anyhow::Result<()> {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
+    /// Stops the server as a crash would (immediate shutdown): what its log buffers held and had not
+    /// written is lost; it recovers from its log at the next start.
+    pub fn crash(&self) -> anyhow::Result<()> {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        )
+    }
+
     /// Starts the server (again) on the same port.
     pub fn start_again(&self) -> anyhow::Result<()> {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.path().display()
         );
+        for setting in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         let log = format!("{}/server.log", self.dir.path().display());
         self.run(
             "pg_ctl",

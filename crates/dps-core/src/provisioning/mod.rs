@@ -30,7 +30,8 @@ use crate::model::{
 use crate::sas::{self, SasToken};
 use crate::secret::Secret;
 use crate::store::{
-    EnrollmentKind, LeaseOwner, Precondition, Store, StoreError, StoredDoc, StoredOperation,
+    Durability, EnrollmentKind, LeaseOwner, Precondition, Store, StoreError, StoredDoc,
+    StoredOperation,
 };
 use crate::time::{UtcTime, format_utc};
 use crate::webhook::{
@@ -41,6 +42,7 @@ use crate::webhook::{
 mod answers;
 mod auth;
 mod plan;
+mod prefetch;
 mod process;
 mod record;
 mod x509;
@@ -48,6 +50,7 @@ mod x509;
 use self::answers::Answers;
 pub use self::answers::Sleep;
 use self::auth::{GroupAuth, symmetric_keys};
+use self::prefetch::Prefetched;
 use self::record::{EnrollmentView, result_of};
 
 /// Error code of a registration whose enrollment disappeared while it was being processed.
@@ -295,6 +298,8 @@ pub struct Provisioning {
     intake: Option<Arc<dyn Intake>>,
     /// Register requests waiting for their operations, when they wait (see [`Answers`]).
     answers: Option<Answers>,
+    /// Registration states read with the operations handed to the worker (see [`Prefetched`]).
+    prefetched: Prefetched,
     /// Parsed enrollment groups by etag, for authentication.
     group_auth: Mutex<HashMap<String, Arc<GroupAuth>>>,
     /// Hubs that throttled (429) or were busy (503), by lower-case host name, with the time
@@ -325,6 +330,7 @@ impl Provisioning {
             wake,
             intake: None,
             answers: None,
+            prefetched: Prefetched::new(),
             group_auth: Mutex::new(HashMap::new()),
             hub_gates: Mutex::new(HashMap::new()),
         }
@@ -424,9 +430,21 @@ impl Provisioning {
         let expected = self.answers.as_ref().map(|a| a.expect(&op.operation_id));
         match self.intake.as_ref().map(|i| (i, i.lease())) {
             Some((intake, Some((owner, until_ms)))) => {
-                self.store
-                    .put_leased_operation(&stored, &owner, until_ms)
+                // A request that waits is answered only after a durable write: the final one,
+                // or the one below.
+                let durability = if expected.is_some() {
+                    Durability::Deferred
+                } else {
+                    Durability::Now
+                };
+                let key = rid.key();
+                let stamp = self.prefetched.stamp(&key);
+                let registration = self
+                    .store
+                    .put_leased_operation(&stored, &owner, until_ms, durability)
                     .await?;
+                self.prefetched
+                    .keep(&op.operation_id, &key, stamp, registration);
                 intake.take(stored);
             }
             _ => {
@@ -436,12 +454,14 @@ impl Provisioning {
         }
         metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
             .increment(1);
-        if let Some(expected) = expected
-            && let Some(done) = expected.answer().await
-        {
-            metrics::counter!("opendps_inline_answers_total", "transport" => transport.as_str())
-                .increment(1);
-            return Ok(done);
+        if let Some(expected) = expected {
+            if let Some(done) = expected.answer().await {
+                metrics::counter!("opendps_inline_answers_total", "transport" => transport.as_str())
+                    .increment(1);
+                return Ok(done);
+            }
+            // The device learns of its operation now: it must survive a crash from here on.
+            self.store.make_durable(&op.operation_id).await?;
         }
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
@@ -525,9 +545,22 @@ impl Provisioning {
         &self,
         key: &str,
     ) -> Result<Option<(RegistrationRecord, Etag)>, ProvisioningError> {
-        match self.store.get_registration(key).await? {
-            Some(doc) => Ok(Some((parse(&doc.doc)?, doc.etag))),
-            None => Ok(None),
+        let stored = self.store.get_registration(key).await?;
+        parse_registration(stored)
+    }
+
+    /// The device's registration state for working on `op`: the one read when `op` was recorded,
+    /// if still current, else read now.
+    async fn registration_for(
+        &self,
+        op: &Operation,
+    ) -> Result<Option<(RegistrationRecord, Etag)>, ProvisioningError> {
+        match self.prefetched.take(&op.operation_id) {
+            Some(stored) => parse_registration(stored),
+            None => {
+                self.registration(&op.registration_id.to_ascii_lowercase())
+                    .await
+            }
         }
     }
 
@@ -539,6 +572,14 @@ impl Provisioning {
         let stored = stored_operation(op, next_attempt_ms)?;
         Ok(self.store.put_operation(&stored).await?)
     }
+}
+
+fn parse_registration(
+    stored: Option<StoredDoc>,
+) -> Result<Option<(RegistrationRecord, Etag)>, ProvisioningError> {
+    stored
+        .map(|doc| Ok((parse(&doc.doc)?, doc.etag)))
+        .transpose()
 }
 
 /// `op` as the store keeps it, due at `next_attempt_ms`.

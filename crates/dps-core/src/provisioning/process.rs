@@ -97,6 +97,7 @@ impl Provisioning {
         if let Some(answers) = &self.answers {
             answers.release(&stored.operation_id);
         }
+        self.prefetched.forget(&stored.operation_id);
         processed
     }
 
@@ -363,7 +364,8 @@ impl Provisioning {
             .enrollment_group_id
             .as_deref()
             .map(str::to_ascii_lowercase);
-        self.store
+        let written = self
+            .store
             .put_registration_and_operation(
                 &op.registration_key,
                 group_key.as_deref(),
@@ -374,7 +376,9 @@ impl Provisioning {
                 write.cond.clone(),
                 op,
             )
-            .await
+            .await;
+        self.prefetched.wrote(&op.registration_key);
+        written
     }
 
     /// The operation is finished (committed): metrics, the log line, and the answer to its register
@@ -421,8 +425,7 @@ impl Provisioning {
         op: &Operation,
         error: Option<(u32, String)>,
     ) -> Result<RecordWrite, ProvisioningError> {
-        let key = op.registration_id.to_ascii_lowercase();
-        let previous = self.registration(&key).await?;
+        let previous = self.registration_for(op).await?;
         let now = format_utc(self.clock.now());
         let mut record = previous
             .as_ref()
@@ -474,8 +477,7 @@ impl Provisioning {
         if view.status == ProvisioningStatus::Disabled {
             return Err(Failure::Disabled);
         }
-        let key = op.registration_id.to_ascii_lowercase();
-        let previous = self.registration(&key).await.map_err(Failure::Store)?;
+        let previous = self.registration_for(op).await.map_err(Failure::Store)?;
         let linked = self.store.list_linked_hubs().await.map_err(store_failure)?;
         let current = previous
             .as_ref()

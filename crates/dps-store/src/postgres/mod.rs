@@ -21,8 +21,9 @@ use dps_core::error::Internal;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
-    CertificateStore, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore,
-    OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
+    CertificateStore, Durability, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner,
+    LinkedHubStore, OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc,
+    StoredOperation,
 };
 use sqlx::Postgres;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow};
@@ -934,26 +935,56 @@ impl OperationStore for PgStore {
         op: &StoredOperation,
         owner: &LeaseOwner,
         until_ms: i64,
-    ) -> Result<(), StoreError> {
+        durability: Durability,
+    ) -> Result<Option<StoredDoc>, StoreError> {
         // No announcement: the work is this node's, and others see it when the lease runs out.
+        // One round trip: the insert, and the registration read from the statement's snapshot
+        // (the insert runs whether or not its output is read). A deferred insert turns off
+        // `synchronous_commit` for its own transaction only: it commits without waiting for its
+        // flush, which the next durable commit of any session does (the log is flushed in order).
         let now = self.clock.now().as_millisecond();
-        sqlx::query(
-            "INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&op.operation_id)
-        .bind(&op.registration_key)
-        .bind(op.pending)
-        .bind(op.next_attempt_ms)
-        .bind(&owner.node)
-        .bind(&owner.incarnation)
-        .bind(until_ms)
-        .bind(now)
-        .bind(&op.doc)
-        .execute(&self.pool)
-        .await
-        .map_err(backend("writing an operation"))?;
+        let sql = match durability {
+            Durability::Now => {
+                "WITH inserted AS (
+                   INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9))
+                 SELECT etag, doc FROM registrations WHERE id_key = $2"
+            }
+            Durability::Deferred => {
+                "WITH inserted AS (
+                   INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS deferred)
+                 SELECT etag, doc FROM registrations WHERE id_key = $2"
+            }
+        };
+        let registration = sqlx::query(sql)
+            .bind(&op.operation_id)
+            .bind(&op.registration_key)
+            .bind(op.pending)
+            .bind(op.next_attempt_ms)
+            .bind(&owner.node)
+            .bind(&owner.incarnation)
+            .bind(until_ms)
+            .bind(now)
+            .bind(&op.doc)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend("writing an operation"))?;
         self.own.leased(op, now, until_ms);
+        registration.as_ref().map(doc_of).transpose()
+    }
+
+    async fn make_durable(&self, operation_id: &str) -> Result<(), StoreError> {
+        // A durable commit waits until the log is flushed up to it, which covers every commit
+        // before it; only a transaction that wrote something commits durably (an id alone is not
+        // enough), so the operation's row is written again as it is. A row already gone was
+        // finished, by a durable commit.
+        sqlx::query("UPDATE operations SET updated_ms = updated_ms WHERE operation_id = $1")
+            .bind(operation_id)
+            .execute(&self.pool)
+            .await
+            .map_err(backend("flushing an operation"))?;
         Ok(())
     }
 

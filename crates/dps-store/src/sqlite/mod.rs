@@ -24,8 +24,9 @@ use dps_core::error::Internal;
 use dps_core::ids::Etag;
 use dps_core::linked_hub::LinkedHub;
 use dps_core::store::{
-    CertificateStore, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner, LinkedHubStore,
-    OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc, StoredOperation,
+    CertificateStore, Durability, EnrollmentKind, EnrollmentStore, IdentityStore, LeaseOwner,
+    LinkedHubStore, OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc,
+    StoredOperation,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use sqlite_commit::{
@@ -665,14 +666,23 @@ impl OperationStore for SqliteStore {
         op: &StoredOperation,
         owner: &LeaseOwner,
         until_ms: i64,
-    ) -> Result<(), StoreError> {
+        _durability: Durability,
+    ) -> Result<Option<StoredDoc>, StoreError> {
+        // Every commit here is durable: the group commit shares one fsync among many writes.
         let (op, owner, now) = (
             op.clone(),
             owner.clone(),
             self.inner.clock.now().as_millisecond(),
         );
+        let key = op.registration_key.clone();
         self.write(move |conn| insert_leased_operation(conn, &op, &owner, until_ms, now))
-            .await
+            .await?;
+        // On the calling thread, off the writer's: read after the insert, so never older than it.
+        self.get_registration(&key).await
+    }
+
+    async fn make_durable(&self, _operation_id: &str) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn put_registration_and_operation(

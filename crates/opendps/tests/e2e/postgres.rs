@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dps_device::Transport;
-use dps_testkit::{PgSchema, TestServer};
+use dps_testkit::{PgSchema, TestServer, WebhookServer};
 
 const HUB: &str = "contoso-pg-hub.azure-devices.net";
 
@@ -503,6 +503,95 @@ fn copy_dir(from: &Path, to: &Path) {
         let entry = entry.expect("entry");
         std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
+}
+
+/// A register request answered `assigning` (its registration still waiting for a slow webhook) has
+/// a durable operation, though the operation was first written without waiting for its flush:
+/// PostgreSQL crashing right after the answer loses nothing the device was told of, and the device
+/// polls its operation once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_answered_assigning_survives_a_database_crash() {
+    // The log writer waits 10 s between rounds: before the crash, only a durable commit writes
+    // the operation's log.
+    let cluster = dps_testkit::PgCluster::start_with(&["wal_writer_delay=10000"])
+        .expect("a PostgreSQL cluster of the test's own");
+    let url = cluster.url();
+    let webhook = WebhookServer::start().await.expect("webhook");
+    let hub = serde_json::json!({ "iotHubHostName": HUB }).to_string();
+    webhook.answer_after(200, &hub, Duration::from_secs(30));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("opendps.toml");
+    std::fs::write(
+        &config,
+        "[provisioning]\nanswer_within_ms = 300\nwebhook_timeout_ms = 20000\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let server = TestServer::start_with_env(
+        bin(),
+        &[("OPENDPS_STORAGE__URL", url.as_str())],
+        &["--config", &config, "--hub", HUB],
+    )
+    .await
+    .expect("opendps starts");
+    let key = crate::symmetric_group(
+        &server,
+        "slow-webhook",
+        serde_json::json!({
+            "allocationPolicy": "custom",
+            "iotHubs": [HUB],
+            "customAllocationDefinition": {"webhookUrl": webhook.url(), "apiVersion": "2021-10-01"},
+        }),
+    )
+    .await;
+    let scope = server.service_info().expect("info").id_scope.clone();
+    let rid = "told-of-operation";
+    let device = server
+        .api()
+        .expect("client")
+        .with_auth(Some(registration_token(&scope, &key, rid)));
+    let accepted = device
+        .put(
+            &format!("/{scope}/registrations/{rid}/register"),
+            serde_json::json!({ "registrationId": rid }),
+            None,
+        )
+        .await
+        .expect("register");
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    assert_eq!(accepted.body["status"], "assigning", "{accepted:?}");
+    let operation = accepted.body["operationId"].as_str().expect("operation id");
+
+    cluster.crash().expect("crash PostgreSQL");
+    cluster.start_again().expect("start PostgreSQL again");
+    // In the database, not only in the node's memory (which answers its own polls).
+    assert_eq!(
+        cluster
+            .query(&format!(
+                "SELECT count(*) FROM operations WHERE operation_id = '{operation}'"
+            ))
+            .expect("query"),
+        "1",
+        "the operation the device was told of is gone from the database"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        let reply = device
+            .get(&format!(
+                "/{scope}/registrations/{rid}/operations/{operation}"
+            ))
+            .await
+            .expect("poll");
+        if reply.status != 503 || std::time::Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        found.status == 200 || found.status == 202,
+        "the operation the device was told of is gone: {found:?}"
+    );
+    assert_eq!(found.body["operationId"], operation, "{found:?}");
 }
 
 /// The database going away and coming back under a running node: requests fail fast with 503 and
