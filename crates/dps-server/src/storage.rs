@@ -156,7 +156,7 @@ impl ServiceStore {
                 Minihub::open_with_clock(&path, clock)
                     .with_context(|| format!("while opening {}", path.display()))
             }
-            Self::Postgres(store) => Minihub::open_postgres(store.pool().clone(), clock)
+            Self::Postgres(store) => Minihub::open_postgres(store.connections(), clock)
                 .await
                 .context("while opening minihub's tables in the PostgreSQL database"),
         }

@@ -282,14 +282,15 @@ impl Minihub {
         Ok(Self::with_store(store, hubs, clock))
     }
 
-    /// minihub in the PostgreSQL database of `pool` (its search path), shared with the other nodes
-    /// of a provisioning service: its tables are created or migrated as needed, and desired-property
-    /// changes made through any node reach the device connections of this one.
+    /// minihub in the PostgreSQL database of `conns` (its search path; the connections are shared
+    /// with the provisioning service's store), shared with the other nodes of a provisioning
+    /// service: its tables are created or migrated as needed, and desired-property changes made
+    /// through any node reach the device connections of this one.
     pub async fn open_postgres(
-        pool: sqlx::PgPool,
+        conns: Arc<pg_schema::WarmPool>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, MinihubError> {
-        let store = PgHubStore::open(pool).await?;
+        let store = PgHubStore::open(conns).await?;
         let hubs = store.hubs().await?;
         let watched = Self::with_store(HubStore::Postgres(store.clone()), hubs, clock);
         let weak = Arc::downgrade(&watched.inner);

@@ -494,13 +494,19 @@ async fn telemetry_is_recorded_and_readable() {
 async fn desired_changes_made_through_another_node_reach_the_device() {
     let schema = pg_schema::testing::TestSchema::create("minihub_mqtt").await;
     let clock = Arc::new(dps_core::clock::SystemClock);
-    let a = Minihub::open_postgres(schema.pool(4).await, clock.clone())
-        .await
-        .expect("node a");
+    let a = Minihub::open_postgres(
+        std::sync::Arc::new(pg_schema::WarmPool::new(schema.pool(4).await, 2)),
+        clock.clone(),
+    )
+    .await
+    .expect("node a");
     let made = a.ensure_hub(HUB).await.expect("hub on node a");
-    let b = Minihub::open_postgres(schema.pool(4).await, clock)
-        .await
-        .expect("node b");
+    let b = Minihub::open_postgres(
+        std::sync::Arc::new(pg_schema::WarmPool::new(schema.pool(4).await, 2)),
+        clock,
+    )
+    .await
+    .expect("node b");
     let server = Server::start_on(b, Box::new(schema)).await;
     assert_eq!(
         server.minihub.hub(HUB).expect("hub on node b"),

@@ -1,10 +1,13 @@
 //! PostgreSQL as opendps uses it, shared by `dps-store` and minihub: each component's numbered
 //! migrations, recorded in one `opendps_schema` table of the search path's schema and applied under
 //! an advisory lock, so that nodes starting together on one database migrate one at a time and a
-//! migration is all or nothing; and which errors mean that the database is out of reach (as opposed
-//! to a statement that failed).
+//! migration is all or nothing; which errors mean that the database is out of reach (as opposed
+//! to a statement that failed); and [`WarmPool`], connections reused without sqlx's check.
 
 use sqlx::PgPool;
+
+mod warm;
+pub use warm::{WarmConnection, WarmPool};
 
 /// The advisory lock key of opendps' migrations (any constant; it only has to be ours).
 const MIGRATION_LOCK: i64 = 0x6f70_656e_6470_7301;

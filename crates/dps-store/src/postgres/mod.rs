@@ -25,6 +25,7 @@ use dps_core::store::{
     LinkedHubStore, OperationStore, Page, Precondition, RegistrationStore, StoreError, StoredDoc,
     StoredOperation,
 };
+use pg_schema::WarmPool;
 use sqlx::Postgres;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::query::Query;
@@ -35,7 +36,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row as _};
 /// A PostgreSQL-backed store.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    /// The pool, and connections kept out of it between statements.
+    conns: Arc<WarmPool>,
     /// When writes happen (operations record when they were last written, for pruning).
     clock: Arc<dyn Clock>,
     /// Enrollments and linked hubs as last read, while [`PgStore::watch_work`] hears changes.
@@ -100,6 +102,14 @@ const CHANGE_CHANNEL: &str = "opendps_changed:";
 
 /// Connections a node keeps open at most.
 const MAX_CONNECTIONS: u32 = 16;
+/// Connections of the pool never kept between statements (see [`WarmPool`]): room for the
+/// listener, the announcer and transactions, which take theirs from the pool.
+const NEVER_KEPT: u32 = 4;
+
+/// How many of a pool of `size` connections are kept between statements.
+fn kept(size: u32) -> usize {
+    usize::try_from(size.saturating_sub(NEVER_KEPT)).unwrap_or(0)
+}
 /// How long a request waits for a connection (or for the server to answer a new one) before it
 /// fails: an unreachable database must not hang clients.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -180,7 +190,7 @@ impl PgStore {
         migrations::migrate(&pool).await?;
         Ok(Self {
             announcer: Announcer::start(pool.clone()),
-            pool,
+            conns: Arc::new(WarmPool::new(pool, kept(MAX_CONNECTIONS))),
             clock,
             cache: Arc::default(),
             own: Arc::default(),
@@ -195,7 +205,7 @@ impl PgStore {
         migrations::check(&pool).await?;
         Ok(Self {
             announcer: Announcer::start(pool.clone()),
-            pool,
+            conns: Arc::new(WarmPool::new(pool, kept(2))),
             clock: Arc::new(SystemClock),
             cache: Arc::default(),
             own: Arc::default(),
@@ -221,7 +231,7 @@ impl PgStore {
     /// (see `cache`). Runs until the store is closed; after a lost connection it listens again (and
     /// keeps nothing meanwhile) and wakes once, for what it may have missed.
     pub fn watch_work(&self, wake: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
-        let (pool, cache) = (self.pool.clone(), Arc::clone(&self.cache));
+        let (pool, cache) = (self.conns.pool().clone(), Arc::clone(&self.cache));
         tokio::spawn(async move {
             while !pool.is_closed() {
                 let mut listener = match listen_to_other_nodes(&pool).await {
@@ -248,15 +258,21 @@ impl PgStore {
         })
     }
 
-    /// The connection pool, for components that keep their own tables in the same database
-    /// (minihub).
+    /// The connections, for components that keep their own tables in the same database
+    /// (minihub): shared, so that what one keeps between statements the other may use.
+    pub fn connections(&self) -> Arc<WarmPool> {
+        Arc::clone(&self.conns)
+    }
+
+    /// The connection pool, for components that migrate or read their own tables in the same
+    /// database (minihub).
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.conns.pool()
     }
 
     /// Closes every connection, after the queries running now.
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.conns.close().await;
         self.announcer.announce();
     }
 }
@@ -625,15 +641,24 @@ fn operation_of(row: &PgRow) -> Result<StoredOperation, StoreError> {
 }
 
 impl PgStore {
-    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
-        self.pool
+    /// Runs `f` on a connection, kept for the next statement when `f` succeeds (see
+    /// [`WarmPool`]).
+    async fn run<R>(
+        &self,
+        f: impl AsyncFnOnce(&mut PgConnection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut conn = self
+            .conns
             .acquire()
             .await
-            .map_err(backend("connecting to PostgreSQL"))
+            .map_err(backend("connecting to PostgreSQL"))?;
+        let result = f(&mut conn).await;
+        conn.done(result)
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        self.pool
+        self.conns
+            .pool()
             .begin()
             .await
             .map_err(backend("starting a transaction"))
@@ -675,15 +700,18 @@ impl EnrollmentStore for PgStore {
         let kind = kind_tag(kind);
         let list = |limit| self.versions(kind, limit);
         let fetch = async || {
-            sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
-                .bind(kind)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend("reading an enrollment"))?
-                .as_ref()
-                .map(doc_of)
-                .transpose()
+            self.run(async |c| {
+                sqlx::query("SELECT etag, doc FROM enrollments WHERE kind = $1 AND id_key = $2")
+                    .bind(kind)
+                    .bind(key)
+                    .fetch_optional(c)
+                    .await
+                    .map_err(backend("reading an enrollment"))
+            })
+            .await?
+            .as_ref()
+            .map(doc_of)
+            .transpose()
         };
         self.cache.enrollment_or(kind, key, list, fetch).await
     }
@@ -707,16 +735,20 @@ impl EnrollmentStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<StoredDoc>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id_key, etag, doc FROM enrollments WHERE kind = $1 AND id_key > $2
-             ORDER BY id_key LIMIT $3",
-        )
-        .bind(kind_tag(kind))
-        .bind(after.unwrap_or(""))
-        .bind(fetch_limit(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend("listing enrollments"))?;
+        let rows = self
+            .run(async |c| {
+                sqlx::query(
+                    "SELECT id_key, etag, doc FROM enrollments WHERE kind = $1 AND id_key > $2
+                     ORDER BY id_key LIMIT $3",
+                )
+                .bind(kind_tag(kind))
+                .bind(after.unwrap_or(""))
+                .bind(fetch_limit(limit))
+                .fetch_all(c)
+                .await
+                .map_err(backend("listing enrollments"))
+            })
+            .await?;
         page_of(&rows, "id_key", limit)
     }
 
@@ -739,14 +771,19 @@ impl PgStore {
         kind: &'static str,
         limit: Option<usize>,
     ) -> Result<Vec<(String, Etag)>, StoreError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT id_key, etag FROM enrollments WHERE kind = $1 ORDER BY id_key LIMIT $2",
-        )
-        .bind(kind)
-        .bind(limit.map(fetch_limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend("listing enrollment versions"))?;
+        let rows: Vec<(String, String)> = self
+            .run(async |c| {
+                sqlx::query_as(
+                    "SELECT id_key, etag FROM enrollments
+                     WHERE kind = $1 ORDER BY id_key LIMIT $2",
+                )
+                .bind(kind)
+                .bind(limit.map(fetch_limit))
+                .fetch_all(c)
+                .await
+                .map_err(backend("listing enrollment versions"))
+            })
+            .await?;
         Ok(rows.into_iter().map(|(k, e)| (k, Etag::new(e))).collect())
     }
 }
@@ -760,24 +797,27 @@ impl RegistrationStore for PgStore {
         doc: StoredDoc,
         cond: Precondition,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        put_registration(&mut conn, key, group_key, &doc, &cond).await
+        self.run(async |c| put_registration(c, key, group_key, &doc, &cond).await)
+            .await
     }
 
     async fn get_registration(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
-        sqlx::query("SELECT etag, doc FROM registrations WHERE id_key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend("reading a registration"))?
-            .as_ref()
-            .map(doc_of)
-            .transpose()
+        self.run(async |c| {
+            sqlx::query("SELECT etag, doc FROM registrations WHERE id_key = $1")
+                .bind(key)
+                .fetch_optional(c)
+                .await
+                .map_err(backend("reading a registration"))
+        })
+        .await?
+        .as_ref()
+        .map(doc_of)
+        .transpose()
     }
 
     async fn delete_registration(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        Docs::registrations(key).delete(&mut conn, key, &cond).await
+        self.run(async |c| Docs::registrations(key).delete(c, key, &cond).await)
+            .await
     }
 
     async fn list_registrations_by_group(
@@ -786,16 +826,20 @@ impl RegistrationStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<StoredDoc>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id_key, etag, doc FROM registrations WHERE group_key = $1 AND id_key > $2
-             ORDER BY id_key LIMIT $3",
-        )
-        .bind(group_key)
-        .bind(after.unwrap_or(""))
-        .bind(fetch_limit(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend("listing registrations"))?;
+        let rows = self
+            .run(async |c| {
+                sqlx::query(
+                    "SELECT id_key, etag, doc FROM registrations
+                     WHERE group_key = $1 AND id_key > $2 ORDER BY id_key LIMIT $3",
+                )
+                .bind(group_key)
+                .bind(after.unwrap_or(""))
+                .bind(fetch_limit(limit))
+                .fetch_all(c)
+                .await
+                .map_err(backend("listing registrations"))
+            })
+            .await?;
         page_of(&rows, "id_key", limit)
     }
 }
@@ -819,11 +863,14 @@ impl LinkedHubStore for PgStore {
     async fn list_linked_hubs(&self) -> Result<Vec<LinkedHub>, StoreError> {
         self.cache
             .linked_hubs_or(async || {
-                let docs: Vec<String> =
-                    sqlx::query_scalar("SELECT doc FROM linked_hubs ORDER BY host_name")
-                        .fetch_all(&self.pool)
-                        .await
-                        .map_err(backend("listing linked hubs"))?;
+                let docs: Vec<String> = self
+                    .run(async |c| {
+                        sqlx::query_scalar("SELECT doc FROM linked_hubs ORDER BY host_name")
+                            .fetch_all(c)
+                            .await
+                            .map_err(backend("listing linked hubs"))
+                    })
+                    .await?;
                 docs.iter().map(|d| from_json(d)).collect()
             })
             .await
@@ -851,32 +898,39 @@ impl CertificateStore for PgStore {
         doc: StoredDoc,
         cond: Precondition,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        put_doc(&mut conn, &Docs::certificates(key), key, None, &doc, &cond).await
+        self.run(async |c| put_doc(c, &Docs::certificates(key), key, None, &doc, &cond).await)
+            .await
     }
 
     async fn get_certificate(&self, key: &str) -> Result<Option<StoredDoc>, StoreError> {
-        sqlx::query("SELECT etag, doc FROM certificates WHERE name_key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend("reading a certificate"))?
-            .as_ref()
-            .map(doc_of)
-            .transpose()
+        self.run(async |c| {
+            sqlx::query("SELECT etag, doc FROM certificates WHERE name_key = $1")
+                .bind(key)
+                .fetch_optional(c)
+                .await
+                .map_err(backend("reading a certificate"))
+        })
+        .await?
+        .as_ref()
+        .map(doc_of)
+        .transpose()
     }
 
     async fn list_certificates(&self) -> Result<Vec<StoredDoc>, StoreError> {
-        let rows = sqlx::query("SELECT etag, doc FROM certificates ORDER BY name_key")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(backend("listing certificates"))?;
+        let rows = self
+            .run(async |c| {
+                sqlx::query("SELECT etag, doc FROM certificates ORDER BY name_key")
+                    .fetch_all(c)
+                    .await
+                    .map_err(backend("listing certificates"))
+            })
+            .await?;
         rows.iter().map(doc_of).collect()
     }
 
     async fn delete_certificate(&self, key: &str, cond: Precondition) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        Docs::certificates(key).delete(&mut conn, key, &cond).await
+        self.run(async |c| Docs::certificates(key).delete(c, key, &cond).await)
+            .await
     }
 }
 
@@ -886,27 +940,35 @@ impl IdentityStore for PgStore {
         &self,
         candidate: &ServiceIdentity,
     ) -> Result<ServiceIdentity, StoreError> {
-        let mut conn = self.conn().await?;
-        sqlx::query(
-            "INSERT INTO service_identity (id, doc) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(to_json(candidate)?)
-        .execute(&mut *conn)
-        .await
-        .map_err(backend("writing the service identity"))?;
-        let stored: String = sqlx::query_scalar("SELECT doc FROM service_identity WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(backend("reading the service identity"))?;
+        let doc = to_json(candidate)?;
+        let stored: String = self
+            .run(async |c| {
+                sqlx::query(
+                    "INSERT INTO service_identity (id, doc) VALUES (1, $1)
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(doc)
+                .execute(&mut *c)
+                .await
+                .map_err(backend("writing the service identity"))?;
+                sqlx::query_scalar("SELECT doc FROM service_identity WHERE id = 1")
+                    .fetch_one(c)
+                    .await
+                    .map_err(backend("reading the service identity"))
+            })
+            .await?;
         from_json(&stored)
     }
 
     async fn identity(&self) -> Result<Option<ServiceIdentity>, StoreError> {
-        let doc: Option<String> =
-            sqlx::query_scalar("SELECT doc FROM service_identity WHERE id = 1")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend("reading the service identity"))?;
+        let doc: Option<String> = self
+            .run(async |c| {
+                sqlx::query_scalar("SELECT doc FROM service_identity WHERE id = 1")
+                    .fetch_optional(c)
+                    .await
+                    .map_err(backend("reading the service identity"))
+            })
+            .await?;
         doc.map(|d| from_json(&d)).transpose()
     }
 }
@@ -919,10 +981,13 @@ impl OperationStore for PgStore {
             operation_write_sql(1)
         );
         let now = self.clock.now().as_millisecond();
-        bind_operation(sqlx::query(AssertSqlSafe(sql)), op, now)
-            .execute(&self.pool)
-            .await
-            .map_err(backend("writing an operation"))?;
+        self.run(async |c| {
+            bind_operation(sqlx::query(AssertSqlSafe(sql)), op, now)
+                .execute(c)
+                .await
+                .map_err(backend("writing an operation"))
+        })
+        .await?;
         self.own.written(op, now);
         if op.pending {
             self.announcer.announce();
@@ -958,19 +1023,23 @@ impl OperationStore for PgStore {
                  SELECT etag, doc FROM registrations WHERE id_key = $2"
             }
         };
-        let registration = sqlx::query(sql)
-            .bind(&op.operation_id)
-            .bind(&op.registration_key)
-            .bind(op.pending)
-            .bind(op.next_attempt_ms)
-            .bind(&owner.node)
-            .bind(&owner.incarnation)
-            .bind(until_ms)
-            .bind(now)
-            .bind(&op.doc)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend("writing an operation"))?;
+        let registration = self
+            .run(async |c| {
+                sqlx::query(sql)
+                    .bind(&op.operation_id)
+                    .bind(&op.registration_key)
+                    .bind(op.pending)
+                    .bind(op.next_attempt_ms)
+                    .bind(&owner.node)
+                    .bind(&owner.incarnation)
+                    .bind(until_ms)
+                    .bind(now)
+                    .bind(&op.doc)
+                    .fetch_optional(c)
+                    .await
+                    .map_err(backend("writing an operation"))
+            })
+            .await?;
         self.own.leased(op, now, until_ms);
         registration.as_ref().map(doc_of).transpose()
     }
@@ -980,11 +1049,14 @@ impl OperationStore for PgStore {
         // before it; only a transaction that wrote something commits durably (an id alone is not
         // enough), so the operation's row is written again as it is. A row already gone was
         // finished, by a durable commit.
-        sqlx::query("UPDATE operations SET updated_ms = updated_ms WHERE operation_id = $1")
-            .bind(operation_id)
-            .execute(&self.pool)
-            .await
-            .map_err(backend("flushing an operation"))?;
+        self.run(async |c| {
+            sqlx::query("UPDATE operations SET updated_ms = updated_ms WHERE operation_id = $1")
+                .bind(operation_id)
+                .execute(c)
+                .await
+                .map_err(backend("flushing an operation"))
+        })
+        .await?;
         Ok(())
     }
 
@@ -1014,20 +1086,22 @@ impl OperationStore for PgStore {
             &doc,
             &cond,
         );
-        let mut conn = self.conn().await?;
-        let (written, pending): (i64, i64) = bind_operation(query, op, now)
-            .try_map(|row: PgRow| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(backend("writing a registration and its operation"))?;
-        if pending > 0 {
-            self.announcer.announce();
-        }
-        if written > 0 {
-            self.own.written(op, now);
-            return Ok(());
-        }
-        Err(why_not_written(&mut conn, &docs, key, &cond).await)
+        self.run(async |c| {
+            let (written, pending): (i64, i64) = bind_operation(query, op, now)
+                .try_map(|row: PgRow| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .fetch_one(&mut *c)
+                .await
+                .map_err(backend("writing a registration and its operation"))?;
+            if pending > 0 {
+                self.announcer.announce();
+            }
+            if written > 0 {
+                self.own.written(op, now);
+                return Ok(());
+            }
+            Err(why_not_written(c, &docs, key, &cond).await)
+        })
+        .await
     }
 
     async fn get_operation(
@@ -1040,14 +1114,17 @@ impl OperationStore for PgStore {
         {
             return Ok(Some(op));
         }
-        sqlx::query(
-            "SELECT operation_id, registration_key, pending, next_attempt_ms, doc FROM operations
-             WHERE operation_id = $1",
-        )
-        .bind(operation_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend("reading an operation"))?
+        self.run(async |c| {
+            sqlx::query(
+                "SELECT operation_id, registration_key, pending, next_attempt_ms, doc
+                 FROM operations WHERE operation_id = $1",
+            )
+            .bind(operation_id)
+            .fetch_optional(c)
+            .await
+            .map_err(backend("reading an operation"))
+        })
+        .await?
         .as_ref()
         .map(operation_of)
         .transpose()
@@ -1062,25 +1139,30 @@ impl OperationStore for PgStore {
     ) -> Result<Vec<StoredOperation>, StoreError> {
         // Rows another node is claiming right now are skipped, not waited for: each due
         // operation goes to exactly one claimer.
-        let rows = sqlx::query(
-            "UPDATE operations SET lease_owner = $1, lease_incarnation = $5, lease_until_ms = $2
-             WHERE operation_id IN (
-                 SELECT operation_id FROM operations
-                 WHERE pending AND next_attempt_ms <= $3
-                   AND (lease_until_ms IS NULL OR lease_until_ms < $3
-                        OR (lease_owner = $1 AND lease_incarnation IS DISTINCT FROM $5))
-                 ORDER BY next_attempt_ms LIMIT $4
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
-        )
-        .bind(&owner.node)
-        .bind(now.saturating_add(lease_ms))
-        .bind(now)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(&owner.incarnation)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend("claiming operations"))?;
+        let rows = self
+            .run(async |c| {
+                sqlx::query(
+                    "UPDATE operations
+                     SET lease_owner = $1, lease_incarnation = $5, lease_until_ms = $2
+                     WHERE operation_id IN (
+                         SELECT operation_id FROM operations
+                         WHERE pending AND next_attempt_ms <= $3
+                           AND (lease_until_ms IS NULL OR lease_until_ms < $3
+                                OR (lease_owner = $1 AND lease_incarnation IS DISTINCT FROM $5))
+                         ORDER BY next_attempt_ms LIMIT $4
+                         FOR UPDATE SKIP LOCKED)
+                     RETURNING operation_id, registration_key, pending, next_attempt_ms, doc",
+                )
+                .bind(&owner.node)
+                .bind(now.saturating_add(lease_ms))
+                .bind(now)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .bind(&owner.incarnation)
+                .fetch_all(c)
+                .await
+                .map_err(backend("claiming operations"))
+            })
+            .await?;
         let mut claimed = rows
             .iter()
             .map(operation_of)
@@ -1095,32 +1177,40 @@ impl OperationStore for PgStore {
         operation_id: &str,
         until_ms: i64,
     ) -> Result<bool, StoreError> {
-        let renewed = sqlx::query(
-            "UPDATE operations SET lease_until_ms = $1
-             WHERE operation_id = $2 AND pending AND lease_owner = $3 AND lease_incarnation = $4",
-        )
-        .bind(until_ms)
-        .bind(operation_id)
-        .bind(&owner.node)
-        .bind(&owner.incarnation)
-        .execute(&self.pool)
-        .await
-        .map_err(backend("renewing a lease"))?;
+        let renewed = self
+            .run(async |c| {
+                sqlx::query(
+                    "UPDATE operations SET lease_until_ms = $1
+                     WHERE operation_id = $2 AND pending AND lease_owner = $3 AND lease_incarnation = $4",
+                )
+                .bind(until_ms)
+                .bind(operation_id)
+                .bind(&owner.node)
+                .bind(&owner.incarnation)
+                .execute(c)
+                .await
+                .map_err(backend("renewing a lease"))
+            })
+            .await?;
         Ok(renewed.rows_affected() == 1)
     }
 
     async fn prune_operations(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
         self.own.prune(before_ms);
-        let deleted = sqlx::query(
-            "DELETE FROM operations WHERE operation_id IN (
-                 SELECT operation_id FROM operations WHERE NOT pending AND updated_ms < $1
-                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(before_ms)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await
-        .map_err(backend("pruning operations"))?;
+        let deleted = self
+            .run(async |c| {
+                sqlx::query(
+                    "DELETE FROM operations WHERE operation_id IN (
+                     SELECT operation_id FROM operations WHERE NOT pending AND updated_ms < $1
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                )
+                .bind(before_ms)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .execute(c)
+                .await
+                .map_err(backend("pruning operations"))
+            })
+            .await?;
         Ok(usize::try_from(deleted.rows_affected()).unwrap_or(usize::MAX))
     }
 }
@@ -1332,7 +1422,7 @@ mod tests {
         );
         // Kept: a row removed behind the store's back (no announcement) is still answered.
         sqlx::query("DELETE FROM enrollments WHERE id_key = 'g'")
-            .execute(&a.pool)
+            .execute(a.pool())
             .await
             .expect("delete behind its back");
         assert_eq!(
@@ -1400,7 +1490,7 @@ mod tests {
         let schema = Schema::create("contract").await;
         let store = PgStore::connect(schema.options()).await.expect("connect");
         sqlx::query("UPDATE opendps_schema SET version = 99 WHERE name = 'opendps'")
-            .execute(&store.pool)
+            .execute(store.pool())
             .await
             .expect("pretend a newer version");
         let refused = PgStore::connect(schema.options())
@@ -1417,7 +1507,7 @@ mod tests {
             cause.chain()
         );
         let version: i32 = sqlx::query_scalar("SELECT version FROM opendps_schema")
-            .fetch_one(&store.pool)
+            .fetch_one(store.pool())
             .await
             .expect("version");
         assert_eq!(version, 99);

@@ -313,13 +313,18 @@ mod postgres {
     /// Two nodes' stores, each with its own pool, on a fresh schema.
     pub(super) async fn two_nodes() -> (TestSchema, HubStore, HubStore) {
         let schema = TestSchema::create("minihub").await;
-        let a = PgHubStore::open(schema.pool(8).await)
+        let a = PgHubStore::open(warm(schema.pool(8).await))
             .await
             .expect("node a");
-        let b = PgHubStore::open(schema.pool(8).await)
+        let b = PgHubStore::open(warm(schema.pool(8).await))
             .await
             .expect("node b");
         (schema, HubStore::Postgres(a), HubStore::Postgres(b))
+    }
+
+    /// `pool`, keeping most of its connections between statements as the service does.
+    pub(super) fn warm(pool: sqlx::PgPool) -> Arc<pg_schema::WarmPool> {
+        Arc::new(pg_schema::WarmPool::new(pool, 6))
     }
 
     async fn fresh() -> (TestSchema, Arc<HubStore>, Arc<HubStore>) {
@@ -349,7 +354,9 @@ mod postgres_flushed_later {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_its_sessions_skip_the_flush() {
         let schema = TestSchema::create("minihub").await;
-        let store = PgHubStore::open(schema.pool(2).await).await.expect("open");
+        let store = PgHubStore::open(super::postgres::warm(schema.pool(2).await))
+            .await
+            .expect("open");
         let setting = |store: &PgHubStore| {
             let pool = store.pool().clone();
             async move {

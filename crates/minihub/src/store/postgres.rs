@@ -5,15 +5,16 @@
 //! first, so writes through any node follow one another in two statements. A desired-property change is announced with `NOTIFY`, so that a
 //! device connected to another node hears of it too.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use pg_schema::Schema;
 use pg_schema::import::{Column, ImportError, Table};
+use pg_schema::{Schema, WarmPool};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgPool;
 use sqlx::Row as _;
 use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgConnection, PgPool};
 
 use super::{Change, Row};
 use crate::DesiredPatch;
@@ -39,6 +40,9 @@ const SCHEMA: Schema = Schema::new("minihub", MIGRATIONS);
 /// before it gives up (with 503: the caller may try again).
 const MAX_WRITE_ATTEMPTS: usize = 100;
 
+/// Connections of the pool that writes without waiting for the flush.
+const FLUSHED_LATER_CONNECTIONS: u32 = 8;
+
 /// The channel prefix of desired-property announcements; the schema follows, so that services in
 /// other schemas of the same database are not told.
 const DESIRED_CHANNEL: &str = "minihub_desired:";
@@ -50,7 +54,8 @@ const MAX_ANNOUNCED_PATCH: usize = 7000;
 /// minihub's tables in a shared PostgreSQL database. Clones share the pool.
 #[derive(Clone)]
 pub(crate) struct PgHubStore {
-    pool: PgPool,
+    /// The pool, and connections kept out of it between statements.
+    conns: Arc<WarmPool>,
     /// This node's mark on its announcements, so it does not hear its own.
     origin: String,
 }
@@ -92,11 +97,12 @@ fn row_of(row: &PgRow) -> Result<Row, MinihubError> {
 }
 
 impl PgHubStore {
-    /// minihub's tables in `pool`'s database (its search path), created or migrated as needed.
-    pub(crate) async fn open(pool: PgPool) -> Result<Self, MinihubError> {
-        Self::migrate(&pool).await?;
+    /// minihub's tables in the database of `conns` (its search path), created or migrated as
+    /// needed.
+    pub(crate) async fn open(conns: Arc<WarmPool>) -> Result<Self, MinihubError> {
+        Self::migrate(conns.pool()).await?;
         Ok(Self {
-            pool,
+            conns,
             origin: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
@@ -108,23 +114,39 @@ impl PgHubStore {
     /// crash before it loses only writes that writer had not yet relied on (see
     /// `Minihub::flushed_with_callers_commit`).
     pub(crate) fn flushed_later(&self) -> Self {
-        let options = (*self.pool.connect_options())
+        let options = (*self.conns.pool().connect_options())
             .clone()
             .options([("synchronous_commit", "off")]);
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(FLUSHED_LATER_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(5))
             .test_before_acquire(false)
             .connect_lazy_with(options);
         Self {
-            pool,
+            // Only statements take connections from this pool, so it may keep them all.
+            conns: Arc::new(WarmPool::new(pool, FLUSHED_LATER_CONNECTIONS as usize)),
             origin: self.origin.clone(),
         }
     }
 
     #[cfg(test)]
     pub(crate) fn pool(&self) -> &PgPool {
-        &self.pool
+        self.conns.pool()
+    }
+
+    /// Runs `f` on a connection, kept for the next statement when `f` succeeds (see
+    /// [`WarmPool`]).
+    async fn run<R>(
+        &self,
+        f: impl AsyncFnOnce(&mut PgConnection) -> Result<R, MinihubError>,
+    ) -> Result<R, MinihubError> {
+        let mut conn = self
+            .conns
+            .acquire()
+            .await
+            .map_err(failed("connecting to PostgreSQL"))?;
+        let result = f(&mut conn).await;
+        conn.done(result)
     }
 
     /// Creates or migrates minihub's tables in `pool`'s database, and nothing else.
@@ -143,23 +165,32 @@ impl PgHubStore {
     }
 
     pub(crate) async fn hubs(&self) -> Result<Vec<HubInfo>, MinihubError> {
-        hubs(&self.pool).await
+        hubs(self.conns.pool()).await
     }
 
     pub(crate) async fn insert_hub(&self, hub: &HubInfo) -> Result<HubInfo, MinihubError> {
-        sqlx::query(
-            "INSERT INTO minihub_hubs (host_name, doc) VALUES ($1, $2) ON CONFLICT (host_name) DO NOTHING",
-        )
-        .bind(&hub.host_name)
-        .bind(serde_json::to_string(hub)?)
-        .execute(&self.pool)
-        .await
-        .map_err(failed("storing a hub"))?;
-        let doc: String = sqlx::query_scalar("SELECT doc FROM minihub_hubs WHERE host_name = $1")
+        let doc = serde_json::to_string(hub)?;
+        self.run(async |c| {
+            sqlx::query(
+                "INSERT INTO minihub_hubs (host_name, doc) VALUES ($1, $2)
+                 ON CONFLICT (host_name) DO NOTHING",
+            )
             .bind(&hub.host_name)
-            .fetch_one(&self.pool)
+            .bind(doc)
+            .execute(c)
             .await
-            .map_err(failed("reading a hub"))?;
+            .map_err(failed("storing a hub"))
+        })
+        .await?;
+        let doc: String = self
+            .run(async |c| {
+                sqlx::query_scalar("SELECT doc FROM minihub_hubs WHERE host_name = $1")
+                    .bind(&hub.host_name)
+                    .fetch_one(c)
+                    .await
+                    .map_err(failed("reading a hub"))
+            })
+            .await?;
         Ok(serde_json::from_str(&doc)?)
     }
 
@@ -173,14 +204,19 @@ impl PgHubStore {
 
     /// A device and its twin with the row's revision (bumped by every write).
     async fn read(&self, hub: &str, device_id: &str) -> Result<Option<(Row, i64)>, MinihubError> {
-        let found = sqlx::query(
-            "SELECT device, twin, revision FROM minihub_devices WHERE hub = $1 AND device_id = $2",
-        )
-        .bind(hub)
-        .bind(device_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(failed("reading a device"))?;
+        let found = self
+            .run(async |c| {
+                sqlx::query(
+                    "SELECT device, twin, revision FROM minihub_devices
+                     WHERE hub = $1 AND device_id = $2",
+                )
+                .bind(hub)
+                .bind(device_id)
+                .fetch_optional(c)
+                .await
+                .map_err(failed("reading a device"))
+            })
+            .await?;
         found
             .map(|row| {
                 let revision = row
@@ -218,10 +254,9 @@ impl PgHubStore {
         if let Some(revision) = revision {
             query = query.bind(revision);
         }
-        let done = query
-            .execute(&self.pool)
-            .await
-            .map_err(failed("writing a device"))?;
+        let done = self
+            .run(async |c| query.execute(c).await.map_err(failed("writing a device")))
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -242,15 +277,20 @@ impl PgHubStore {
         device_id: &str,
         revision: i64,
     ) -> Result<bool, MinihubError> {
-        let done = sqlx::query(
-            "DELETE FROM minihub_devices WHERE hub = $1 AND device_id = $2 AND revision = $3",
-        )
-        .bind(hub)
-        .bind(device_id)
-        .bind(revision)
-        .execute(&self.pool)
-        .await
-        .map_err(failed("deleting a device"))?;
+        let done = self
+            .run(async |c| {
+                sqlx::query(
+                    "DELETE FROM minihub_devices
+                     WHERE hub = $1 AND device_id = $2 AND revision = $3",
+                )
+                .bind(hub)
+                .bind(device_id)
+                .bind(revision)
+                .execute(c)
+                .await
+                .map_err(failed("deleting a device"))
+            })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -260,17 +300,20 @@ impl PgHubStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Row>, MinihubError> {
-        sqlx::query(
-            "SELECT device, twin FROM minihub_devices
-             WHERE hub = $1 AND ($2::TEXT IS NULL OR device_id > $2)
-             ORDER BY device_id LIMIT $3",
-        )
-        .bind(hub)
-        .bind(after)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(failed("listing devices"))?
+        self.run(async |c| {
+            sqlx::query(
+                "SELECT device, twin FROM minihub_devices
+                 WHERE hub = $1 AND ($2::TEXT IS NULL OR device_id > $2)
+                 ORDER BY device_id LIMIT $3",
+            )
+            .bind(hub)
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(c)
+            .await
+            .map_err(failed("listing devices"))
+        })
+        .await?
         .iter()
         .map(row_of)
         .collect()
@@ -324,12 +367,15 @@ impl PgHubStore {
             announced.body = None;
             payload = serde_json::to_string(&announced)?;
         }
-        sqlx::query("SELECT pg_notify($1 || current_schema(), $2)")
-            .bind(DESIRED_CHANNEL)
-            .bind(payload)
-            .execute(&self.pool)
-            .await
-            .map_err(failed("announcing a desired-property change"))?;
+        self.run(async |c| {
+            sqlx::query("SELECT pg_notify($1 || current_schema(), $2)")
+                .bind(DESIRED_CHANNEL)
+                .bind(payload)
+                .execute(c)
+                .await
+                .map_err(failed("announcing a desired-property change"))
+        })
+        .await?;
         Ok(())
     }
 
@@ -341,7 +387,7 @@ impl PgHubStore {
         &self,
         mut heard: impl FnMut(RemotePatch) -> bool + Send + 'static,
     ) -> Result<tokio::task::JoinHandle<()>, MinihubError> {
-        let (pool, origin) = (self.pool.clone(), self.origin.clone());
+        let (pool, origin) = (self.conns.pool().clone(), self.origin.clone());
         let mut listener = listen(&pool)
             .await
             .map_err(failed("listening for other nodes' twin changes"))?;

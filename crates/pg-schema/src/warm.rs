@@ -1,0 +1,121 @@
+//! Connections kept out of the pool between statements.
+//!
+//! sqlx checks every connection it takes back into its pool with a round trip to the server (a
+//! `Sync` answered by `ReadyForQuery`), so that a connection left mid-statement by a cancelled
+//! future is never reused. For a one-statement call that doubles the round trips. A [`WarmPool`]
+//! keeps the connections whose statements finished and hands them to the next statement without
+//! that check; a connection whose statement failed, or whose future was dropped, goes back to the
+//! pool, which checks it (and closes it if it is broken).
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Mutex;
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgConnection;
+use sqlx::{PgPool, Postgres};
+
+/// A pool, and up to `keep` of its connections kept for the next statement.
+pub struct WarmPool {
+    pool: PgPool,
+    kept: Mutex<Kept>,
+    keep: usize,
+    /// Signalled when a connection is kept: a caller waiting for the pool takes it instead (the
+    /// pool does not know of it).
+    returned: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Kept {
+    conns: Vec<PoolConnection<Postgres>>,
+    /// Closing: nothing is kept any more.
+    closed: bool,
+}
+
+impl WarmPool {
+    /// Keeps at most `keep` connections of `pool`, which should leave room for the connections
+    /// that callers take from `pool` directly (transactions, listeners): kept ones count as in use.
+    pub fn new(pool: PgPool, keep: usize) -> Self {
+        Self {
+            pool,
+            kept: Mutex::default(),
+            keep,
+            returned: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A kept connection, or one from the pool, whichever comes first (waiting at most as long
+    /// as the pool waits).
+    pub async fn acquire(&self) -> Result<WarmConnection<'_>, sqlx::Error> {
+        let from_pool = self.pool.acquire();
+        tokio::pin!(from_pool);
+        loop {
+            let kept = self.lock().conns.pop();
+            if let Some(conn) = kept {
+                return Ok(WarmConnection { warm: self, conn });
+            }
+            tokio::select! {
+                conn = &mut from_pool => return Ok(WarmConnection { warm: self, conn: conn? }),
+                () = self.returned.notified() => {}
+            }
+        }
+    }
+
+    /// Closes the pool once the statements running now are done, keeping nothing from now on.
+    pub async fn close(&self) {
+        let kept = {
+            let mut kept = self.lock();
+            kept.closed = true;
+            std::mem::take(&mut kept.conns)
+        };
+        // The pool's close waits for every connection to come back.
+        drop(kept);
+        self.pool.close().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection of a [`WarmPool`]: kept for the next statement by [`WarmConnection::done`], else
+/// given back to the pool when dropped.
+pub struct WarmConnection<'a> {
+    warm: &'a WarmPool,
+    conn: PoolConnection<Postgres>,
+}
+
+impl WarmConnection<'_> {
+    /// `result` of the statements run on this connection; when it is a success the connection
+    /// finished them and is kept for the next statement (if there is room), else it goes back to
+    /// the pool to be checked.
+    pub fn done<T, E>(self, result: Result<T, E>) -> Result<T, E> {
+        let Self { warm, conn } = self;
+        if result.is_ok() {
+            let mut kept = warm.lock();
+            if kept.conns.len() < warm.keep && !kept.closed {
+                kept.conns.push(conn);
+                warm.returned.notify_one();
+            }
+        }
+        result
+    }
+}
+
+impl Deref for WarmConnection<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for WarmConnection<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
