@@ -194,5 +194,5 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
 
 #[cfg(feature = "import")]
 pub mod import;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;

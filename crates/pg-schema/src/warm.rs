@@ -119,3 +119,74 @@ impl DerefMut for WarmConnection<'_> {
         &mut self.conn
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use sqlx::postgres::PgPoolOptions;
+
+    use super::*;
+
+    /// A pool of `size` connections to the test database.
+    async fn pool(size: u32) -> PgPool {
+        let url = std::env::var("OPENDPS_TEST_POSTGRES")
+            .unwrap_or_else(|_| crate::testing::DEFAULT_URL.to_owned());
+        PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&url)
+            .await
+            .expect("PostgreSQL for the tests (set OPENDPS_TEST_POSTGRES)")
+    }
+
+    async fn backend_pid(warm: &WarmPool) -> i32 {
+        let mut conn = warm.acquire().await.expect("acquire");
+        let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await;
+        conn.done(pid).expect("pid")
+    }
+
+    #[tokio::test]
+    async fn a_finished_statement_leaves_its_connection_for_the_next() {
+        let warm = WarmPool::new(pool(2).await, 1);
+        let first = backend_pid(&warm).await;
+        assert_eq!(backend_pid(&warm).await, first, "the kept connection");
+        assert_eq!(warm.lock().conns.len(), 1);
+        warm.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_statement_gives_its_connection_back_to_the_pool() {
+        let warm = WarmPool::new(pool(2).await, 1);
+        let mut conn = warm.acquire().await.expect("acquire");
+        let failed = sqlx::query("SELECT 1 / 0").execute(&mut *conn).await;
+        assert!(conn.done(failed).is_err());
+        assert!(warm.lock().conns.is_empty(), "nothing kept");
+        backend_pid(&warm).await;
+        warm.close().await;
+    }
+
+    /// Callers waiting for the pool's only connection get it when it is kept: the pool does not
+    /// know of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_callers_take_kept_connections() {
+        let warm = Arc::new(WarmPool::new(pool(1).await, 1));
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let warm = Arc::clone(&warm);
+                tokio::spawn(async move { backend_pid(&warm).await })
+            })
+            .collect();
+        for caller in callers {
+            caller
+                .await
+                .expect("each caller got the connection in time");
+        }
+        tokio::time::timeout(Duration::from_secs(5), warm.close())
+            .await
+            .expect("closing does not wait for kept connections");
+    }
+}

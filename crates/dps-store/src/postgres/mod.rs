@@ -614,6 +614,31 @@ fn operation_write_sql(first: usize) -> String {
     )
 }
 
+/// A new operation leased to its node (`$1`…`$9`: id, registration key, pending, next attempt,
+/// lease owner, incarnation, lease end, time, document) with `$rows` as its row, and the device's
+/// registration as the statement's snapshot has it.
+macro_rules! insert_leased {
+    ($rows:literal) => {
+        concat!(
+            "WITH inserted AS (
+               INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms,
+                 lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc) ",
+            $rows,
+            ") SELECT etag, doc FROM registrations WHERE id_key = $2"
+        )
+    };
+}
+
+/// [`insert_leased!`], committed as the session commits.
+const INSERT_LEASED: &str = insert_leased!("VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
+
+/// [`insert_leased!`], committed without waiting for its flush (`synchronous_commit` off for its
+/// own transaction only).
+const INSERT_LEASED_UNFLUSHED: &str = insert_leased!(
+    "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+     FROM (SELECT set_config('synchronous_commit', 'off', true)) AS deferred"
+);
+
 /// Binds the parameters of [`operation_write_sql`].
 fn bind_operation<'q>(
     query: Query<'q, Postgres, PgArguments>,
@@ -1009,19 +1034,8 @@ impl OperationStore for PgStore {
         // flush, which the next durable commit of any session does (the log is flushed in order).
         let now = self.clock.now().as_millisecond();
         let sql = match durability {
-            Durability::Now => {
-                "WITH inserted AS (
-                   INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9))
-                 SELECT etag, doc FROM registrations WHERE id_key = $2"
-            }
-            Durability::Deferred => {
-                "WITH inserted AS (
-                   INSERT INTO operations (operation_id, registration_key, pending, next_attempt_ms, lease_owner, lease_incarnation, lease_until_ms, updated_ms, doc)
-                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-                   FROM (SELECT set_config('synchronous_commit', 'off', true)) AS deferred)
-                 SELECT etag, doc FROM registrations WHERE id_key = $2"
-            }
+            Durability::Now => INSERT_LEASED,
+            Durability::Deferred => INSERT_LEASED_UNFLUSHED,
         };
         let registration = self
             .run(async |c| {
