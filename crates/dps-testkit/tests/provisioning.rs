@@ -12,10 +12,12 @@ use dps_core::linked_hub::LinkedHub;
 use dps_core::model::{
     AssignedDeviceSubstatus, EnrollmentGroup, EnrollmentStatus, IndividualEnrollment,
 };
-use dps_core::provisioning::{Provisioning, ProvisioningSettings, Transport};
+use dps_core::provisioning::{Intake, Provisioning, ProvisioningSettings, Transport};
 use dps_core::sas;
 use dps_core::secret::Secret;
-use dps_core::store::{EnrollmentKind, LeaseOwner, Precondition, Store, StoredDoc};
+use dps_core::store::{
+    EnrollmentKind, LeaseOwner, Precondition, Store, StoredDoc, StoredOperation,
+};
 use dps_core::{ProvisioningError, ids::Etag};
 use dps_testkit::{FakeHub, FakeWebhook};
 use serde_json::json;
@@ -50,6 +52,11 @@ fn fixture() -> Fixture {
 
 /// A fixture whose register requests wait up to `within` for their operation to finish.
 fn fixture_answering_within(within: std::time::Duration) -> Fixture {
+    fixture_with(within, None)
+}
+
+/// A fixture as [`fixture_answering_within`], handing the operations it records to `intake`.
+fn fixture_with(within: std::time::Duration, intake: Option<Arc<dyn Intake>>) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn Store> =
         Arc::new(dps_store::SqliteStore::open(dir.path().join("db")).expect("open"));
@@ -79,6 +86,10 @@ fn fixture_answering_within(within: std::time::Duration) -> Fixture {
         Box::new(|| ()),
     )
     .answering_inline(Arc::new(|wait| Box::pin(tokio::time::sleep(wait))));
+    let dps = match intake {
+        Some(intake) => dps.with_intake(intake),
+        None => dps,
+    };
     Fixture {
         _dir: dir,
         store,
@@ -669,12 +680,73 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
                 .operation_id,
         );
     }
-    // Two workers race over the same operations.
     let claimed = b
         .store
         .claim_operations(&LeaseOwner::new("w"), NOW * 1000, 60_000, 100)
         .await
         .expect("claim");
+    race_to_one_hub(b, rid, &token, ops, claimed).await;
+}
+
+/// What a node's worker is handed: each operation as it is recorded, leased to it.
+#[derive(Default)]
+struct Handed(std::sync::Mutex<Vec<StoredOperation>>);
+
+impl Intake for Handed {
+    fn lease(&self) -> Option<(LeaseOwner, i64)> {
+        Some((LeaseOwner::new("w"), (NOW + 3600) * 1000))
+    }
+
+    fn take(&self, op: StoredOperation) {
+        self.0.lock().expect("lock").push(op);
+    }
+}
+
+/// As above, with the operations handed over as they are recorded: each comes with the device's
+/// registration as it was then (none), which is stale for all but the first to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_registering_twenty_times_at_once_through_a_handoff_ends_on_one_hub() {
+    let handed = Arc::new(Handed::default());
+    let b = Arc::new(fixture_with(
+        std::time::Duration::ZERO,
+        Some(Arc::clone(&handed) as Arc<dyn Intake>),
+    ));
+    for hub in ["hub-a", "hub-b", "hub-c"] {
+        b.link(hub, 1).await;
+    }
+    b.put_group("grp", json!({})).await;
+    let rid = "racer";
+    let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
+    let mut ops = Vec::new();
+    for _ in 0..20 {
+        ops.push(
+            b.dps
+                .register(
+                    Transport::Https,
+                    SCOPE,
+                    rid,
+                    DeviceRegistration::default(),
+                    Some(&token),
+                )
+                .await
+                .expect("accepted")
+                .operation_id,
+        );
+    }
+    let taken = std::mem::take(&mut *handed.0.lock().expect("lock"));
+    assert_eq!(taken.len(), 20, "every operation handed over");
+    race_to_one_hub(b, rid, &token, ops, taken).await;
+}
+
+/// Two workers race over `claimed`, the operations `ops` of device `rid`: each ends assigned, and
+/// the device is on one hub.
+async fn race_to_one_hub(
+    b: Arc<Fixture>,
+    rid: &str,
+    token: &str,
+    ops: Vec<String>,
+    claimed: Vec<StoredOperation>,
+) {
     let (left, right) = claimed.split_at(claimed.len() / 2);
     let (l, r) = (left.to_vec(), right.to_vec());
     let (b1, b2) = (Arc::clone(&b), Arc::clone(&b));
@@ -691,7 +763,7 @@ async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
     t1.await.expect("join");
     t2.await.expect("join");
     for op in ops {
-        let status = b.poll(rid, &op, &token).await;
+        let status = b.poll(rid, &op, token).await;
         assert_eq!(status.status, EnrollmentStatus::Assigned);
     }
     assert_eq!(b.hub.hubs_holding(rid).len(), 1);
