@@ -1,7 +1,9 @@
 //! HTTPS on a [`TlsListener`]: HTTP/1.1 and HTTP/2 over rustls, one task per connection, and a
 //! graceful stop that lets requests in flight finish.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper::body::Incoming;
@@ -19,7 +21,7 @@ use tower::ServiceExt as _;
 /// How long open connections get to finish after shutdown is signalled.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an HTTP/1.1 connection may go without a request unless configured otherwise.
+/// How long a connection may go without a request unless configured otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the HTTPS server allows its connections.
@@ -27,10 +29,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HttpLimits {
     /// Connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
-    /// How long an HTTP/1.1 connection may wait for a request's head, or take to send one: a
-    /// connection idle that long between requests is closed, so that idle keep-alive connections
-    /// cannot hold every slot. (The first request's first bytes must come within
-    /// [`HANDSHAKE_TIMEOUT`] of the handshake.)
+    /// How long a connection may go without a request in flight (an HTTP/1.1 one may also take no
+    /// longer to send a request's head): a connection idle that long between requests is closed,
+    /// so that idle keep-alive connections cannot hold every slot. (The first request's first
+    /// bytes must come within [`HANDSHAKE_TIMEOUT`] of the handshake.)
     pub idle_timeout: Duration,
 }
 
@@ -69,16 +71,39 @@ pub async fn serve(
             let Some(stream) = http_only(stream, peer).await else {
                 return;
             };
-            let service =
-                TowerToHyperService::new(app.map_request(move |req: hyper::Request<Incoming>| {
+            let activity = Arc::new(Activity::new());
+            let counted = Arc::clone(&activity);
+            let service = TowerToHyperService::new(
+                app.map_request(move |req: hyper::Request<Incoming>| {
                     let mut req = req.map(axum::body::Body::new);
                     req.extensions_mut().insert(certificates.clone());
                     req.extensions_mut().insert(crate::PeerAddr(peer));
                     req
-                }));
+                })
+                .map_future(move |answer| {
+                    let request = counted.begin();
+                    async move {
+                        // Until its body is sent: a slow reader is not idle.
+                        let answer = answer.await;
+                        answer.map(|response| {
+                            response.map(|body| axum::body::Body::new(Counted {
+                                body,
+                                _request: request,
+                            }))
+                        })
+                    }
+                }),
+            );
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(err) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, %err, "connection ended with an error");
+            tokio::select! {
+                ended = watcher.watch(conn.into_owned()) => {
+                    if let Err(err) = ended {
+                        tracing::debug!(%peer, %err, "connection ended with an error");
+                    }
+                }
+                () = activity.idle_for(limits.idle_timeout) => {
+                    tracing::debug!(%peer, "closed a connection idle for {:?}", limits.idle_timeout);
+                }
             }
         });
     }
@@ -88,6 +113,85 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some HTTPS connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// The requests of one connection: how many are in flight, and when the last one ended. An
+/// HTTP/2 connection has no request head to time out between requests (HTTP/1.1's idle limit), so
+/// any connection without a request for the idle time is closed by this count.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// When the connection was last busy, as milliseconds since `opened`.
+    last_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+
+    /// A request started; it ends when the guard goes (answered or cancelled).
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(self))
+    }
+
+    fn since_last(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::SeqCst));
+        self.opened.elapsed().saturating_sub(last)
+    }
+
+    /// Resolves once no request has been in flight for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let quiet = self.since_last();
+            if self.in_flight.load(Ordering::SeqCst) == 0 && quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle.saturating_sub(quiet).max(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+/// A request of an [`Activity`] in flight.
+struct InFlight(Arc<Activity>);
+
+/// A response body holding its request [`InFlight`] until it is sent or dropped.
+struct Counted {
+    body: axum::body::Body,
+    _request: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = hyper::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(now, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

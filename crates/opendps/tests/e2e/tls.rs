@@ -165,25 +165,72 @@ async fn idle_http_connections_are_closed() {
     assert!(matches!(closed, Ok(0) | Err(_)), "closed without a reply");
 }
 
+/// An HTTP/2 connection without a request in flight for `http.idle_timeout_secs` is closed by the
+/// server too (HTTP/2 has no per-request head to time out).
+#[tokio::test]
+async fn idle_http2_connections_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server = TestServer::start_with_config(bin, "[http]\nidle_timeout_secs = 1\n", &[])
+        .await
+        .expect("start");
+    let https = server.https_addr().expect("https");
+    let mut tls = connect_tls_with_alpn(&server, https, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // The client preface and an empty SETTINGS frame.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let mut answer = vec![0u8; 4096];
+    let read = tls.read(&mut answer).await.expect("settings");
+    assert!(
+        read >= 9 && answer[3] == 0x04,
+        "the server's SETTINGS frame first"
+    );
+    // Then nothing but the server's acknowledgement until the server closes the connection.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tls.read(&mut answer).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection is closed within the guard"
+    );
+}
+
 /// A TLS connection to `addr` trusting the server's CA.
 async fn connect_tls(
     server: &TestServer,
     addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    connect_tls_with_alpn(server, addr, &[]).await
+}
+
+/// A TLS connection to `addr` trusting the server's CA, offering the protocols `alpn`.
+async fn connect_tls_with_alpn(
+    server: &TestServer,
+    addr: std::net::SocketAddr,
+    alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&server.ca_pem().expect("ca")) {
         roots.add(cert.expect("pem")).expect("root");
     }
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    ));
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     connector.connect(name, tcp).await.expect("handshake")
