@@ -11,4 +11,6 @@ pub mod server;
 pub mod session;
 
 pub use dps::DpsConnector;
-pub use server::{Connection, Connector, Handled, MqttLimits, serve, serve_connection};
+pub use server::{
+    Connection, Connector, DEFAULT_MAX_KEEP_ALIVE, Handled, MqttLimits, serve, serve_connection,
+};

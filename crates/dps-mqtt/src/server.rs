@@ -25,15 +25,30 @@ pub struct MqttLimits {
     pub max_packet_bytes: usize,
     /// Most connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
+    /// The longest keep-alive honoured: a client that asks for none (0) or a longer one is held
+    /// to this (MQTT 3.1.1 §3.1.2.10 lets a server drop an inactive client whatever it asked).
+    pub max_keep_alive: Duration,
 }
+
+/// The longest keep-alive honoured unless configured otherwise.
+pub const DEFAULT_MAX_KEEP_ALIVE: Duration = Duration::from_secs(1800);
 
 impl Default for MqttLimits {
     fn default() -> Self {
         Self {
             max_packet_bytes: 96 * 1024 + 1024,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
         }
     }
+}
+
+/// How long a connection may stay silent: one and a half times its keep-alive (MQTT 3.1.1
+/// §3.1.2.10), the keep-alive being at most `max` and `max` when the client asked for none.
+fn silence_allowed(keep_alive_secs: u16, max: Duration) -> Duration {
+    let asked = Duration::from_secs(u64::from(keep_alive_secs));
+    let keep_alive = if asked.is_zero() { max } else { asked.min(max) };
+    keep_alive + keep_alive / 2
 }
 
 /// What a connection does after it was accepted.
@@ -327,17 +342,13 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
         ))])
         .await?;
     // MQTT 3.1.1: a server may drop a client silent for one and a half keep-alive periods.
-    let idle = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let idle = silence_allowed(connect.keep_alive, limits.max_keep_alive);
     loop {
         let next = async {
-            match idle {
-                Some(limit) => tokio::time::timeout(limit, framed.read())
-                    .await
-                    .map_err(|_| Closed::KeepAlive)?
-                    .map_err(Closed::from),
-                None => framed.read().await.map_err(Closed::from),
-            }
+            tokio::time::timeout(idle, framed.read())
+                .await
+                .map_err(|_| Closed::KeepAlive)?
+                .map_err(Closed::from)
         };
         tokio::select! {
             packet = next => {
@@ -424,6 +435,7 @@ mod tests {
             MqttLimits {
                 max_packet_bytes: 1024,
                 max_connections: 1,
+                max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
             },
             rx,
         ));
@@ -447,6 +459,45 @@ mod tests {
         c.clean_session = false;
         c.keep_alive = 0;
         Packet::Connect(c)
+    }
+
+    #[test]
+    fn keep_alives_are_capped_and_none_is_the_cap() {
+        let max = Duration::from_secs(100);
+        assert_eq!(silence_allowed(60, max), Duration::from_secs(90));
+        assert_eq!(silence_allowed(0, max), Duration::from_secs(150));
+        assert_eq!(silence_allowed(u16::MAX, max), Duration::from_secs(150));
+    }
+
+    /// A client that asked for no keep-alive and falls silent is dropped once the cap has passed,
+    /// not kept for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_without_keep_alive_is_dropped() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (_tx, rx) = watch::channel(false);
+        let task = tokio::spawn(run_connection(
+            server,
+            test_client(),
+            Arc::new(OnlyAlice),
+            MqttLimits {
+                max_packet_bytes: 1024,
+                max_connections: 1,
+                max_keep_alive: Duration::from_secs(2),
+            },
+            rx,
+        ));
+        let (mut read, mut write) = tokio::io::split(client);
+        write
+            .write_all(&encode(&[connect("alice")]))
+            .await
+            .expect("write");
+        let mut connack = [0u8; 4];
+        read.read_exact(&mut connack).await.expect("connack");
+        let started = tokio::time::Instant::now();
+        let ended = task.await.expect("join");
+        assert!(matches!(ended, Err(Closed::KeepAlive)), "{ended:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        drop(write);
     }
 
     #[tokio::test]

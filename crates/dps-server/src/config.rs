@@ -111,6 +111,9 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Most connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
+    /// The longest keep-alive honoured, in seconds: a client that asks for none (0) or a longer
+    /// one is dropped after one and a half times this of silence.
+    pub max_keep_alive_secs: u64,
 }
 
 impl Default for MqttConfig {
@@ -119,6 +122,7 @@ impl Default for MqttConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             max_connections: dps_mqtt::MqttLimits::default().max_connections,
+            max_keep_alive_secs: dps_mqtt::DEFAULT_MAX_KEEP_ALIVE.as_secs(),
         }
     }
 }
@@ -448,6 +452,11 @@ impl Config {
         if self.http.idle_timeout_secs == 0 {
             bail!(
                 "http.idle_timeout_secs must be at least 1: it is how long an HTTP connection may wait for its next request"
+            );
+        }
+        if self.mqtt.max_keep_alive_secs == 0 {
+            bail!(
+                "mqtt.max_keep_alive_secs must be at least 1: it is the longest keep-alive an MQTT client is held to"
             );
         }
         if self.provisioning.default_allocation_policy == AllocationPolicy::Custom {

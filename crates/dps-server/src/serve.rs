@@ -253,6 +253,7 @@ pub async fn start(config: Config, listeners: Listeners) -> anyhow::Result<Servi
         minihub_for_mqtt.map(|hub| Arc::new(HubMqtt::new(hub)) as Arc<dyn dps_mqtt::Connector>);
     let mqtt_limits = MqttLimits {
         max_connections: config.mqtt.max_connections,
+        max_keep_alive: Duration::from_secs(config.mqtt.max_keep_alive_secs),
         ..MqttLimits::default()
     };
     let amqp_limits = AmqpLimits {
