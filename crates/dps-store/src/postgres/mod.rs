@@ -149,16 +149,21 @@ impl PgLocation {
         })
     }
 
-    /// `user@host:port/database`, for logs and messages: never the password.
+    /// `user@host:port/database` (the socket's directory for the host when the URL names one),
+    /// for logs and messages: never the password.
     pub fn describe(&self) -> String {
         match self.options() {
-            Ok(o) => format!(
-                "{}@{}:{}/{}",
-                o.get_username(),
-                o.get_host(),
-                o.get_port(),
-                o.get_database().unwrap_or(o.get_username())
-            ),
+            Ok(o) => {
+                let host = o
+                    .get_socket()
+                    .map_or_else(|| o.get_host().to_owned(), |s| s.display().to_string());
+                format!(
+                    "{}@{host}:{}/{}",
+                    o.get_username(),
+                    o.get_port(),
+                    o.get_database().unwrap_or(o.get_username())
+                )
+            }
             Err(_) => "an invalid URL".to_owned(),
         }
     }
@@ -1242,6 +1247,25 @@ mod tests {
     }
 
     crate::contract_tests!(fresh().await);
+
+    #[test]
+    fn a_location_is_described_without_its_password_and_with_its_socket() {
+        let at = |url: &str| {
+            PgLocation {
+                url: url.to_owned(),
+                password: None,
+            }
+            .describe()
+        };
+        assert_eq!(
+            at("postgres://opendps:s3cret@db.example.net:5433/fleet?sslmode=require"),
+            "opendps@db.example.net:5433/fleet"
+        );
+        assert_eq!(
+            at("postgres://opendps@localhost/fleet?host=/var/run/postgresql"),
+            "opendps@/var/run/postgresql:5432/fleet"
+        );
+    }
 
     fn op(id: usize) -> StoredOperation {
         StoredOperation {
