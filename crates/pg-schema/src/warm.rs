@@ -169,6 +169,25 @@ mod tests {
         warm.close().await;
     }
 
+    /// A statement whose caller gave up mid-way leaves its connection to the pool's check, never to
+    /// the next statement, which runs on another connection.
+    #[tokio::test]
+    async fn a_cancelled_statement_leaves_its_connection_to_the_pool() {
+        let warm = WarmPool::new(pool(2).await, 2);
+        let busy = backend_pid(&warm).await;
+        let cancelled = tokio::time::timeout(Duration::from_millis(200), async {
+            let mut conn = warm.acquire().await.expect("acquire");
+            let slept = sqlx::query("SELECT pg_sleep(2)").execute(&mut *conn).await;
+            conn.done(slept)
+        })
+        .await;
+        assert!(cancelled.is_err(), "given up mid-statement");
+        assert!(warm.lock().conns.is_empty(), "not kept");
+        // Not the connection still busy with the sleep: the next statement need not wait for it.
+        assert_ne!(backend_pid(&warm).await, busy, "another connection");
+        warm.close().await;
+    }
+
     /// Callers waiting for the pool's only connection get it when it is kept: the pool does not
     /// know of it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
