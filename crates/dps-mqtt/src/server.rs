@@ -425,20 +425,29 @@ mod tests {
         (result.map_err(|reason| reason.to_string()), packets)
     }
 
-    async fn exchange_closed(input: Vec<u8>) -> (Result<(), Closed>, Vec<Packet>) {
+    /// A connection served by [`OnlyAlice`] with small limits and `max_keep_alive`, its client's
+    /// end, and the task serving it (until it ends or the client's end goes).
+    fn serve_alice(
+        max_keep_alive: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Result<(), Closed>>,
+    ) {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let (_tx, rx) = watch::channel(false);
-        let task = tokio::spawn(run_connection(
-            server,
-            test_client(),
-            Arc::new(OnlyAlice),
-            MqttLimits {
-                max_packet_bytes: 1024,
-                max_connections: 1,
-                max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
-            },
-            rx,
-        ));
+        let limits = MqttLimits {
+            max_packet_bytes: 1024,
+            max_connections: 1,
+            max_keep_alive,
+        };
+        let task = tokio::spawn(async move {
+            let (_tx, rx) = watch::channel(false);
+            run_connection(server, test_client(), Arc::new(OnlyAlice), limits, rx).await
+        });
+        (client, task)
+    }
+
+    async fn exchange_closed(input: Vec<u8>) -> (Result<(), Closed>, Vec<Packet>) {
+        let (client, task) = serve_alice(DEFAULT_MAX_KEEP_ALIVE);
         let (mut read, mut write) = tokio::io::split(client);
         write.write_all(&input).await.expect("write");
         drop(write);
@@ -473,19 +482,7 @@ mod tests {
     /// not kept for ever.
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_without_keep_alive_is_dropped() {
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let (_tx, rx) = watch::channel(false);
-        let task = tokio::spawn(run_connection(
-            server,
-            test_client(),
-            Arc::new(OnlyAlice),
-            MqttLimits {
-                max_packet_bytes: 1024,
-                max_connections: 1,
-                max_keep_alive: Duration::from_secs(2),
-            },
-            rx,
-        ));
+        let (client, task) = serve_alice(Duration::from_secs(2));
         let (mut read, mut write) = tokio::io::split(client);
         write
             .write_all(&encode(&[connect("alice")]))

@@ -658,28 +658,7 @@ async fn a_flaky_hub_is_retried_and_a_dead_one_fails_the_registration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_device_registering_twenty_times_at_once_ends_on_one_hub() {
     let b = Arc::new(fixture());
-    for hub in ["hub-a", "hub-b", "hub-c"] {
-        b.link(hub, 1).await;
-    }
-    b.put_group("grp", json!({})).await;
-    let rid = "racer";
-    let token = b.token(rid, &Fixture::device_key(rid), NOW + 3600);
-    let mut ops = Vec::new();
-    for _ in 0..20 {
-        ops.push(
-            b.dps
-                .register(
-                    Transport::Https,
-                    SCOPE,
-                    rid,
-                    DeviceRegistration::default(),
-                    Some(&token),
-                )
-                .await
-                .expect("accepted")
-                .operation_id,
-        );
-    }
+    let (rid, token, ops) = register_twenty_times(&b).await;
     let claimed = b
         .store
         .claim_operations(&LeaseOwner::new("w"), NOW * 1000, 60_000, 100)
@@ -711,6 +690,15 @@ async fn one_device_registering_twenty_times_at_once_through_a_handoff_ends_on_o
         std::time::Duration::ZERO,
         Some(Arc::clone(&handed) as Arc<dyn Intake>),
     ));
+    let (rid, token, ops) = register_twenty_times(&b).await;
+    let taken = std::mem::take(&mut *handed.0.lock().expect("lock"));
+    assert_eq!(taken.len(), 20, "every operation handed over");
+    race_to_one_hub(b, rid, &token, ops, taken).await;
+}
+
+/// Three hubs, a group, and its device `racer` registering twenty times before any operation is
+/// worked on: the device, its token and the operation ids.
+async fn register_twenty_times(b: &Fixture) -> (&'static str, String, Vec<String>) {
     for hub in ["hub-a", "hub-b", "hub-c"] {
         b.link(hub, 1).await;
     }
@@ -733,9 +721,7 @@ async fn one_device_registering_twenty_times_at_once_through_a_handoff_ends_on_o
                 .operation_id,
         );
     }
-    let taken = std::mem::take(&mut *handed.0.lock().expect("lock"));
-    assert_eq!(taken.len(), 20, "every operation handed over");
-    race_to_one_hub(b, rid, &token, ops, taken).await;
+    (rid, token, ops)
 }
 
 /// Two workers race over `claimed`, the operations `ops` of device `rid`: each ends assigned, and

@@ -65,6 +65,18 @@ impl WarmPool {
         }
     }
 
+    /// Runs `f` on a connection, kept for the next statement when `f` succeeds; `unavailable` says
+    /// why no connection came.
+    pub async fn run<R, E>(
+        &self,
+        f: impl AsyncFnOnce(&mut PgConnection) -> Result<R, E>,
+        unavailable: impl FnOnce(sqlx::Error) -> E,
+    ) -> Result<R, E> {
+        let mut conn = self.acquire().await.map_err(unavailable)?;
+        let result = f(&mut conn).await;
+        conn.done(result)
+    }
+
     /// Closes the pool once the statements running now are done, keeping nothing from now on.
     pub async fn close(&self) {
         let kept = {

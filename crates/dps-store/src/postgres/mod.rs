@@ -677,13 +677,7 @@ impl PgStore {
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let mut conn = self
-            .conns
-            .acquire()
-            .await
-            .map_err(backend("connecting to PostgreSQL"))?;
-        let result = f(&mut conn).await;
-        conn.done(result)
+        self.conns.run(f, backend("connecting to PostgreSQL")).await
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {

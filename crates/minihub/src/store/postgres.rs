@@ -140,13 +140,7 @@ impl PgHubStore {
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<R, MinihubError>,
     ) -> Result<R, MinihubError> {
-        let mut conn = self
-            .conns
-            .acquire()
-            .await
-            .map_err(failed("connecting to PostgreSQL"))?;
-        let result = f(&mut conn).await;
-        conn.done(result)
+        self.conns.run(f, failed("connecting to PostgreSQL")).await
     }
 
     /// Creates or migrates minihub's tables in `pool`'s database, and nothing else.

@@ -454,21 +454,29 @@ async fn register(
     rid: &str,
 ) -> (String, String) {
     let token = registration_token(scope, key, rid);
-    let reply = api
-        .with_auth(Some(token.clone()))
-        .put(
-            &format!("/{scope}/registrations/{rid}/register"),
-            serde_json::json!({ "registrationId": rid }),
-            None,
-        )
-        .await
-        .expect("register");
+    let reply = send_register(&api.with_auth(Some(token.clone())), scope, rid).await;
     assert_eq!(reply.status, 202, "{reply:?}");
     let operation = reply.body["operationId"]
         .as_str()
         .expect("operation id")
         .to_owned();
     (token, operation)
+}
+
+/// The device's register request with a body of its id alone, as `device` (authorized as it).
+async fn send_register(
+    device: &dps_testkit::ServiceApi,
+    scope: &str,
+    rid: &str,
+) -> dps_testkit::Reply {
+    device
+        .put(
+            &format!("/{scope}/registrations/{rid}/register"),
+            serde_json::json!({ "registrationId": rid }),
+            None,
+        )
+        .await
+        .expect("register")
 }
 
 /// The SAS token of group device `rid` (its key derived from the group's `key`).
@@ -550,14 +558,7 @@ async fn an_operation_answered_assigning_survives_a_database_crash() {
         .api()
         .expect("client")
         .with_auth(Some(registration_token(&scope, &key, rid)));
-    let accepted = device
-        .put(
-            &format!("/{scope}/registrations/{rid}/register"),
-            serde_json::json!({ "registrationId": rid }),
-            None,
-        )
-        .await
-        .expect("register");
+    let accepted = send_register(&device, &scope, rid).await;
     assert_eq!(accepted.status, 202, "{accepted:?}");
     assert_eq!(accepted.body["status"], "assigning", "{accepted:?}");
     let operation = accepted.body["operationId"].as_str().expect("operation id");
@@ -693,14 +694,7 @@ async fn two_nodes_ride_out_a_database_restart_under_load() {
                     std::time::Instant::now() < deadline,
                     "{rid}: never accepted"
                 );
-                let reply = first
-                    .put(
-                        &format!("/{scope}/registrations/{rid}/register"),
-                        serde_json::json!({ "registrationId": rid }),
-                        None,
-                    )
-                    .await
-                    .expect("register");
+                let reply = send_register(&first, &scope, &rid).await;
                 match reply.status.as_u16() {
                     202 => break reply.body["operationId"].as_str().expect("id").to_owned(),
                     503 => {
