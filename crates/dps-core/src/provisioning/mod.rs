@@ -428,7 +428,7 @@ impl Provisioning {
         let stored = stored_operation(&op, now.as_millisecond())?;
         // Waiting starts before the worker can have the operation, so its end is not missed.
         let expected = self.answers.as_ref().map(|a| a.expect(&op.operation_id));
-        match self.intake.as_ref().map(|i| (i, i.lease())) {
+        let written = match self.intake.as_ref().map(|i| (i, i.lease())) {
             Some((intake, Some((owner, until_ms)))) => {
                 // A request that waits is answered only after a durable write: the final one,
                 // or the one below.
@@ -446,12 +446,15 @@ impl Provisioning {
                 self.prefetched
                     .keep(&op.operation_id, &key, stamp, registration);
                 intake.take(stored);
+                durability
             }
+            // Work that any node may claim at once: written durably.
             _ => {
                 self.store.put_operation(&stored).await?;
                 (self.wake)();
+                Durability::Now
             }
-        }
+        };
         metrics::counter!("opendps_operations_accepted_total", "transport" => transport.as_str())
             .increment(1);
         if let Some(expected) = expected {
@@ -461,7 +464,9 @@ impl Provisioning {
                 return Ok(done);
             }
             // The device learns of its operation now: it must survive a crash from here on.
-            self.store.make_durable(&op.operation_id).await?;
+            if written == Durability::Deferred {
+                self.store.make_durable(&op.operation_id).await?;
+            }
         }
         Ok(RegistrationOperationStatus {
             operation_id: op.operation_id,
