@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -29,8 +29,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HttpLimits {
     /// Connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
-    /// How long a connection may go without a request in flight (an HTTP/1.1 one may also take no
-    /// longer to send a request's head): a connection idle that long between requests is closed,
+    /// How long a connection may go without a request in flight (a request whose head is still
+    /// being sent is not in flight yet): a connection idle that long between requests is closed,
     /// so that idle keep-alive connections cannot hold every slot. (The first request's first
     /// bytes must come within [`HANDSHAKE_TIMEOUT`] of the handshake.)
     pub idle_timeout: Duration,
@@ -58,11 +58,7 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Azure answers with `Retry-After`, `Content-Type`, …; some device stacks look headers up with
     // their exact case, so HTTP/1.1 responses use it too.
-    builder
-        .http1()
-        .title_case_headers(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout);
+    builder.http1().title_case_headers(true);
     while let Some(accepted) = listener.accept(&mut shutdown).await {
         let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
         accepted.spawn(move |stream, peer| async move {
@@ -116,9 +112,10 @@ pub async fn serve(
     }
 }
 
-/// The requests of one connection: how many are in flight, and when the last one ended. An
-/// HTTP/2 connection has no request head to time out between requests (HTTP/1.1's idle limit), so
-/// any connection without a request for the idle time is closed by this count.
+/// The requests of one connection: how many are in flight (a request counts from the end of its
+/// head to the end of its response's body), and when the last one ended. A connection of either
+/// protocol without a request in flight for the idle time is closed by this count, a client still
+/// sending a head included.
 struct Activity {
     in_flight: AtomicUsize,
     /// When the connection was last busy, as milliseconds since `opened`.

@@ -83,8 +83,8 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Most connections open at once; more are closed before their TLS handshake.
     pub max_connections: usize,
-    /// Seconds a connection (HTTP/1.1 or HTTP/2) may go without a request in flight, or an
-    /// HTTP/1.1 one take to send a request's head, before it is closed.
+    /// Seconds a connection (HTTP/1.1 or HTTP/2) may go without a request in flight (one whose
+    /// head is still being sent included) before it is closed.
     pub idle_timeout_secs: u64,
 }
 

@@ -1,9 +1,10 @@
 //! What this process may use and has used: its open-file limit, raised at startup, and its CPU
 //! time, for `/metrics` and the bench.
 //!
-//! Every connection is a file descriptor, so a listener allowed 16,384 connections needs as many, while systemd starts a service with a soft limit of 1,024 (and a
-//! hard one of 524,288) and a login shell often has 1,024 too. Past the limit `accept` fails and
-//! devices are turned away however high `max_connections` is.
+//! Every connection is a file descriptor, so a listener allowed 16,384 connections needs as many,
+//! while systemd starts a service with a soft limit of 1,024 (and a hard one of 524,288) and a
+//! login shell often has 1,024 too. Past the limit `accept` fails and devices are turned away
+//! however high `max_connections` is.
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 

@@ -51,18 +51,25 @@ impl WarmPool {
     /// A kept connection, or one from the pool, whichever comes first (waiting at most as long
     /// as the pool waits).
     pub async fn acquire(&self) -> Result<WarmConnection<'_>, sqlx::Error> {
+        if let Some(conn) = self.pop() {
+            return Ok(WarmConnection { warm: self, conn });
+        }
         let from_pool = self.pool.acquire();
         tokio::pin!(from_pool);
         loop {
-            let kept = self.lock().conns.pop();
-            if let Some(conn) = kept {
-                return Ok(WarmConnection { warm: self, conn });
-            }
             tokio::select! {
                 conn = &mut from_pool => return Ok(WarmConnection { warm: self, conn: conn? }),
-                () = self.returned.notified() => {}
+                () = self.returned.notified() => {
+                    if let Some(conn) = self.pop() {
+                        return Ok(WarmConnection { warm: self, conn });
+                    }
+                }
             }
         }
+    }
+
+    fn pop(&self) -> Option<PoolConnection<Postgres>> {
+        self.lock().conns.pop()
     }
 
     /// Runs `f` on a connection, kept for the next statement when `f` succeeds; `unavailable` says

@@ -137,16 +137,13 @@ async fn connections_over_the_cap_are_refused_and_counted() {
     drop(mqtt_held);
 }
 
-/// An HTTP/1.1 connection that sends no further request for `http.idle_timeout_secs` is closed by
-/// the server (so idle keep-alive connections cannot hold every slot).
+/// An HTTP/1.1 connection that sends no further request for `http.idle_timeout_secs`, or only part
+/// of a request's head, is closed by the server (so idle keep-alive connections cannot hold every
+/// slot).
 #[tokio::test]
 async fn idle_http_connections_are_closed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
-    let server = TestServer::start_with_config(bin, "[http]\nidle_timeout_secs = 1\n", &[])
-        .await
-        .expect("start");
-    let https = server.https_addr().expect("https");
+    let (server, https) = closing_idle_connections_after_a_second().await;
     let mut tls = connect_tls(&server, https).await;
     tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
@@ -163,6 +160,26 @@ async fn idle_http_connections_are_closed() {
         .await
         .expect("the idle connection is closed within the guard");
     assert!(matches!(closed, Ok(0) | Err(_)), "closed without a reply");
+
+    // A head that never ends is no request: closed as well.
+    let mut slow = connect_tls(&server, https).await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc")
+        .await
+        .expect("part of a head");
+    let closed = tokio::time::timeout(Duration::from_secs(30), slow.read(&mut answer))
+        .await
+        .expect("the connection is closed within the guard");
+    assert!(matches!(closed, Ok(0) | Err(_)), "closed without a reply");
+}
+
+/// A server closing connections idle for a second, and its HTTPS address.
+async fn closing_idle_connections_after_a_second() -> (TestServer, std::net::SocketAddr) {
+    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
+    let server = TestServer::start_with_config(bin, "[http]\nidle_timeout_secs = 1\n", &[])
+        .await
+        .expect("start");
+    let https = server.https_addr().expect("https");
+    (server, https)
 }
 
 /// An HTTP/2 connection without a request in flight for `http.idle_timeout_secs` is closed by the
@@ -170,11 +187,7 @@ async fn idle_http_connections_are_closed() {
 #[tokio::test]
 async fn idle_http2_connections_are_closed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let bin = Path::new(env!("CARGO_BIN_EXE_opendps"));
-    let server = TestServer::start_with_config(bin, "[http]\nidle_timeout_secs = 1\n", &[])
-        .await
-        .expect("start");
-    let https = server.https_addr().expect("https");
+    let (server, https) = closing_idle_connections_after_a_second().await;
     let mut tls = connect_tls_with_alpn(&server, https, &[b"h2"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     // The client preface and an empty SETTINGS frame.
